@@ -1,0 +1,53 @@
+"""Moves ready subtasks from the job store's backlog into Celery queues."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from edgefleet.celery_app import MESSAGE_PRIORITY, RUN_SUBTASK
+from edgefleet.schemas import ResourceClass
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore, Released
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Release is two steps (pop in Lua, then send): a crash in between leaves the
+    subtask in the store's `dispatching` set, which the reaper puts back."""
+
+    def __init__(self, store: JobStore, celery: Celery, settings: Settings) -> None:
+        self.store = store
+        self.celery = celery
+        self.settings = settings
+
+    def release(self, resource_class: ResourceClass, max_count: int = 256) -> int:
+        target = self.settings.target_depth.get(resource_class, 16)
+        released = self.store.release(resource_class, max_count, target)
+        if not released:
+            return 0
+        self._send(released)
+        self.store.mark_dispatched(released)
+        return len(released)
+
+    def release_all(self, max_count: int = 256) -> int:
+        return sum(self.release(rc, max_count) for rc in ResourceClass)
+
+    def _send(self, released: list[Released]) -> None:
+        with self.celery.producer_or_acquire() as producer:
+            for item in released:
+                env = item.envelope
+                self.celery.send_task(
+                    RUN_SUBTASK,
+                    kwargs={"envelope": env.model_dump(mode="json")},
+                    queue=item.queue,
+                    routing_key=item.queue,
+                    priority=MESSAGE_PRIORITY[env.priority],
+                    producer=producer,
+                    # Flower and logs show the plugin action, not the generic task name.
+                    shadow=f"{env.plugin}.{env.action}",
+                    kwargsrepr=f"{env.job_id[:8]}/{env.subtask_id}#{env.attempt}",
+                )
+        log.debug("released %d subtasks", len(released))

@@ -1,0 +1,81 @@
+"""Redis key names of the job store, in one place so that Python and Lua agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgefleet.schemas import ResourceClass
+
+# "|" never occurs in job ids (hex) or step ids (see STEP_ID_PATTERN).
+MEMBER_SEP = "|"
+
+
+def member(job_id: str, subtask_id: str) -> str:
+    return f"{job_id}{MEMBER_SEP}{subtask_id}"
+
+
+def split_member(value: str) -> tuple[str, str]:
+    job_id, subtask_id = value.split(MEMBER_SEP, 1)
+    return job_id, subtask_id
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "ef"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def subtask(self, job_id: str, subtask_id: str) -> str:
+        return f"{self.prefix}:st:{job_id}:{subtask_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def backlog(self, resource_class: ResourceClass | str) -> str:
+        return f"{self.prefix}:backlog:{_value(resource_class)}"
+
+    def queued(self, resource_class: ResourceClass | str) -> str:
+        return f"{self.prefix}:queued:{_value(resource_class)}"
+
+    def jobs_index(self, tenant: str | None = None, state: str | None = None) -> str:
+        key = f"{self.prefix}:jobs"
+        if tenant is not None:
+            key += f":t:{tenant}"
+        if state is not None:
+            key += f":s:{state}"
+        return key
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}:node:{name}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    @property
+    def running(self) -> str:
+        return f"{self.prefix}:running"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.prefix}:delayed"
+
+    @property
+    def dispatching(self) -> str:
+        return f"{self.prefix}:dispatching"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.prefix}:callbacks"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:wake"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        return f"{self.prefix}:idem:{tenant}:{key}"
+
+
+def _value(resource_class: ResourceClass | str) -> str:
+    return resource_class.value if isinstance(resource_class, ResourceClass) else resource_class

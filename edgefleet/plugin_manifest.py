@@ -1,0 +1,218 @@
+"""The `plugins/<name>/plugin.yaml` manifest: its model and a loader with clear errors.
+
+A manifest is read by both the router (to plan and validate steps) and the
+workers (to advertise and run plugins), so every problem is reported as one
+`ManifestError` naming the file, the dotted field and the reason: a bad plugin
+must be easy to fix and must never take the good ones down with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from edgefleet.schemas import ResourceClass
+
+MANIFEST_FILENAME = "plugin.yaml"
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+ENTRY_POINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*:[A-Za-z_][A-Za-z0-9_]*$"
+# Manifests are small; a cap keeps a stray huge file from stalling a worker's start.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+ActionName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+
+
+class ManifestError(Exception):
+    """A manifest (or workflow template file) that cannot be used.
+
+    `field` and `reason` describe the first problem; `details` holds every
+    (field, reason) pair found, so one fix-and-retry round fixes them all.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        field: str,
+        reason: str,
+        details: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        self.file = file
+        self.field = field
+        self.reason = reason
+        self.details: list[tuple[str, str]] = list(details) if details else [(field, reason)]
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.file}: " + "; ".join(f"{f}: {r}" for f, r in self.details)
+
+    def as_dict(self) -> dict[str, str]:
+        """A JSON-friendly form, e.g. for GET /v1/plugins or a CLI listing."""
+        return {"file": self.file, "field": self.field, "reason": self.reason, "message": str(self)}
+
+
+def _check_json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        Draft202012Validator.check_schema(value)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise ValueError(
+            f"not a valid JSON Schema (draft 2020-12): {exc.message}" + (f" at {where}" if where else "")
+        ) from None
+    return value
+
+
+class ActionSpec(BaseModel):
+    """One action of a plugin; `input_schema` describes the step's `args` object."""
+
+    # Extra keys are refused so that a typo such as `input_shema` is not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    output_schema: dict[str, Any] | None = None
+
+    @field_validator("input_schema")
+    @classmethod
+    def _input_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_json_schema(value)
+        # `args` is always a JSON object, so a schema for anything else could never pass.
+        if "type" in value and value["type"] != "object":
+            raise ValueError("an input schema describes the args object: its type must be 'object'")
+        return value
+
+    @field_validator("output_schema")
+    @classmethod
+    def _output_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_json_schema(value)
+
+
+class PluginManifest(BaseModel):
+    """The validated content of one `plugin.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str
+    description: str = ""
+    entry_point: str = Field(
+        pattern=ENTRY_POINT_PATTERN,
+        description="module:function; the module is a .py file in the plugin folder",
+    )
+    resource_class: ResourceClass
+    actions: dict[ActionName, ActionSpec] = Field(min_length=1)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # YAML reads `version: 1.10` as the float 1.1; say so instead of guessing.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(f"write the version as a quoted string, e.g. version: \"{value}\"")
+        if isinstance(value, str):
+            try:
+                Version(value)
+            except InvalidVersion:
+                raise ValueError(f"{value!r} is not a valid version (PEP 440, e.g. 1.0.0)") from None
+        return value
+
+    @property
+    def entry_module(self) -> str:
+        return self.entry_point.split(":", 1)[0]
+
+    @property
+    def entry_function(self) -> str:
+        return self.entry_point.split(":", 1)[1]
+
+    @property
+    def parsed_version(self) -> Version:
+        return Version(self.version)
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """Pydantic's error location as a dotted path: ('actions', 'count', 'input_schema')."""
+    return ".".join(str(part) for part in loc) or "(root)"
+
+
+def _reason(msg: str) -> str:
+    # Our own validators' messages arrive as "Value error, ..."; the prefix is noise.
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+def validation_details(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Every pydantic error as a (dotted field, reason) pair."""
+    details = []
+    for err in exc.errors(include_url=False):
+        field = format_loc(err["loc"])
+        if prefix:
+            field = prefix if field == "(root)" else f"{prefix}.{field}"
+        details.append((field, _reason(err["msg"])))
+    return details
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; any problem becomes a ManifestError."""
+    file = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(file, "(file)", f"too large ({size} bytes, at most {MAX_MANIFEST_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except ManifestError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ManifestError(file, "(file)", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise ManifestError(file, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ManifestError(file, "(yaml)", f"invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        raise ManifestError(file, "(root)", f"must be a mapping of fields, got {got}")
+    return data
+
+
+def load_manifest(path: Path) -> PluginManifest:
+    """Load and validate `path` (a plugin.yaml); raise ManifestError on any problem.
+
+    Beyond the model, it checks what only the file's place can tell: the folder
+    is named after the plugin and the entry module exists next to the manifest.
+    """
+    path = Path(path)
+    file = str(path)
+    data = read_yaml_mapping(path)
+    try:
+        manifest = PluginManifest.model_validate(data)
+    except ValidationError as exc:
+        details = validation_details(exc)
+        raise ManifestError(file, details[0][0], details[0][1], details) from None
+
+    details: list[tuple[str, str]] = []
+    folder = path.parent
+    if folder.name != manifest.name:
+        details.append(("name", f"must equal the plugin's folder name {folder.name!r}"))
+    module_file = folder / f"{manifest.entry_module}.py"
+    if not module_file.is_file():
+        details.append(("entry_point", f"module file {module_file.name!r} not found in {folder}"))
+    if details:
+        raise ManifestError(file, details[0][0], details[0][1], details)
+    return manifest
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether `name` is usable as a plugin or action name."""
+    return re.fullmatch(NAME_PATTERN, name) is not None

@@ -1,0 +1,195 @@
+"""Pydantic models for everything that crosses a boundary: HTTP, Redis, Celery."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+_NODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ResourceClass(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    io = "io"
+
+
+class PriorityClass(str, Enum):
+    interactive = "interactive"
+    normal = "normal"
+    batch = "batch"
+
+
+class JobState(str, Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not JobState.running
+
+
+class SubtaskState(str, Enum):
+    waiting = "waiting"  # some `needs` are not done yet
+    ready = "ready"  # in the class backlog, not yet sent to Celery
+    retry_wait = "retry_wait"  # failed, waits for its backoff before it is ready again
+    queued = "queued"  # sent to Celery, not yet claimed by a worker
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepSpec(_Strict):
+    """One step of an explicit plan, as a client writes it."""
+
+    id: str = Field(pattern=STEP_ID_PATTERN, description="unique within the job")
+    plugin: str = Field(min_length=1, max_length=64)
+    action: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+    needs: list[str] = Field(default_factory=list, max_length=64)
+    resource_class: ResourceClass | None = Field(
+        default=None, description="override of the plugin's resource class"
+    )
+    node: str | None = Field(default=None, description="run only on this node (its direct queue)")
+    timeout: float = Field(default=300.0, gt=0, le=86400, description="seconds per attempt")
+    retries: int = Field(default=0, ge=0, le=20, description="extra attempts after a failure")
+    retry_backoff: float = Field(default=1.0, ge=0, le=3600, description="first backoff, doubles")
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NODE_PATTERN.match(value):
+            raise ValueError("node names use letters, digits, '.', '_' and '-'")
+        return value
+
+
+class JobRequest(_Strict):
+    """The body of POST /v1/jobs: exactly one of `steps` or `template`."""
+
+    steps: list[StepSpec] | None = Field(default=None, max_length=500)
+    template: str | None = Field(default=None, min_length=1, max_length=128)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    priority: PriorityClass = PriorityClass.normal
+    callback_url: AnyHttpUrl | None = None
+    name: str | None = Field(default=None, max_length=200)
+
+
+class PlannedSubtask(_Strict):
+    """A validated step, with its edges both ways and its class resolved."""
+
+    id: str
+    plugin: str
+    action: str
+    args: dict[str, Any]
+    needs: list[str]
+    dependents: list[str]
+    resource_class: ResourceClass
+    node: str | None = None
+    timeout: float
+    retries: int
+    retry_backoff: float
+
+
+class Plan(_Strict):
+    subtasks: list[PlannedSubtask]
+
+
+class SubtaskEnvelope(_Strict):
+    """The Celery message body: just enough to find and claim the subtask."""
+
+    job_id: str
+    subtask_id: str
+    attempt: int = Field(ge=1)
+    plugin: str
+    action: str
+    resource_class: ResourceClass
+    timeout: float
+    priority: PriorityClass
+
+
+class SubtaskStatus(BaseModel):
+    id: str
+    plugin: str
+    action: str
+    resource_class: ResourceClass
+    state: SubtaskState
+    needs: list[str]
+    attempt: int
+    max_attempts: int
+    node: str | None = None
+    queue: str | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    output: Any = None
+    error: str | None = None
+
+
+class JobStatus(BaseModel):
+    id: str
+    name: str | None = None
+    state: JobState
+    priority: PriorityClass
+    tenant: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    error: str | None = None
+    failed_subtask: str | None = None
+    callback_url: str | None = None
+    subtasks: list[SubtaskStatus] = Field(default_factory=list)
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str | None = None
+    state: JobState
+    priority: PriorityClass
+    tenant: str
+    created_at: float
+    finished_at: float | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None
+
+
+class NodeInfo(BaseModel):
+    """What a worker node advertises in its heartbeat."""
+
+    name: str
+    classes: list[ResourceClass]
+    cores: int
+    memory_total: int
+    memory_available: int
+    cpu_percent: float
+    plugins: list[str]
+    gpus: list[str] = Field(default_factory=list)
+    started_at: float
+    heartbeat_at: float
+    version: str
+    metrics_url: str | None = None
+
+
+class ErrorItem(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: list[ErrorItem]

@@ -1,0 +1,138 @@
+"""Typed settings for every edgefleet process: env vars `EDGEFLEET_*`, then an optional YAML file."""
+
+from __future__ import annotations
+
+import os
+import socket
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from edgefleet.schemas import ResourceClass
+
+CONFIG_FILE_ENV = "EDGEFLEET_CONFIG"
+
+
+class Scope(str, Enum):
+    submit = "submit"
+    read = "read"
+    admin = "admin"
+
+
+class TokenGrant(BaseModel):
+    """What one bearer token may do, and whose jobs it sees."""
+
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.read, Scope.submit])
+    tenant: str = "default"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgefleet"
+
+
+class Settings(BaseSettings):
+    """One settings object shared by router, workers and CLI so that they never disagree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="job store and Celery broker; `edgefleet up` starts its own when unset",
+    )
+    broker_url: str | None = Field(default=None, description="Celery broker, defaults to redis_url")
+    key_prefix: str = "ef"
+
+    # Tokens are secrets: SecretStr keeps them out of reprs and logs.
+    tokens: dict[str, TokenGrant] = Field(default_factory=dict)
+    router_host: str = "127.0.0.1"
+    router_port: int = 8700
+    router_url: str = "http://127.0.0.1:8700"
+    token: SecretStr | None = Field(default=None, description="the token the CLI/client sends")
+    max_body_bytes: int = 1_000_000
+    max_subtasks: int = 500
+
+    node_name: str = Field(default_factory=socket.gethostname)
+    heartbeat_interval: float = 2.0
+    heartbeat_ttl: float = 10.0
+    lease_ttl: float | None = Field(
+        default=None, description="a running subtask's lease; defaults to heartbeat_ttl"
+    )
+    visibility_timeout: float = Field(
+        default=6 * 3600.0,
+        description="Redis broker redelivery; must exceed the longest subtask timeout",
+    )
+    max_subtask_timeout: float = 3600.0
+    max_lost_attempts: int = 5
+
+    target_depth: dict[ResourceClass, int] = Field(
+        default_factory=lambda: {ResourceClass.cpu: 16, ResourceClass.gpu: 4, ResourceClass.io: 32}
+    )
+    release_interval: float = 0.2
+    reap_interval: float = 1.0
+    callback_attempts: int = 5
+
+    task_events: bool = Field(default=False, description="Celery task events, for Flower (costs ~20%)")
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(
+        default=8701, description="node /metrics and /healthz; 0 picks a free port, -1 disables"
+    )
+    cpu_concurrency: int | None = None
+    io_concurrency: int = 8
+    gpu_concurrency: int | None = Field(default=None, description="defaults to one slot per GPU")
+
+    plugin_dirs: list[Path] = Field(default_factory=list)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    workspace_dir: Path | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.visibility_timeout <= self.max_subtask_timeout:
+            raise ValueError(
+                "visibility_timeout must exceed max_subtask_timeout, "
+                "else Celery redelivers subtasks that are still running"
+            )
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def effective_lease_ttl(self) -> float:
+        return self.lease_ttl if self.lease_ttl is not None else self.heartbeat_ttl
+
+    @property
+    def effective_workspace_dir(self) -> Path:
+        return self.workspace_dir or (self.data_dir / "workspaces")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,400 @@
+"""The job store: jobs, subtasks and their DAG in Redis, every transition one Lua script."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from edgefleet import store_lua
+from edgefleet.keys import Keys
+from edgefleet.schemas import (
+    JobPage,
+    JobState,
+    JobStatus,
+    JobSummary,
+    NodeInfo,
+    Plan,
+    PriorityClass,
+    ResourceClass,
+    SubtaskEnvelope,
+    SubtaskState,
+    SubtaskStatus,
+)
+
+Outcome = Literal["succeeded", "failed", "cancelled"]
+IDEMPOTENCY_TTL = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    job_id: str
+    created: bool
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Released:
+    envelope: SubtaskEnvelope
+    queue: str
+
+    @property
+    def dispatch_member(self) -> str:
+        env = self.envelope
+        return f"{env.job_id}|{env.subtask_id}|{env.attempt}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it tries to own a delivered subtask."""
+
+    verdict: Literal["run", "drop", "owned"]
+    reason: str = ""
+    args: dict[str, Any] | None = None
+    needs_outputs: dict[str, Any] | None = None
+    owner_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    accepted: bool
+    job_state: str
+    ready_classes: list[ResourceClass]
+
+
+@dataclass(frozen=True)
+class Renewal:
+    still_owner: bool
+    job_state: str
+
+
+def _opt_float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _opt_str(value: str | None) -> str | None:
+    return value if value not in (None, "") else None
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "ef") -> None:
+        self.redis = client
+        self.keys = Keys(prefix)
+        self._prefix = prefix
+        self._scripts = {
+            name: client.register_script(getattr(store_lua, name))
+            for name in (
+                "CREATE_JOB",
+                "RELEASE",
+                "DISPATCHED",
+                "PROMOTE_DELAYED",
+                "CLAIM",
+                "RENEW",
+                "COMPLETE",
+                "CANCEL",
+                "REAP",
+            )
+        }
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "ef") -> "JobStore":
+        client = redis.Redis.from_url(
+            url, decode_responses=True, health_check_interval=30, socket_keepalive=True
+        )
+        return cls(client, prefix)
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](keys=[], args=[self._prefix, *args])
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        job_id: str,
+        tenant: str,
+        priority: PriorityClass,
+        name: str | None,
+        callback_url: str | None,
+        plan: Plan,
+        request_json: str,
+        request_hash: str,
+        idempotency_key: str | None,
+    ) -> CreateResult:
+        payload = {
+            "job": {
+                "id": job_id,
+                "tenant": tenant,
+                "priority": priority.value,
+                "name": name or "",
+                "callback_url": callback_url or "",
+                "request_hash": request_hash,
+                "request": request_json,
+            },
+            "subtasks": [
+                {
+                    "id": st.id,
+                    "plugin": st.plugin,
+                    "action": st.action,
+                    "resource_class": st.resource_class.value,
+                    "node": st.node or "",
+                    # Pre-encoded: Lua's cjson turns an empty list into {}.
+                    "needs": json.dumps(st.needs),
+                    "n_needs": len(st.needs),
+                    "dependents": json.dumps(st.dependents),
+                    "args": json.dumps(st.args),
+                    "timeout": st.timeout,
+                    "retries": st.retries,
+                    "retry_backoff": st.retry_backoff,
+                }
+                for st in plan.subtasks
+            ],
+            "idem_key": self.keys.idempotency(tenant, idempotency_key) if idempotency_key else "",
+            "idem_ttl": IDEMPOTENCY_TTL,
+        }
+        verdict, existing_id, existing_hash = self._run("CREATE_JOB", json.dumps(payload))
+        if verdict == "exists":
+            raise RuntimeError(f"job id collision: {existing_id}")
+        return CreateResult(existing_id, verdict == "created", existing_hash)
+
+    def job_tenant(self, job_id: str) -> str | None:
+        return self.redis.hget(self.keys.job(job_id), "tenant")
+
+    def get_job(self, job_id: str) -> JobStatus | None:
+        job = self.redis.hgetall(self.keys.job(job_id))
+        if not job:
+            return None
+        order: list[str] = json.loads(job["order"])
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in order:
+            pipe.hgetall(self.keys.subtask(job_id, sid))
+        subtasks = [self._subtask_status(raw) for raw in pipe.execute()]
+        return JobStatus(
+            id=job["id"],
+            name=_opt_str(job.get("name")),
+            state=JobState(job["state"]),
+            priority=PriorityClass(job["priority"]),
+            tenant=job["tenant"],
+            created_at=float(job["created_at"]),
+            updated_at=float(job["updated_at"]),
+            finished_at=_opt_float(job.get("finished_at")),
+            error=_opt_str(job.get("error")),
+            failed_subtask=_opt_str(job.get("failed_subtask")),
+            callback_url=_opt_str(job.get("callback_url")),
+            subtasks=subtasks,
+        )
+
+    @staticmethod
+    def _subtask_status(raw: dict[str, str]) -> SubtaskStatus:
+        output = raw.get("output")
+        return SubtaskStatus(
+            id=raw["id"],
+            plugin=raw["plugin"],
+            action=raw["action"],
+            resource_class=ResourceClass(raw["resource_class"]),
+            state=SubtaskState(raw["state"]),
+            needs=json.loads(raw["needs"]),
+            attempt=int(raw["attempt"]),
+            max_attempts=int(raw["retries"]) + 1,
+            node=_opt_str(raw.get("owner_node")) or _opt_str(raw.get("last_node")),
+            queue=_opt_str(raw.get("queue")),
+            queued_at=_opt_float(raw.get("queued_at")),
+            started_at=_opt_float(raw.get("started_at")),
+            finished_at=_opt_float(raw.get("finished_at")),
+            progress=_opt_float(raw.get("progress")),
+            progress_message=_opt_str(raw.get("progress_message")),
+            output=json.loads(output) if output else None,
+            error=_opt_str(raw.get("error")),
+        )
+
+    def list_jobs(
+        self,
+        *,
+        tenant: str | None,
+        state: JobState | None,
+        limit: int,
+        cursor: str | None,
+    ) -> JobPage:
+        """Newest first; the cursor is the offset into the index, opaque to clients."""
+        index = self.keys.jobs_index(tenant, state.value if state else None)
+        offset = int(cursor) if cursor else 0
+        ids = self.redis.zrevrange(index, offset, offset + limit)
+        has_more = len(ids) > limit
+        ids = ids[:limit]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(
+                self.keys.job(job_id),
+                ["id", "name", "state", "priority", "tenant", "created_at", "finished_at"],
+            )
+        summaries = [
+            JobSummary(
+                id=row[0],
+                name=_opt_str(row[1]),
+                state=JobState(row[2]),
+                priority=PriorityClass(row[3]),
+                tenant=row[4],
+                created_at=float(row[5]),
+                finished_at=_opt_float(row[6]),
+            )
+            for row in pipe.execute()
+            if row[0]
+        ]
+        return JobPage(jobs=summaries, next_cursor=str(offset + limit) if has_more else None)
+
+    def cancel_job(self, job_id: str) -> str:
+        return str(self._run("CANCEL", job_id))
+
+    # --- release to the broker ----------------------------------------------------------
+
+    def release(self, resource_class: ResourceClass, max_count: int, target_depth: int) -> list[Released]:
+        raw = self._run("RELEASE", resource_class.value, max_count, target_depth)
+        items = json.loads(raw) if raw and raw != "{}" else []
+        return [
+            Released(
+                envelope=SubtaskEnvelope(
+                    job_id=item["job_id"],
+                    subtask_id=item["subtask_id"],
+                    attempt=item["attempt"],
+                    plugin=item["plugin"],
+                    action=item["action"],
+                    resource_class=ResourceClass(item["resource_class"]),
+                    timeout=item["timeout"],
+                    priority=PriorityClass(item["priority"]),
+                ),
+                queue=item["queue"],
+            )
+            for item in items
+        ]
+
+    def mark_dispatched(self, released: list[Released]) -> None:
+        if released:
+            self._run("DISPATCHED", *[r.dispatch_member for r in released])
+
+    def promote_delayed(self, max_count: int = 500) -> int:
+        return int(self._run("PROMOTE_DELAYED", max_count))
+
+    def reap(self, *, max_lost: int, dispatch_grace: float, batch: int = 200) -> int:
+        return int(self._run("REAP", max_lost, dispatch_grace, batch))
+
+    def backlog_size(self, resource_class: ResourceClass) -> int:
+        return int(self.redis.zcard(self.keys.backlog(resource_class)))
+
+    def queued_size(self, resource_class: ResourceClass) -> int:
+        return int(self.redis.zcard(self.keys.queued(resource_class)))
+
+    def wait_for_wake(self, timeout: float) -> bool:
+        """Block until something became ready (or timeout); lets the releaser sleep cheaply."""
+        got = self.redis.blpop([self.keys.wake], timeout=timeout)
+        if got:
+            self.redis.delete(self.keys.wake)
+        return got is not None
+
+    # --- worker side --------------------------------------------------------------------
+
+    def claim(
+        self, env: SubtaskEnvelope, *, node: str, pid: int, lease_ttl: float, dead_pid: int | None = None
+    ) -> Claim:
+        result = self._run(
+            "CLAIM",
+            env.job_id,
+            env.subtask_id,
+            env.attempt,
+            node,
+            pid,
+            lease_ttl,
+            dead_pid if dead_pid is not None else "",
+        )
+        verdict = result[0]
+        if verdict == "run":
+            outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
+            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs)
+        if verdict == "owned":
+            return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
+        return Claim("drop", reason=result[1])
+
+    def renew(
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        lease_ttl: float,
+        progress: tuple[float, str] | None = None,
+    ) -> Renewal:
+        fraction, message = progress if progress else ("", "")
+        result = self._run(
+            "RENEW", env.job_id, env.subtask_id, env.attempt, node, pid, lease_ttl, fraction, message
+        )
+        return Renewal(still_owner=result[0] == "ok", job_state=result[1])
+
+    def complete(
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        outcome: Outcome,
+        output: Any = None,
+        error: str = "",
+        retryable: bool = True,
+    ) -> "Completion":
+        """Record an attempt's end. A stale attempt (reaped, taken over) is not accepted."""
+        result = self._run(
+            "COMPLETE",
+            env.job_id,
+            env.subtask_id,
+            env.attempt,
+            node,
+            pid,
+            outcome,
+            json.dumps(output),
+            error,
+            "1" if retryable else "0",
+        )
+        if result[0] == "stale":
+            return Completion(accepted=False, job_state=result[1], ready_classes=[])
+        ready = [ResourceClass(c) for c in result[2].split(",") if c]
+        return Completion(accepted=True, job_state=result[1], ready_classes=ready)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.redis.hget(self.keys.job(job_id), "state") != JobState.running.value
+
+    # --- callbacks ----------------------------------------------------------------------
+
+    def pop_callback(self, timeout: float) -> str | None:
+        got = self.redis.blpop([self.keys.callbacks], timeout=timeout)
+        return got[1] if got else None
+
+    def push_callback(self, job_id: str) -> None:
+        self.redis.rpush(self.keys.callbacks, job_id)
+
+    # --- nodes --------------------------------------------------------------------------
+
+    def heartbeat(self, info: NodeInfo, ttl: float) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.node(info.name), info.model_dump_json(), px=int(ttl * 1000))
+        pipe.sadd(self.keys.nodes, info.name)
+        pipe.execute()
+
+    def remove_node(self, name: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.node(name))
+        pipe.srem(self.keys.nodes, name)
+        pipe.execute()
+
+    def live_nodes(self) -> list[NodeInfo]:
+        names = sorted(self.redis.smembers(self.keys.nodes))
+        if not names:
+            return []
+        values = self.redis.mget([self.keys.node(n) for n in names])
+        gone = [n for n, v in zip(names, values) if v is None]
+        if gone:
+            self.redis.srem(self.keys.nodes, *gone)
+        return [NodeInfo.model_validate_json(v) for v in values if v is not None]
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+

@@ -1,0 +1,353 @@
+"""Lua scripts of the job store.
+
+Every state transition runs as one script, so a crash of any caller either
+happened before the transition or after it, never half-way. Keys are derived
+from ARGV[1] (the prefix) inside the scripts: edgefleet targets one Redis, not
+a cluster. Timestamps come from Redis' TIME so that boxes with skewed clocks
+agree on leases and backoffs.
+"""
+
+PRELUDE = r"""
+local P = ARGV[1]
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local NOW = now()
+local PRIORITY_RANK = {interactive = 0, normal = 1, batch = 2}
+local function jkey(jid) return P .. ':job:' .. jid end
+local function skey(jid, sid) return P .. ':st:' .. jid .. ':' .. sid end
+local function member(jid, sid) return jid .. '|' .. sid end
+
+local function event(jid, kind, sid, state, extra)
+  local fields = {'type', kind, 'ts', tostring(NOW)}
+  if sid then table.insert(fields, 'subtask'); table.insert(fields, sid) end
+  if state then table.insert(fields, 'state'); table.insert(fields, state) end
+  if extra then table.insert(fields, 'data'); table.insert(fields, cjson.encode(extra)) end
+  redis.call('XADD', P .. ':events:' .. jid, 'MAXLEN', '~', '5000', '*', unpack(fields))
+end
+
+local function index_job(jid, tenant, old_state, new_state, created)
+  local idx = {P .. ':jobs', P .. ':jobs:t:' .. tenant}
+  for _, base in ipairs(idx) do
+    if old_state then redis.call('ZREM', base .. ':s:' .. old_state, jid) end
+    redis.call('ZADD', base .. ':s:' .. new_state, created, jid)
+  end
+end
+
+local function backlog_score(priority)
+  return (PRIORITY_RANK[priority] or 1) * 10000000000 + NOW
+end
+
+local function make_ready(jid, sid)
+  local sk = skey(jid, sid)
+  local cls = redis.call('HGET', sk, 'resource_class')
+  local priority = redis.call('HGET', jkey(jid), 'priority')
+  redis.call('HSET', sk, 'state', 'ready', 'ready_at', NOW)
+  redis.call('ZADD', P .. ':backlog:' .. cls, backlog_score(priority), member(jid, sid))
+  redis.call('LPUSH', P .. ':wake', cls)
+  redis.call('LTRIM', P .. ':wake', 0, 15)
+  event(jid, 'subtask', sid, 'ready', {attempt = tonumber(redis.call('HGET', sk, 'attempt'))})
+end
+
+-- Take a subtask out of every waiting structure (backlog, delayed, queued, dispatching).
+local function unlist(jid, sid)
+  local sk = skey(jid, sid)
+  local cls = redis.call('HGET', sk, 'resource_class')
+  local m = member(jid, sid)
+  redis.call('ZREM', P .. ':backlog:' .. cls, m)
+  redis.call('ZREM', P .. ':queued:' .. cls, m)
+  redis.call('ZREM', P .. ':delayed', m)
+end
+
+local function finish_job(jid, new_state, err, failed_sid)
+  local jk = jkey(jid)
+  local old = redis.call('HGET', jk, 'state')
+  if old ~= 'running' then return old end
+  redis.call('HSET', jk, 'state', new_state, 'finished_at', NOW, 'updated_at', NOW)
+  if err then redis.call('HSET', jk, 'error', err) end
+  if failed_sid then redis.call('HSET', jk, 'failed_subtask', failed_sid) end
+  index_job(jid, redis.call('HGET', jk, 'tenant'), old, new_state,
+            tonumber(redis.call('HGET', jk, 'created_at')))
+  -- Anything not started yet never will be; running ones learn it on their next lease renewal.
+  local order = cjson.decode(redis.call('HGET', jk, 'order'))
+  for _, sid in ipairs(order) do
+    local sk = skey(jid, sid)
+    local st = redis.call('HGET', sk, 'state')
+    if st == 'waiting' or st == 'ready' or st == 'retry_wait' or st == 'queued' then
+      unlist(jid, sid)
+      redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW)
+      event(jid, 'subtask', sid, 'cancelled', nil)
+    end
+  end
+  event(jid, 'job', nil, new_state, {error = err, failed_subtask = failed_sid})
+  if redis.call('HGET', jk, 'callback_url') ~= '' then
+    redis.call('RPUSH', P .. ':callbacks', jid)
+  end
+  return new_state
+end
+
+-- A failed attempt: back off and retry while the budget lasts, else fail the job.
+local function fail_attempt(jid, sid, err, retryable)
+  local sk = skey(jid, sid)
+  local failures = redis.call('HINCRBY', sk, 'failures', 1)
+  local retries = tonumber(redis.call('HGET', sk, 'retries'))
+  local attempt = tonumber(redis.call('HGET', sk, 'attempt'))
+  local job_state = redis.call('HGET', jkey(jid), 'state')
+  redis.call('HSET', sk, 'error', err, 'owner_node', '', 'owner_pid', '')
+  if job_state == 'running' and retryable and failures <= retries then
+    local backoff = tonumber(redis.call('HGET', sk, 'retry_backoff')) * (2 ^ (failures - 1))
+    redis.call('HSET', sk, 'state', 'retry_wait', 'attempt', attempt + 1)
+    redis.call('ZADD', P .. ':delayed', NOW + backoff, member(jid, sid))
+    event(jid, 'subtask', sid, 'retry_wait', {attempt = attempt, error = err, backoff = backoff})
+    return 'retry_wait'
+  end
+  redis.call('HSET', sk, 'state', 'failed', 'finished_at', NOW)
+  event(jid, 'subtask', sid, 'failed', {attempt = attempt, error = err})
+  local msg = 'subtask ' .. sid .. ' failed after ' .. attempt .. ' attempt(s): ' .. err
+  finish_job(jid, 'failed', msg, sid)
+  return 'failed'
+end
+"""
+
+CREATE_JOB = PRELUDE + r"""
+local payload = cjson.decode(ARGV[2])
+local job = payload.job
+if payload.idem_key ~= '' then
+  local existing = redis.call('GET', payload.idem_key)
+  if existing then
+    return {'existing', existing, redis.call('HGET', jkey(existing), 'request_hash') or ''}
+  end
+end
+local jid = job.id
+local jk = jkey(jid)
+if redis.call('EXISTS', jk) == 1 then return {'exists', jid, ''} end
+local order = {}
+for _, st in ipairs(payload.subtasks) do table.insert(order, st.id) end
+redis.call('HSET', jk, 'id', jid, 'state', 'running', 'priority', job.priority,
+  'tenant', job.tenant, 'name', job.name, 'callback_url', job.callback_url,
+  'request_hash', job.request_hash, 'created_at', NOW, 'updated_at', NOW,
+  'remaining', #payload.subtasks, 'order', cjson.encode(order), 'request', job.request)
+index_job(jid, job.tenant, nil, 'running', NOW)
+redis.call('ZADD', P .. ':jobs', NOW, jid)
+redis.call('ZADD', P .. ':jobs:t:' .. job.tenant, NOW, jid)
+event(jid, 'job', nil, 'running', {subtasks = order})
+for _, st in ipairs(payload.subtasks) do
+  redis.call('HSET', skey(jid, st.id), 'id', st.id, 'job_id', jid, 'plugin', st.plugin,
+    'action', st.action, 'resource_class', st.resource_class, 'node', st.node,
+    'needs', st.needs, 'dependents', st.dependents,
+    'args', st.args, 'timeout', st.timeout, 'retries', st.retries,
+    'retry_backoff', st.retry_backoff, 'state', 'waiting', 'attempt', 1, 'failures', 0,
+    'lost', 0, 'deps_left', st.n_needs, 'owner_node', '', 'owner_pid', '')
+end
+for _, st in ipairs(payload.subtasks) do
+  if st.n_needs == 0 then make_ready(jid, st.id) end
+end
+if payload.idem_key ~= '' then
+  redis.call('SET', payload.idem_key, jid, 'EX', payload.idem_ttl)
+end
+return {'created', jid, job.request_hash}
+"""
+
+# ARGV: prefix, class, max to release, target depth of the class
+RELEASE = PRELUDE + r"""
+local cls = ARGV[2]
+local room = tonumber(ARGV[4]) - redis.call('ZCARD', P .. ':queued:' .. cls)
+local n = math.min(tonumber(ARGV[3]), room)
+local out = {}
+if n <= 0 then return cjson.encode(out) end
+local popped = redis.call('ZPOPMIN', P .. ':backlog:' .. cls, n)
+for i = 1, #popped, 2 do
+  local m = popped[i]
+  local sep = string.find(m, '|', 1, true)
+  local jid = string.sub(m, 1, sep - 1)
+  local sid = string.sub(m, sep + 1)
+  local sk = skey(jid, sid)
+  local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
+  if f[1] == 'ready' then
+    local queue = cls
+    if f[6] and f[6] ~= '' then queue = 'node.' .. f[6] .. '.' .. cls end
+    redis.call('HSET', sk, 'state', 'queued', 'queued_at', NOW, 'queue', queue)
+    redis.call('ZADD', P .. ':queued:' .. cls, NOW, m)
+    redis.call('ZADD', P .. ':dispatching', NOW, m .. '|' .. f[2])
+    event(jid, 'subtask', sid, 'queued', {attempt = tonumber(f[2]), queue = queue})
+    table.insert(out, {job_id = jid, subtask_id = sid, attempt = tonumber(f[2]),
+      plugin = f[3], action = f[4], resource_class = cls, timeout = tonumber(f[5]),
+      priority = redis.call('HGET', jkey(jid), 'priority'), queue = queue})
+  end
+end
+return cjson.encode(out)
+"""
+
+# ARGV: prefix, members "jid|sid|attempt"... (sent to the broker: no longer at risk)
+DISPATCHED = PRELUDE + r"""
+for i = 2, #ARGV do redis.call('ZREM', P .. ':dispatching', ARGV[i]) end
+return #ARGV - 1
+"""
+
+# ARGV: prefix, max per call. Due retries become ready again.
+PROMOTE_DELAYED = PRELUDE + r"""
+local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', P .. ':delayed', m)
+  local sep = string.find(m, '|', 1, true)
+  local jid = string.sub(m, 1, sep - 1)
+  local sid = string.sub(m, sep + 1)
+  if redis.call('HGET', skey(jid, sid), 'state') == 'retry_wait' then make_ready(jid, sid) end
+end
+return #due
+"""
+
+# ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, dead pid ('' unless taking over)
+CLAIM = PRELUDE + r"""
+local jid, sid, attempt, node, pid, ttl, dead = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local sk = skey(jid, sid)
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs')
+if not f[1] then return {'drop', 'unknown subtask'} end
+local job_state = redis.call('HGET', jkey(jid), 'state')
+if f[2] ~= attempt then return {'drop', 'stale attempt ' .. attempt .. ', current is ' .. f[2]} end
+if f[1] == 'running' then
+  if dead ~= '' and f[3] == node and f[4] == dead then
+    redis.call('HINCRBY', sk, 'lost', 1)
+    event(jid, 'subtask', sid, 'running', {attempt = tonumber(attempt), node = node, takeover = dead})
+  elseif f[3] == node then
+    return {'owned', f[4]}
+  else
+    return {'drop', 'running on node ' .. f[3]}
+  end
+elseif f[1] ~= 'queued' then
+  return {'drop', 'subtask is ' .. f[1]}
+elseif job_state ~= 'running' then
+  return {'drop', 'job is ' .. job_state}
+end
+local m = member(jid, sid)
+redis.call('ZREM', P .. ':queued:' .. f[5], m)
+redis.call('ZREM', P .. ':dispatching', m .. '|' .. attempt)
+redis.call('ZADD', P .. ':running', NOW + ttl, m)
+redis.call('HSET', sk, 'state', 'running', 'owner_node', node, 'owner_pid', pid, 'started_at', NOW,
+  'progress', '', 'progress_message', '')
+if f[1] == 'queued' then
+  event(jid, 'subtask', sid, 'running', {attempt = tonumber(attempt), node = node})
+end
+local outputs = {}
+for _, dep in ipairs(cjson.decode(f[7])) do
+  outputs[dep] = redis.call('HGET', skey(jid, dep), 'output') or 'null'
+end
+return {'run', f[6], cjson.encode(outputs)}
+"""
+
+# ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, progress ('' or number), message
+RENEW = PRELUDE + r"""
+local jid, sid, attempt, node, pid, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local sk = skey(jid, sid)
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid')
+if f[1] ~= 'running' or f[2] ~= attempt or f[3] ~= node or f[4] ~= pid then
+  return {'lost', f[1] or 'gone'}
+end
+redis.call('ZADD', P .. ':running', 'XX', NOW + ttl, member(jid, sid))
+if ARGV[8] ~= '' then
+  redis.call('HSET', sk, 'progress', ARGV[8], 'progress_message', ARGV[9])
+  event(jid, 'progress', sid, nil, {progress = tonumber(ARGV[8]), message = ARGV[9]})
+end
+return {'ok', redis.call('HGET', jkey(jid), 'state')}
+"""
+
+# ARGV: prefix, jid, sid, attempt, node, pid, outcome, output json, error, retryable
+COMPLETE = PRELUDE + r"""
+local jid, sid, attempt, node, pid, outcome = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local sk = skey(jid, sid)
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'dependents')
+if f[1] ~= 'running' or f[2] ~= attempt or f[3] ~= node or f[4] ~= pid then
+  return {'stale', f[1] or 'gone'}
+end
+redis.call('ZREM', P .. ':running', member(jid, sid))
+redis.call('HSET', sk, 'last_node', node)
+local jk = jkey(jid)
+redis.call('HSET', jk, 'updated_at', NOW)
+local job_state = redis.call('HGET', jk, 'state')
+if outcome == 'succeeded' then
+  redis.call('HSET', sk, 'state', 'succeeded', 'finished_at', NOW, 'output', ARGV[8], 'error', '',
+    'progress', 1)
+  event(jid, 'subtask', sid, 'succeeded', {attempt = tonumber(attempt)})
+  if job_state ~= 'running' then return {'done', job_state, ''} end
+  local classes = {}
+  for _, dep in ipairs(cjson.decode(f[5])) do
+    local dk = skey(jid, dep)
+    if redis.call('HINCRBY', dk, 'deps_left', -1) == 0 and redis.call('HGET', dk, 'state') == 'waiting' then
+      make_ready(jid, dep)
+      classes[redis.call('HGET', dk, 'resource_class')] = true
+    end
+  end
+  if redis.call('HINCRBY', jk, 'remaining', -1) == 0 then
+    return {'done', finish_job(jid, 'succeeded', nil, nil), ''}
+  end
+  local ready = {}
+  for cls, _ in pairs(classes) do table.insert(ready, cls) end
+  return {'done', job_state, table.concat(ready, ',')}
+elseif outcome == 'cancelled' or job_state ~= 'running' then
+  redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'error', ARGV[9],
+    'owner_node', '', 'owner_pid', '')
+  event(jid, 'subtask', sid, 'cancelled', {attempt = tonumber(attempt)})
+  return {'done', job_state, ''}
+end
+fail_attempt(jid, sid, ARGV[9], ARGV[10] == '1')
+return {'done', redis.call('HGET', jk, 'state'), ''}
+"""
+
+# ARGV: prefix, jid
+CANCEL = PRELUDE + r"""
+local jid = ARGV[2]
+local state = redis.call('HGET', jkey(jid), 'state')
+if not state then return 'missing' end
+if state ~= 'running' then return state end
+return finish_job(jid, 'cancelled', 'cancelled by request', nil)
+"""
+
+# ARGV: prefix, max lost attempts, dispatch grace seconds, batch size.
+# Leases that expired belong to dead processes or dead nodes: give the subtask a new attempt.
+REAP = PRELUDE + r"""
+local max_lost, grace, batch = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local expired = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, batch)
+local requeued = 0
+for _, m in ipairs(expired) do
+  redis.call('ZREM', P .. ':running', m)
+  local sep = string.find(m, '|', 1, true)
+  local jid = string.sub(m, 1, sep - 1)
+  local sid = string.sub(m, sep + 1)
+  local sk = skey(jid, sid)
+  if redis.call('HGET', sk, 'state') == 'running' then
+    local owner = redis.call('HGET', sk, 'owner_node')
+    local lost = redis.call('HINCRBY', sk, 'lost', 1)
+    local msg = 'lease expired on node ' .. owner .. ' (worker lost)'
+    if redis.call('HGET', jkey(jid), 'state') ~= 'running' then
+      redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'owner_node', '', 'owner_pid', '')
+      event(jid, 'subtask', sid, 'cancelled', {error = msg})
+    elseif lost > max_lost then
+      fail_attempt(jid, sid, msg .. ' ' .. lost .. ' times', false)
+    else
+      local attempt = redis.call('HINCRBY', sk, 'attempt', 1)
+      redis.call('HSET', sk, 'owner_node', '', 'owner_pid', '', 'error', msg)
+      event(jid, 'subtask', sid, 'requeued', {attempt = attempt, error = msg})
+      make_ready(jid, sid)
+      requeued = requeued + 1
+    end
+  end
+end
+-- A releaser that died between popping the backlog and sending to the broker.
+local stuck = redis.call('ZRANGEBYSCORE', P .. ':dispatching', '-inf', NOW - grace, 'LIMIT', 0, batch)
+for _, m in ipairs(stuck) do
+  redis.call('ZREM', P .. ':dispatching', m)
+  local a = string.find(m, '|', 1, true)
+  local b = string.find(m, '|', a + 1, true)
+  local jid = string.sub(m, 1, a - 1)
+  local sid = string.sub(m, a + 1, b - 1)
+  local sk = skey(jid, sid)
+  local f = redis.call('HMGET', sk, 'state', 'attempt', 'resource_class')
+  if f[1] == 'queued' and f[2] == string.sub(m, b + 1) then
+    redis.call('ZREM', P .. ':queued:' .. f[3], member(jid, sid))
+    make_ready(jid, sid)
+    requeued = requeued + 1
+  end
+end
+return requeued
+"""

@@ -1,0 +1,1 @@
+"""Built-in edgefleet plugins (one folder each: plugin.yaml + code) and workflow templates."""

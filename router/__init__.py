@@ -1,0 +1,1 @@
+"""The edgefleet router service: HTTP API, planner, job store, release scheduler, feedback loop."""

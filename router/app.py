@@ -1,0 +1,270 @@
+"""The router's HTTP API (FastAPI). `create_app` wires parts; handlers stay thin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from edgefleet.celery_app import create_celery
+from edgefleet.dispatch import Dispatcher
+from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo
+from edgefleet.settings import Scope, Settings
+from edgefleet.store import JobStore
+from router.auth import Principal, require
+from router.events import job_event_stream
+from router.loops import RouterLoops
+from router.metrics import RouterMetrics
+from router.planner import PlanError, Planner, pydantic_problems
+from router.templates import TemplateCatalog
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY_MAX = 200
+SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
+ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
+
+
+def _error(status: int, error: str, problems: list[tuple[str, str]]) -> JSONResponse:
+    body = {"error": error, "detail": [{"field": f, "reason": r} for f, r in problems]}
+    return JSONResponse(status_code=status, content=body)
+
+
+def request_hash(request: JobRequest) -> str:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _read_limited_body(request: Request, limit: int) -> bytes | None:
+    """Read at most `limit` bytes; None when the body is larger (without buffering it all)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = JobStore.from_url(settings.redis_url, settings.key_prefix)
+        plugins = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        for problem in plugins.errors:
+            log.warning("plugin not loaded", extra={"problem": str(problem)})
+        templates = TemplateCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        celery = create_celery(settings, main="edgefleet-router")
+        metrics = RouterMetrics(store)
+        dispatcher = Dispatcher(store, celery, settings)
+        loops = RouterLoops(
+            store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks
+        )
+        app.state.store = store
+        app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        app.state.plugins = plugins
+        app.state.templates = templates
+        app.state.planner = Planner(plugins, templates, settings)
+        app.state.dispatcher = dispatcher
+        app.state.metrics = metrics
+        loops.start()
+        log.info("router started", extra={"plugins": plugins.names(), "templates": templates.names()})
+        try:
+            yield
+        finally:
+            loops.stop()
+            await app.state.aredis.aclose()
+            store.redis.close()
+
+    app = FastAPI(
+        title="edgefleet router",
+        version="0.1.0",
+        description="Submit jobs, watch them run across the fleet.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    _install_error_handlers(app)
+    _install_routes(app, settings)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            (".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
+        ]
+        return _error(422, "invalid_request", problems)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, list) else [{"field": "", "reason": str(exc.detail)}]
+        names = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict"}
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": names.get(exc.status_code, "error"), "detail": detail},
+            headers=exc.headers,
+        )
+
+
+def _visible_job(request: Request, principal: Principal, job_id: str) -> JobStatus:
+    store: JobStore = request.app.state.store
+    status = store.get_job(job_id)
+    # Another tenant's job is reported as missing, not forbidden: ids are not an oracle.
+    if status is None or (not principal.is_admin and status.tenant != principal.tenant):
+        raise HTTPException(404, detail=[{"field": "job_id", "reason": f"no job {job_id!r}"}])
+    return status
+
+
+def _install_routes(app: FastAPI, settings: Settings) -> None:
+    @app.get("/healthz", tags=["ops"])
+    def healthz(request: Request) -> JSONResponse:
+        try:
+            request.app.state.store.ping()
+        except Exception as exc:  # noqa: BLE001 - health reports, never raises
+            return JSONResponse(status_code=503, content={"status": "degraded", "redis": type(exc).__name__})
+        return JSONResponse({"status": "ok", "redis": "ok"})
+
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require(Scope.read))])
+    def metrics(request: Request) -> Response:
+        body, content_type = request.app.state.metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    @app.post(
+        "/v1/jobs",
+        tags=["jobs"],
+        status_code=201,
+        response_model=JobStatus,
+        responses={200: {"model": JobStatus}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": JobRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def submit_job(
+        request: Request,
+        principal: SubmitPrincipal,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> Response:
+        raw = await _read_limited_body(request, settings.max_body_bytes)
+        if raw is None:
+            return _error(413, "payload_too_large", [("body", f"larger than {settings.max_body_bytes} bytes")])
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, "malformed_json", [("body", f"not valid JSON: {exc}")])
+        if not isinstance(data, dict):
+            return _error(422, "invalid_request", [("body", "must be a JSON object")])
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
+            return _error(422, "invalid_request", [("Idempotency-Key", f"1 to {IDEMPOTENCY_KEY_MAX} characters")])
+        try:
+            job_request = JobRequest.model_validate(data)
+            plan = request.app.state.planner.plan(job_request)
+        except ValidationError as exc:
+            return _error(422, "invalid_request", pydantic_problems(exc))
+        except PlanError as exc:
+            return _error(422, "invalid_plan", exc.problems)
+        store: JobStore = request.app.state.store
+        digest = request_hash(job_request)
+        result = store.create_job(
+            job_id=uuid.uuid4().hex,
+            tenant=principal.tenant,
+            priority=job_request.priority,
+            name=job_request.name,
+            callback_url=str(job_request.callback_url) if job_request.callback_url else None,
+            plan=plan,
+            request_json=json.dumps(job_request.model_dump(mode="json")),
+            request_hash=digest,
+            idempotency_key=idempotency_key,
+        )
+        if not result.created and result.request_hash != digest:
+            return _error(
+                422,
+                "idempotency_conflict",
+                [("Idempotency-Key", "already used for a different request body")],
+            )
+        if result.created:
+            request.app.state.metrics.submitted.labels(priority=job_request.priority.value).inc()
+            # Release right away rather than waiting for the release loop's next turn.
+            classes = {st.resource_class for st in plan.subtasks if not st.needs}
+            for resource_class in classes:
+                request.app.state.dispatcher.release(resource_class)
+        status = store.get_job(result.job_id)
+        assert status is not None
+        return JSONResponse(
+            status_code=201 if result.created else 200,
+            content=status.model_dump(mode="json"),
+            headers={"Location": f"/v1/jobs/{result.job_id}"},
+        )
+
+    @app.get("/v1/jobs", tags=["jobs"], response_model=JobPage)
+    def list_jobs(
+        request: Request,
+        principal: ReadPrincipal,
+        state: JobState | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$")] = None,
+    ) -> JobPage:
+        store: JobStore = request.app.state.store
+        tenant = None if principal.is_admin else principal.tenant
+        return store.list_jobs(tenant=tenant, state=state, limit=limit, cursor=cursor)
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobStatus)
+    def get_job(request: Request, job_id: str, principal: ReadPrincipal) -> JobStatus:
+        return _visible_job(request, principal, job_id)
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobStatus, status_code=202)
+    def cancel_job(request: Request, job_id: str, principal: SubmitPrincipal) -> JobStatus:
+        _visible_job(request, principal, job_id)
+        request.app.state.store.cancel_job(job_id)
+        return _visible_job(request, principal, job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    async def job_events(
+        request: Request,
+        job_id: str,
+        principal: ReadPrincipal,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> EventSourceResponse:
+        _visible_job(request, principal, job_id)
+        stream = job_event_stream(
+            request.app.state.aredis, request.app.state.store.keys.events(job_id), last_event_id or "0"
+        )
+        return EventSourceResponse(stream, ping=15)
+
+    @app.get("/v1/workers", tags=["fleet"], response_model=list[NodeInfo])
+    def workers(request: Request, _: ReadPrincipal) -> list[NodeInfo]:
+        return request.app.state.store.live_nodes()
+
+    @app.get("/v1/plugins", tags=["fleet"])
+    def plugins(request: Request, _: ReadPrincipal) -> dict[str, Any]:
+        catalog: PluginCatalog = request.app.state.plugins
+        nodes = request.app.state.store.live_nodes()
+        described = catalog.describe()
+        for entry in described:
+            entry["nodes"] = [n.name for n in nodes if entry["name"] in n.plugins]
+        return {
+            "plugins": described,
+            "errors": [str(e) for e in catalog.errors],
+            "templates": request.app.state.templates.describe(),
+        }

@@ -1,0 +1,114 @@
+"""The router's background loops: release ready work, reap lost leases, deliver callbacks.
+
+They are threads, not asyncio tasks, because the job store and Celery's producer
+are blocking clients; every step is a Lua script, so several routers may run them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import httpx
+from prometheus_client import Counter
+
+from edgefleet.dispatch import Dispatcher
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+
+log = logging.getLogger(__name__)
+
+DISPATCH_GRACE_SECONDS = 30.0
+
+
+class RouterLoops:
+    def __init__(
+        self,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        settings: Settings,
+        released: Counter,
+        requeued: Counter,
+        callbacks: Counter,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self._released = released
+        self._requeued = requeued
+        self._callbacks = callbacks
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, target in (
+            ("release", self._release_loop),
+            ("reap", self._reap_loop),
+            ("callbacks", self._callback_loop),
+        ):
+            thread = threading.Thread(target=self._guarded(name, target), name=f"ef-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _guarded(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
+        """Keep a loop alive through Redis restarts: log, back off, go on."""
+
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    body()
+                except Exception:  # noqa: BLE001 - a loop must outlive any one failure
+                    log.exception("router loop failed; retrying", extra={"loop": name})
+                    self._stop.wait(1.0)
+
+        return run
+
+    def _release_loop(self) -> None:
+        while not self._stop.is_set():
+            self.store.promote_delayed()
+            count = self.dispatcher.release_all()
+            if count:
+                self._released.inc(count)
+                continue  # there may be more room or more work
+            self.store.wait_for_wake(self.settings.release_interval)
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.settings.reap_interval):
+            requeued = self.store.reap(
+                max_lost=self.settings.max_lost_attempts, dispatch_grace=DISPATCH_GRACE_SECONDS
+            )
+            if requeued:
+                log.warning("requeued subtasks whose lease expired", extra={"count": requeued})
+                self._requeued.inc(requeued)
+
+    def _callback_loop(self) -> None:
+        with httpx.Client(timeout=10.0) as client:
+            while not self._stop.is_set():
+                job_id = self.store.pop_callback(timeout=1.0)
+                if job_id:
+                    self._deliver(client, job_id)
+
+    def _deliver(self, client: httpx.Client, job_id: str) -> None:
+        status = self.store.get_job(job_id)
+        if status is None or not status.callback_url:
+            return
+        body = status.model_dump(mode="json")
+        for attempt in range(1, self.settings.callback_attempts + 1):
+            try:
+                response = client.post(status.callback_url, json=body)
+                if response.status_code < 500:
+                    self._callbacks.labels(outcome="delivered").inc()
+                    return
+            except httpx.HTTPError as exc:
+                log.info("callback failed", extra={"job_id": job_id, "attempt": attempt, "error": type(exc).__name__})
+            if self._stop.wait(min(0.5 * 2**attempt, 30.0)):
+                break
+        self._callbacks.labels(outcome="failed").inc()
+        log.warning("callback gave up", extra={"job_id": job_id})
+

@@ -1,0 +1,1 @@
+"""The edge worker runtime: Celery workers per resource class, plugin execution, node heartbeats."""

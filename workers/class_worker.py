@@ -1,0 +1,98 @@
+"""One Celery worker process serving one resource class of this node (spawned by `edgefleet worker`)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from celery import Celery
+
+from edgefleet.celery_app import RUN_SUBTASK, create_celery
+from edgefleet.dispatch import Dispatcher
+from edgefleet.logs import setup_logging
+from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.schemas import ResourceClass
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from workers.metrics import WorkerMetrics
+from workers.runner import SubtaskRunner
+
+PR_SET_PDEATHSIG = 1
+
+
+class RuntimePerProcess:
+    """Builds the runner lazily in each pool process: Redis connections must not cross a fork."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.app = app
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._runner: SubtaskRunner | None = None
+
+    def get(self) -> SubtaskRunner:
+        with self._lock:
+            if self._runner is None or self._pid != os.getpid():
+                store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix)
+                catalog = PluginCatalog.load([builtin_plugin_dir(), *self.settings.plugin_dirs])
+                self._runner = SubtaskRunner(
+                    self.settings, store, catalog, Dispatcher(store, self.app, self.settings), WorkerMetrics()
+                )
+                self._pid = os.getpid()
+            return self._runner
+
+
+def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
+    app = create_celery(settings, main=f"edgefleet-{resource_class.value}")
+    runtime = RuntimePerProcess(settings, app)
+
+    @app.task(name=RUN_SUBTASK)
+    def run_subtask(envelope: dict[str, Any]) -> str:
+        return runtime.get().run(envelope)
+
+    return app
+
+
+def _die_with_parent() -> None:
+    """A class worker outlives no supervisor: it gets SIGTERM (a warm shutdown) when the node dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--resource-class", required=True, choices=[rc.value for rc in ResourceClass])
+    parser.add_argument("--pool", required=True, choices=["prefork", "threads", "solo"])
+    parser.add_argument("--concurrency", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    settings = Settings()
+    setup_logging(f"worker-{args.resource_class}", settings.log_level, settings.log_json)
+    resource_class = ResourceClass(args.resource_class)
+    app = build_app(settings, resource_class)
+    node = settings.node_name
+    worker_args = [
+        "worker",
+        f"--queues={resource_class.value},node.{node}.{resource_class.value}",
+        f"--pool={args.pool}",
+        f"--concurrency={args.concurrency}",
+        f"--hostname={resource_class.value}@{node}",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if settings.task_events:
+        worker_args.append("--task-events")
+    app.worker_main(worker_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""`edgefleet worker`: supervises one Celery worker per resource class and heartbeats the node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+
+from edgefleet import __version__
+from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.schemas import NodeInfo, ResourceClass
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from workers import probe
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX = 30.0
+
+
+def pool_for(resource_class: ResourceClass, settings: Settings, gpus: list[str]) -> tuple[str, int]:
+    """prefork sized to the cores for cpu, threads for io, one slot per GPU."""
+    if resource_class is ResourceClass.cpu:
+        return "prefork", settings.cpu_concurrency or probe.cores()
+    if resource_class is ResourceClass.io:
+        return "threads", settings.io_concurrency
+    return "prefork", settings.gpu_concurrency or max(1, len(gpus))
+
+
+class _ClassWorker:
+    def __init__(self, resource_class: ResourceClass, pool: str, concurrency: int) -> None:
+        self.resource_class = resource_class
+        self.pool = pool
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+
+class NodeSupervisor:
+    def __init__(self, settings: Settings, classes: list[ResourceClass]) -> None:
+        self.settings = settings
+        self.classes = classes
+        self.gpus = probe.detect_gpus()
+        self.store = JobStore.from_url(settings.redis_url, settings.key_prefix)
+        self.catalog = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._workers = [_ClassWorker(rc, *pool_for(rc, settings, self.gpus)) for rc in classes]
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="edgefleet-metrics-"))
+        self._http: ThreadingHTTPServer | None = None
+        self.metrics_port: int | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT, then shut down warm: running subtasks finish first."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._start_http()
+        for worker in self._workers:
+            self._spawn(worker)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        log.info(
+            "node started",
+            extra={"node": self.settings.node_name, "classes": [c.value for c in self.classes],
+                   "metrics_port": self.metrics_port},
+        )
+        while not self._stop.wait(0.5):
+            self._restart_dead()
+        self._shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
+        self._stop.set()
+
+    def _spawn(self, worker: _ClassWorker) -> None:
+        env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
+        env["EDGEFLEET_NODE_NAME"] = self.settings.node_name
+        cmd = [
+            sys.executable, "-m", "workers.class_worker",
+            f"--resource-class={worker.resource_class.value}",
+            f"--pool={worker.pool}",
+            f"--concurrency={worker.concurrency}",
+        ]
+        worker.process = subprocess.Popen(cmd, env=env)
+        log.info(
+            "class worker started",
+            extra={"resource_class": worker.resource_class.value, "pool": worker.pool,
+                   "concurrency": worker.concurrency, "pid": worker.process.pid},
+        )
+
+    def _restart_dead(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.process is None or worker.process.poll() is None or now < worker.next_start:
+                continue
+            worker.restarts += 1
+            worker.next_start = now + min(RESTART_BACKOFF_MAX, 2.0 ** min(worker.restarts, 5))
+            log.error(
+                "class worker exited; restarting",
+                extra={"resource_class": worker.resource_class.value, "code": worker.process.returncode},
+            )
+            self._spawn(worker)
+
+    def _shutdown(self) -> None:
+        for worker in self._workers:
+            if worker.process and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.max_subtask_timeout
+        for worker in self._workers:
+            if worker.process:
+                try:
+                    worker.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait()
+        try:
+            self.store.remove_node(self.settings.node_name)
+        except Exception:  # noqa: BLE001 - the heartbeat TTL removes it anyway
+            log.warning("could not remove node record")
+        if self._http:
+            self._http.shutdown()
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        log.info("node stopped", extra={"node": self.settings.node_name})
+
+    # --- heartbeat ----------------------------------------------------------------------
+
+    def node_info(self) -> NodeInfo:
+        total, available = probe.memory()
+        return NodeInfo(
+            name=self.settings.node_name,
+            classes=self.classes,
+            cores=probe.cores(),
+            memory_total=total,
+            memory_available=available,
+            cpu_percent=psutil.cpu_percent(interval=None),
+            plugins=self.catalog.names(),
+            gpus=self.gpus,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            version=__version__,
+            metrics_url=f"http://{self.settings.worker_metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else None,
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.heartbeat(self.node_info(), self.settings.heartbeat_ttl)
+            except Exception as exc:  # noqa: BLE001 - Redis may be restarting; keep trying
+                log.warning("heartbeat failed", extra={"error": type(exc).__name__})
+            self._stop.wait(self.settings.heartbeat_interval)
+
+    # --- /metrics and /healthz --------------------------------------------------------
+
+    def _start_http(self) -> None:
+        supervisor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path == "/healthz":
+                    alive = all(w.process is not None and w.process.poll() is None for w in supervisor._workers)
+                    body = json.dumps({"status": "ok" if alive else "degraded", "node": supervisor.settings.node_name}).encode()
+                    self._reply(200 if alive else 503, "application/json", body)
+                elif self.path == "/metrics":
+                    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+                    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+                    registry = CollectorRegistry()
+                    multiprocess.MultiProcessCollector(registry, path=str(supervisor._metrics_dir))
+                    self._reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                else:
+                    self._reply(404, "application/json", b'{"error": "not_found"}')
+
+            def _reply(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        if self.settings.worker_metrics_port < 0:
+            return
+        self._http = ThreadingHTTPServer((self.settings.worker_metrics_host, self.settings.worker_metrics_port), Handler)
+        self.metrics_port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()

@@ -1,0 +1,209 @@
+"""Runs one delivered subtask: claim it, resolve its inputs, run the plugin under a lease, record the end.
+
+The job store, not Celery, decides whether a delivery runs: a duplicate
+delivery (visibility timeout, a resent release) finds the subtask owned and is
+dropped; a delivery whose owner process died on this box takes it over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from edgefleet.dispatch import Dispatcher
+from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
+from edgefleet.plugin_context import PluginContext, SubtaskCancelled
+from edgefleet.refs import RefError, resolve_refs
+from edgefleet.schemas import SubtaskEnvelope
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from workers.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+# How often a running subtask renews its lease and looks for a cancel.
+MAX_RENEW_INTERVAL = 1.0
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class _Attempt:
+    """Shared between the plugin thread and the lease loop."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: tuple[float, str] | None = None
+    progress_sent: tuple[float, str] | None = None
+    output: Any = None
+    error: BaseException | None = None
+
+
+class SubtaskRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        catalog: PluginCatalog,
+        dispatcher: Dispatcher,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.node = settings.node_name
+        self.lease_ttl = settings.effective_lease_ttl
+
+    def run(self, raw_envelope: dict[str, Any]) -> str:
+        env = SubtaskEnvelope.model_validate(raw_envelope)
+        pid = os.getpid()
+        claim = self.store.claim(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl)
+        if claim.verdict == "owned":
+            if claim.owner_pid and claim.owner_pid != pid and not process_alive(claim.owner_pid):
+                log.warning(
+                    "taking over subtask from dead process",
+                    extra={"job_id": env.job_id, "subtask": env.subtask_id, "dead_pid": claim.owner_pid},
+                )
+                claim = self.store.claim(
+                    env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, dead_pid=claim.owner_pid
+                )
+            else:
+                return self._dropped(env, f"already running in pid {claim.owner_pid}")
+        if claim.verdict != "run":
+            return self._dropped(env, claim.reason)
+        started = time.monotonic()
+        outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {})
+        self.metrics.observe(env, outcome, time.monotonic() - started)
+        return outcome
+
+    def _dropped(self, env: SubtaskEnvelope, reason: str) -> str:
+        log.info(
+            "delivery dropped",
+            extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt, "reason": reason},
+        )
+        self.metrics.dropped.inc()
+        return "dropped"
+
+    def _execute(self, env: SubtaskEnvelope, pid: int, args: dict[str, Any], outputs: dict[str, Any]) -> str:
+        plugin = self.catalog.get(env.plugin)
+        if plugin is None:
+            return self._finish(env, pid, "failed", error=f"plugin {env.plugin!r} is not installed on node {self.node}")
+        action = plugin.manifest.actions.get(env.action)
+        if action is None:
+            return self._finish(env, pid, "failed", error=f"plugin {env.plugin!r} has no action {env.action!r}")
+        try:
+            resolved = resolve_refs(args, outputs)
+        except RefError as exc:
+            return self._finish(env, pid, "failed", error=str(exc), retryable=False)
+        problems = validate_action_args(action.input_schema, resolved)
+        if problems:
+            reason = "; ".join(f"{f}: {r}" for f, r in problems)
+            return self._finish(env, pid, "failed", error=f"invalid input: {reason}", retryable=False)
+        try:
+            function = plugin.load_callable()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin fails its subtask, not the worker
+            return self._finish(env, pid, "failed", error=f"cannot load plugin: {exc}", retryable=False)
+
+        workspace = self.settings.effective_workspace_dir / env.job_id / env.subtask_id
+        workspace.mkdir(parents=True, exist_ok=True)
+        attempt = _Attempt()
+        deadline = time.monotonic() + env.timeout
+        ctx = PluginContext(
+            job_id=env.job_id,
+            subtask_id=env.subtask_id,
+            attempt=env.attempt,
+            workspace=workspace,
+            deadline=deadline,
+            is_cancelled=attempt.cancelled.is_set,
+            report_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
+        )
+
+        def body() -> None:
+            try:
+                attempt.output = function(ctx, env.action, resolved)
+            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's error
+                attempt.error = exc
+
+        thread = threading.Thread(target=body, name=f"subtask-{env.subtask_id}", daemon=True)
+        thread.start()
+        verdict = self._supervise(env, pid, thread, attempt, deadline)
+        if verdict == "lost":
+            return "lost"
+        if verdict == "timeout":
+            return self._finish(env, pid, "failed", error=f"timed out after {env.timeout:g} s")
+        if verdict == "cancelled" or isinstance(attempt.error, SubtaskCancelled):
+            return self._finish(env, pid, "cancelled", error="cancelled")
+        if attempt.error is not None:
+            error = f"{type(attempt.error).__name__}: {attempt.error}"
+            return self._finish(env, pid, "failed", error=error)
+        try:
+            json.dumps(attempt.output)
+        except (TypeError, ValueError) as exc:
+            return self._finish(env, pid, "failed", error=f"output is not JSON: {exc}", retryable=False)
+        return self._finish(env, pid, "succeeded", output=attempt.output)
+
+    def _supervise(
+        self, env: SubtaskEnvelope, pid: int, thread: threading.Thread, attempt: _Attempt, deadline: float
+    ) -> str:
+        """Renew the lease while the plugin runs; turn cancels and timeouts into its cancel flag."""
+        interval = min(MAX_RENEW_INTERVAL, self.lease_ttl / 3)
+        while True:
+            thread.join(min(interval, max(0.0, deadline - time.monotonic())))
+            if not thread.is_alive():
+                return "done"
+            if time.monotonic() >= deadline:
+                attempt.cancelled.set()
+                thread.join(1.0)  # a cooperative plugin stops; one that does not is abandoned
+                return "timeout"
+            progress = attempt.progress if attempt.progress != attempt.progress_sent else None
+            renewal = self.store.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, progress=progress)
+            attempt.progress_sent = attempt.progress
+            if not renewal.still_owner:
+                attempt.cancelled.set()
+                log.warning("lease lost; abandoning attempt", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+                return "lost"
+            if renewal.job_state != "running":
+                attempt.cancelled.set()
+                thread.join(5.0)
+                return "cancelled"
+
+    def _finish(
+        self,
+        env: SubtaskEnvelope,
+        pid: int,
+        outcome: str,
+        *,
+        output: Any = None,
+        error: str = "",
+        retryable: bool = True,
+    ) -> str:
+        completion = self.store.complete(
+            env, node=self.node, pid=pid, outcome=outcome, output=output, error=error[:4000], retryable=retryable  # type: ignore[arg-type]
+        )
+        if not completion.accepted:
+            log.warning("result of a stale attempt discarded", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+            return "stale"
+        log.info(
+            "subtask finished",
+            extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt, "outcome": outcome},
+        )
+        # Release the dependents now instead of waiting for the router's loop.
+        for resource_class in completion.ready_classes:
+            try:
+                self.dispatcher.release(resource_class)
+            except Exception:  # noqa: BLE001 - the router's loop releases them anyway
+                log.exception("fast-path release failed")
+        return outcome
