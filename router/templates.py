@@ -126,7 +126,13 @@ class WorkflowTemplate(BaseModel):
         return values
 
     def expand(self, given: dict[str, Any]) -> list[dict[str, Any]]:
-        """The template's steps with every `${inputs.NAME}` substituted."""
+        """The template's steps with every `${inputs.NAME}` substituted.
+
+        A string that is exactly one placeholder takes the input's value with
+        its type; inside a longer string the value is inserted as text. An
+        optional input given no value and no default removes a mapping key
+        that is exactly its placeholder, and reads as "" inside a string.
+        """
         values = self.resolve_inputs(given)
         return _substitute(copy.deepcopy(self.steps), values)
 
@@ -157,7 +163,13 @@ def _substitute(value: Any, values: dict[str, Any]) -> Any:
         # Inside a longer string an absent optional input reads as "".
         return PLACEHOLDER.sub(lambda m: "" if values[m.group(1)] is None else str(values[m.group(1)]), value)
     if isinstance(value, dict):
-        return {k: _substitute(v, values) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            whole = PLACEHOLDER.fullmatch(v) if isinstance(v, str) else None
+            if whole and values[whole.group(1)] is None:
+                continue  # an absent optional input drops its key, so the step's own default applies
+            out[k] = _substitute(v, values)
+        return out
     if isinstance(value, list):
         return [_substitute(v, values) for v in value]
     return value
