@@ -47,6 +47,8 @@ def create_celery(settings: Settings, *, main: str = "edgefleet") -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
             "queue_order_strategy": "priority",
+            "unacked_restore_interval": settings.broker_restore_interval,
+            "unacked_restore_throttle": settings.broker_restore_throttle,
         },
         task_default_queue=ResourceClass.cpu.value,
         task_queues=[Queue(rc.value) for rc in ResourceClass],

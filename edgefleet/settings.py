@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         description="Redis broker redelivery; must exceed the longest subtask timeout",
     )
     max_subtask_timeout: float = 3600.0
+    broker_restore_interval: int = Field(
+        default=10, description="seconds between kombu's sweeps that redeliver expired unacked messages"
+    )
+    broker_restore_throttle: int = 10
     max_lost_attempts: int = 5
 
     target_depth: dict[ResourceClass, int] = Field(

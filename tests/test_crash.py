@@ -1,0 +1,158 @@
+"""Crashes lose no job and run nothing twice at once: pool child, whole node, long tasks, router, Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+
+
+def events(cluster: Cluster, job_id: str) -> list[dict]:
+    out = []
+    for entry_id, fields in cluster.redis.client().xrange(f"ef:events:{job_id}"):
+        event = dict(fields)
+        event["id"] = entry_id
+        event.update(json.loads(fields.get("data", "{}")) or {})
+        out.append(event)
+    return out
+
+
+def subtask_events(cluster: Cluster, job_id: str, subtask: str, state: str) -> list[dict]:
+    return [e for e in events(cluster, job_id) if e.get("subtask") == subtask and e.get("state") == state]
+
+
+def marker_lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def sleep_job(marker: Path, seconds: float, **step: object) -> dict:
+    return {
+        "steps": [
+            {"id": "slow", "plugin": "sleep", "action": "sleep",
+             "args": {"seconds": seconds, "marker": str(marker)}, **step},
+            {"id": "after", "plugin": "text", "action": "count", "args": {"text": "done"}, "needs": ["slow"]},
+        ]
+    }
+
+
+def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
+    done = cluster.wait_job(job_id)
+    assert done["state"] == "succeeded", done
+    for st in done["subtasks"]:
+        assert len(subtask_events(cluster, job_id, st["id"], "succeeded")) == 1
+    job_ends = [e for e in events(cluster, job_id) if e["type"] == "job" and e.get("state") == "succeeded"]
+    assert len(job_ends) == 1
+    return done
+
+
+def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    cluster.start_node("n1", classes="cpu")
+    cluster.wait_nodes_ready("n1")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 3))
+    first = wait_until(lambda: marker_lines(marker), 30, what="first run")[0]
+    os.kill(int(first[2]), signal.SIGKILL)
+
+    done = assert_succeeded_exactly_once(cluster, job["id"])
+    runs = marker_lines(marker)
+    assert len(runs) == 2 and runs[1][2] != first[2], runs
+    slow = done["subtasks"][0]
+    assert slow["attempt"] == 1  # the same attempt, taken over on the same node
+    running = subtask_events(cluster, job["id"], "slow", "running")
+    assert running[-1].get("takeover") == first[2]  # by the redelivery, not by lease expiry
+    assert not subtask_events(cluster, job["id"], "slow", "requeued")
+
+
+def test_killed_node_work_runs_elsewhere_within_two_heartbeat_ttls(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    cluster.start_node("a", classes="cpu")
+    cluster.start_node("b", classes="cpu")
+    cluster.wait_nodes_ready("a", "b")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 4))
+    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    victim = cluster.job(job["id"])["subtasks"][0]["node"]
+    survivor = "b" if victim == "a" else "a"
+    seconds, micros = cluster.redis.client().time()
+    killed_at = seconds + micros / 1e6
+    cluster.kill_node(victim)
+
+    done = assert_succeeded_exactly_once(cluster, job["id"])
+    slow = done["subtasks"][0]
+    assert slow["attempt"] == 2 and slow["node"] == survivor
+    requeued = subtask_events(cluster, job["id"], "slow", "requeued")
+    assert len(requeued) == 1 and victim in requeued[0]["error"]
+    rerun = [e for e in subtask_events(cluster, job["id"], "slow", "running") if e["attempt"] == 2]
+    heartbeat_ttl = 3.0
+    assert float(rerun[0]["ts"]) - killed_at <= 2 * heartbeat_ttl
+    assert [r[1] for r in marker_lines(marker)] == ["1", "2"]
+
+
+def test_subtask_longer_than_visibility_timeout_never_runs_twice_at_once(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    # Only this node runs with a tiny visibility timeout and fast restore sweeps, so that
+    # Redis redelivers the message several times while the first run is still going.
+    cluster.start_node(
+        "n1", classes="cpu",
+        EDGEFLEET_VISIBILITY_TIMEOUT="1.5", EDGEFLEET_MAX_SUBTASK_TIMEOUT="1",
+        EDGEFLEET_BROKER_RESTORE_INTERVAL="1", EDGEFLEET_BROKER_RESTORE_THROTTLE="1",
+        EDGEFLEET_CPU_CONCURRENCY="3",
+    )
+    cluster.wait_nodes_ready("n1")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 8))
+    assert_succeeded_exactly_once(cluster, job["id"])
+    assert len(marker_lines(marker)) == 1
+    log = cluster.log_tail("node-n1", 200_000)
+    assert "delivery dropped" in log  # redelivery did happen, and was refused
+
+
+def test_router_restart_mid_job_keeps_status(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    cluster.start_node("n1")
+    cluster.wait_nodes_ready("n1")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 2, retries=1))
+    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    before = cluster.job(job["id"])
+    cluster.stop_router(signal.SIGKILL)
+    time.sleep(3)  # the subtask ends while no router runs
+    cluster.start_router()
+    done = assert_succeeded_exactly_once(cluster, job["id"])
+    assert done["created_at"] == before["created_at"]
+    assert [st["id"] for st in done["subtasks"]] == ["slow", "after"]
+    assert done["subtasks"][1]["output"]["words"] == 1
+    assert len(marker_lines(marker)) == 1
+
+
+def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    cluster.start_node("n1")
+    cluster.wait_nodes_ready("n1")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 2))
+    queued_behind = cluster.submit(sleep_job(tmp_path / "second.txt", 0.2))
+    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    cluster.redis.stop()
+    time.sleep(1)
+    cluster.redis.start()
+    for job_id in (job["id"], queued_behind["id"]):
+        done = cluster.wait_job(job_id, timeout=90)
+        assert done["state"] == "succeeded", done
