@@ -13,6 +13,7 @@ from edgefleet.schemas import PriorityClass, ResourceClass
 from edgefleet.settings import Settings
 
 RUN_SUBTASK = "edgefleet.run_subtask"
+PROBE = "edgefleet.probe"
 
 # Redis priorities: 0 is the most urgent.
 MESSAGE_PRIORITY: dict[PriorityClass, int] = {

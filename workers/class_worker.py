@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from edgefleet.celery_app import RUN_SUBTASK, create_celery
+from edgefleet.celery_app import PROBE, RUN_SUBTASK, create_celery
 from edgefleet.dispatch import Dispatcher
 from edgefleet.logs import setup_logging
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
@@ -54,6 +54,11 @@ def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
     @app.task(name=RUN_SUBTASK)
     def run_subtask(envelope: dict[str, Any]) -> str:
         return runtime.get().run(envelope)
+
+    @app.task(name=PROBE)
+    def probe(counter_key: str) -> None:
+        """Counts one delivery: a liveness probe for operators and the raw-Celery baseline of loadtests."""
+        runtime.get().store.redis.incr(counter_key)
 
     return app
 

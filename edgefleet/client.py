@@ -1,0 +1,314 @@
+"""A small synchronous client for the router's HTTP API (used by the CLI; usable from any script).
+
+    from edgefleet.client import Client
+
+    with Client("http://127.0.0.1:8700", token="...") as client:
+        job = client.submit({"template": "text-report", "inputs": {"text": "a b a"}})
+        done = client.wait(job.id, timeout=60)
+        print(done.state, [st.output for st in done.subtasks])
+
+Every non-2xx answer raises `ApiError` (status, error code, field-level detail);
+a router that cannot be reached raises `RouterUnreachable`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from edgefleet.schemas import JobPage, JobState, JobStatus, NodeInfo
+
+if TYPE_CHECKING:
+    from edgefleet.settings import Settings
+
+TOKEN_FILE = "token"  # <data_dir>/token, written by `edgefleet up` (mode 0600)
+ROUTER_URL_FILE = "router_url"  # <data_dir>/router_url, written by `edgefleet up` while it runs
+
+
+class ClientError(Exception):
+    """Base class of the errors this client raises."""
+
+
+class ApiError(ClientError):
+    """The router answered with an error: `status`, an `error` code and `detail` items.
+
+    `str(err)` is one line, e.g. `422 invalid_plan: steps.0.plugin: unknown plugin 'x'`.
+    """
+
+    def __init__(self, status: int, error: str, detail: list[dict[str, str]] | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.detail: list[dict[str, str]] = list(detail or [])
+        super().__init__(str(self))
+
+    @property
+    def problems(self) -> list[str]:
+        """Each detail item as `field: reason` (or just the reason when it names no field)."""
+        out = []
+        for item in self.detail:
+            field = str(item.get("field") or "").strip()
+            reason = " ".join(str(item.get("reason") or "").split())
+            out.append(f"{field}: {reason}" if field else reason)
+        return out
+
+    def __str__(self) -> str:
+        problems = "; ".join(p for p in self.problems if p)
+        return f"{self.status} {self.error}" + (f": {problems}" if problems else "")
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            detail = body.get("detail")
+            items: list[dict[str, str]] = []
+            if isinstance(detail, list):
+                for item in detail:
+                    if isinstance(item, dict):
+                        items.append({"field": str(item.get("field", "")), "reason": str(item.get("reason", ""))})
+                    else:
+                        items.append({"field": "", "reason": str(item)})
+            elif detail is not None:
+                items.append({"field": "", "reason": str(detail)})
+            return cls(response.status_code, body["error"], items)
+        text = " ".join(response.text.split())[:200] or response.reason_phrase
+        return cls(response.status_code, "http_error", [{"field": "", "reason": text}])
+
+
+class RouterUnreachable(ClientError):
+    """No HTTP answer at all: the router is not running, or the URL is wrong."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach the router at {url}: {reason}")
+
+
+class WaitTimeout(ClientError):
+    """`Client.wait` gave up before the job finished; `status` is the last one seen."""
+
+    def __init__(self, job_id: str, timeout: float, status: JobStatus | None) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} still running after {timeout:g}s")
+
+
+def read_token_file(data_dir: Path) -> str | None:
+    """The admin token `edgefleet up` wrote for this box, if any."""
+    path = Path(data_dir) / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+def read_router_url_file(data_dir: Path) -> str | None:
+    path = Path(data_dir) / ROUTER_URL_FILE
+    try:
+        url = path.read_text().strip()
+    except OSError:
+        return None
+    return url or None
+
+
+def resolve_connection(
+    settings: Settings, url: str | None = None, token: str | None = None
+) -> tuple[str, str | None]:
+    """Router URL and token: explicit values, then settings (env/YAML), then `edgefleet up`'s files."""
+    if not url:
+        if "router_url" in settings.model_fields_set:
+            url = settings.router_url
+        else:
+            url = read_router_url_file(settings.data_dir) or settings.router_url
+    if not token:
+        if settings.token is not None and settings.token.get_secret_value():
+            token = settings.token.get_secret_value()
+        else:
+            token = read_token_file(settings.data_dir)
+    return url, token
+
+
+class Client:
+    """Synchronous client of the router API; a context manager (or call `close()`)."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Accept": "application/json", "User-Agent": "edgefleet-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, url: str | None = None, token: str | None = None, timeout: float = 30.0
+    ) -> Client:
+        """URL from `url`, EDGEFLEET_ROUTER_URL or `up`'s file; token from `token`, EDGEFLEET_TOKEN or `up`'s file."""
+        base_url, resolved_token = resolve_connection(settings, url, token)
+        return cls(base_url, resolved_token, timeout=timeout)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise RouterUnreachable(self.base_url, str(exc) or type(exc).__name__) from exc
+        if response.status_code >= 400:
+            raise ApiError.from_response(response)
+        return response
+
+    # --- API ----------------------------------------------------------------------------
+
+    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> JobStatus:
+        """POST /v1/jobs; a repeated idempotency key returns the job it created first."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return JobStatus.model_validate(self._request("POST", "/v1/jobs", json=body, headers=headers).json())
+
+    def get(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list(self, state: JobState | str | None = None, limit: int = 50, cursor: str | None = None) -> JobPage:
+        params: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            params["state"] = state.value if isinstance(state, JobState) else state
+        if cursor is not None:
+            params["cursor"] = cursor
+        return JobPage.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def workers(self) -> list[NodeInfo]:
+        return [NodeInfo.model_validate(item) for item in self._request("GET", "/v1/workers").json()]
+
+    def plugins(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/plugins").json()
+
+    def healthz(self) -> dict[str, Any]:
+        try:
+            response = self._http.get("/healthz")
+        except httpx.TransportError as exc:
+            raise RouterUnreachable(self.base_url, str(exc) or type(exc).__name__) from exc
+        if response.status_code >= 400 and response.status_code != 503:
+            raise ApiError.from_response(response)
+        return response.json()
+
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The job's server-sent events, in order, until the job ends (each event a dict).
+
+        Each dict has `type` (e.g. `job`, `subtask`), `ts`, and, as the router sends
+        them, `subtask`, `state` and more; `id` is the stream id (usable as
+        `last_event_id` to resume).
+        """
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        # No read timeout: the router pings every 15 s, the stream ends with the job.
+        timeout = httpx.Timeout(self._http.timeout.connect or 30.0, read=None)
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError.from_response(response)
+                yield from _parse_sse(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise RouterUnreachable(self.base_url, str(exc) or type(exc).__name__) from exc
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_update: Callable[[JobStatus], None] | None = None,
+        poll_interval: float = 0.2,
+        max_poll_interval: float = 1.0,
+    ) -> JobStatus:
+        """Poll the job until it reaches a terminal state; return its final status.
+
+        `on_update` is called with the first status and each status that differs
+        from the one before. Raises `WaitTimeout` after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = poll_interval
+        last_fingerprint: str | None = None
+        status: JobStatus | None = None
+        while True:
+            status = self.get(job_id)
+            fingerprint = status.model_dump_json(exclude={"updated_at"})
+            if fingerprint != last_fingerprint:
+                last_fingerprint = fingerprint
+                interval = poll_interval
+                if on_update is not None:
+                    on_update(status)
+            else:
+                interval = min(max_poll_interval, interval * 1.5)
+            if status.state.terminal:
+                return status
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(job_id, timeout or 0.0, status)
+                time.sleep(min(interval, left))
+            else:
+                time.sleep(interval)
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent events (text/event-stream) to dicts; comments and pings are skipped."""
+    event_type: str | None = None
+    event_id: str | None = None
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r")
+        if line == "":
+            if data:
+                payload = "\n".join(data)
+                try:
+                    parsed = json.loads(payload)
+                except ValueError:
+                    parsed = {"data": payload}
+                event = parsed if isinstance(parsed, dict) else {"data": parsed}
+                event.setdefault("type", event_type or "message")
+                if event_id is not None:
+                    event["id"] = event_id
+                yield event
+            event_type, event_id, data = None, None, []
+            continue
+        if line.startswith(":"):
+            continue  # a comment: sse-starlette's keep-alive ping
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event_type = value
+        elif name == "id":
+            event_id = value
+
+
+__all__ = [
+    "ApiError",
+    "Client",
+    "ClientError",
+    "RouterUnreachable",
+    "WaitTimeout",
+    "read_token_file",
+    "resolve_connection",
+]

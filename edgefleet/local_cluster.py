@@ -1,0 +1,520 @@
+"""`edgefleet up`: the whole cluster on one box, with nothing installed but Python.
+
+Starts, in this order, each as a child process in its own process group (so a
+Ctrl-C in the terminal reaches only this supervisor, which then stops them in
+order):
+
+1. an embedded redis-server (when no Redis URL is configured), data in `<data_dir>/redis`;
+2. the router (`python -m edgefleet router`), awaited on /healthz;
+3. one worker node (`python -m edgefleet worker`), awaited on its heartbeat.
+
+On SIGINT/SIGTERM it stops the worker first (a warm shutdown: running subtasks
+finish), then the router, then Redis, and sweeps each child's process group so
+that nothing is left behind. A second Ctrl-C skips the wait for running subtasks.
+Every child also gets SIGTERM from the kernel should this supervisor die
+(PR_SET_PDEATHSIG on Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
+from edgefleet.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port
+from edgefleet.schemas import JobStatus, ResourceClass
+from edgefleet.settings import Scope, Settings
+
+PR_SET_PDEATHSIG = 1
+ROUTER_START_TIMEOUT = 60.0
+NODE_START_TIMEOUT = 90.0
+ROUTER_STOP_TIMEOUT = 20.0
+DEMO_TEMPLATE = "text-report"
+DEMO_TEXT = "edgefleet turns a few boxes into one cluster: one router, many workers, one cluster"
+
+
+class StartError(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _project_root() -> Path | None:
+    """The source checkout this package is imported from, if any (children need it importable)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() and (root / "router").is_dir() else None
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _child_preexec(parent_pid: int) -> Callable[[], None]:
+    """Runs in the forked child before exec: die (SIGTERM) with this supervisor."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
+
+    def setup() -> None:
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+
+    return setup
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Write `value` to `path` readable by its owner only (0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (value + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 1500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class UpOptions:
+    port: int | None = None
+    data_dir: Path | None = None
+    redis_url: str | None = None
+    classes: list[ResourceClass] | None = None
+    demo: bool = False
+    worker_stop_timeout: float = 120.0
+
+
+@dataclass
+class LocalCluster:
+    """Supervises redis (optional), router and one worker node for `edgefleet up`."""
+
+    settings: Settings
+    options: UpOptions
+    console: Console = field(default_factory=Console)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.options.data_dir or self.settings.data_dir).expanduser().resolve()
+        self.host = self.settings.router_host
+        self.port = self.options.port or self.settings.router_port
+        self.url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::', '') else self.host}:{self.port}"
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url: str = ""
+        self.router: _Child | None = None
+        self.worker: _Child | None = None
+        self.token: str | None = None
+        self.token_file: Path | None = None
+        self.tokens_env: str | None = None
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._signals = 0
+
+    # --- signals ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        # SIGHUP too: a closed terminal stops the cluster in order rather than by PDEATHSIG.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._stop.set()
+        else:
+            self._force.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise Interrupted()
+
+    # --- the whole run ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, serve until a signal, stop everything. Returns the exit code."""
+        self.install_signal_handlers()
+        code = 0
+        try:
+            self.start()
+            self.print_summary()
+            if self.options.demo:
+                self.run_demo()
+            if not self._stop.is_set():
+                self.console.print("[dim]Ctrl-C stops the cluster.[/dim]")
+            code = self.supervise()
+        except Interrupted:
+            code = 0
+        except (StartError, EmbeddedRedisError) as exc:
+            self.console.file.flush()
+            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.flush()
+            code = 1
+        finally:
+            self.stop()
+        return code
+
+    # --- start --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(self.data_dir, 0o700)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        if _port_in_use(self.host, self.port):
+            raise StartError(
+                f"port {self.port} on {self.host} is in use (is another `edgefleet up` running?); "
+                "choose another with --port"
+            )
+        self._setup_tokens()
+        self._start_redis()
+        self._start_router()
+        self._start_worker()
+
+    def _setup_tokens(self) -> None:
+        if self.settings.tokens:
+            # Tokens come from the configuration; children inherit it. Use one for our own calls.
+            if self.settings.token is not None:
+                self.token = self.settings.token.get_secret_value()
+            else:
+                for token, grant in self.settings.tokens.items():
+                    if Scope.admin in grant.scopes or {Scope.read, Scope.submit} <= set(grant.scopes):
+                        self.token = token
+                        break
+            return
+        self.token_file = self.data_dir / TOKEN_FILE
+        token = read_token_file(self.data_dir)
+        if token is None:
+            token = secrets.token_urlsafe(32)
+        write_secret_file(self.token_file, token)  # (re)asserts mode 0600
+        self.token = token
+        self.tokens_env = json.dumps({token: {"scopes": ["admin"], "tenant": "default"}})
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "EDGEFLEET_REDIS_URL": self.redis_url,
+                "EDGEFLEET_ROUTER_HOST": self.host,
+                "EDGEFLEET_ROUTER_PORT": str(self.port),
+                "EDGEFLEET_ROUTER_URL": self.url,
+                "EDGEFLEET_DATA_DIR": str(self.data_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.redis is not None:
+            env.pop("EDGEFLEET_BROKER_URL", None)  # the embedded Redis is the broker too
+        if self.tokens_env is not None:
+            env["EDGEFLEET_TOKENS"] = self.tokens_env
+        if "EDGEFLEET_WORKER_METRICS_PORT" not in os.environ:
+            wanted = self.port + 1
+            port = wanted if wanted < 65536 and not _port_in_use(self.settings.worker_metrics_host, wanted) else 0
+            env["EDGEFLEET_WORKER_METRICS_PORT"] = str(port)
+        root = _project_root()
+        if root is not None:
+            parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            if str(root) not in parts:
+                env["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
+        return env
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        # Own process group: the terminal's Ctrl-C reaches only us; we stop children in order.
+        return {"process_group": 0, "preexec_fn": _child_preexec(os.getpid())}
+
+    def _start_redis(self) -> None:
+        configured = self.options.redis_url or (
+            self.settings.redis_url if "redis_url" in self.settings.model_fields_set else None
+        )
+        if configured:
+            self.redis_url = configured
+            self._say("redis", f"using {configured}")
+            return
+        self.redis = EmbeddedRedis(self.data_dir / "redis", popen_kwargs=self._popen_kwargs())
+        self.redis.start(should_stop=self._stop.is_set)
+        if self._stop.is_set():
+            raise Interrupted()
+        self.redis_url = self.redis.url
+        self._say("redis", f"{self.redis_url} (pid {self.redis.pid}, append-only file in {self.redis.data_dir})")
+
+    def _spawn(self, name: str, args: list[str]) -> _Child:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the child is stopped
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", *args],
+            env=self._child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.data_dir),
+            **self._popen_kwargs(),
+        )
+        return _Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+
+    def _start_router(self) -> None:
+        self.router = self._spawn("router", ["router", "--port", str(self.port), "--redis-url", self.redis_url])
+        deadline = time.monotonic() + ROUTER_START_TIMEOUT
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                self._check_alive(self.router)
+                try:
+                    if http.get(f"{self.url}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StartError(f"router not healthy after {ROUTER_START_TIMEOUT:g}s: {self.router.log_tail()}")
+                self._interruptible_sleep(0.1)
+        with contextlib.suppress(OSError):
+            write_secret_file(self.data_dir / ROUTER_URL_FILE, self.url)
+        self._say("router", f"{self.url} (pid {self.router.pid})")
+
+    def _start_worker(self) -> None:
+        args = ["worker", "--broker", self.redis_url, "--node-name", self.settings.node_name]
+        if self.options.classes:
+            args += ["--classes", ",".join(c.value for c in self.options.classes)]
+        self.worker = self._spawn("worker", args)
+        deadline = time.monotonic() + NODE_START_TIMEOUT
+        while True:
+            self._check_alive(self.worker)
+            if self._node_seen():
+                break
+            if time.monotonic() > deadline:
+                raise StartError(f"worker node sent no heartbeat within {NODE_START_TIMEOUT:g}s: {self.worker.log_tail()}")
+            self._interruptible_sleep(0.2)
+        self._say("worker", f"node {self.settings.node_name!r} (pid {self.worker.pid})")
+
+    def _node_seen(self) -> bool:
+        if self.token:
+            try:
+                with self.client(timeout=5.0) as client:
+                    return any(n.name == self.settings.node_name for n in client.workers())
+            except ClientError:
+                return False
+        from edgefleet.store import JobStore
+
+        store = JobStore.from_url(self.redis_url, self.settings.key_prefix)
+        try:
+            return any(n.name == self.settings.node_name for n in store.live_nodes())
+        except Exception:  # noqa: BLE001 - Redis not ready: not seen yet
+            return False
+        finally:
+            store.redis.close()
+
+    def _check_alive(self, child: _Child) -> None:
+        if not child.alive():
+            raise StartError(f"{child.name} exited with code {child.proc.returncode}:\n{child.log_tail()}")
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.url, self.token, timeout=timeout)
+
+    # --- report -------------------------------------------------------------------------
+
+    def _say(self, what: str, text: str) -> None:
+        self.console.print(f"[green]✓[/green] [bold]{what:<7}[/bold] {escape(text)}", highlight=False)
+
+    def print_summary(self) -> None:
+        metrics = [f"{self.url}/metrics (router; bearer token needed)"]
+        try:
+            with self.client(timeout=5.0) as client:
+                for node in client.workers():
+                    if node.metrics_url:
+                        metrics.append(f"{node.metrics_url} (worker node {node.name})")
+        except ClientError:
+            pass
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("router", escape(self.url))
+        table.add_row("API docs", escape(f"{self.url}/docs"))
+        table.add_row("metrics", escape("\n".join(metrics)))
+        table.add_row("redis", escape(self.redis_url + ("  (embedded)" if self.redis else "")))
+        table.add_row("data dir", escape(str(self.data_dir)))
+        table.add_row("logs", escape(str(self.data_dir / "logs")))
+        if self.token_file is not None:
+            table.add_row("token file", escape(f"{self.token_file}  (mode 0600; the CLI on this box reads it)"))
+            table.add_row("token", escape(self.token or ""))
+        else:
+            table.add_row("tokens", "from your configuration (EDGEFLEET_TOKENS)")
+        self.console.print()
+        self.console.print("[bold green]edgefleet is up[/bold green]")
+        self.console.print(table)
+        self.console.print()
+        self.console.print(
+            "Try: [bold]edgefleet submit --demo --wait[/bold]   "
+            "[dim](or `edgefleet workers`, `edgefleet plugins`, `edgefleet jobs`)[/dim]",
+            highlight=False,
+        )
+        default_dir = Path(self.settings.data_dir).expanduser().resolve()
+        if self.data_dir != default_dir:
+            self.console.print(
+                f"[dim]From another shell: export EDGEFLEET_DATA_DIR={self.data_dir} "
+                f"(or pass --url {self.url} --token ...)[/dim]",
+                highlight=False,
+            )
+
+    # --- demo ---------------------------------------------------------------------------
+
+    def run_demo(self) -> None:
+        self.console.print(f"\n[bold]demo:[/bold] submitting the {DEMO_TEMPLATE!r} template job")
+        body = {"template": DEMO_TEMPLATE, "inputs": {"text": DEMO_TEXT}, "name": "demo", "priority": "interactive"}
+        try:
+            with self.client() as client:
+                job = client.submit(body)
+                self.console.print(f"  job {job.id}", highlight=False)
+                deadline = time.monotonic() + 120
+                while not job.state.terminal:
+                    if self._stop.is_set():
+                        return
+                    if time.monotonic() > deadline:
+                        self.console.print("[yellow]  demo job still running after 120 s; see `edgefleet status "
+                                           f"{job.id}`[/yellow]")
+                        return
+                    time.sleep(0.2)
+                    job = client.get(job.id)
+        except (ApiError, ClientError) as exc:
+            self.console.print(f"[red]  demo failed:[/red] {escape(str(exc))}")
+            return
+        self._print_job_result(job)
+
+    def _print_job_result(self, job: JobStatus) -> None:
+        colour = "green" if job.state.value == "succeeded" else "red"
+        self.console.print(f"  state: [{colour}]{job.state.value}[/{colour}]")
+        for st in job.subtasks:
+            value = st.output if st.error is None else {"error": st.error}
+            text = json.dumps(value, default=str)
+            text = text if len(text) <= 300 else text[:297] + "..."
+            self.console.print(f"  [bold]{escape(st.id)}[/bold] → {escape(text)}", highlight=False)
+
+    # --- run and stop -------------------------------------------------------------------
+
+    def supervise(self) -> int:
+        """Wait for a signal; a child that dies on its own ends the run with code 1."""
+        while not self._stop.wait(0.5):
+            for child in (self.worker, self.router):
+                if child is not None and not child.alive():
+                    self.console.print(
+                        f"[red]error:[/red] {child.name} exited with code {child.proc.returncode}; "
+                        f"stopping. Last log lines ({child.log_path}):\n{escape(child.log_tail())}",
+                        highlight=False,
+                    )
+                    return 1
+            if self.redis is not None and not self.redis.running():
+                self.console.print(f"[red]error:[/red] redis-server exited; stopping.\n{escape(self.redis.log_tail())}")
+                return 1
+        return 0
+
+    def stop(self) -> None:
+        """Workers first (warm shutdown), then the router, then Redis. Idempotent."""
+        parts = [name for name, part in (("worker", self.worker), ("router", self.router), ("redis", self.redis))
+                 if part is not None]
+        if parts:
+            self.console.print(f"\n[bold]stopping[/bold] ({', '.join(parts)})…")
+        if self.worker is not None:
+            self._stop_child(
+                self.worker, self.options.worker_stop_timeout,
+                waiting_note="waiting for running subtasks to finish (Ctrl-C again to stop at once)",
+            )
+            self.worker = None
+        if self.router is not None:
+            self._stop_child(self.router, ROUTER_STOP_TIMEOUT)
+            self.router = None
+            url_file = self.data_dir / ROUTER_URL_FILE
+            with contextlib.suppress(OSError):
+                if url_file.read_text().strip() == self.url:
+                    url_file.unlink()
+        if self.redis is not None:
+            pid = self.redis.pid
+            self.redis.stop()
+            if pid is not None:
+                _sweep_group(pid)
+            self._say("redis", "stopped")
+            self.redis = None
+
+    def _stop_child(self, child: _Child, timeout: float, waiting_note: str = "") -> None:
+        if child.alive():
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            noted = False
+            while child.alive():
+                if self._force.is_set() or time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                    child.proc.kill()
+                    break
+                if not noted and waiting_note and time.monotonic() > deadline - timeout + 3:
+                    self.console.print(f"[dim]{child.name}: {waiting_note}[/dim]")
+                    noted = True
+                time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(10)
+        _sweep_group(child.pid)
+        if child.log_file is not None:
+            child.log_file.close()
+        code = child.proc.returncode
+        clean = code in (0, -signal.SIGTERM, -signal.SIGINT)
+        self._say(child.name, "stopped" if clean else f"stopped (exit code {code})")
+
+
+def _sweep_group(pgid: int) -> None:
+    """Kill whatever is left in a stopped child's process group (a safety net)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:
+    cluster = LocalCluster(settings=settings, options=options, console=console or Console())
+    return cluster.run()
