@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
-from edgefleet.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port
+from edgefleet.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from edgefleet.schemas import JobStatus, ResourceClass
 from edgefleet.settings import Scope, Settings
 

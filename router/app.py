@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -30,13 +29,13 @@ from router.events import SOCKET_TIMEOUT, job_event_stream
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
 from router.planner import PlanError, Planner, pydantic_problems
+from router.request_body import MAX_JSON_DEPTH, JsonTooDeep, parse_json, read_limited_body
 from router.templates import TemplateCatalog
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY_MAX = 200
 STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sends it back
-MAX_JSON_DEPTH = 64
 SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
 ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
 
@@ -49,56 +48,6 @@ def _error(status: int, error: str, problems: list[tuple[str, str]]) -> JSONResp
 def request_hash(request: JobRequest) -> str:
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-class _TooDeep(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _parse_json(raw: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity, finite numbers only, nesting at most MAX_JSON_DEPTH.
-
-    Python's json accepts NaN and Infinity (not JSON) and raises RecursionError on deep
-    nesting; both must be a 4xx, never a 500 or a stored non-finite number.
-    """
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise _TooDeep() from None
-    stack = [(data, 1)]
-    while stack:  # iterative, so that the check itself cannot overflow the stack
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise _TooDeep()
-            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return data
-
-
-async def _read_limited_body(request: Request, limit: int) -> bytes | None:
-    """Read at most `limit` bytes; None when the body is larger (without buffering it all)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -207,12 +156,12 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         principal: SubmitPrincipal,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> Response:
-        raw = await _read_limited_body(request, settings.max_body_bytes)
+        raw = await read_limited_body(request, settings.max_body_bytes)
         if raw is None:
             return _error(413, "payload_too_large", [("body", f"larger than {settings.max_body_bytes} bytes")])
         try:
-            data = _parse_json(raw)
-        except _TooDeep:
+            data = parse_json(raw)
+        except JsonTooDeep:
             return _error(422, "invalid_request", [("body", f"nested deeper than {MAX_JSON_DEPTH} levels")])
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, huge numbers
             return _error(400, "malformed_json", [("body", f"not valid JSON: {exc}")])

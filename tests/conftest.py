@@ -6,6 +6,7 @@ fixture that started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -278,21 +279,36 @@ def router_only(cluster_factory: Callable[..., Cluster]) -> Cluster:
     return cluster
 
 
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One router and one cpu+io node for a whole test module; tests must not break it."""
-    workdir = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def module_cluster(workdir: Path, *nodes: str) -> Iterator[Cluster]:
+    """A redis-server, a router and the named cpu+io nodes, torn down together."""
     server = RedisServer(port=free_port(), data_dir=workdir / "redis")
     server.start()
     cluster = Cluster(redis=server, workdir=workdir)
     try:
         cluster.start_router()
-        cluster.start_node("shared")
-        cluster.wait_nodes_ready("shared")
+        for name in nodes:
+            cluster.start_node(name)
+        if nodes:
+            cluster.wait_nodes_ready(*nodes)
         yield cluster
     finally:
         cluster.stop()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One router and one cpu+io node for a whole test module; tests must not break it."""
+    with module_cluster(tmp_path_factory.mktemp("cluster"), "shared") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def module_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Like `router_only`, shared by a module whose tests only read or add their own jobs."""
+    with module_cluster(tmp_path_factory.mktemp("router")) as cluster:
+        yield cluster
 
 
 @pytest.fixture()

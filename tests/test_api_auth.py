@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port
+from tests.conftest import ADMIN_TOKEN, Cluster
 
 JOB = {"name": "auth probe", "steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "hi"}}]}
-
-
-@pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Like `router_only`, shared by the module: these tests only read or add their own jobs."""
-    workdir: Path = tmp_path_factory.mktemp("auth")
-    server = RedisServer(port=free_port(), data_dir=workdir / "redis")
-    server.start()
-    cluster = Cluster(redis=server, workdir=workdir)
-    try:
-        cluster.start_router()
-        yield cluster
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 def _anon(cluster: Cluster, **headers: str) -> httpx.Client:
@@ -60,31 +43,31 @@ def _assert_error(response: httpx.Response, status: int, field: str, reason: str
     [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/metrics"), ("GET", "/v1/workers")],
 )
 def test_unauthenticated_requests_are_401_with_bearer_challenge(
-    router: Cluster, headers: dict[str, str], reason: str, method: str, path: str
+    module_router: Cluster, headers: dict[str, str], reason: str, method: str, path: str
 ) -> None:
-    with _anon(router, **headers) as http:
+    with _anon(module_router, **headers) as http:
         response = http.request(method, path, json=JOB if method == "POST" else None)
     body = _assert_error(response, 401, "Authorization", reason)
     assert body["error"] == "unauthorized"
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_bearer_scheme_is_case_insensitive(router: Cluster) -> None:
-    with _anon(router, Authorization="bearer alice-token") as http:
+def test_bearer_scheme_is_case_insensitive(module_router: Cluster) -> None:
+    with _anon(module_router, Authorization="bearer alice-token") as http:
         assert http.get("/v1/jobs").status_code == 200
 
 
-def test_a_rejected_submission_writes_nothing(router: Cluster) -> None:
-    before = set(router.redis.client().keys("ef:job:*"))
-    with _anon(router, Authorization="Bearer reader-token") as http:
+def test_a_rejected_submission_writes_nothing(module_router: Cluster) -> None:
+    before = set(module_router.redis.client().keys("ef:job:*"))
+    with _anon(module_router, Authorization="Bearer reader-token") as http:
         assert http.post("/v1/jobs", json=JOB).status_code == 403
-    with _anon(router) as http:
+    with _anon(module_router) as http:
         assert http.post("/v1/jobs", json=JOB).status_code == 401
-    assert set(router.redis.client().keys("ef:job:*")) == before
+    assert set(module_router.redis.client().keys("ef:job:*")) == before
 
 
-def test_read_scope_cannot_submit_or_cancel_but_can_read(router: Cluster) -> None:
-    with router.client("reader-token") as reader:
+def test_read_scope_cannot_submit_or_cancel_but_can_read(module_router: Cluster) -> None:
+    with module_router.client("reader-token") as reader:
         denied = reader.post("/v1/jobs", json=JOB)
         body = _assert_error(denied, 403, "Authorization", "lacks the 'submit' scope")
         assert body["error"] == "forbidden"
@@ -95,40 +78,40 @@ def test_read_scope_cannot_submit_or_cancel_but_can_read(router: Cluster) -> Non
         assert reader.get("/v1/workers").status_code == 200
 
     # reader-token belongs to tenant alice: it sees alice's job but may not cancel it.
-    job = router.submit(JOB, token="alice-token")
-    with router.client("reader-token") as reader:
+    job = module_router.submit(JOB, token="alice-token")
+    with module_router.client("reader-token") as reader:
         assert reader.get(f"/v1/jobs/{job['id']}").status_code == 200
         cancel = reader.delete(f"/v1/jobs/{job['id']}")
         _assert_error(cancel, 403, "Authorization", "lacks the 'submit' scope")
-    assert router.job(job["id"])["state"] == "running"
-    with router.client("alice-token") as alice:
+    assert module_router.job(job["id"])["state"] == "running"
+    with module_router.client("alice-token") as alice:
         assert alice.delete(f"/v1/jobs/{job['id']}").status_code == 202
 
 
-def test_healthz_needs_no_token(router: Cluster) -> None:
-    with _anon(router) as http:
+def test_healthz_needs_no_token(module_router: Cluster) -> None:
+    with _anon(module_router) as http:
         response = http.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "redis": "ok"}
 
 
-def test_metrics_need_a_token(router: Cluster) -> None:
-    with _anon(router) as http:
+def test_metrics_need_a_token(module_router: Cluster) -> None:
+    with _anon(module_router) as http:
         _assert_error(http.get("/metrics"), 401, "Authorization", "missing bearer token")
-    with router.client("alice-token") as alice:
+    with module_router.client("alice-token") as alice:
         response = alice.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert "# TYPE" in response.text
 
 
-def test_tenants_are_isolated(router: Cluster) -> None:
-    alice_job = router.submit({**JOB, "name": "alice's secret"}, token="alice-token")
+def test_tenants_are_isolated(module_router: Cluster) -> None:
+    alice_job = module_router.submit({**JOB, "name": "alice's secret"}, token="alice-token")
     job_id = alice_job["id"]
     assert alice_job["tenant"] == "alice"
-    bob_job = router.submit({**JOB, "name": "bob's own"}, token="bob-token")
+    bob_job = module_router.submit({**JOB, "name": "bob's own"}, token="bob-token")
 
-    with router.client("bob-token") as bob:
+    with module_router.client("bob-token") as bob:
         # Missing, not forbidden: a job id is no oracle for other tenants.
         for method, path in [
             ("GET", f"/v1/jobs/{job_id}"),
@@ -145,15 +128,15 @@ def test_tenants_are_isolated(router: Cluster) -> None:
         running = [j["id"] for j in bob.get("/v1/jobs", params={"state": "running"}).json()["jobs"]]
         assert job_id not in running and bob_job["id"] in running
     # bob's DELETE did nothing
-    assert router.job(job_id)["state"] == "running"
+    assert module_router.job(job_id)["state"] == "running"
 
-    with router.client("alice-token") as alice:
+    with module_router.client("alice-token") as alice:
         assert alice.get(f"/v1/jobs/{job_id}").json()["name"] == "alice's secret"
         alice_listed = [j["id"] for j in alice.get("/v1/jobs", params={"limit": 500}).json()["jobs"]]
         assert job_id in alice_listed and bob_job["id"] not in alice_listed
         assert alice.get(f"/v1/jobs/{bob_job['id']}").status_code == 404
 
-    with router.client(ADMIN_TOKEN) as admin:
+    with module_router.client(ADMIN_TOKEN) as admin:
         seen = admin.get(f"/v1/jobs/{job_id}")
         assert seen.status_code == 200 and seen.json()["tenant"] == "alice"
         everything = {j["id"]: j["tenant"] for j in admin.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
@@ -163,15 +146,15 @@ def test_tenants_are_isolated(router: Cluster) -> None:
             assert admin.delete(f"/v1/jobs/{jid}").status_code == 202
 
 
-def test_unknown_job_is_404_for_everyone(router: Cluster) -> None:
-    with router.client(ADMIN_TOKEN) as admin:
+def test_unknown_job_is_404_for_everyone(module_router: Cluster) -> None:
+    with module_router.client(ADMIN_TOKEN) as admin:
         _assert_error(admin.get("/v1/jobs/0123456789abcdef"), 404, "job_id", "no job")
         _assert_error(admin.delete("/v1/jobs/0123456789abcdef"), 404, "job_id", "no job")
 
 
-def test_api_docs_are_served(router: Cluster) -> None:
+def test_api_docs_are_served(module_router: Cluster) -> None:
     # The API description holds no secrets; FastAPI serves it openly, like /healthz.
-    with _anon(router) as http:
+    with _anon(module_router) as http:
         schema = http.get("/openapi.json")
         docs = http.get("/docs")
     assert schema.status_code == 200

@@ -8,15 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port
+from tests.conftest import ADMIN_TOKEN, Cluster
 
-# Keys that exist whatever the API does: node heartbeats and the release loop's wake list.
-BACKGROUND_PREFIXES = ("ef:wake", "ef:node", "ef:nodes")
+# Keys that exist whatever the API does: node heartbeats.
+BACKGROUND_PREFIXES = ("ef:node", "ef:nodes")
 # Keys that only a submitted job creates.
 JOB_PREFIXES = ("ef:job:", "ef:st:", "ef:events:", "ef:jobs", "ef:idem:", "ef:backlog:")
 
@@ -165,21 +164,6 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
 def _job_keys(cluster: Cluster) -> set[str]:
     keys = cluster.redis.client().keys("*")
     return {k for k in keys if not k.startswith(BACKGROUND_PREFIXES)}
-
-
-@pytest.fixture(scope="module")
-def module_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Like `router_only`, but one router for the whole table: starting one per case is slow."""
-    workdir: Path = tmp_path_factory.mktemp("validation")
-    server = RedisServer(port=free_port(), data_dir=workdir / "redis")
-    server.start()
-    cluster = Cluster(redis=server, workdir=workdir)
-    try:
-        cluster.start_router()
-        yield cluster
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 @pytest.fixture()

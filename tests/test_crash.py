@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import Cluster, wait_until
 
