@@ -217,14 +217,23 @@ class JobStore:
         limit: int,
         cursor: str | None,
     ) -> JobPage:
-        """Newest first; the cursor is the offset into the index, opaque to clients."""
+        """Newest first. The cursor names the last job seen (its creation score and id), so
+        jobs submitted between two pages neither repeat nor shift the next page."""
         index = self.keys.jobs_index(tenant, state.value if state else None)
-        offset = int(cursor) if cursor else 0
-        ids = self.redis.zrevrange(index, offset, offset + limit)
-        has_more = len(ids) > limit
-        ids = ids[:limit]
+        if cursor:
+            score_text, _, last_id = cursor.partition("_")
+            last_score = float(score_text)
+            # Equal scores come in descending id order; skip up to and including the last id.
+            rows = self.redis.zrevrangebyscore(
+                index, last_score, "-inf", start=0, num=limit + 1 + 64, withscores=True
+            )
+            rows = [(i, sc) for i, sc in rows if sc < last_score or (sc == last_score and i < last_id)]
+        else:
+            rows = self.redis.zrevrange(index, 0, limit, withscores=True)
+        has_more = len(rows) > limit
+        rows = rows[:limit]
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
+        for job_id, _ in rows:
             pipe.hmget(
                 self.keys.job(job_id),
                 ["id", "name", "state", "priority", "tenant", "created_at", "finished_at"],
@@ -242,7 +251,8 @@ class JobStore:
             for row in pipe.execute()
             if row[0]
         ]
-        return JobPage(jobs=summaries, next_cursor=str(offset + limit) if has_more else None)
+        next_cursor = f"{rows[-1][1]!r}_{rows[-1][0]}" if has_more and rows else None
+        return JobPage(jobs=summaries, next_cursor=next_cursor)
 
     def cancel_job(self, job_id: str) -> str:
         return str(self._run("CANCEL", job_id))

@@ -215,7 +215,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         principal: ReadPrincipal,
         state: JobState | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$")] = None,
+        cursor: Annotated[
+            str | None, Query(pattern=r"^\d{1,12}(\.\d{1,9})?_[0-9a-f]{32}$", description="next_cursor of the previous page")
+        ] = None,
     ) -> JobPage:
         store: JobStore = request.app.state.store
         tenant = None if principal.is_admin else principal.tenant

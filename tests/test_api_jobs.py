@@ -145,6 +145,19 @@ def test_pagination_sees_every_job_once_newest_first(shared_cluster: Cluster) ->
         assert not {j["id"] for j in running} & set(ids)
 
 
+def test_jobs_submitted_between_pages_do_not_shift_the_next_page(shared_cluster: Cluster) -> None:
+    ids = [shared_cluster.submit(_quick_job(), token="alice-token")["id"] for _ in range(4)]
+    with shared_cluster.client("alice-token") as alice:
+        first = alice.get("/v1/jobs", params={"limit": 2}).json()
+        newer = [shared_cluster.submit(_quick_job(), token="alice-token")["id"] for _ in range(3)]
+        second = alice.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [j["id"] for j in first["jobs"]] == ids[:1:-1]
+    assert [j["id"] for j in second["jobs"]] == ids[1::-1]  # not a repeat of the first page
+    assert not {j["id"] for j in second["jobs"]} & set(newer)
+    for job_id in ids + newer:
+        shared_cluster.wait_job(job_id)
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

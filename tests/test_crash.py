@@ -158,3 +158,24 @@ def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Clus
     for job_id in (job["id"], queued_behind["id"]):
         done = cluster.wait_job(job_id, timeout=90)
         assert done["state"] == "succeeded", done
+
+
+def test_sigterm_shuts_a_node_down_warm(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    node = cluster.start_node("n1", classes="cpu")
+    cluster.wait_nodes_ready("n1")
+    marker = tmp_path / "runs.txt"
+    job = cluster.submit(sleep_job(marker, 3))
+    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    node.send_signal(signal.SIGTERM)  # the supervisor only, as systemd's KillMode=mixed does
+    assert node.wait(60) == 0
+    status = cluster.job(job["id"])
+    slow = status["subtasks"][0]
+    assert slow["state"] == "succeeded" and slow["attempt"] == 1  # finished, not abandoned
+    assert not cluster.redis.client().exists("ef:node:n1")
+    cluster.nodes.pop("n1")
+    # The dependent was released but nobody serves cpu now; a new node picks it up.
+    cluster.start_node("n2", classes="cpu")
+    assert_succeeded_exactly_once(cluster, job["id"])
+    assert len(marker_lines(marker)) == 1
