@@ -9,10 +9,12 @@ is cooperative (see DESIGN.md: no `revoke(terminate=True)`), so plugins poll
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # A cancelled subtask notices within this many seconds while in `sleep()`.
 SLEEP_SLICE_S = 0.1
@@ -39,6 +41,14 @@ def _ignore_progress(fraction: float, message: str) -> None:
     return None
 
 
+def _discard_checkpoint(state: Any) -> None:
+    return None
+
+
+class ModelUnavailable(RuntimeError):
+    """No model can serve this task type here; plugins fall back (e.g. to an extractive method)."""
+
+
 class PluginContext:
     """The running subtask as a plugin sees it."""
 
@@ -52,6 +62,8 @@ class PluginContext:
         deadline: float,
         is_cancelled: Callable[[], bool] = _never_cancelled,
         report_progress: Callable[[float, str], None] = _ignore_progress,
+        save_checkpoint: Callable[[Any], None] = _discard_checkpoint,
+        checkpoint: Any = None,
     ) -> None:
         """`deadline` is a `time.monotonic()` value; the callbacks come from the worker."""
         self._job_id = job_id
@@ -61,6 +73,8 @@ class PluginContext:
         self._deadline = deadline
         self._is_cancelled = is_cancelled
         self._report_progress = report_progress
+        self._save_checkpoint = save_checkpoint
+        self._checkpoint = checkpoint
 
     def __repr__(self) -> str:
         return (
@@ -109,6 +123,24 @@ class PluginContext:
         if math.isnan(fraction):
             fraction = 0.0
         self._report_progress(min(1.0, max(0.0, float(fraction))), message)
+
+    def checkpoint(self, state: Any) -> None:
+        """Save JSON-serialisable progress state; a rerun of this subtask gets it from `resume()`.
+
+        Save after each unit of work is durable (its output written), so that resuming
+        never skips work that was lost and never redoes work that was kept.
+        """
+        json.dumps(state)  # fail here, in the plugin, rather than in the worker
+        self._checkpoint = state
+        self._save_checkpoint(state)
+
+    def resume(self) -> Any:
+        """The last checkpoint of an earlier attempt of this subtask, or None on a fresh start."""
+        return self._checkpoint
+
+    def model(self, task_type: str) -> Any:
+        """The model that serves `task_type` on this node (the model layer provides it)."""
+        raise ModelUnavailable(f"no model serves task type {task_type!r} on this node")
 
     def sleep(self, seconds: float) -> bool:
         """Sleep, waking every 0.1 s to look for cancellation.

@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from edgefleet.schemas import ResourceClass
 
@@ -94,6 +105,67 @@ class ActionSpec(BaseModel):
         return None if value is None else _check_json_schema(value)
 
 
+class Permission(str, Enum):
+    """What a plugin may do beyond computing on its inputs in its own workspace."""
+
+    file_system_read = "file_system_read"  # read the whole file system, not just its inputs
+    file_system_write = "file_system_write"  # write to the operator's shared dirs, not just the workspace
+    network = "network"
+    gpu_access = "gpu_access"
+    subprocess = "subprocess"
+
+
+def _check_specifier(value: str) -> str:
+    try:
+        SpecifierSet(value)
+    except InvalidSpecifier:
+        raise ValueError(f"{value!r} is not a version range (e.g. '>=1.0,<2')") from None
+    return value
+
+
+VersionRange = Annotated[str, AfterValidator(_check_specifier)]
+
+
+def _check_requirement(value: str) -> str:
+    try:
+        Requirement(value)
+    except InvalidRequirement as exc:
+        raise ValueError(f"{value!r} is not a package requirement (e.g. 'Pillow>=10'): {exc}") from None
+    return value
+
+
+class Dependencies(BaseModel):
+    """What the box must have for the plugin to run there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: list[Annotated[str, AfterValidator(_check_requirement)]] = Field(default_factory=list)
+    binaries: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]] = Field(
+        default_factory=list
+    )
+
+
+class Requires(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    edgefleet: VersionRange | None = None
+    plugins: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], VersionRange] = Field(
+        default_factory=dict
+    )
+
+
+class Limits(BaseModel):
+    """Enforced by the sandbox on every attempt (a step's own timeout may be shorter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(default=300.0, gt=0, le=86400, description="wall-clock seconds")
+    memory_mb: int = Field(default=1024, ge=16, le=1_048_576, description="address space")
+    cpu_seconds: int = Field(default=300, ge=1, le=86400)
+    max_file_mb: int = Field(default=1024, ge=1, le=1_048_576, description="largest file it may write")
+    max_processes: int = Field(default=32, ge=1, le=4096, description="only with the subprocess permission")
+
+
 class PluginManifest(BaseModel):
     """The validated content of one `plugin.yaml`."""
 
@@ -108,6 +180,13 @@ class PluginManifest(BaseModel):
     )
     resource_class: ResourceClass
     actions: dict[ActionName, ActionSpec] = Field(min_length=1)
+    dependencies: Dependencies = Field(default_factory=Dependencies)
+    requires: Requires = Field(default_factory=Requires)
+    permissions: list[Permission] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+
+    def allows(self, permission: Permission) -> bool:
+        return permission in self.permissions
 
     @field_validator("version", mode="before")
     @classmethod
