@@ -136,6 +136,8 @@ class SubtaskStatus(BaseModel):
     progress_message: str | None = None
     output: Any = None
     error: str | None = None
+    checkpoint: Any = Field(default=None, description="the last state saved by ctx.checkpoint")
+    resumed: int = Field(default=0, description="times an attempt started from a checkpoint")
 
 
 class JobStatus(BaseModel):

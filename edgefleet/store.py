@@ -55,6 +55,7 @@ class Claim:
     args: dict[str, Any] | None = None
     needs_outputs: dict[str, Any] | None = None
     owner_pid: int | None = None
+    checkpoint: Any = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class JobStore:
                 "CLAIM",
                 "RENEW",
                 "COMPLETE",
+                "CHECKPOINT",
                 "CANCEL",
                 "REAP",
             )
@@ -207,6 +209,8 @@ class JobStore:
             progress_message=_opt_str(raw.get("progress_message")),
             output=json.loads(output) if output else None,
             error=_opt_str(raw.get("error")),
+            checkpoint=json.loads(raw["checkpoint"]) if raw.get("checkpoint") else None,
+            resumed=int(raw.get("resumed") or 0),
         )
 
     def list_jobs(
@@ -313,7 +317,8 @@ class JobStore:
         verdict = result[0]
         if verdict == "run":
             outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
-            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs)
+            checkpoint = json.loads(result[3]) if result[3] else None
+            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs, checkpoint=checkpoint)
         if verdict == "owned":
             return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
         return Claim("drop", reason=result[1])
@@ -332,6 +337,12 @@ class JobStore:
             "RENEW", env.job_id, env.subtask_id, env.attempt, node, pid, lease_ttl, fraction, message
         )
         return Renewal(still_owner=result[0] == "ok", job_state=result[1])
+
+    def save_checkpoint(self, env: SubtaskEnvelope, *, node: str, pid: int, state: Any) -> bool:
+        """Store a running attempt's checkpoint; refused (False) if the attempt lost ownership."""
+        return bool(
+            self._run("CHECKPOINT", env.job_id, env.subtask_id, env.attempt, node, pid, json.dumps(state))
+        )
 
     def complete(
         self,

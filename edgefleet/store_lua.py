@@ -231,7 +231,25 @@ local outputs = {}
 for _, dep in ipairs(cjson.decode(f[7])) do
   outputs[dep] = redis.call('HGET', skey(jid, dep), 'output') or 'null'
 end
-return {'run', f[6], cjson.encode(outputs)}
+local checkpoint = redis.call('HGET', sk, 'checkpoint') or ''
+if checkpoint ~= '' then
+  redis.call('HINCRBY', sk, 'resumed', 1)
+  event(jid, 'subtask', sid, 'resumed', {attempt = tonumber(attempt),
+    checkpoint_at = tonumber(redis.call('HGET', sk, 'checkpoint_at'))})
+end
+return {'run', f[6], cjson.encode(outputs), checkpoint}
+"""
+
+# ARGV: prefix, jid, sid, attempt, node, pid, state json
+CHECKPOINT = PRELUDE + r"""
+local jid, sid, attempt, node, pid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local sk = skey(jid, sid)
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid')
+if f[1] ~= 'running' or f[2] ~= attempt or f[3] ~= node or f[4] ~= pid then
+  return 0
+end
+redis.call('HSET', sk, 'checkpoint', ARGV[7], 'checkpoint_at', NOW)
+return 1
 """
 
 # ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, progress ('' or number), message

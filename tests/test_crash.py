@@ -179,3 +179,29 @@ def test_sigterm_shuts_a_node_down_warm(cluster_factory: Callable[..., Cluster],
     cluster.start_node("n2", classes="cpu")
     assert_succeeded_exactly_once(cluster, job["id"])
     assert len(marker_lines(marker)) == 1
+
+
+def test_node_killed_mid_subtask_resumes_from_its_checkpoint(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = cluster_factory()
+    cluster.start_router()
+    cluster.start_node("a", classes="cpu")
+    cluster.start_node("b", classes="cpu")
+    cluster.wait_nodes_ready("a", "b")
+    marker = tmp_path / "ticks.txt"
+    job = cluster.submit(
+        {"steps": [{"id": "count", "plugin": "sleep", "action": "tick",
+                    "args": {"ticks": 30, "interval": 0.2, "marker": str(marker)}}]}
+    )
+    wait_until(lambda: len(marker_lines(marker)) >= 5, 30, what="some ticks")
+    cluster.kill_node(cluster.job(job["id"])["subtasks"][0]["node"])
+    done = assert_succeeded_exactly_once(cluster, job["id"])
+    st = done["subtasks"][0]
+    assert st["attempt"] == 2 and st["resumed"] == 1
+    assert st["output"]["started_from"] >= 5  # it did not start over
+    ticks = [int(line[1]) for line in marker_lines(marker)]
+    # Every tick ran; at most the one in flight at the kill ran twice.
+    assert set(ticks) == set(range(30))
+    assert len(ticks) - 30 <= 1
+    assert subtask_events(cluster, job["id"], "count", "resumed")

@@ -85,7 +85,7 @@ class SubtaskRunner:
         if claim.verdict != "run":
             return self._dropped(env, claim.reason)
         started = time.monotonic()
-        outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {})
+        outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
         self.metrics.observe(env, outcome, time.monotonic() - started)
         return outcome
 
@@ -97,7 +97,9 @@ class SubtaskRunner:
         self.metrics.dropped.inc()
         return "dropped"
 
-    def _execute(self, env: SubtaskEnvelope, pid: int, args: dict[str, Any], outputs: dict[str, Any]) -> str:
+    def _execute(
+        self, env: SubtaskEnvelope, pid: int, args: dict[str, Any], outputs: dict[str, Any], checkpoint: Any
+    ) -> str:
         plugin = self.catalog.get(env.plugin)
         if plugin is None:
             return self._finish(env, pid, "failed", error=f"plugin {env.plugin!r} is not installed on node {self.node}")
@@ -129,6 +131,8 @@ class SubtaskRunner:
             deadline=deadline,
             is_cancelled=attempt.cancelled.is_set,
             report_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
+            save_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
+            checkpoint=checkpoint,
         )
 
         def body() -> None:
@@ -154,6 +158,10 @@ class SubtaskRunner:
         except (TypeError, ValueError) as exc:
             return self._finish(env, pid, "failed", error=f"output is not JSON: {exc}", retryable=False)
         return self._finish(env, pid, "succeeded", output=attempt.output)
+
+    def _save_checkpoint(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, state: Any) -> None:
+        if not self.store.save_checkpoint(env, node=self.node, pid=pid, state=state):
+            attempt.cancelled.set()  # this attempt no longer owns the subtask: stop its work
 
     def _supervise(
         self, env: SubtaskEnvelope, pid: int, thread: threading.Thread, attempt: _Attempt, deadline: float

@@ -12,8 +12,10 @@ MAX_SECONDS = 86_400
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
+    if action == "tick":
+        return _tick(ctx, args)
     if action != "sleep":
-        raise ValueError(f"sleep plugin has no action {action!r} (actions: sleep)")
+        raise ValueError(f"sleep plugin has no action {action!r} (actions: sleep, tick)")
     seconds = args.get("seconds")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
         raise ValueError(f"'seconds' must be a number from 0 to {MAX_SECONDS}, got {seconds!r}")
@@ -35,3 +37,22 @@ def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]
         raise RuntimeError(f"asked to fail on attempt {ctx.attempt} (fail_times={fail_times})")
     ctx.progress(1.0, "done")
     return {"slept": seconds, "attempt": ctx.attempt}
+
+
+def _tick(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Count to `ticks`, one per `interval` seconds, checkpointing after each: a rerun resumes."""
+    ticks = int(args["ticks"])
+    interval = float(args.get("interval", 0.1))
+    state = ctx.resume() or {"done": 0}
+    started_from = state["done"]
+    marker = args.get("marker")
+    for tick in range(started_from, ticks):
+        if not ctx.sleep(interval):
+            ctx.check_cancelled()
+            raise SubtaskCancelled("subtask was cancelled")
+        if marker:
+            with open(ctx.input_path(str(marker)), "a", encoding="utf-8") as f:
+                f.write(f"tick {tick} {ctx.attempt} {os.getpid()}\n")
+        ctx.checkpoint({"done": tick + 1})
+        ctx.progress((tick + 1) / ticks, f"tick {tick + 1}/{ticks}")
+    return {"ticks": ticks, "started_from": started_from, "attempt": ctx.attempt}
