@@ -138,6 +138,9 @@ class SubtaskStatus(BaseModel):
     error: str | None = None
     checkpoint: Any = Field(default=None, description="the last state saved by ctx.checkpoint")
     resumed: int = Field(default=0, description="times an attempt started from a checkpoint")
+    isolation: str | None = Field(default=None, description="how the last attempt was sandboxed")
+    cpu_seconds: float | None = Field(default=None, description="CPU time of the last attempt's processes")
+    max_rss_mb: float | None = Field(default=None, description="peak resident memory of the last attempt")
 
 
 class JobStatus(BaseModel):

@@ -6,7 +6,7 @@ import os
 import socket
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -99,7 +99,19 @@ class Settings(BaseSettings):
     io_concurrency: int = 8
     gpu_concurrency: int | None = Field(default=None, description="defaults to one slot per GPU")
 
-    plugin_dirs: list[Path] = Field(default_factory=list)
+    sandbox: Literal["auto", "process"] = Field(
+        default="auto", description="auto: bubblewrap when `bwrap` exists; process: rlimits+seccomp only"
+    )
+    sandbox_kill_grace: float = Field(default=3.0, description="seconds a cancelled plugin gets to stop")
+
+    plugin_dirs: list[Path] = Field(
+        default_factory=list,
+        description="extra plugin folders after the built-in one (env: a JSON list); the first folder wins a name",
+    )
+    require_capable_worker: bool = Field(
+        default=True,
+        description="refuse (422) a job step that no live node can run; with no live node at all, jobs wait",
+    )
     data_dir: Path = Field(default_factory=default_data_dir)
     workspace_dir: Path | None = None
     log_level: str = "INFO"

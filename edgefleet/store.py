@@ -211,6 +211,9 @@ class JobStore:
             error=_opt_str(raw.get("error")),
             checkpoint=json.loads(raw["checkpoint"]) if raw.get("checkpoint") else None,
             resumed=int(raw.get("resumed") or 0),
+            isolation=_opt_str(raw.get("isolation")),
+            cpu_seconds=_opt_float(raw.get("cpu_seconds")),
+            max_rss_mb=_opt_float(raw.get("max_rss_mb")),
         )
 
     def list_jobs(
@@ -337,6 +340,13 @@ class JobStore:
             "RENEW", env.job_id, env.subtask_id, env.attempt, node, pid, lease_ttl, fraction, message
         )
         return Renewal(still_owner=result[0] == "ok", job_state=result[1])
+
+    def record_usage(self, env: SubtaskEnvelope, *, isolation: str, cpu_seconds: float, max_rss_mb: float) -> None:
+        """What the attempt used and how it was isolated: informative, not a state transition."""
+        self.redis.hset(
+            self.keys.subtask(env.job_id, env.subtask_id),
+            mapping={"isolation": isolation, "cpu_seconds": cpu_seconds, "max_rss_mb": max_rss_mb},
+        )
 
     def save_checkpoint(self, env: SubtaskEnvelope, *, node: str, pid: int, state: Any) -> bool:
         """Store a running attempt's checkpoint; refused (False) if the attempt lost ownership."""

@@ -7,7 +7,6 @@ dropped; a delivery whose owner process died on this box takes it over.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -19,12 +18,12 @@ import psutil
 
 from edgefleet.dispatch import Dispatcher
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
-from edgefleet.plugin_context import PluginContext, SubtaskCancelled
 from edgefleet.refs import RefError, resolve_refs
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers.metrics import WorkerMetrics
+from workers.sandbox import LaunchSpec, SandboxedRun
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,11 @@ def process_alive(pid: int) -> bool:
 
 @dataclass
 class _Attempt:
-    """Shared between the plugin thread and the lease loop."""
+    """Shared between the sandbox's reader thread and the lease loop."""
 
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: tuple[float, str] | None = None
     progress_sent: tuple[float, str] | None = None
-    output: Any = None
-    error: BaseException | None = None
 
 
 class SubtaskRunner:
@@ -114,78 +111,85 @@ class SubtaskRunner:
         if problems:
             reason = "; ".join(f"{f}: {r}" for f, r in problems)
             return self._finish(env, pid, "failed", error=f"invalid input: {reason}", retryable=False)
-        try:
-            function = plugin.load_callable()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin fails its subtask, not the worker
-            return self._finish(env, pid, "failed", error=f"cannot load plugin: {exc}", retryable=False)
+        unmet = self.catalog.unmet_dependencies(env.plugin) if hasattr(self.catalog, "unmet_dependencies") else []
+        if unmet:
+            return self._finish(
+                env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
+            )
 
         workspace = self.settings.effective_workspace_dir / env.job_id / env.subtask_id
         workspace.mkdir(parents=True, exist_ok=True)
+        manifest = plugin.manifest
+        timeout = min(env.timeout, manifest.limits.timeout)
         attempt = _Attempt()
-        deadline = time.monotonic() + env.timeout
-        ctx = PluginContext(
-            job_id=env.job_id,
-            subtask_id=env.subtask_id,
-            attempt=env.attempt,
-            workspace=workspace,
-            deadline=deadline,
-            is_cancelled=attempt.cancelled.is_set,
-            report_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
-            save_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
-            checkpoint=checkpoint,
+        run = SandboxedRun(
+            LaunchSpec(
+                plugin=manifest.name,
+                folder=plugin.folder,
+                entry_point=manifest.entry_point,
+                action=env.action,
+                args=resolved,
+                job_id=env.job_id,
+                subtask_id=env.subtask_id,
+                attempt=env.attempt,
+                workspace=workspace,
+                job_dir=workspace.parent,
+                timeout=timeout,
+                permissions=list(manifest.permissions),
+                limits=manifest.limits,
+                checkpoint=checkpoint,
+            ),
+            use_bwrap=self.settings.sandbox != "process",
+            on_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
+            on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
+            kill_grace=self.settings.sandbox_kill_grace,
         )
-
-        def body() -> None:
-            try:
-                attempt.output = function(ctx, env.action, resolved)
-            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's error
-                attempt.error = exc
-
-        thread = threading.Thread(target=body, name=f"subtask-{env.subtask_id}", daemon=True)
-        thread.start()
-        verdict = self._supervise(env, pid, thread, attempt, deadline)
-        if verdict == "lost":
+        run.start()
+        if self._supervise(env, pid, run, attempt, time.monotonic() + timeout) == "lost":
             return "lost"
-        if verdict == "timeout":
-            return self._finish(env, pid, "failed", error=f"timed out after {env.timeout:g} s")
-        if verdict == "cancelled" or isinstance(attempt.error, SubtaskCancelled):
-            return self._finish(env, pid, "cancelled", error="cancelled")
-        if attempt.error is not None:
-            error = f"{type(attempt.error).__name__}: {attempt.error}"
-            return self._finish(env, pid, "failed", error=error)
-        try:
-            json.dumps(attempt.output)
-        except (TypeError, ValueError) as exc:
-            return self._finish(env, pid, "failed", error=f"output is not JSON: {exc}", retryable=False)
-        return self._finish(env, pid, "succeeded", output=attempt.output)
+        result = run.outcome()
+        self.store.record_usage(
+            env,
+            isolation=result.isolation,
+            cpu_seconds=result.cpu_seconds,
+            max_rss_mb=result.max_rss_mb,
+        )
+        if result.outcome == "timeout":
+            return self._finish(env, pid, "failed", error=result.error or f"timed out after {timeout:g} s")
+        if result.outcome == "succeeded":
+            return self._finish(env, pid, "succeeded", output=result.output)
+        if result.outcome == "cancelled":
+            return self._finish(env, pid, "cancelled", error=result.error)
+        return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable)
 
     def _save_checkpoint(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, state: Any) -> None:
         if not self.store.save_checkpoint(env, node=self.node, pid=pid, state=state):
             attempt.cancelled.set()  # this attempt no longer owns the subtask: stop its work
 
     def _supervise(
-        self, env: SubtaskEnvelope, pid: int, thread: threading.Thread, attempt: _Attempt, deadline: float
+        self, env: SubtaskEnvelope, pid: int, run: SandboxedRun, attempt: _Attempt, deadline: float
     ) -> str:
-        """Renew the lease while the plugin runs; turn cancels and timeouts into its cancel flag."""
+        """Renew the lease while the plugin runs; stop it on cancel, timeout or a lost lease."""
         interval = min(MAX_RENEW_INTERVAL, self.lease_ttl / 3)
         while True:
-            thread.join(min(interval, max(0.0, deadline - time.monotonic())))
-            if not thread.is_alive():
+            if run.wait(min(interval, max(0.0, deadline - time.monotonic()))):
                 return "done"
+            run.sample()
             if time.monotonic() >= deadline:
-                attempt.cancelled.set()
-                thread.join(1.0)  # a cooperative plugin stops; one that does not is abandoned
+                run.stop("timeout")
                 return "timeout"
+            if attempt.cancelled.is_set():  # a checkpoint was refused: another attempt owns it
+                run.stop("lost")
+                return "lost"
             progress = attempt.progress if attempt.progress != attempt.progress_sent else None
             renewal = self.store.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, progress=progress)
             attempt.progress_sent = attempt.progress
             if not renewal.still_owner:
-                attempt.cancelled.set()
+                run.stop("lost")
                 log.warning("lease lost; abandoning attempt", extra={"job_id": env.job_id, "subtask": env.subtask_id})
                 return "lost"
             if renewal.job_state != "running":
-                attempt.cancelled.set()
-                thread.join(5.0)
+                run.stop("cancelled")
                 return "cancelled"
 
     def _finish(

@@ -1,0 +1,177 @@
+"""Sandbox escapes: each is contained and reported in the subtask's error, with and without bwrap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Cluster, RedisServer, free_port, wait_until
+
+PLUGINS = Path(__file__).parent / "sandbox_plugins"
+HAVE_BWRAP = shutil.which("bwrap") is not None
+# Node "boxed" uses bubblewrap when the machine has it; node "plain" never does.
+NODES = ["boxed", "plain"]
+
+
+@pytest.fixture(scope="module")
+def sandbox_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("sandbox")
+    server = RedisServer(port=free_port(), data_dir=workdir / "redis")
+    server.start()
+    cluster = Cluster(
+        redis=server,
+        workdir=workdir,
+        env_overrides={"EDGEFLEET_PLUGIN_DIRS": json.dumps([str(PLUGINS)]), "EDGEFLEET_SANDBOX_KILL_GRACE": "1"},
+    )
+    try:
+        cluster.start_router()
+        cluster.start_node("boxed", classes="cpu")
+        cluster.start_node("plain", classes="cpu", EDGEFLEET_SANDBOX="process")
+        cluster.wait_nodes_ready(*NODES)
+        yield cluster
+    finally:
+        cluster.stop()
+        server.stop()
+
+
+def run_step(cluster: Cluster, node: str, plugin: str, action: str, args: dict | None = None, **step: object) -> dict:
+    job = cluster.submit(
+        {"steps": [{"id": "x", "plugin": plugin, "action": action, "args": args or {}, "node": node, **step}]}
+    )
+    return cluster.wait_job(job["id"], timeout=90)
+
+
+def failed_with(status: dict, *fragments: str) -> str:
+    st = status["subtasks"][0]
+    assert status["state"] == "failed" and st["state"] == "failed", status
+    assert any(f in st["error"] for f in fragments), st["error"]
+    return st["error"]
+
+
+@pytest.fixture()
+def listener() -> Iterator[tuple[int, list[bytes]]]:
+    server = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            received.append(conn.recv(100))
+            conn.close()
+
+    stop = threading.Event()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], received
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_socket_without_network_permission_is_refused(sandbox_cluster: Cluster, node: str, listener) -> None:
+    port, received = listener
+    failed_with(run_step(sandbox_cluster, node, "escape", "open_socket", {"port": port}), "Permission denied")
+    assert received == []
+    ok = run_step(sandbox_cluster, node, "netok", "open_socket", {"port": port})
+    assert ok["state"] == "succeeded", ok
+    wait_until(lambda: received == [b"hello"], 5, what="the permitted connection")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_spawning_a_process_without_subprocess_permission_is_refused(sandbox_cluster: Cluster, node: str) -> None:
+    failed_with(run_step(sandbox_cluster, node, "escape", "spawn"), "Operation not permitted")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_fork_bomb_is_contained(sandbox_cluster: Cluster, node: str) -> None:
+    failed_with(run_step(sandbox_cluster, node, "escape", "fork_bomb"), "Operation not permitted")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_memory_bomb_is_contained(sandbox_cluster: Cluster, node: str) -> None:
+    status = run_step(sandbox_cluster, node, "escape", "memory_bomb")
+    failed_with(status, "MemoryError", "memory limit")
+    assert status["subtasks"][0]["max_rss_mb"] < 400
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_cpu_spin_past_its_limit_is_killed(sandbox_cluster: Cluster, node: str) -> None:
+    failed_with(run_step(sandbox_cluster, node, "escape", "cpu_spin"), "CPU time limit")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_file_over_the_size_limit_is_refused(sandbox_cluster: Cluster, node: str) -> None:
+    failed_with(run_step(sandbox_cluster, node, "escape", "big_file"), "size limit", "File too large")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_environment_is_scrubbed(sandbox_cluster: Cluster, node: str) -> None:
+    status = run_step(sandbox_cluster, node, "escape", "read_secret_env")
+    names = status["subtasks"][0]["output"]["env"]
+    assert not [n for n in names if n.startswith("EDGEFLEET_") and n != "EDGEFLEET_SANDBOX"]
+    assert "HOME" in names
+
+
+@pytest.mark.skipif(not HAVE_BWRAP, reason="writes outside the workspace are confined by bubblewrap")
+def test_write_outside_the_workspace_is_refused(sandbox_cluster: Cluster, tmp_path: Path) -> None:
+    target = tmp_path / "escaped.txt"
+    status = run_step(sandbox_cluster, "boxed", "escape", "write_outside", {"path": str(target)})
+    failed_with(status, "Read-only file system", "No such file or directory", "Permission denied")
+    assert not target.exists()
+    assert status["subtasks"][0]["isolation"] == "bwrap+seccomp+rlimits"
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_plugin_that_ignores_cancel_is_killed(sandbox_cluster: Cluster, node: str) -> None:
+    job = sandbox_cluster.submit(
+        {"steps": [{"id": "x", "plugin": "escape", "action": "ignore_cancel", "args": {"marker": "yes"}, "node": node}]}
+    )
+    wait_until(lambda: sandbox_cluster.job(job["id"])["subtasks"][0]["state"] == "running", 30, what="running")
+    time.sleep(0.5)
+    with sandbox_cluster.client() as http:
+        assert http.delete(f"/v1/jobs/{job['id']}").status_code == 202
+    wait_until(
+        lambda: sandbox_cluster.job(job["id"])["subtasks"][0]["state"] == "cancelled", 30, what="subtask cancelled"
+    )
+    assert not sandbox_processes(job["id"])
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_plugin_that_ignores_its_timeout_is_killed(sandbox_cluster: Cluster, node: str) -> None:
+    status = run_step(sandbox_cluster, node, "escape", "ignore_cancel", timeout=1.5)
+    failed_with(status, "timed out")
+    assert not sandbox_processes(status["id"])
+
+
+def sandbox_processes(job_id: str) -> list[psutil.Process]:
+    """Processes still alive in the job's workspaces (the sandbox runs with its workspace as cwd)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if job_id in proc.cwd():
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_isolation_is_reported(sandbox_cluster: Cluster) -> None:
+    plain = run_step(sandbox_cluster, "plain", "text", "count", {"text": "a b"})
+    assert plain["subtasks"][0]["isolation"] == "seccomp+rlimits"
+    boxed = run_step(sandbox_cluster, "boxed", "text", "count", {"text": "a b"})
+    expected = "bwrap+seccomp+rlimits" if HAVE_BWRAP else "seccomp+rlimits"
+    assert boxed["subtasks"][0]["isolation"] == expected
+    assert boxed["subtasks"][0]["cpu_seconds"] is not None

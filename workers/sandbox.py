@@ -1,0 +1,308 @@
+"""The sandbox's parent side: start a plugin in a limited child process and watch it.
+
+Isolation, strongest available first:
+- `bwrap` (bubblewrap): new namespaces (`--unshare-all`; the network only with the
+  `network` permission), a read-only view of just the system and Python (the whole
+  file system read-only with `file_system_read`, writable with `file_system_write`),
+  the job's directory read-only and the subtask's workspace writable.
+- always, also without bwrap: rlimits (memory, CPU time, file size, processes), a
+  scrubbed environment, its own session and process group, a seccomp filter that
+  denies process creation without `subprocess` and IP sockets without `network`,
+  and a wall-clock deadline after which the whole group is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import edgefleet
+import workers
+from edgefleet.plugin_manifest import Limits, Permission
+
+log = logging.getLogger(__name__)
+
+STDERR_KEEP = 4000
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
+# What a scrubbed environment keeps: enough for Python, locale and tools to work.
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+@dataclass
+class LaunchSpec:
+    plugin: str
+    folder: Path
+    entry_point: str
+    action: str
+    args: dict[str, Any]
+    job_id: str
+    subtask_id: str
+    attempt: int
+    workspace: Path
+    job_dir: Path
+    timeout: float
+    permissions: list[Permission]
+    limits: Limits
+    checkpoint: Any = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def message(self) -> str:
+        return json.dumps(
+            {
+                "plugin": self.plugin,
+                "folder": str(self.folder),
+                "entry_point": self.entry_point,
+                "action": self.action,
+                "args": self.args,
+                "job_id": self.job_id,
+                "subtask_id": self.subtask_id,
+                "attempt": self.attempt,
+                "workspace": str(self.workspace),
+                "timeout": self.timeout,
+                "permissions": [p.value for p in self.permissions],
+                "limits": self.limits.model_dump(),
+                "checkpoint": self.checkpoint,
+            }
+        )
+
+
+@dataclass
+class SandboxOutcome:
+    outcome: str  # succeeded | failed | cancelled | timeout
+    output: Any = None
+    error: str = ""
+    retryable: bool = True
+    isolation: str = ""
+    cpu_seconds: float = 0.0
+    max_rss_mb: float = 0.0
+
+
+def _code_roots() -> list[Path]:
+    """Where the launcher's own imports live: the edgefleet and workers packages' parents."""
+    roots = {Path(edgefleet.__file__).resolve().parent.parent, Path(workers.__file__).resolve().parent.parent}
+    return sorted(roots)
+
+
+def _python_roots() -> list[Path]:
+    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
+    return sorted(roots)
+
+
+def child_env(spec: LaunchSpec) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+    env.update(
+        {
+            "HOME": str(spec.workspace),
+            "TMPDIR": str(spec.workspace / ".tmp"),
+            "PYTHONPATH": os.pathsep.join(str(p) for p in _code_roots()),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            # One thread per numeric library: threads count against the process limit.
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+        }
+    )
+    env.update(spec.extra_env)
+    return env
+
+
+def bwrap_command(spec: LaunchSpec, bwrap: str) -> list[str]:
+    perms = set(spec.permissions)
+    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all"]
+    if Permission.network in perms:
+        cmd.append("--share-net")
+    if Permission.file_system_write in perms:
+        cmd += ["--bind", "/", "/"]
+    elif Permission.file_system_read in perms:
+        cmd += ["--ro-bind", "/", "/"]
+    else:
+        for directory in SYSTEM_DIRS:
+            cmd += ["--ro-bind-try", directory, directory]
+        for root in [*_python_roots(), *_code_roots(), spec.folder.resolve()]:
+            cmd += ["--ro-bind", str(root), str(root)]
+        cmd += ["--ro-bind", str(spec.job_dir), str(spec.job_dir)]
+    cmd += ["--dev", "/dev", "--proc", "/proc"]
+    if Permission.gpu_access in perms:
+        for device in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
+            if device.exists():
+                cmd += ["--dev-bind", str(device), str(device)]
+    cmd += ["--bind", str(spec.workspace), str(spec.workspace), "--chdir", str(spec.workspace)]
+    return cmd
+
+
+class SandboxedRun:
+    """One attempt in a child process. Callbacks run on a reader thread."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        *,
+        use_bwrap: bool,
+        on_progress: Callable[[float, str], None],
+        on_checkpoint: Callable[[Any], None],
+        kill_grace: float = 3.0,
+    ) -> None:
+        self.spec = spec
+        self.on_progress = on_progress
+        self.on_checkpoint = on_checkpoint
+        self.kill_grace = kill_grace
+        bwrap = bwrap_path() if use_bwrap else None
+        self.isolation = "bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits"
+        self._bwrap = bwrap
+        self._final: dict[str, Any] | None = None
+        self._stderr: list[str] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._cpu = 0.0
+        self._rss = 0
+        self._reader: threading.Thread | None = None
+        self._stop_requested: str | None = None
+
+    def start(self) -> None:
+        spec = self.spec
+        (spec.workspace / ".tmp").mkdir(parents=True, exist_ok=True)
+        launcher = [sys.executable, "-m", "workers.sandbox_launcher"]
+        cmd = (bwrap_command(spec, self._bwrap) + ["--"] + launcher) if self._bwrap else launcher
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**child_env(spec), "EDGEFLEET_SANDBOX": "bwrap" if self._bwrap else "process"},
+            cwd=str(spec.workspace),
+            text=True,
+            start_new_session=True,  # its own process group: one signal reaches all it started
+        )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(spec.message() + "\n")
+        self._proc.stdin.flush()
+        self._reader = threading.Thread(target=self._read_protocol, daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_protocol(self) -> None:
+        assert self._proc and self._proc.stdout
+        for line in self._proc.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = message.get("type")
+            if kind == "progress":
+                self.on_progress(float(message["fraction"]), str(message.get("message", "")))
+            elif kind == "checkpoint":
+                self.on_checkpoint(message.get("state"))
+            elif kind in ("result", "error"):
+                self._final = message
+
+    def _read_stderr(self) -> None:
+        assert self._proc and self._proc.stderr
+        for line in self._proc.stderr:
+            self._stderr.append(line)
+            if len(self._stderr) > 200:
+                del self._stderr[:100]
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def sample(self) -> None:
+        """CPU seconds and peak RSS of the whole process tree, for the subtask's record."""
+        if not self._proc:
+            return
+        try:
+            root = psutil.Process(self._proc.pid)
+            tree = [root, *root.children(recursive=True)]
+            cpu = rss = 0.0
+            for proc in tree:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    cpu += times.user + times.system + times.children_user + times.children_system
+                    rss += proc.memory_info().rss
+            self._cpu = max(self._cpu, cpu)
+            self._rss = max(self._rss, int(rss))
+        except psutil.Error:
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        if not self._proc:
+            return True
+        try:
+            self._proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, reason: str) -> None:
+        """Ask the plugin to stop; kill its whole group if it does not within the grace time."""
+        self._stop_requested = reason
+        if not self.running():
+            return
+        assert self._proc and self._proc.stdin
+        try:
+            self._proc.stdin.write(json.dumps({"type": "cancel"}) + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        if not self.wait(self.kill_grace):
+            self.kill()
+
+    def kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._proc.wait()
+
+    def outcome(self) -> SandboxOutcome:
+        assert self._proc is not None
+        if self._reader:
+            self._reader.join(5)
+        base = {"isolation": self.isolation, "cpu_seconds": round(self._cpu, 3), "max_rss_mb": round(self._rss / 2**20, 1)}
+        final = self._final
+        if self._stop_requested == "timeout":
+            return SandboxOutcome("timeout", error=f"timed out after {self.spec.timeout:g} s", **base)
+        if self._stop_requested == "cancelled":
+            return SandboxOutcome("cancelled", error="cancelled", **base)
+        if final and final["type"] == "result":
+            return SandboxOutcome("succeeded", output=final.get("output"), **base)
+        if final and final["type"] == "error":
+            if final.get("kind") == "cancelled":
+                outcome = "timeout" if final.get("timed_out") else "cancelled"
+                return SandboxOutcome(outcome, error=final["error"], **base)
+            retryable = final.get("kind") != "setup"
+            return SandboxOutcome("failed", error=final["error"], retryable=retryable, **base)
+        return SandboxOutcome("failed", error=self._death_reason(), **base)
+
+    def _death_reason(self) -> str:
+        code = self._proc.returncode if self._proc else None
+        tail = "".join(self._stderr)[-STDERR_KEEP:].strip()
+        suffix = f": {tail}" if tail else ""
+        # bwrap reports a child killed by a signal as exit code 128 + signal.
+        signum = -code if code is not None and code < 0 else None
+        if signum is None and self._bwrap and code is not None and code > 128:
+            signum = code - 128
+        if signum is None:
+            return f"sandboxed plugin exited with code {code} without a result{suffix}"
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        why = {
+            "SIGXCPU": f"exceeded its CPU time limit ({self.spec.limits.cpu_seconds} s)",
+            "SIGKILL": "was killed (its CPU or memory limit, or the kill of its group)",
+            "SIGXFSZ": f"wrote a file over its size limit ({self.spec.limits.max_file_mb} MB)",
+        }.get(name, f"died of {name}")
+        return f"sandboxed plugin {why}{suffix}"

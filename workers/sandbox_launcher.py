@@ -1,0 +1,132 @@
+"""The sandbox's child side: limit itself, then run one plugin action and report over a pipe.
+
+Protocol: the parent writes one JSON line (the `LaunchSpec`) to stdin, later
+possibly `{"type": "cancel"}`. The child writes JSON lines to the original
+stdout: `progress`, `checkpoint`, and finally `result` or `error`. The plugin's
+own prints go to stderr, so they cannot corrupt the protocol.
+
+rlimits are set here, in the child, not through `preexec_fn`: that is unsafe
+in the threaded worker that starts us.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+MB = 1024 * 1024
+
+
+class _Channel:
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+def _set_limits(limits: dict[str, Any], allow_subprocess: bool) -> None:
+    memory = int(limits["memory_mb"]) * MB
+    cpu = int(limits["cpu_seconds"])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    # The soft limit sends SIGXCPU, the hard one SIGKILL a moment later.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
+    size = int(limits["max_file_mb"]) * MB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if allow_subprocess:
+        processes = int(limits["max_processes"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+
+
+def _load_function(folder: str, entry_point: str, plugin: str) -> Any:
+    module_name, function_name = entry_point.split(":", 1)
+    path = Path(folder) / f"{module_name}.py"
+    sys.path.insert(0, folder)  # plugins may import their own sibling modules
+    spec = importlib.util.spec_from_file_location(f"edgefleet_plugins.{plugin}.{module_name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, function_name)
+
+
+def _die_with_parent() -> None:
+    """Without bwrap's --die-with-parent, a killed worker must not leave its plugin running."""
+    if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
+        return  # bwrap's --die-with-parent covers it; in its pid namespace our parent is pid 1
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
+
+
+def main() -> None:
+    _die_with_parent()
+    # Keep the protocol stream for ourselves; everything else printed goes to stderr.
+    channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
+    os.dup2(2, 1)
+    spec = json.loads(sys.stdin.readline())
+    cancelled = threading.Event()
+
+    def read_control() -> None:
+        for line in sys.stdin:
+            if json.loads(line).get("type") == "cancel":
+                cancelled.set()
+        cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
+
+    permissions = set(spec["permissions"])
+    try:
+        _set_limits(spec["limits"], "subprocess" in permissions)
+        from workers.seccomp_filter import install
+
+        install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
+        function = _load_function(spec["folder"], spec["entry_point"], spec["plugin"])
+        from edgefleet.plugin_context import PluginContext
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the subtask
+        channel.send({"type": "error", "kind": "setup", "error": f"{type(exc).__name__}: {exc}"})
+        return
+    threading.Thread(target=read_control, daemon=True).start()
+
+    ctx = PluginContext(
+        job_id=spec["job_id"],
+        subtask_id=spec["subtask_id"],
+        attempt=spec["attempt"],
+        workspace=Path(spec["workspace"]),
+        deadline=time.monotonic() + float(spec["timeout"]),
+        is_cancelled=cancelled.is_set,
+        report_progress=lambda f, m: channel.send({"type": "progress", "fraction": f, "message": m}),
+        save_checkpoint=lambda state: channel.send({"type": "checkpoint", "state": state}),
+        checkpoint=spec.get("checkpoint"),
+    )
+    try:
+        output = function(ctx, spec["action"], spec["args"])
+        json.dumps(output)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the subtask's error
+        from edgefleet.plugin_context import SubtaskCancelled
+
+        kind = "cancelled" if isinstance(exc, SubtaskCancelled) else "exception"
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        channel.send({"type": "error", "kind": kind, "error": detail, "timed_out": getattr(exc, "timed_out", False)})
+        return
+    channel.send({"type": "result", "output": output})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""A seccomp filter (through libseccomp) that takes away process creation and network sockets.
+
+It is what enforces the `subprocess` and `network` permissions inside the
+sandbox, with or without bubblewrap. Installed by the launcher in the child,
+after Python has started and before any plugin code runs; it can never be
+lifted by the plugin (seccomp filters are inherited and only ever narrowed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import socket
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
+SCMP_CMP_MASKED_EQ = 7
+CLONE_THREAD = 0x00010000
+
+
+def _errno_action(code: int) -> int:
+    return 0x00050000 | (code & 0x0000FFFF)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+class SeccompUnavailable(RuntimeError):
+    pass
+
+
+def _library() -> ctypes.CDLL:
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise SeccompUnavailable(f"libseccomp not found ({exc}); install libseccomp2") from exc
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.restype = ctypes.c_int
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)
+    ]
+    lib.seccomp_load.restype = ctypes.c_int
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
+    """Install the filter in this process; returns what it denies (for the status report)."""
+    denied: list[str] = []
+    if allow_subprocess and allow_network:
+        return denied
+    lib = _library()
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        raise SeccompUnavailable("seccomp_init failed")
+
+    def rule(name: str, action: int, *cmps: tuple[int, int, int, int]) -> None:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:
+            return  # not a syscall on this architecture
+        array = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
+        if lib.seccomp_rule_add_array(ctx, action, number, len(cmps), array) != 0:
+            raise SeccompUnavailable(f"cannot add a seccomp rule for {name}")
+
+    try:
+        if not allow_subprocess:
+            deny = _errno_action(errno.EPERM)
+            for name in ("fork", "vfork", "execve", "execveat"):
+                rule(name, deny)
+            # Threads are clones with CLONE_THREAD; anything else is a new process.
+            rule("clone", deny, (0, SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))
+            # clone3 passes its flags in memory, out of a filter's reach: make callers fall back to clone.
+            rule("clone3", _errno_action(errno.ENOSYS))
+            denied.append("process creation")
+        if not allow_network:
+            deny = _errno_action(errno.EACCES)
+            for family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET):
+                rule("socket", deny, (0, SCMP_CMP_EQ, int(family), 0))
+            rule("io_uring_setup", _errno_action(errno.EPERM))
+            denied.append("network sockets")
+        if lib.seccomp_load(ctx) != 0:
+            raise SeccompUnavailable("seccomp_load failed")
+    finally:
+        lib.seccomp_release(ctx)
+    return denied
