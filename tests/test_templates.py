@@ -49,7 +49,7 @@ def builtin() -> TemplateCatalog:
 
 
 def test_builtin_templates_expand_to_valid_plans(builtin: TemplateCatalog) -> None:
-    assert builtin.names() == ["fetch-and-count", "text-report"]
+    assert {"fetch-and-count", "text-report"} <= set(builtin.names())
     plugins = PluginCatalog.load([builtin_plugin_dir()])
 
     report = builtin.expand("text-report", {"text": "Hello edge"})

@@ -11,7 +11,6 @@ in the threaded worker that starts us.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -51,19 +50,6 @@ def _set_limits(limits: dict[str, Any], allow_subprocess: bool) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
-def _load_function(folder: str, entry_point: str, plugin: str) -> Any:
-    module_name, function_name = entry_point.split(":", 1)
-    path = Path(folder) / f"{module_name}.py"
-    sys.path.insert(0, folder)  # plugins may import their own sibling modules
-    spec = importlib.util.spec_from_file_location(f"edgefleet_plugins.{plugin}.{module_name}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return getattr(module, function_name)
-
-
 def _die_with_parent() -> None:
     """Without bwrap's --die-with-parent, a killed worker must not leave its plugin running."""
     if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
@@ -97,7 +83,10 @@ def main() -> None:
         from workers.seccomp_filter import install
 
         install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
-        function = _load_function(spec["folder"], spec["entry_point"], spec["plugin"])
+        from edgefleet.plugin_loader import load_entry_point
+
+        sys.path.insert(0, spec["folder"])  # plugins written as flat modules import siblings directly
+        function = load_entry_point(spec["plugin"], Path(spec["folder"]), spec["entry_point"])
         from edgefleet.plugin_context import PluginContext
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the subtask
         channel.send({"type": "error", "kind": "setup", "error": f"{type(exc).__name__}: {exc}"})
