@@ -9,11 +9,8 @@ raised, so one broken plugin does not take the others down.
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
-import sys
 import threading
-import types
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 
+from edgefleet.plugin_loader import PluginLoadError, load_entry_point  # noqa: F401 - re-exported
 from edgefleet.plugin_manifest import MANIFEST_FILENAME, ManifestError, PluginManifest, load_manifest
+from edgefleet.plugin_resolution import resolve, unmet_dependencies
 
 if TYPE_CHECKING:
     from edgefleet.plugin_context import PluginContext
@@ -30,41 +29,10 @@ if TYPE_CHECKING:
 PluginFunction = Callable[["PluginContext", str, dict[str, Any]], dict[str, Any]]
 
 # Plugin modules live under this synthetic package so they never clash with real modules.
-_ROOT_PACKAGE = "edgefleet_plugins"
 
 # Per-process cache: a prefork child imports each plugin module once.
 _import_lock = threading.Lock()
 _callables: dict[tuple[str, str], PluginFunction] = {}
-
-
-class PluginLoadError(Exception):
-    """A plugin's entry point cannot be imported or is not a function."""
-
-
-def _package_for(name: str, folder: Path) -> str:
-    """The synthetic package `edgefleet_plugins.<name>` whose __path__ is the plugin folder.
-
-    A package (rather than a bare module) lets the entry module import its
-    siblings with `from . import helpers`. Two folders providing the same plugin
-    name in one process (tests, overrides) get distinct package names.
-    """
-    if _ROOT_PACKAGE not in sys.modules:
-        root = types.ModuleType(_ROOT_PACKAGE)
-        root.__path__ = []  # a namespace for the plugin packages, nothing importable by itself
-        sys.modules[_ROOT_PACKAGE] = root
-    folder_str = str(folder)
-    pkg_name = f"{_ROOT_PACKAGE}.{name}"
-    existing = sys.modules.get(pkg_name)
-    if existing is not None and list(getattr(existing, "__path__", [])) != [folder_str]:
-        digest = hashlib.sha1(folder_str.encode()).hexdigest()[:10]
-        pkg_name = f"{_ROOT_PACKAGE}.{name}_{digest}"
-        existing = sys.modules.get(pkg_name)
-    if existing is None:
-        pkg = types.ModuleType(pkg_name)
-        pkg.__path__ = [folder_str]
-        pkg.__package__ = pkg_name
-        sys.modules[pkg_name] = pkg
-    return pkg_name
 
 
 @dataclass(frozen=True)
@@ -95,52 +63,46 @@ class LoadedPlugin:
             return func
 
     def _import(self, folder: Path) -> PluginFunction:
-        module_name, func_name = self.manifest.entry_module, self.manifest.entry_function
-        where = f"plugin {self.name!r} ({self.manifest.entry_point})"
-        module_file = folder / f"{module_name}.py"
-        if not module_file.is_file():
-            raise PluginLoadError(f"{where}: module file {module_file} not found")
-        full_name = f"{_package_for(self.name, folder)}.{module_name}"
-        module = sys.modules.get(full_name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(full_name, module_file)
-            if spec is None or spec.loader is None:
-                raise PluginLoadError(f"{where}: cannot build an import spec for {module_file}")
-            module = importlib.util.module_from_spec(spec)
-            # Registered before exec so that dataclasses, pickling and relative imports work.
-            sys.modules[full_name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException as exc:
-                sys.modules.pop(full_name, None)
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise PluginLoadError(f"{where}: importing {module_file} failed: {type(exc).__name__}: {exc}") from exc
-        func = getattr(module, func_name, None)
-        if func is None:
-            raise PluginLoadError(f"{where}: module {module_name!r} has no attribute {func_name!r}")
-        if not callable(func):
-            raise PluginLoadError(f"{where}: {module_name}.{func_name} is not callable")
-        return func
+        return load_entry_point(self.name, folder, self.manifest.entry_point)
 
 
 class PluginCatalog:
-    """Plugins by name, plus the manifest errors met while loading them."""
+    """Plugins by name, plus the manifest errors met while loading and resolving them."""
+
+    # How long a dependency verdict is reused: a package installed meanwhile is noticed this late.
+    DEPENDENCY_CACHE_S = 30.0
 
     def __init__(self, plugins: dict[str, LoadedPlugin] | None = None, errors: list[ManifestError] | None = None) -> None:
         self._plugins: dict[str, LoadedPlugin] = dict(plugins or {})
         self.errors: list[ManifestError] = list(errors or [])
+        # Rejected plugins by name (when the name is known): parse errors and resolution errors.
+        self.rejected: dict[str, ManifestError] = {}
+        self._unmet: dict[str, tuple[float, list[str]]] = {}
+        self._unmet_lock = threading.Lock()
 
     @classmethod
-    def load(cls, dirs: Iterable[Path]) -> PluginCatalog:
-        """Load every direct subfolder holding a plugin.yaml, in each dir in turn.
+    def load(cls, dirs: Iterable[Path], *, edgefleet_version: str | None = None) -> PluginCatalog:
+        """Load every direct subfolder holding a plugin.yaml, in each dir in turn, then resolve the set.
 
         When two dirs provide the same plugin name, the first dir wins and the
-        later one is recorded as an error.
+        later one is recorded as an error. After parsing, the whole set is
+        resolved (see `edgefleet.plugin_resolution.resolve`): a plugin whose
+        `requires` cannot be met here is moved to `errors`, and so is every
+        plugin that requires it. Unmet dependencies are not load errors: see
+        `unmet_dependencies` and `runnable_here`.
         """
+        if edgefleet_version is None:
+            from edgefleet import __version__ as edgefleet_version
         catalog = cls()
+        parsed: dict[str, LoadedPlugin] = {}
+        unparsed: dict[str, ManifestError] = {}
+        seen_dirs: set[Path] = set()
         for base in dirs:
             base = Path(base)
+            resolved_base = base.resolve()
+            if resolved_base in seen_dirs:
+                continue  # the same folder named twice (built-in and in settings): load it once
+            seen_dirs.add(resolved_base)
             if not base.is_dir():
                 catalog.errors.append(ManifestError(str(base), "(dir)", "plugin directory does not exist"))
                 continue
@@ -152,8 +114,11 @@ class PluginCatalog:
                     manifest = load_manifest(manifest_file)
                 except ManifestError as exc:
                     catalog.errors.append(exc)
+                    # The folder is named after the plugin: remember why that name is unavailable.
+                    if folder.name not in parsed:
+                        unparsed.setdefault(folder.name, exc)
                     continue
-                first = catalog._plugins.get(manifest.name)
+                first = parsed.get(manifest.name)
                 if first is not None:
                     catalog.errors.append(
                         ManifestError(
@@ -163,7 +128,13 @@ class PluginCatalog:
                         )
                     )
                     continue
-                catalog._plugins[manifest.name] = LoadedPlugin(manifest=manifest, folder=folder)
+                parsed[manifest.name] = LoadedPlugin(manifest=manifest, folder=folder)
+                unparsed.pop(manifest.name, None)
+
+        good, rejected = resolve(parsed, edgefleet_version=str(edgefleet_version), unparsed=unparsed)
+        catalog._plugins = good
+        catalog.rejected = {**unparsed, **rejected}
+        catalog.errors.extend(rejected[name] for name in sorted(rejected))
         return catalog
 
     def __contains__(self, name: object) -> bool:
@@ -178,8 +149,43 @@ class PluginCatalog:
     def names(self) -> list[str]:
         return sorted(self._plugins)
 
+    # --- what this box can run ------------------------------------------------------------
+
+    def unmet_dependencies(self, name: str) -> list[str]:
+        """What this box lacks to run plugin `name` (python packages, binaries); [] when it can.
+
+        An unknown or rejected plugin gives one line saying so. Verdicts are
+        cached for DEPENDENCY_CACHE_S seconds; `refresh_dependencies()` drops them.
+        """
+        plugin = self._plugins.get(name)
+        if plugin is None:
+            bad = self.rejected.get(name)
+            if bad is not None:
+                return [f"plugin {name!r} was rejected: {bad.field}: {bad.reason}"]
+            return [f"no plugin {name!r} in the catalogue"]
+        now = time.monotonic()
+        with self._unmet_lock:
+            cached = self._unmet.get(name)
+            if cached is not None and now - cached[0] < self.DEPENDENCY_CACHE_S:
+                return list(cached[1])
+        unmet = unmet_dependencies(plugin.manifest)
+        with self._unmet_lock:
+            self._unmet[name] = (now, unmet)
+        return list(unmet)
+
+    def runnable_here(self) -> list[str]:
+        """Names of the plugins whose dependencies this box meets, sorted: what a worker advertises."""
+        return [name for name in self.names() if not self.unmet_dependencies(name)]
+
+    def refresh_dependencies(self) -> None:
+        """Forget the cached dependency verdicts (e.g. after installing a package)."""
+        with self._unmet_lock:
+            self._unmet.clear()
+
+    # --- listings -------------------------------------------------------------------------
+
     def describe(self) -> list[dict[str, Any]]:
-        """JSON-ready list for GET /v1/plugins, sorted by name."""
+        """JSON-ready list for GET /v1/plugins, sorted by name: the manifest, without the folder."""
         out = []
         for name in self.names():
             m = self._plugins[name].manifest
@@ -188,7 +194,12 @@ class PluginCatalog:
                     "name": m.name,
                     "version": m.version,
                     "description": m.description,
+                    "entry_point": m.entry_point,
                     "resource_class": m.resource_class.value,
+                    "permissions": [p.value for p in m.permissions],
+                    "limits": m.limits.model_dump(mode="json"),
+                    "dependencies": m.dependencies.model_dump(mode="json"),
+                    "requires": m.requires.model_dump(mode="json"),
                     "actions": {
                         action_name: {
                             "description": spec.description,
@@ -199,6 +210,17 @@ class PluginCatalog:
                     },
                 }
             )
+        return out
+
+    def describe_errors(self) -> list[dict[str, Any]]:
+        """Every problem met while loading: file, field, reason, message and (when known) the plugin name."""
+        by_file = {str(Path(err.file)): name for name, err in self.rejected.items()}
+        out = []
+        for err in self.errors:
+            entry: dict[str, Any] = err.as_dict()
+            entry["plugin"] = by_file.get(str(Path(err.file)))
+            entry["details"] = [{"field": f, "reason": r} for f, r in err.details]
+            out.append(entry)
         return out
 
 

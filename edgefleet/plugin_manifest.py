@@ -22,6 +22,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -115,11 +116,16 @@ class Permission(str, Enum):
     subprocess = "subprocess"
 
 
+ANY_VERSION = ("", "*")  # "*" is accepted as "any version", as in other package managers
+
+
 def _check_specifier(value: str) -> str:
+    if value.strip() in ANY_VERSION:
+        return value.strip()
     try:
         SpecifierSet(value)
     except InvalidSpecifier:
-        raise ValueError(f"{value!r} is not a version range (e.g. '>=1.0,<2')") from None
+        raise ValueError(f"{value!r} is not a version range (e.g. '>=1.0,<2', or '*' for any)") from None
     return value
 
 
@@ -171,7 +177,8 @@ class PluginManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN)
+    # `plugin_name` is accepted as a synonym (the product brief's spelling); `name` is canonical.
+    name: str = Field(pattern=NAME_PATTERN, validation_alias=AliasChoices("name", "plugin_name"))
     version: str
     description: str = ""
     entry_point: str = Field(
@@ -234,7 +241,11 @@ def validation_details(exc: ValidationError, prefix: str = "") -> list[tuple[str
         field = format_loc(err["loc"])
         if prefix:
             field = prefix if field == "(root)" else f"{prefix}.{field}"
-        details.append((field, _reason(err["msg"])))
+        reason = _reason(err["msg"])
+        if err.get("type") in ("enum", "literal_error") and isinstance(err.get("input"), (str, int, float)):
+            # Name the offending value: "'telepathy' is not allowed; input should be 'network', ...".
+            reason = f"{err['input']!r} is not allowed; {reason[:1].lower()}{reason[1:]}"
+        details.append((field, reason))
     return details
 
 

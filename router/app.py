@@ -115,6 +115,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def _nodes_to_check(
+    store: JobStore, settings: Settings, tenant: str, idempotency_key: str | None
+) -> list[NodeInfo] | None:
+    """The live nodes a new job's steps must be runnable on, or None to skip that check.
+
+    Skipped when turned off in settings, and for a resubmission whose
+    Idempotency-Key is already taken: it gets the existing job (or its conflict),
+    whatever the fleet looks like now.
+    """
+    if not settings.require_capable_worker:
+        return None
+    if idempotency_key is not None and store.redis.exists(store.keys.idempotency(tenant, idempotency_key)):
+        return None
+    return store.live_nodes()
+
+
 def _visible_job(request: Request, principal: Principal, job_id: str) -> JobStatus:
     store: JobStore = request.app.state.store
     status = store.get_job(job_id)
@@ -169,14 +185,15 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             return _error(422, "invalid_request", [("body", "must be a JSON object")])
         if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
             return _error(422, "invalid_request", [("Idempotency-Key", f"1 to {IDEMPOTENCY_KEY_MAX} characters")])
+        store: JobStore = request.app.state.store
         try:
             job_request = JobRequest.model_validate(data)
-            plan = request.app.state.planner.plan(job_request)
+            nodes = _nodes_to_check(store, settings, principal.tenant, idempotency_key)
+            plan = request.app.state.planner.plan(job_request, nodes)
         except ValidationError as exc:
             return _error(422, "invalid_request", pydantic_problems(exc))
         except PlanError as exc:
             return _error(422, "invalid_plan", exc.problems)
-        store: JobStore = request.app.state.store
         digest = request_hash(job_request)
         result = store.create_job(
             job_id=uuid.uuid4().hex,
@@ -259,13 +276,22 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/v1/plugins", tags=["fleet"])
     def plugins(request: Request, _: ReadPrincipal) -> dict[str, Any]:
+        """The plugin catalogue: each plugin's manifest and the live nodes that can run it.
+
+        `nodes`: live nodes that serve the plugin's resource class and advertise it
+        (its dependencies are met there); `advertised_by`: every live node that
+        advertises it, whatever its classes (a step may override its class).
+        `errors`: the rejected manifests, each with file, field and reason.
+        """
         catalog: PluginCatalog = request.app.state.plugins
         nodes = request.app.state.store.live_nodes()
         described = catalog.describe()
         for entry in described:
-            entry["nodes"] = [n.name for n in nodes if entry["name"] in n.plugins]
+            advertising = [n for n in nodes if entry["name"] in n.plugins]
+            entry["advertised_by"] = [n.name for n in advertising]
+            entry["nodes"] = [n.name for n in advertising if entry["resource_class"] in {c.value for c in n.classes}]
         return {
             "plugins": described,
-            "errors": [str(e) for e in catalog.errors],
+            "errors": catalog.describe_errors(),
             "templates": request.app.state.templates.describe(),
         }

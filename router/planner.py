@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, find_refs, top_level_keys_with_refs
-from edgefleet.schemas import JobRequest, Plan, PlannedSubtask, StepSpec
+from edgefleet.schemas import JobRequest, NodeInfo, Plan, PlannedSubtask, ResourceClass, StepSpec
 from edgefleet.settings import Settings
 from router.templates import TemplateCatalog, TemplateError
 
@@ -37,7 +37,12 @@ class Planner:
         self.templates = templates
         self.settings = settings
 
-    def plan(self, request: JobRequest) -> Plan:
+    def plan(self, request: JobRequest, nodes: list[NodeInfo] | None = None) -> Plan:
+        """The validated plan of `request`, or PlanError listing every problem.
+
+        With `nodes` (the live worker nodes), each step must also be runnable on
+        one of them (see `capability_problems`); None skips that check.
+        """
         steps = self._steps_of(request)
         problems: list[Problem] = []
         if not steps:
@@ -70,7 +75,7 @@ class Planner:
         for step in steps:
             for dep in needs[step.id]:
                 dependents[dep].append(step.id)
-        return Plan(
+        plan = Plan(
             subtasks=[
                 PlannedSubtask(
                     id=step.id,
@@ -89,6 +94,12 @@ class Planner:
                 for step in steps
             ]
         )
+        if nodes is not None:
+            explicit = {i for i, step in enumerate(steps) if step.resource_class is not None}
+            problems = capability_problems(plan, nodes, explicit_class=explicit)
+            if problems:
+                raise PlanError(problems)
+        return plan
 
     def _steps_of(self, request: JobRequest) -> list[StepSpec]:
         if (request.steps is None) == (request.template is None):
@@ -160,6 +171,72 @@ class Planner:
             return  # reported by _needs_of
         for field, reason in validate_action_args(action.input_schema, step.args, unresolved=unresolved):
             problems.append((f"steps.{i}.{field}", reason))
+
+
+# --- can the fleet run it? ---------------------------------------------------------------------
+
+MAX_NODES_SHOWN = 8
+
+
+def _node_list(nodes: list[NodeInfo], plugin: str) -> str:
+    shown = []
+    for node in nodes[:MAX_NODES_SHOWN]:
+        classes = ",".join(c.value for c in node.classes)
+        note = "" if plugin in node.plugins else f" without {plugin!r}"
+        shown.append(f"{node.name}[{classes}]{note}")
+    if len(nodes) > MAX_NODES_SHOWN:
+        shown.append(f"and {len(nodes) - MAX_NODES_SHOWN} more")
+    return ", ".join(shown)
+
+
+def capability_problems(
+    plan: Plan, nodes: list[NodeInfo], *, explicit_class: set[int] | frozenset[int] = frozenset()
+) -> list[Problem]:
+    """The steps of `plan` that no live node can run, as (field, reason) problems.
+
+    A step can run where a live node serves its resource class and advertises
+    its plugin (a node advertises only the plugins whose dependencies it meets);
+    a step pinned to a `node` needs that node live, serving the class and
+    advertising the plugin. With no live node at all nothing is refused: the
+    fleet is starting or restarting, and the job waits for it.
+
+    The field at fault is `steps.N.node` for a pinned step, `steps.N.resource_class`
+    when the step chose its class (index in `explicit_class`), else `steps.N.plugin`.
+    """
+    if not nodes:
+        return []
+    by_name = {node.name: node for node in nodes}
+    problems: list[Problem] = []
+    for i, st in enumerate(plan.subtasks):
+        rc: ResourceClass = st.resource_class
+        class_field = f"steps.{i}.resource_class" if i in explicit_class else f"steps.{i}.plugin"
+        if st.node:
+            node = by_name.get(st.node)
+            if node is None:
+                live = ", ".join(sorted(by_name)[:MAX_NODES_SHOWN])
+                problems.append((f"steps.{i}.node", f"node {st.node!r} is not live (live nodes: {live})"))
+            elif rc not in node.classes:
+                served = ",".join(c.value for c in node.classes)
+                problems.append((class_field, f"node {st.node!r} does not serve class {rc.value} (it serves {served})"))
+            elif st.plugin not in node.plugins:
+                problems.append(
+                    (
+                        f"steps.{i}.plugin",
+                        f"node {st.node!r} does not advertise plugin {st.plugin!r} "
+                        "(its dependencies are not met there)",
+                    )
+                )
+            continue
+        if any(rc in node.classes and st.plugin in node.plugins for node in nodes):
+            continue
+        problems.append(
+            (
+                class_field,
+                f"no live worker serves class {rc.value} with plugin {st.plugin!r} "
+                f"(nodes: {_node_list(nodes, st.plugin)})",
+            )
+        )
+    return problems
 
 
 def _find_cycle(needs: dict[str, list[str]]) -> list[str] | None:

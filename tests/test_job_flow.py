@@ -118,7 +118,8 @@ def test_workers_and_plugins_are_listed(shared_cluster: Cluster) -> None:
     assert [n["name"] for n in nodes] == ["shared"]
     assert set(nodes[0]["classes"]) == {"cpu", "io"}
     assert {"text", "http_fetch", "sleep"} <= {p["name"] for p in plugins["plugins"]}
-    assert all("shared" in p["nodes"] for p in plugins["plugins"])
+    builtins = {p["name"]: p for p in plugins["plugins"] if p["name"] in ("text", "http_fetch", "sleep")}
+    assert all("shared" in p["nodes"] for p in builtins.values())
     assert "edgefleet_backlog_depth" in metrics.text
     node_metrics = httpx.get(nodes[0]["metrics_url"]).text
     assert "edgefleet_worker_subtasks_total" in node_metrics

@@ -81,7 +81,7 @@ def error_for(catalog: PluginCatalog, folder: str) -> ManifestError:
 def test_builtin_plugins_load_without_errors() -> None:
     catalog = PluginCatalog.load([builtin_plugin_dir()])
     assert catalog.errors == []
-    assert catalog.names() == ["http_fetch", "sleep", "text"]
+    assert {"http_fetch", "sleep", "text"} <= set(catalog.names())  # other built-ins come and go
     text = catalog.get("text")
     assert text is not None
     assert text.manifest.resource_class is ResourceClass.cpu
@@ -100,6 +100,13 @@ def test_describe_lists_actions_with_schemas() -> None:
     assert text["version"] == "1.0.0"
     assert text["actions"]["count"]["input_schema"]["type"] == "object"
     assert "op" in text["actions"]["transform"]["input_schema"]["properties"]
+    fetch = by_name["http_fetch"]
+    assert "network" in fetch["permissions"]
+    assert any(d.lower().startswith("httpx") for d in fetch["dependencies"]["python"])
+    assert isinstance(fetch["dependencies"]["binaries"], list)
+    assert fetch["limits"]["timeout"] > 0 and fetch["limits"]["memory_mb"] > 0
+    assert fetch["requires"] == {"edgefleet": fetch["requires"]["edgefleet"], "plugins": {}}
+    assert fetch["entry_point"] == "fetch:run"
 
 
 def test_malformed_manifests_are_reported_and_good_one_loads(tmp_path: Path) -> None:

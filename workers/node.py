@@ -55,6 +55,13 @@ class NodeSupervisor:
         self.gpus = probe.detect_gpus()
         self.store = JobStore.from_url(settings.redis_url, settings.key_prefix)
         self.catalog = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        for problem in self.catalog.errors:
+            log.warning("plugin not loaded", extra={"problem": str(problem)})
+        for name in self.catalog.names():
+            unmet = self.catalog.unmet_dependencies(name)
+            if unmet:
+                log.warning("plugin not advertised: dependencies unmet here",
+                            extra={"plugin": name, "unmet": unmet})
         self.started_at = time.time()
         self._stop = threading.Event()
         self._workers = [_ClassWorker(rc, *pool_for(rc, settings, self.gpus)) for rc in classes]
@@ -149,7 +156,8 @@ class NodeSupervisor:
             memory_total=total,
             memory_available=available,
             cpu_percent=psutil.cpu_percent(interval=None),
-            plugins=self.catalog.names(),
+            # Only what this box can run: a plugin whose dependencies are unmet here is not advertised.
+            plugins=self.catalog.runnable_here(),
             gpus=self.gpus,
             started_at=self.started_at,
             heartbeat_at=time.time(),

@@ -111,7 +111,7 @@ class SubtaskRunner:
         if problems:
             reason = "; ".join(f"{f}: {r}" for f, r in problems)
             return self._finish(env, pid, "failed", error=f"invalid input: {reason}", retryable=False)
-        unmet = self.catalog.unmet_dependencies(env.plugin) if hasattr(self.catalog, "unmet_dependencies") else []
+        unmet = self.catalog.unmet_dependencies(env.plugin)
         if unmet:
             return self._finish(
                 env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
