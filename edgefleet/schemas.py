@@ -184,6 +184,7 @@ class NodeInfo(BaseModel):
     cpu_percent: float
     plugins: list[str]
     gpus: list[str] = Field(default_factory=list)
+    gpu_usage: list[dict[str, float | str]] = Field(default_factory=list)
     started_at: float
     heartbeat_at: float
     version: str

@@ -159,6 +159,7 @@ class NodeSupervisor:
             # Only what this box can run: a plugin whose dependencies are unmet here is not advertised.
             plugins=self.catalog.runnable_here(),
             gpus=self.gpus,
+            gpu_usage=probe.gpu_usage() if self.gpus else [],
             started_at=self.started_at,
             heartbeat_at=time.time(),
             version=__version__,

@@ -28,6 +28,36 @@ def detect_gpus() -> list[str]:
     return []
 
 
+def gpu_usage() -> list[dict[str, float | str]]:
+    """Per-GPU utilisation and memory from nvidia-smi; empty where there is none."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,utilization.gpu,memory.used,memory.total",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    usage: list[dict[str, float | str]] = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            usage.append(
+                {"name": parts[0], "utilization_percent": float(parts[1]),
+                 "memory_used_mb": float(parts[2]), "memory_total_mb": float(parts[3])}
+            )
+        except ValueError:
+            continue
+    return usage
+
+
 def detect_classes(force_gpu: bool = False) -> list[ResourceClass]:
     classes = [ResourceClass.cpu, ResourceClass.io]
     if force_gpu or detect_gpus():
