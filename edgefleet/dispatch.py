@@ -7,6 +7,7 @@ import logging
 from celery import Celery
 
 from edgefleet.celery_app import MESSAGE_PRIORITY, RUN_SUBTASK
+from edgefleet.model_affinity import ModelAffinity
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore, Released
@@ -18,22 +19,37 @@ class Dispatcher:
     """Release is two steps (pop in Lua, then send): a crash in between leaves the
     subtask in the store's `dispatching` set, which the reaper puts back."""
 
-    def __init__(self, store: JobStore, celery: Celery, settings: Settings) -> None:
+    def __init__(
+        self, store: JobStore, celery: Celery, settings: Settings, affinity: ModelAffinity | None = None
+    ) -> None:
         self.store = store
         self.celery = celery
         self.settings = settings
+        self.affinity = affinity
 
     def release(self, resource_class: ResourceClass, max_count: int = 256) -> int:
         target = self.settings.target_depth.get(resource_class, 16)
         released = self.store.release(resource_class, max_count, target)
         if not released:
             return 0
+        if self.affinity is not None:
+            released = [self._with_affinity(item) for item in released]
         self._send(released)
         self.store.mark_dispatched(released)
         return len(released)
 
     def release_all(self, max_count: int = 256) -> int:
         return sum(self.release(rc, max_count) for rc in ResourceClass)
+
+    def _with_affinity(self, item: Released) -> Released:
+        if item.queue != item.envelope.resource_class.value:
+            return item  # pinned to a node by the step itself
+        assert self.affinity is not None
+        queue = self.affinity.queue_for(item.envelope)
+        if queue is None:
+            return item
+        self.store.set_queue(item.envelope, queue)
+        return Released(envelope=item.envelope, queue=queue)
 
     def _send(self, released: list[Released]) -> None:
         with self.celery.producer_or_acquire() as producer:

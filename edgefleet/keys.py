@@ -69,6 +69,9 @@ class Keys:
     def callbacks(self) -> str:
         return f"{self.prefix}:callbacks"
 
+    def warm_models(self, node: str) -> str:
+        return f"{self.prefix}:warm:{node}"
+
     def idempotency(self, tenant: str, key: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key}"
 

@@ -49,6 +49,63 @@ class ModelUnavailable(RuntimeError):
     """No model can serve this task type here; plugins fall back (e.g. to an extractive method)."""
 
 
+ModelCall = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ModelReply:
+    """One model answer, with who served it and what was tried first."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.text: str = data["text"]
+        self.model: str = data["model"]
+        self.fell_back_from: list[tuple[str, str]] = [tuple(f) for f in data.get("fell_back_from", [])]
+        self.tokens_in: int = int(data.get("tokens_in", 0))
+        self.tokens_out: int = int(data.get("tokens_out", 0))
+        self.seconds: float = float(data.get("seconds", 0.0))
+
+    def __str__(self) -> str:
+        return self.text
+
+    def json(self) -> Any:
+        """The reply parsed as JSON (ask with `json_schema=` to get valid JSON)."""
+        return json.loads(self.text)
+
+
+class ModelHandle:
+    """The model that serves one task type, as the worker's model router routes it."""
+
+    def __init__(self, task_type: str, call: ModelCall) -> None:
+        self.task_type = task_type
+        self._call = call
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+    ) -> ModelReply:
+        answer = self._call(
+            {
+                "task_type": self.task_type,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "json_schema": json_schema,
+            }
+        )
+        if not answer.get("ok"):
+            raise ModelUnavailable(answer.get("error") or f"no model served {self.task_type!r}")
+        return ModelReply(answer["completion"])
+
+    def generate(self, prompt: str, *, system: str | None = None, **options: Any) -> ModelReply:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.chat(messages, **options)
+
+    __call__ = generate
+
+
 class PluginContext:
     """The running subtask as a plugin sees it."""
 
@@ -64,6 +121,7 @@ class PluginContext:
         report_progress: Callable[[float, str], None] = _ignore_progress,
         save_checkpoint: Callable[[Any], None] = _discard_checkpoint,
         checkpoint: Any = None,
+        model_call: ModelCall | None = None,
     ) -> None:
         """`deadline` is a `time.monotonic()` value; the callbacks come from the worker."""
         self._job_id = job_id
@@ -75,6 +133,7 @@ class PluginContext:
         self._report_progress = report_progress
         self._save_checkpoint = save_checkpoint
         self._checkpoint = checkpoint
+        self._model_call = model_call
 
     def __repr__(self) -> str:
         return (
@@ -138,9 +197,15 @@ class PluginContext:
         """The last checkpoint of an earlier attempt of this subtask, or None on a fresh start."""
         return self._checkpoint
 
-    def model(self, task_type: str) -> Any:
-        """The model that serves `task_type` on this node (the model layer provides it)."""
-        raise ModelUnavailable(f"no model serves task type {task_type!r} on this node")
+    def model(self, task_type: str) -> ModelHandle:
+        """The model for `task_type` (e.g. "summarize"), routed by the worker with its fallbacks.
+
+        Calls raise ModelUnavailable when no model (primary or fallback) can serve it:
+        plugins that have a non-model way (an extractive summary, a rule) should use it then.
+        """
+        if self._model_call is None:
+            raise ModelUnavailable(f"no model serves task type {task_type!r} here")
+        return ModelHandle(task_type, self._model_call)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep, waking every 0.1 s to look for cancellation.

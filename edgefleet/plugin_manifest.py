@@ -90,6 +90,11 @@ class ActionSpec(BaseModel):
     description: str = ""
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     output_schema: dict[str, Any] | None = None
+    model_task: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,63}$",
+        description="the model task type this action asks ctx.model for; steps go to a box with it warm",
+    )
 
     @field_validator("input_schema")
     @classmethod

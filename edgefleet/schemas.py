@@ -75,14 +75,29 @@ class StepSpec(_Strict):
 
 
 class JobRequest(_Strict):
-    """The body of POST /v1/jobs: exactly one of `steps` or `template`."""
+    """The body of POST /v1/jobs: exactly one of `steps`, `template` or `goal`."""
 
     steps: list[StepSpec] | None = Field(default=None, max_length=500)
     template: str | None = Field(default=None, min_length=1, max_length=128)
     inputs: dict[str, Any] = Field(default_factory=dict)
+    goal: str | None = Field(
+        default=None, min_length=1, max_length=2000, description="natural language, planned by a model"
+    )
+    dry_run: bool = Field(default=False, description="validate (and plan a goal) without running")
     priority: PriorityClass = PriorityClass.normal
     callback_url: AnyHttpUrl | None = None
     name: str | None = Field(default=None, max_length=200)
+
+
+class PlanPreview(BaseModel):
+    """The answer to a dry run: the validated steps, and who planned them for a goal."""
+
+    dry_run: bool = True
+    steps: list[StepSpec]
+    subtasks: list[PlannedSubtask]
+    model: str | None = None
+    fell_back_from: list[tuple[str, str]] = Field(default_factory=list)
+    repaired: bool = False
 
 
 class PlannedSubtask(_Strict):
@@ -185,6 +200,8 @@ class NodeInfo(BaseModel):
     plugins: list[str]
     gpus: list[str] = Field(default_factory=list)
     gpu_usage: list[dict[str, float | str]] = Field(default_factory=list)
+    models_available: list[str] = Field(default_factory=list, description="models this box can serve")
+    models_loaded: list[str] = Field(default_factory=list, description="models warm in a worker process")
     started_at: float
     heartbeat_at: float
     version: str

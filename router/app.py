@@ -17,15 +17,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from edgefleet.celery_app import create_celery
 from edgefleet.dispatch import Dispatcher
+from edgefleet.model_affinity import build_affinity
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
-from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo
+from edgefleet.models.router import NoModelAvailable
+from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, StepSpec
 from edgefleet.settings import Scope, Settings
 from edgefleet.store import JobStore
 from router.auth import Principal, require
 from router.events import SOCKET_TIMEOUT, job_event_stream
+from router.goal_planner import GoalPlanError
+from router.model_access import goal_planner_of
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
 from router.planner import PlanError, Planner, pydantic_problems
@@ -62,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         templates = TemplateCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
         celery = create_celery(settings, main="edgefleet-router")
         metrics = RouterMetrics(store)
-        dispatcher = Dispatcher(store, celery, settings)
+        dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
         loops = RouterLoops(
             store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks
         )
@@ -113,6 +118,17 @@ def _install_error_handlers(app: FastAPI) -> None:
             content={"error": names.get(exc.status_code, "error"), "detail": detail},
             headers=exc.headers,
         )
+
+
+def _steps_from_plan(plan: Plan) -> list[StepSpec]:
+    return [
+        StepSpec(
+            id=st.id, plugin=st.plugin, action=st.action, args=st.args, needs=st.needs,
+            resource_class=st.resource_class, node=st.node, timeout=st.timeout,
+            retries=st.retries, retry_backoff=st.retry_backoff,
+        )
+        for st in plan.subtasks
+    ]
 
 
 def _nodes_to_check(
@@ -188,13 +204,53 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         store: JobStore = request.app.state.store
         try:
             job_request = JobRequest.model_validate(data)
-            nodes = _nodes_to_check(store, settings, principal.tenant, idempotency_key)
-            plan = request.app.state.planner.plan(job_request, nodes)
         except ValidationError as exc:
             return _error(422, "invalid_request", pydantic_problems(exc))
+        digest = request_hash(job_request)
+        if idempotency_key:
+            # Answered before planning: a goal is not planned (by a model) twice.
+            existing = store.find_idempotent(principal.tenant, idempotency_key)
+            if existing and existing[1] != digest:
+                return _error(
+                    422, "idempotency_conflict", [("Idempotency-Key", "already used for a different request body")]
+                )
+            if existing and (status := store.get_job(existing[0])) is not None:
+                return JSONResponse(
+                    status_code=200,
+                    content=status.model_dump(mode="json"),
+                    headers={"Location": f"/v1/jobs/{existing[0]}"},
+                )
+        nodes = _nodes_to_check(store, settings, principal.tenant, idempotency_key)
+        goal_plan = None
+        try:
+            if job_request.goal is not None:
+                goal_plan = await run_in_threadpool(
+                    goal_planner_of(request.app).plan, job_request.goal, nodes=nodes or []
+                )
+                plan = goal_plan.plan
+            else:
+                plan = request.app.state.planner.plan(job_request, nodes)
         except PlanError as exc:
             return _error(422, "invalid_plan", exc.problems)
-        digest = request_hash(job_request)
+        except GoalPlanError as exc:
+            body = {
+                "error": "plan_rejected",
+                "detail": [{"field": f, "reason": r} for f, r in exc.problems],
+                "model": exc.model,
+                "model_answer": exc.answer,
+            }
+            return JSONResponse(status_code=422, content=body)
+        except NoModelAvailable as exc:
+            return _error(503, "no_model", [("goal", str(exc))])
+        if job_request.dry_run:
+            preview = PlanPreview(
+                steps=goal_plan.steps if goal_plan else _steps_from_plan(plan),
+                subtasks=plan.subtasks,
+                model=goal_plan.model if goal_plan else None,
+                fell_back_from=goal_plan.fell_back_from if goal_plan else [],
+                repaired=goal_plan.repaired if goal_plan else False,
+            )
+            return JSONResponse(status_code=200, content=preview.model_dump(mode="json"))
         result = store.create_job(
             job_id=uuid.uuid4().hex,
             tenant=principal.tenant,

@@ -102,8 +102,11 @@ class Planner:
         return plan
 
     def _steps_of(self, request: JobRequest) -> list[StepSpec]:
-        if (request.steps is None) == (request.template is None):
-            raise PlanError([("steps", "give exactly one of 'steps' or 'template'")])
+        given = [k for k in ("steps", "template", "goal") if getattr(request, k) is not None]
+        if len(given) != 1:
+            raise PlanError([("steps", "give exactly one of 'steps', 'template' or 'goal'")])
+        if request.goal is not None:
+            raise PlanError([("goal", "a goal is planned by the model before validation")])
         if request.steps is not None:
             if request.inputs:
                 raise PlanError([("inputs", "inputs belong to a template; this job has steps")])

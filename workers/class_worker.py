@@ -19,10 +19,15 @@ from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.model_affinity import build_affinity
+from edgefleet.models.factory import build_model_router
 from workers.metrics import WorkerMetrics
+from workers.model_calls import ModelCallHandler
 from workers.runner import SubtaskRunner
 
 PR_SET_PDEATHSIG = 1
+# A warm model is advertised this long after its last use in some worker process.
+WARM_TTL_SECONDS = 600
 
 
 class RuntimePerProcess:
@@ -40,8 +45,18 @@ class RuntimePerProcess:
             if self._runner is None or self._pid != os.getpid():
                 store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix)
                 catalog = PluginCatalog.load([builtin_plugin_dir(), *self.settings.plugin_dirs])
+                settings = self.settings
+                models = ModelCallHandler(
+                    lambda: build_model_router(settings),
+                    lambda warm: store.mark_warm(settings.node_name, warm, ttl=WARM_TTL_SECONDS),
+                )
                 self._runner = SubtaskRunner(
-                    self.settings, store, catalog, Dispatcher(store, self.app, self.settings), WorkerMetrics()
+                    settings,
+                    store,
+                    catalog,
+                    Dispatcher(store, self.app, settings, build_affinity(store, catalog, settings)),
+                    WorkerMetrics(),
+                    models,
                 )
                 self._pid = os.getpid()
             return self._runner

@@ -38,6 +38,20 @@ def pool_for(resource_class: ResourceClass, settings: Settings, gpus: list[str])
     return "prefork", settings.gpu_concurrency or max(1, len(gpus))
 
 
+def _models_available(settings: Settings) -> list[str]:
+    """Models this box could serve (files present, endpoints configured); nothing is loaded."""
+    from edgefleet.models.config import load_models_config
+    from edgefleet.models.errors import ModelsConfigError
+    from edgefleet.models.runtime import ModelPool
+
+    try:
+        config = load_models_config(settings)
+    except (ModelsConfigError, OSError) as exc:
+        log.error("models config not loaded", extra={"error": str(exc)})
+        return []
+    return ModelPool(config, settings).available()
+
+
 class _ClassWorker:
     def __init__(self, resource_class: ResourceClass, pool: str, concurrency: int) -> None:
         self.resource_class = resource_class
@@ -63,6 +77,7 @@ class NodeSupervisor:
                 log.warning("plugin not advertised: dependencies unmet here",
                             extra={"plugin": name, "unmet": unmet})
         self.started_at = time.time()
+        self.models_available = _models_available(settings)
         self._stop = threading.Event()
         self._workers = [_ClassWorker(rc, *pool_for(rc, settings, self.gpus)) for rc in classes]
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="edgefleet-metrics-"))
@@ -160,6 +175,8 @@ class NodeSupervisor:
             plugins=self.catalog.runnable_here(),
             gpus=self.gpus,
             gpu_usage=probe.gpu_usage() if self.gpus else [],
+            models_available=self.models_available,
+            models_loaded=self.store.warm_models(self.settings.node_name),
             started_at=self.started_at,
             heartbeat_at=time.time(),
             version=__version__,

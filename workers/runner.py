@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers.metrics import WorkerMetrics
+from workers.model_calls import ModelCallHandler
 from workers.sandbox import LaunchSpec, SandboxedRun
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class SubtaskRunner:
         catalog: PluginCatalog,
         dispatcher: Dispatcher,
         metrics: WorkerMetrics,
+        models: ModelCallHandler | None = None,
     ) -> None:
         self.settings = settings
+        self.models = models
         self.store = store
         self.catalog = catalog
         self.dispatcher = dispatcher
@@ -142,10 +146,11 @@ class SubtaskRunner:
             use_bwrap=self.settings.sandbox != "process",
             on_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
             on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
+            on_model_call=self._model_call_for(deadline_at := time.monotonic() + timeout),
             kill_grace=self.settings.sandbox_kill_grace,
         )
         run.start()
-        if self._supervise(env, pid, run, attempt, time.monotonic() + timeout) == "lost":
+        if self._supervise(env, pid, run, attempt, deadline_at) == "lost":
             return "lost"
         result = run.outcome()
         self.store.record_usage(
@@ -161,6 +166,12 @@ class SubtaskRunner:
         if result.outcome == "cancelled":
             return self._finish(env, pid, "cancelled", error=result.error)
         return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable)
+
+    def _model_call_for(self, deadline: float) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        models = self.models
+        if models is None:
+            return None
+        return lambda request: models(request, time_left=max(0.1, deadline - time.monotonic()))
 
     def _save_checkpoint(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, state: Any) -> None:
         if not self.store.save_checkpoint(env, node=self.node, pid=pid, state=state):

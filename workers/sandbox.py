@@ -166,11 +166,14 @@ class SandboxedRun:
         use_bwrap: bool,
         on_progress: Callable[[float, str], None],
         on_checkpoint: Callable[[Any], None],
+        on_model_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         kill_grace: float = 3.0,
     ) -> None:
         self.spec = spec
         self.on_progress = on_progress
         self.on_checkpoint = on_checkpoint
+        self.on_model_call = on_model_call
+        self._stdin_lock = threading.Lock()
         self.kill_grace = kill_grace
         bwrap = bwrap_path() if use_bwrap else None
         self.isolation = "bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits"
@@ -217,8 +220,29 @@ class SandboxedRun:
                 self.on_progress(float(message["fraction"]), str(message.get("message", "")))
             elif kind == "checkpoint":
                 self.on_checkpoint(message.get("state"))
+            elif kind == "model_call":
+                threading.Thread(target=self._answer_model_call, args=(message,), daemon=True).start()
             elif kind in ("result", "error"):
                 self._final = message
+
+    def _answer_model_call(self, message: dict[str, Any]) -> None:
+        call_id = message.pop("id")
+        message.pop("type")
+        if self.on_model_call is None:
+            reply = {"ok": False, "error": "this worker has no model layer"}
+        else:
+            reply = self.on_model_call(message)
+        self._write({"type": "model_reply", "id": call_id, **reply})
+
+    def _write(self, message: dict[str, Any]) -> None:
+        if not self._proc or not self._proc.stdin:
+            return
+        with self._stdin_lock:
+            try:
+                self._proc.stdin.write(json.dumps(message) + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # the plugin is gone; nothing to tell it
 
     def _read_stderr(self) -> None:
         assert self._proc and self._proc.stderr
@@ -262,12 +286,7 @@ class SandboxedRun:
         self._stop_requested = reason
         if not self.running():
             return
-        assert self._proc and self._proc.stdin
-        try:
-            self._proc.stdin.write(json.dumps({"type": "cancel"}) + "\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+        self._write({"type": "cancel"})
         if not self.wait(self.kill_grace):
             self.kill()
 

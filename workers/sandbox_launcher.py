@@ -50,6 +50,43 @@ def _set_limits(limits: dict[str, Any], allow_subprocess: bool) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
+class _ModelCalls:
+    """ctx.model(...) calls: the worker process holds the warm models and makes the call."""
+
+    def __init__(self, channel: _Channel, cancelled: threading.Event) -> None:
+        self._channel = channel
+        self._cancelled = cancelled
+        self._lock = threading.Lock()
+        self._next = 0
+        self._waiting: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._next += 1
+            call_id = self._next
+            done, box = threading.Event(), []
+            self._waiting[call_id] = (done, box)
+        self._channel.send({"type": "model_call", "id": call_id, **request})
+        while not done.wait(0.2):
+            if self._cancelled.is_set():
+                return {"ok": False, "error": "subtask cancelled while waiting for the model"}
+        return box[0]
+
+    def answer(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            waiting = self._waiting.pop(int(message["id"]), None)
+        if waiting:
+            waiting[1].append(message)
+            waiting[0].set()
+
+    def abandon(self) -> None:
+        with self._lock:
+            for done, box in self._waiting.values():
+                box.append({"ok": False, "error": "the worker went away"})
+                done.set()
+            self._waiting.clear()
+
+
 def _die_with_parent() -> None:
     """Without bwrap's --die-with-parent, a killed worker must not leave its plugin running."""
     if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
@@ -70,12 +107,17 @@ def main() -> None:
     os.dup2(2, 1)
     spec = json.loads(sys.stdin.readline())
     cancelled = threading.Event()
+    models = _ModelCalls(channel, cancelled)
 
     def read_control() -> None:
         for line in sys.stdin:
-            if json.loads(line).get("type") == "cancel":
+            message = json.loads(line)
+            if message.get("type") == "cancel":
                 cancelled.set()
+            elif message.get("type") == "model_reply":
+                models.answer(message)
         cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
+        models.abandon()
 
     permissions = set(spec["permissions"])
     try:
@@ -103,6 +145,7 @@ def main() -> None:
         report_progress=lambda f, m: channel.send({"type": "progress", "fraction": f, "message": m}),
         save_checkpoint=lambda state: channel.send({"type": "checkpoint", "state": state}),
         checkpoint=spec.get("checkpoint"),
+        model_call=models.call,
     )
     try:
         output = function(ctx, spec["action"], spec["args"])
