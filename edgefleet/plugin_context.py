@@ -62,6 +62,8 @@ class ModelReply:
         self.tokens_in: int = int(data.get("tokens_in", 0))
         self.tokens_out: int = int(data.get("tokens_out", 0))
         self.seconds: float = float(data.get("seconds", 0.0))
+        self.load_seconds: float = float(data.get("load_seconds") or 0.0)  # 0 when the model was warm
+        self.first_token_seconds: float | None = data.get("first_token_seconds")
 
     def __str__(self) -> str:
         return self.text

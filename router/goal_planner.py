@@ -19,7 +19,7 @@ from edgefleet.schemas import JobRequest, NodeInfo, Plan, StepSpec
 from router.planner import PlanError, Planner, Problem, pydantic_problems
 
 MAX_PLAN_TOKENS = 768
-MAX_GOAL_STEPS = 8
+MAX_GOAL_STEPS = 4
 # JSON-schema keywords the grammar of a small local model follows reliably; the rest is
 # checked by the real validation afterwards (and reported in the repair round).
 _KEPT_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "default", "description"}
@@ -30,6 +30,8 @@ Use only these plugins and actions; args must match each action's inputs:
 %s
 Rules: at most %d steps; ids are short lowercase words; a step that uses another step's output
 lists it in "needs" and refers to it with {"$ref": "steps.<id>.output.<key>"} as an argument value.
+Example: for the goal "Shout the text 'good morning'" the plan is
+{"steps": [{"id": "shout", "plugin": "text", "action": "transform", "args": {"text": "good morning", "op": "upper"}}]}
 Answer with the JSON plan only."""
 
 
@@ -53,6 +55,11 @@ class GoalPlan:
 def _simplify(schema: Any) -> Any:
     if isinstance(schema, dict):
         out = {k: _simplify(v) for k, v in schema.items() if k in _KEPT_KEYWORDS}
+        # "one of these groups is required": the grammar asks for the first group, so a small
+        # model cannot leave all of them out.
+        choices = schema.get("oneOf") or schema.get("anyOf")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict) and "required" in choices[0]:
+            out["required"] = sorted(set(out.get("required", [])) | set(choices[0]["required"]))
         if "properties" in schema:
             out["properties"] = {name: _simplify(sub) for name, sub in schema["properties"].items()}
         return out
@@ -74,18 +81,20 @@ def plan_schema(catalog: PluginCatalog, plugins: list[str]) -> dict[str, Any]:
                 {
                     "type": "object",
                     "properties": {
-                        "id": {"type": "string"},
+                        "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,15}$"},
                         "plugin": {"const": name},
                         "action": {"const": action_name},
                         "args": args,
-                        "needs": {"type": "array", "items": {"type": "string"}},
+                        "needs": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_GOAL_STEPS},
                     },
                     "required": ["id", "plugin", "action", "args"],
                 }
             )
     return {
         "type": "object",
-        "properties": {"steps": {"type": "array", "items": {"anyOf": alternatives}, "minItems": 1}},
+        "properties": {
+            "steps": {"type": "array", "items": {"anyOf": alternatives}, "minItems": 1, "maxItems": MAX_GOAL_STEPS}
+        },
         "required": ["steps"],
     }
 

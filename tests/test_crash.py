@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 
-
 from tests.conftest import Cluster, wait_until
 
 
@@ -52,6 +51,23 @@ def sleep_job(marker: Path, seconds: float, **step: object) -> dict:
     }
 
 
+def ready_cluster(cluster_factory: Callable[..., Cluster], *nodes: str, classes: str = "cpu,io", **env: str) -> Cluster:
+    """A cluster (with `env` overrides) whose router and `nodes` (serving `classes`) are all up and ready."""
+    cluster = cluster_factory(**env)
+    cluster.start_router()
+    for name in nodes:
+        cluster.start_node(name, classes=classes)
+    cluster.wait_nodes_ready(*nodes)
+    return cluster
+
+
+def submit_sleep_job(cluster: Cluster, marker: Path, seconds: float, **step: object) -> dict:
+    """Submit `sleep_job` and return once its slow step has started (written its first marker line)."""
+    job = cluster.submit(sleep_job(marker, seconds, **step))
+    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    return job
+
+
 def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
     done = cluster.wait_job(job_id)
     assert done["state"] == "succeeded", done
@@ -64,13 +80,9 @@ def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
 
 def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     # A long lease: only the takeover by the redelivered message can recover the subtask in time.
-    cluster = cluster_factory(EDGEFLEET_LEASE_TTL="60")
-    cluster.start_router()
-    cluster.start_node("n1", classes="cpu")
-    cluster.wait_nodes_ready("n1")
+    cluster = ready_cluster(cluster_factory, "n1", classes="cpu", EDGEFLEET_LEASE_TTL="60")
     marker = tmp_path / "runs.txt"
-    job = cluster.submit(sleep_job(marker, 3))
-    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    job = submit_sleep_job(cluster, marker, 3)
     pool_child = pool_process_running_a_plugin()
     pool_child.kill()
 
@@ -86,14 +98,9 @@ def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., 
 def test_killed_node_work_runs_elsewhere_within_two_heartbeat_ttls(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:
-    cluster = cluster_factory()
-    cluster.start_router()
-    cluster.start_node("a", classes="cpu")
-    cluster.start_node("b", classes="cpu")
-    cluster.wait_nodes_ready("a", "b")
+    cluster = ready_cluster(cluster_factory, "a", "b", classes="cpu")
     marker = tmp_path / "runs.txt"
-    job = cluster.submit(sleep_job(marker, 4))
-    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    job = submit_sleep_job(cluster, marker, 4)
     victim = cluster.job(job["id"])["subtasks"][0]["node"]
     survivor = "b" if victim == "a" else "a"
     seconds, micros = cluster.redis.client().time()
@@ -134,13 +141,9 @@ def test_subtask_longer_than_visibility_timeout_never_runs_twice_at_once(
 
 
 def test_router_restart_mid_job_keeps_status(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = cluster_factory()
-    cluster.start_router()
-    cluster.start_node("n1")
-    cluster.wait_nodes_ready("n1")
+    cluster = ready_cluster(cluster_factory, "n1")
     marker = tmp_path / "runs.txt"
-    job = cluster.submit(sleep_job(marker, 2, retries=1))
-    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    job = submit_sleep_job(cluster, marker, 2, retries=1)
     before = cluster.job(job["id"])
     cluster.stop_router(signal.SIGKILL)
     time.sleep(3)  # the subtask ends while no router runs
@@ -155,10 +158,7 @@ def test_router_restart_mid_job_keeps_status(cluster_factory: Callable[..., Clus
 def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     # A message prefetched by a worker when the connection broke is stranded until the
     # visibility timeout; the reaper sends it again after `stranded_after`.
-    cluster = cluster_factory(EDGEFLEET_STRANDED_AFTER="3")
-    cluster.start_router()
-    cluster.start_node("n1")
-    cluster.wait_nodes_ready("n1")
+    cluster = ready_cluster(cluster_factory, "n1", EDGEFLEET_STRANDED_AFTER="3")
     marker = tmp_path / "runs.txt"
     job = cluster.submit(sleep_job(marker, 2))
     queued_behind = cluster.submit(sleep_job(tmp_path / "second.txt", 0.2))
@@ -172,13 +172,10 @@ def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Clus
 
 
 def test_sigterm_shuts_a_node_down_warm(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
-    cluster = cluster_factory()
-    cluster.start_router()
-    node = cluster.start_node("n1", classes="cpu")
-    cluster.wait_nodes_ready("n1")
+    cluster = ready_cluster(cluster_factory, "n1", classes="cpu")
+    node = cluster.nodes["n1"]
     marker = tmp_path / "runs.txt"
-    job = cluster.submit(sleep_job(marker, 3))
-    wait_until(lambda: marker_lines(marker), 30, what="first run")
+    job = submit_sleep_job(cluster, marker, 3)
     node.send_signal(signal.SIGTERM)  # the supervisor only, as systemd's KillMode=mixed does
     assert node.wait(60) == 0
     status = cluster.job(job["id"])
@@ -195,11 +192,7 @@ def test_sigterm_shuts_a_node_down_warm(cluster_factory: Callable[..., Cluster],
 def test_node_killed_mid_subtask_resumes_from_its_checkpoint(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:
-    cluster = cluster_factory()
-    cluster.start_router()
-    cluster.start_node("a", classes="cpu")
-    cluster.start_node("b", classes="cpu")
-    cluster.wait_nodes_ready("a", "b")
+    cluster = ready_cluster(cluster_factory, "a", "b", classes="cpu")
     marker = tmp_path / "ticks.txt"
     job = cluster.submit(
         {"steps": [{"id": "count", "plugin": "sleep", "action": "tick",

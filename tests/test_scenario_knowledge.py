@@ -8,6 +8,7 @@ against pages served by a real HTTP server that the test starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -113,6 +114,21 @@ def make_ctx(workspace: Path, ctx_class: type[PluginContext] = PluginContext) ->
                      deadline=time.monotonic() + 60)
 
 
+@contextlib.contextmanager
+def serving(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 with `handler`, in a thread, for the block; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @pytest.fixture()
 def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A real HTTP server on 127.0.0.1 serving tmp_path/site (Last-Modified and If-Modified-Since included)."""
@@ -123,16 +139,8 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(functools.partial(Quiet, directory=str(root))) as base:
+        yield base, root
 
 
 def write_pages(root: Path, mtime: float) -> None:
@@ -351,13 +359,8 @@ class _ValidatorHandler(BaseHTTPRequestHandler):
 
 
 def test_fetch_conditional_requests_and_hashes(catalog: PluginCatalog, tmp_path: Path) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ValidatorHandler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
     fetch = plugin_fn(catalog, "web")
-    try:
+    with serving(_ValidatorHandler) as base:
         urls = [f"{base}/etag", f"{base}/plain", f"{base}/gone", f"{base}/etag"]
         first = fetch(make_ctx(tmp_path / "f1"), "fetch_pages", {"urls": urls})
         assert [p["state"] for p in first["pages"]] == ["fetched", "fetched", "failed"]  # duplicate dropped
@@ -390,10 +393,6 @@ def test_fetch_conditional_requests_and_hashes(catalog: PluginCatalog, tmp_path:
 
         with pytest.raises(RuntimeError, match="all 1 page"):
             fetch(make_ctx(tmp_path / "f3"), "fetch_pages", {"urls": [f"{base}/gone"]})
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # --- index and questions -------------------------------------------------------------------------
@@ -489,7 +488,11 @@ def test_knowledge_refresh_and_ask_on_a_cluster(
     urls = [f"{base}/{name}" for name in PAGES]
     index_dir = tmp_path / "knowledge-index"
 
-    cluster = cluster_factory()
+    # No model routes: the summaries and answers here are the extractive ones, checked word for word.
+    # (With a model installed the same steps use it; tests/test_model_cluster.py covers that path.)
+    no_models = tmp_path / "no-models.yaml"
+    no_models.write_text("models: {}\nroutes: {}\n")
+    cluster = cluster_factory(EDGEFLEET_MODELS_FILE=str(no_models))
     cluster.start_router()
     cluster.start_node("n1", classes="cpu,io")
     cluster.wait_nodes_ready("n1")

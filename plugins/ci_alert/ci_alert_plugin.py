@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
 
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_TIMEOUT_S = 10.0
@@ -20,9 +21,7 @@ class AlertError(RuntimeError):
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "webhook":
-        raise ValueError(f"ci_alert plugin has no action {action!r} (actions: webhook)")
-    return webhook(ctx, args)
+    return dispatch(ctx, action, args, plugin="ci_alert", actions={"webhook": webhook})
 
 
 def _not_sent(reason: str, url: str | None) -> dict[str, Any]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
-import tarfile
 from pathlib import PurePosixPath
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
+from edgefleet.pluginkit.archive import open_tar
 
 DEFAULT_MAX_ISSUES = 50
 DEFAULT_MAX_FILE_KB = 2048
@@ -17,9 +18,7 @@ MAX_MESSAGE_CHARS = 500
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "pyflakes":
-        raise ValueError(f"ci_lint plugin has no action {action!r} (actions: pyflakes)")
-    return lint(ctx, args)
+    return dispatch(ctx, action, args, plugin="ci_lint", actions={"pyflakes": lint})
 
 
 class _Collector:
@@ -74,42 +73,37 @@ def lint(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     from pyflakes.api import check
 
     archive = ctx.input_path(str(archive_arg))
-    if not archive.is_file():
-        raise ValueError(f"archive: {archive} does not exist or is not a file")
     collector = _Collector()
     files = 0
     too_large: list[str] = []
-    try:
-        with tarfile.open(archive) as tar:
-            members = [
-                m for m in tar.getmembers()
-                if m.isfile() and m.name.endswith(".py")
-                and not any(fnmatch.fnmatch(_clean(m.name), pattern) for pattern in excludes)
-            ]
-            for index, member in enumerate(members):
-                ctx.check_cancelled()
-                name = _clean(member.name)
-                if member.size > max_bytes:
-                    too_large.append(name)
-                    continue
-                handle = tar.extractfile(member)
-                if handle is None:
-                    continue
-                try:
-                    source = importlib.util.decode_source(handle.read())
-                except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
-                    collector.unexpectedError(name, f"cannot decode source: {exc}")
-                    files += 1
-                    continue
-                try:
-                    check(source, name, collector)
-                except RecursionError:
-                    collector.unexpectedError(name, "too deeply nested to check")
+    with open_tar(archive) as tar:
+        members = [
+            m for m in tar.getmembers()
+            if m.isfile() and m.name.endswith(".py")
+            and not any(fnmatch.fnmatch(_clean(m.name), pattern) for pattern in excludes)
+        ]
+        for index, member in enumerate(members):
+            ctx.check_cancelled()
+            name = _clean(member.name)
+            if member.size > max_bytes:
+                too_large.append(name)
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            try:
+                source = importlib.util.decode_source(handle.read())
+            except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+                collector.unexpectedError(name, f"cannot decode source: {exc}")
                 files += 1
-                if index % 20 == 0:
-                    ctx.progress(index / max(1, len(members)), f"{index} of {len(members)} files")
-    except tarfile.TarError as exc:
-        raise ValueError(f"archive: {archive} is not a readable tar file: {exc}") from None
+                continue
+            try:
+                check(source, name, collector)
+            except RecursionError:
+                collector.unexpectedError(name, "too deeply nested to check")
+            files += 1
+            if index % 20 == 0:
+                ctx.progress(index / max(1, len(members)), f"{index} of {len(members)} files")
 
     issues = sorted(collector.issues, key=lambda i: (i["path"], i["line"], i["col"]))
     message = f"pyflakes: {len(issues)} issue{'s' if len(issues) != 1 else ''} in {files} files"

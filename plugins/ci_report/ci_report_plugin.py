@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
 
 DEFAULT_MAX_LISTED = 20
 
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "markdown":
-        raise ValueError(f"ci_report plugin has no action {action!r} (actions: markdown)")
-    return write_report(ctx, args)
+    return dispatch(ctx, action, args, plugin="ci_report", actions={"markdown": write_report})
 
 
 def failure_rate(detect: dict[str, Any], tests: dict[str, Any]) -> float:

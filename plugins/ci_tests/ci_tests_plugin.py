@@ -9,18 +9,17 @@ has) and then kills the whole group.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
+from edgefleet.pluginkit.archive import unpack_tar
+from edgefleet.pluginkit.proc import run_in_group, scrubbed_env
 
 DEFAULT_TIMEOUT_S = 600.0
 # Left between the pytest timeout and the step's own deadline to stop it and report.
@@ -33,9 +32,7 @@ LOG_TAIL_CHARS = 2000
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "pytest":
-        raise ValueError(f"ci_tests plugin has no action {action!r} (actions: pytest)")
-    return run_pytest(ctx, args)
+    return dispatch(ctx, action, args, plugin="ci_tests", actions={"pytest": run_pytest})
 
 
 def skipped_result(message: str) -> dict[str, Any]:
@@ -46,67 +43,17 @@ def skipped_result(message: str) -> dict[str, Any]:
     }
 
 
-def unpack(archive: Path, dest: Path) -> None:
-    """Extract a tar into `dest` (emptied first), refusing members that would land outside it."""
-    if not archive.is_file():
-        raise ValueError(f"archive: {archive} does not exist or is not a file")
-    if dest.exists():
-        shutil.rmtree(dest)  # a rerun starts from a clean tree
-    dest.mkdir(parents=True)
-    try:
-        with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
-            else:  # Python < 3.11.4: check the members ourselves
-                root = dest.resolve()
-                for member in tar.getmembers():
-                    target = (root / member.name).resolve()
-                    if not target.is_relative_to(root) or member.isdev() or (
-                        (member.issym() or member.islnk())
-                        and not (target.parent / member.linkname).resolve().is_relative_to(root)
-                    ):
-                        raise ValueError(f"archive: member {member.name!r} would land outside the tree")
-                tar.extractall(dest)
-    except tarfile.TarError as exc:
-        raise ValueError(f"archive: {archive} is not a readable tar file: {exc}") from None
-
-
 def pytest_env(ctx: PluginContext, tmp: Path) -> dict[str, str]:
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
-    env.update(
+    return scrubbed_env(
+        ("PATH", "LANG", "LC_ALL", "TZ"),
         {
             "HOME": str(ctx.workspace),
             "TMPDIR": str(tmp),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
             "PY_COLORS": "0",
-        }
+        },
     )
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes], *, graceful: bool = True) -> None:
-    """Interrupt pytest (it then writes its report), then kill everything it started.
-
-    Not graceful (a cancel): kill the whole group at once.
-    """
-    steps = ((signal.SIGINT, INTERRUPT_GRACE_S),) if graceful else ()
-    for sig, grace in (*steps, (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGINT:
-            # pytest is done; its children (if any) still go.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return
 
 
 def parse_junit(path: Path, max_listed: int) -> dict[str, Any]:
@@ -153,7 +100,7 @@ def run_pytest(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
 
     ctx.progress(0.05, "unpacking the source tree")
     src = ctx.workspace_path("src")
-    unpack(ctx.input_path(str(archive_arg)), src)
+    unpack_tar(ctx.input_path(str(archive_arg)), src)
     tmp = ctx.workspace_path("tmp")
     tmp.mkdir(exist_ok=True)
     junit = ctx.workspace_path("junit.xml")
@@ -167,31 +114,15 @@ def run_pytest(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     ]
     ctx.progress(0.1, f"running pytest (limit {limit:g} s)")
     started = time.monotonic()
-    timed_out = False
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=str(src), env=pytest_env(ctx, tmp), stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        # Interrupted at the limit (SIGINT, so that pytest still writes its report), then killed.
+        outcome = run_in_group(
+            ctx, command, limit=limit, cwd=src, env=pytest_env(ctx, tmp),
+            stdout=out, stderr=subprocess.STDOUT, interrupt_grace=INTERRUPT_GRACE_S, poll=POLL_S,
         )
-        try:
-            while True:
-                try:
-                    proc.wait(POLL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if ctx.cancelled:
-                    _stop(proc, graceful=False)
-                    ctx.check_cancelled()
-                if time.monotonic() - started > limit:
-                    timed_out = True
-                    _stop(proc)
-                    break
-        finally:
-            if proc.poll() is None:  # an unexpected error above: never leave pytest running
-                _stop(proc, graceful=False)
     duration = round(time.monotonic() - started, 3)
-    exit_code = proc.returncode
+    timed_out = outcome.timed_out
+    exit_code = outcome.returncode
 
     report_problem: str | None = None
     parsed: dict[str, Any] = {"passed": 0, "failed": 0, "errors": 0, "skipped_tests": 0, "failures": []}

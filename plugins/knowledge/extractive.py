@@ -13,26 +13,21 @@ import math
 import re
 from collections import Counter
 
+from edgefleet.pluginkit.text import STOP_WORDS as CORE_STOP_WORDS
+from edgefleet.pluginkit.text import split_sentences
+
 WORD_RE = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
-# A sentence ends at . ! or ? (plus closing quotes/brackets) before whitespace and a capital,
-# digit or opening quote; "e.g. the" therefore stays one sentence.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])")
 MIN_SENTENCE_WORDS = 5
 MAX_SENTENCE_WORDS = 60
 MAX_SUMMARY_CHARS = 1200
 
-# A word list reads best as text.
-STOP_WORDS = frozenset(
-    """a about above after again against all also am an and any are aren't as at be because been
-    before being below between both but by can can't cannot could couldn't did didn't do does doesn't
-    doing don't down during each few for from further had hadn't has hasn't have haven't having he
-    her here hers herself him himself his how i if in into is isn't it it's its itself just let's me
-    more most mustn't my myself no nor not now of off on once only or other ought our ours ourselves
-    out over own same shan't she should shouldn't so some such than that that's the their theirs them
-    themselves then there there's these they this those through to too under until up very was wasn't
-    we were weren't what what's when where which while who who's whom why will with won't would
-    wouldn't you your yours yourself yourselves one two may might many much must us also however
-    within without via per yet""".split()  # noqa: SIM905
+# The core English stop words, plus contractions (WORD_RE keeps them whole) and words that
+# carry no topic in running prose. A word list reads best as text.
+STOP_WORDS = CORE_STOP_WORDS | frozenset(
+    """aren't can't couldn't didn't doesn't don't hadn't hasn't haven't isn't it's let's mustn't
+    shan't shouldn't that's there's wasn't weren't what's who's won't wouldn't herself himself
+    myself ours ourselves theirs themselves yours yourself yourselves now ought one two may might
+    many much must us however within without via per yet""".split()  # noqa: SIM905
 )
 
 
@@ -42,10 +37,6 @@ def words(text: str) -> list[str]:
 
 def content_words(text: str) -> list[str]:
     return [w for w in words(text) if w not in STOP_WORDS and len(w) > 1 and not w.isdigit()]
-
-
-def split_sentences(block: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(block) if s.strip()]
 
 
 def sentences_of(blocks: list[str]) -> list[str]:

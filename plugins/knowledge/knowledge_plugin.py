@@ -12,10 +12,12 @@ and writes only its own workspace.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
+from edgefleet.pluginkit.models import call_model, error_text, model_for
+from edgefleet.pluginkit.text import read_blocks, render_blocks
 
 try:  # loaded as the package edgefleet_plugins.knowledge (the plugin catalog)
     from . import extractive
@@ -42,15 +44,13 @@ DEFAULT_SENTENCES = 3
 MODEL_INPUT_CHARS = 8000
 # After this many model errors in one step, the rest of the pages go extractive directly.
 MAX_MODEL_ERRORS = 2
+# A summarizing model may put its text under `summary` too.
+ANSWER_KEYS = ("text", "content", "summary", "answer")
 
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action == "extract":
-        return extract(ctx, args)
-    if action == "summarize":
-        return summarize(ctx, args)
-    raise ValueError(f"knowledge plugin has no action {action!r} (actions: extract, summarize)")
+    return dispatch(ctx, action, args, plugin="knowledge", actions={"extract": extract, "summarize": summarize})
 
 
 def _pages(args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -61,24 +61,6 @@ def _pages(args: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --- extract ---------------------------------------------------------------------------------
-
-
-def render_blocks(blocks: list[tuple[str, str]]) -> str:
-    """The text file's format: blocks separated by blank lines, headings marked with '# '."""
-    return "\n\n".join(f"# {text}" if kind == "heading" else text for kind, text in blocks) + "\n"
-
-
-def read_blocks(path: Path) -> list[tuple[str, str]]:
-    """Inverse of render_blocks."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    out = []
-    for block in text.split("\n\n"):
-        block = block.strip()
-        if block.startswith("# "):
-            out.append(("heading", block[2:].strip()))
-        elif block:
-            out.append(("text", block))
-    return out
 
 
 def extract(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -141,12 +123,7 @@ def summarize(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     if isinstance(previous, dict) and isinstance(previous.get("summaries"), dict):
         done = dict(previous["summaries"])
 
-    model, model_error = None, None
-    if use_model:
-        try:
-            model = ctx.model("summarize")
-        except Exception as exc:  # noqa: BLE001 - ModelUnavailable or any model-layer failure
-            model_error = f"{type(exc).__name__}: {exc}"
+    model, model_error = model_for(ctx, "summarize") if use_model else (None, None)
     model_failures = 0
 
     todo = [p for p in pages if p.get("state") == "fetched" and p.get("text_path")]
@@ -164,7 +141,7 @@ def summarize(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
                     result = _model_summary(model, title, paragraphs, sentences)
                 except Exception as exc:  # noqa: BLE001 - any model error falls back
                     model_failures += 1
-                    model_error = f"{type(exc).__name__}: {exc}"
+                    model_error = error_text(exc)
             if result is not None:
                 done[key] = {"summary": result, "method": "model"}
             else:
@@ -188,53 +165,8 @@ def _model_summary(model: Any, title: str, paragraphs: list[str], sentences: int
         "Answer with the summary only.\n\n"
         f"Title: {title}\n\n{text}\n\nSummary:"
     )
-    answer = call_model(model, prompt, max_tokens=60 * sentences)
+    answer = call_model(model, prompt, max_tokens=60 * sentences, keys=ANSWER_KEYS)
     answer = " ".join(answer.split())
     if len(extractive.words(answer)) < 3:
         raise ValueError(f"model answered no usable summary: {answer[:80]!r}")
     return extractive._shorten(answer)
-
-
-def call_model(model: Any, prompt: str, *, max_tokens: int) -> str:
-    """Ask whatever `ctx.model()` returned for a completion, and return its text.
-
-    The model layer is not settled yet, so this accepts the usual shapes: an
-    object with `generate(prompt, ...)` or `complete(prompt, ...)`, or a
-    callable; the answer may be a str, a dict with `text`/`content`, an
-    OpenAI-style `choices` list, or an object with a `.text` attribute.
-    """
-    for name in ("generate", "complete"):
-        method = getattr(model, name, None)
-        if callable(method):
-            break
-    else:
-        if not callable(model):
-            raise TypeError(f"model object {type(model).__name__} has no generate/complete method")
-        method = model
-    try:
-        answer = method(prompt, max_tokens=max_tokens)
-    except TypeError:
-        answer = method(prompt)
-    return _answer_text(answer)
-
-
-def _answer_text(answer: Any) -> str:
-    if isinstance(answer, str):
-        return answer
-    if isinstance(answer, dict):
-        for key in ("text", "content", "summary", "answer"):
-            if isinstance(answer.get(key), str):
-                return answer[key]
-        choices = answer.get("choices")
-        if isinstance(choices, list) and choices:
-            first = choices[0]
-            if isinstance(first, dict):
-                if isinstance(first.get("text"), str):
-                    return first["text"]
-                message = first.get("message")
-                if isinstance(message, dict) and isinstance(message.get("content"), str):
-                    return message["content"]
-    text = getattr(answer, "text", None)
-    if isinstance(text, str):
-        return text
-    raise TypeError(f"model returned {type(answer).__name__}, not text")

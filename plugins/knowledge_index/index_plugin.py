@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import absolute_dir_arg, dispatch
+from edgefleet.pluginkit.text import read_blocks
 
 DB_FILENAME = "knowledge.sqlite3"
 SCHEMA_VERSION = "1"
@@ -61,24 +63,11 @@ class KnowledgeIndexError(RuntimeError):
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "update":
-        raise ValueError(f"knowledge_index plugin has no action {action!r} (actions: update)")
-    return update(ctx, args)
+    return dispatch(ctx, action, args, plugin="knowledge_index", actions={"update": update})
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def index_dir_of(args: dict[str, Any]) -> Path:
-    raw = args.get("index_dir")
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError("'index_dir' must be a non-empty path")
-    path = Path(raw)
-    if not path.is_absolute():
-        # A relative path would land in this subtask's workspace and vanish with it.
-        raise ValueError(f"'index_dir' must be an absolute path, got {raw!r}")
-    return path
 
 
 def open_index(db_path: Path) -> sqlite3.Connection:
@@ -105,18 +94,6 @@ def open_index(db_path: Path) -> sqlite3.Connection:
 
 
 # --- text and passages -----------------------------------------------------------------------
-
-
-def read_blocks(path: Path) -> list[tuple[str, str]]:
-    """The knowledge.extract text format: blocks separated by blank lines, headings marked '# '."""
-    out = []
-    for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-        block = block.strip()
-        if block.startswith("# "):
-            out.append(("heading", block[2:].strip()))
-        elif block:
-            out.append(("text", block))
-    return out
 
 
 def passages_of(blocks: list[tuple[str, str]]) -> list[str]:
@@ -153,7 +130,7 @@ def passages_of(blocks: list[tuple[str, str]]) -> list[str]:
 
 
 def update(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
-    index_dir = index_dir_of(args)
+    index_dir = absolute_dir_arg(args, "index_dir")
     pages = args.get("pages")
     if not isinstance(pages, list) or not all(isinstance(p, dict) and isinstance(p.get("url"), str) for p in pages):
         raise ValueError("'pages' must be a list of page records, each with a 'url'")

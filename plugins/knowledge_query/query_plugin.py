@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import absolute_dir_arg, dispatch
+from edgefleet.pluginkit.models import call_model, error_text, model_for
+from edgefleet.pluginkit.text import STOP_WORDS as CORE_STOP_WORDS
+from edgefleet.pluginkit.text import split_sentences
 
 DB_FILENAME = "knowledge.sqlite3"
 SCHEMA_VERSION = "1"
@@ -33,37 +37,18 @@ PASSAGE_WEIGHTS = (2.0, 1.0)  # title, text
 
 # Tokens as FTS5's unicode61 tokenizer sees them: runs of letters and digits.
 TOKEN_RE = re.compile(r"[^\W_]+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9À-Ý])")
-# Words that say nothing about what is asked: question words, articles, FTS5 operators.
-# A word list reads best as text.
-STOP_WORDS = frozenset(
-    """a about above after again against all also am an and any are as at be because been before
-    being below between both but by can cannot could did do does doing down during each few for from
-    further had has have having he her here hers him his how i if in into is it its itself just me
-    more most my no nor not of off on once only or other our out over own same she should so some
-    such than that the their them then there these they this those through to too under until up
-    very was we were what when where which while who whom why will with would you your near tell
-    explain describe please know""".split()  # noqa: SIM905
-)
+# Words that say nothing about what is asked: the core stop words (question words, articles,
+# FTS5's AND/OR/NOT), FTS5's NEAR, and the verbs of a request.
+STOP_WORDS = CORE_STOP_WORDS | frozenset(("near", "tell", "explain", "describe", "please", "know"))
 
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action == "validators":
-        return validators(ctx, args)
-    if action == "ask":
-        return ask(ctx, args)
-    raise ValueError(f"knowledge_query plugin has no action {action!r} (actions: validators, ask)")
+    return dispatch(ctx, action, args, plugin="knowledge_query", actions={"validators": validators, "ask": ask})
 
 
 def _db_path(args: dict[str, Any]) -> Path:
-    raw = args.get("index_dir")
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError("'index_dir' must be a non-empty path")
-    path = Path(raw)
-    if not path.is_absolute():
-        raise ValueError(f"'index_dir' must be an absolute path, got {raw!r}")
-    return path / DB_FILENAME
+    return absolute_dir_arg(args, "index_dir") / DB_FILENAME
 
 
 def open_readonly(db_path: Path) -> sqlite3.Connection:
@@ -125,10 +110,6 @@ def fts_query(question: str) -> str:
     (and rarer) terms higher. Returns "" when nothing searchable is left.
     """
     return " OR ".join(f'"{term}"' for term in question_terms(question))
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
 def ask(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +205,10 @@ def extractive_answer(query: str, passages: list[str], n_sentences: int) -> str:
 
 def _model_answer(ctx: PluginContext, question: str, passages: list[dict[str, Any]]) -> tuple[str | None, str | None]:
     """ctx.model("qa")'s answer from the passages, or (None, why not)."""
+    model, model_error = model_for(ctx, "qa")
+    if model_error is not None:
+        return None, model_error
     try:
-        model = ctx.model("qa")
         context = ""
         for p in passages:
             piece = f"[{p['title']}] ({p['url']})\n{p['text']}\n\n"
@@ -241,39 +224,5 @@ def _model_answer(ctx: PluginContext, question: str, passages: list[dict[str, An
         if len(TOKEN_RE.findall(answer)) < 2:
             raise ValueError(f"model answered nothing usable: {answer[:80]!r}")
         return answer, None
-    except Exception as exc:  # noqa: BLE001 - ModelUnavailable or any model error: fall back
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def call_model(model: Any, prompt: str, *, max_tokens: int) -> str:
-    """Ask whatever ctx.model() returned for a completion (same shapes as knowledge.summarize accepts)."""
-    for name in ("generate", "complete"):
-        method = getattr(model, name, None)
-        if callable(method):
-            break
-    else:
-        if not callable(model):
-            raise TypeError(f"model object {type(model).__name__} has no generate/complete method")
-        method = model
-    try:
-        answer = method(prompt, max_tokens=max_tokens)
-    except TypeError:
-        answer = method(prompt)
-    if isinstance(answer, str):
-        return answer
-    if isinstance(answer, dict):
-        for key in ("text", "content", "answer"):
-            if isinstance(answer.get(key), str):
-                return answer[key]
-        choices = answer.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            first = choices[0]
-            if isinstance(first.get("text"), str):
-                return first["text"]
-            message = first.get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                return message["content"]
-    text = getattr(answer, "text", None)
-    if isinstance(text, str):
-        return text
-    raise TypeError(f"model returned {type(answer).__name__}, not text")
+    except Exception as exc:  # noqa: BLE001 - any model error: fall back
+        return None, error_text(exc)

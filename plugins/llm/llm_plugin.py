@@ -27,6 +27,8 @@ def _served(reply: Any) -> dict[str, Any]:
         "tokens_in": reply.tokens_in,
         "tokens_out": reply.tokens_out,
         "seconds": round(reply.seconds, 3),
+        "load_seconds": round(reply.load_seconds, 3),
+        "first_token_seconds": reply.first_token_seconds,
     }
 
 

@@ -21,7 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgefleet.plugin_context import PluginContext, SubtaskCancelled
+from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import stop_cancelled
 
 
 def fingerprint(items: Iterable[Any]) -> str:
@@ -148,8 +149,7 @@ class Journal:
         """Checkpoint what is done and raise SubtaskCancelled if the subtask must stop."""
         if self.ctx.cancelled:
             self.commit()
-            self.ctx.check_cancelled()
-            raise SubtaskCancelled("subtask was cancelled")
+            stop_cancelled(self.ctx)
 
     def pause(self, seconds: float) -> None:
         if seconds > 0 and not self.ctx.sleep(seconds):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
 
 # Relative imports under the catalog's loader; plain ones where the sandbox puts the folder on sys.path.
 try:
@@ -24,7 +25,4 @@ ACTIONS = {"classify": classify, "resize": resize}
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    function = ACTIONS.get(action)
-    if function is None:
-        raise ValueError(f"photo plugin has no action {action!r} (actions: {', '.join(sorted(ACTIONS))})")
-    return function(ctx, args)
+    return dispatch(ctx, action, args, plugin="photo", actions=ACTIONS)

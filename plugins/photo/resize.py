@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.files import load_manifest
 
 # Relative imports under the catalog's loader; plain ones where the sandbox puts the folder on sys.path.
 try:
@@ -30,16 +30,8 @@ def _safe_stem(name: str) -> str:
 
 
 def load_photos(manifest: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"manifest: cannot read {str(manifest)!r}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"manifest: {str(manifest)!r} is not JSON: {exc}") from None
-    photos = data.get("photos") if isinstance(data, dict) else None
-    if not isinstance(photos, list) or not all(isinstance(p, dict) and "path" in p for p in photos):
-        raise ValueError(f"manifest: {str(manifest)!r} has no 'photos' list (is it a photo.classify manifest?)")
-    return photos
+    """The photo entries of a photo.classify manifest."""
+    return load_manifest(manifest, producer="photo.classify")
 
 
 def resize_one(source: Path, target: Path, max_edge: int, quality: int) -> tuple[int, int]:

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.plugin_context import PluginContext, SubtaskCancelled
+from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch, stop_cancelled
+from edgefleet.pluginkit.files import load_manifest
 
 # Relative imports under the catalog's loader; plain ones where the sandbox puts the folder on sys.path.
 try:
@@ -21,24 +23,13 @@ MAX_ERRORS_IN_OUTPUT = 50
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "best_shots":
-        raise ValueError(f"photo_rank plugin has no action {action!r} (actions: best_shots)")
-    return best_shots(ctx, args)
+    return dispatch(ctx, action, args, plugin="photo_rank", actions={"best_shots": best_shots})
 
 
 def _load(ctx: PluginContext, args: dict[str, Any]) -> list[dict[str, Any]]:
     if args.get("images") is not None:
         return [{"index": i, "path": str(ctx.input_path(p))} for i, p in enumerate(args["images"])]
-    manifest = ctx.input_path(str(args["manifest"]))
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"manifest: cannot read {str(manifest)!r}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"manifest: {str(manifest)!r} is not JSON: {exc}") from None
-    photos = data.get("photos") if isinstance(data, dict) else None
-    if not isinstance(photos, list) or not all(isinstance(p, dict) and "path" in p for p in photos):
-        raise ValueError(f"manifest: {str(manifest)!r} has no 'photos' list (is it a photo.resize manifest?)")
+    photos = load_manifest(ctx.input_path(str(args["manifest"])), producer="photo.resize")
     return [p for p in photos if "error" not in p]
 
 
@@ -68,8 +59,7 @@ def best_shots(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     for i in range(started_from, len(photos)):
         if ctx.cancelled:
             save()
-            ctx.check_cancelled()
-            raise SubtaskCancelled("subtask was cancelled")
+            stop_cancelled(ctx)
         try:
             scores.append(score_image(Path(photos[i]["path"])))
         except Exception as exc:  # noqa: BLE001 - an unreadable photo is not chosen, and is reported

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
+from edgefleet.pluginkit.proc import run_in_group, scrubbed_env
 
 ARCHIVE_NAME = "source.tar"
 DEFAULT_MAX_COMMITS = 50
@@ -34,15 +34,13 @@ class GitError(RuntimeError):
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "detect":
-        raise ValueError(f"repo_watch plugin has no action {action!r} (actions: detect)")
-    return detect(ctx, args)
+    return dispatch(ctx, action, args, plugin="repo_watch", actions={"detect": detect})
 
 
 def git_env(ctx: PluginContext) -> dict[str, str]:
     """Only what git needs; no user or system config (options come as `-c`)."""
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ}
-    env.update(
+    return scrubbed_env(
+        ("PATH", "LANG", "TZ"),
         {
             "HOME": str(ctx.workspace),
             "LC_ALL": "C",
@@ -51,9 +49,8 @@ def git_env(ctx: PluginContext) -> dict[str, str]:
             "GIT_TERMINAL_PROMPT": "0",
             "GIT_OPTIONAL_LOCKS": "0",  # a read must not take (or leave) locks in the user's repo
             "GIT_PAGER": "cat",
-        }
+        },
     )
-    return env
 
 
 def git_command(repo: Path, *args: str) -> list[str]:
@@ -73,39 +70,19 @@ def run_git(ctx: PluginContext, repo: Path, *args: str, timeout: float = GIT_CAL
     ctx.check_cancelled()
     limit = min(timeout, max(0.5, ctx.time_left()))
     try:
-        proc = subprocess.Popen(
-            git_command(repo, *args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=git_env(ctx),
-            cwd=str(ctx.workspace),
-            start_new_session=True,
+        outcome = run_in_group(
+            ctx, git_command(repo, *args), limit=limit, env=git_env(ctx), cwd=ctx.workspace,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, poll=POLL_S,
         )
     except FileNotFoundError:
         raise GitError("git is not installed on this node") from None
-    started = time.monotonic()
-    while True:
-        try:
-            out, err = proc.communicate(timeout=POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            if ctx.cancelled or time.monotonic() - started > limit:
-                _kill_group(proc)
-                ctx.check_cancelled()
-                raise GitError(f"git {args[0]} in {repo} took longer than {limit:g} s") from None
-    if proc.returncode != 0:
-        message = err.decode("utf-8", "replace").strip().splitlines()
-        raise GitError(f"git {args[0]} in {repo} failed: {' / '.join(message[-3:]) or f'exit {proc.returncode}'}")
-    return out.decode("utf-8", "replace")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.communicate()
+    if outcome.timed_out:
+        ctx.check_cancelled()  # past the subtask's own deadline: that is the error to report
+        raise GitError(f"git {args[0]} in {repo} took longer than {limit:g} s")
+    if outcome.returncode != 0:
+        message = (outcome.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+        raise GitError(f"git {args[0]} in {repo} failed: {' / '.join(message[-3:]) or f'exit {outcome.returncode}'}")
+    return (outcome.stdout or b"").decode("utf-8", "replace")
 
 
 def _resolve_commit(ctx: PluginContext, repo: Path, revision: str, field: str) -> str:

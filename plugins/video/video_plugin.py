@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgefleet.plugin_context import PluginContext, SubtaskCancelled
+from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
+from edgefleet.pluginkit.proc import kill_process, supervise
 
 # Where to look when the sandbox's scrubbed environment has no useful PATH.
 FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -21,9 +23,7 @@ PROBE_TIMEOUT_S = 30
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "slideshow":
-        raise ValueError(f"video plugin has no action {action!r} (actions: slideshow)")
-    return slideshow(ctx, args)
+    return dispatch(ctx, action, args, plugin="video", actions={"slideshow": slideshow})
 
 
 def find_binary(name: str) -> str | None:
@@ -81,25 +81,14 @@ def _render(ctx: PluginContext, cmd: list[str], progress: Path, expected: float,
     with open(log, "wb") as errors:
         # Same process group as this plugin: a sandbox that kills its group kills ffmpeg too.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
-        try:
-            while True:
-                try:
-                    proc.wait(POLL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if ctx.cancelled:
-                    proc.kill()
-                    proc.wait()
-                    ctx.check_cancelled()
-                    raise SubtaskCancelled("subtask was cancelled")
-                done = _out_time(progress)
-                if done is not None and expected > 0:
-                    ctx.progress(min(0.99, done / expected), f"rendered {done:.1f}/{expected:.1f} s")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+        def report() -> None:
+            done = _out_time(progress)
+            if done is not None and expected > 0:
+                ctx.progress(min(0.99, done / expected), f"rendered {done:.1f}/{expected:.1f} s")
+
+        # No limit of its own: the subtask's deadline (seen as a cancel) bounds it.
+        supervise(ctx, proc, stop=kill_process, poll=POLL_S, tick=report)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip()[-1500:]
         raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {tail or 'no message'}")

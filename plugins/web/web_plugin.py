@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from edgefleet.plugin_context import PluginContext
+from edgefleet.pluginkit.actions import dispatch
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -43,9 +44,7 @@ class _PageFailed(Exception):
 
 def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Entry point named in plugin.yaml."""
-    if action != "fetch_pages":
-        raise ValueError(f"web plugin has no action {action!r} (actions: fetch_pages)")
-    return fetch_pages(ctx, args)
+    return dispatch(ctx, action, args, plugin="web", actions={"fetch_pages": fetch_pages})
 
 
 def now_iso() -> str:
