@@ -8,17 +8,14 @@ against pages served by a real HTTP server that the test starts.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import (
     BaseHTTPRequestHandler,
     SimpleHTTPRequestHandler,
-    ThreadingHTTPServer,
 )
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +25,7 @@ import pytest
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_context import ModelUnavailable, PluginContext
 from edgefleet.plugin_manifest import Permission
-from tests.conftest import Cluster
+from tests.conftest import serving, Cluster
 
 KNOWLEDGE_PLUGINS = ("web", "knowledge", "knowledge_index", "knowledge_query")
 
@@ -112,21 +109,6 @@ def make_ctx(workspace: Path, ctx_class: type[PluginContext] = PluginContext) ->
     workspace.mkdir(parents=True, exist_ok=True)
     return ctx_class(job_id="job-k", subtask_id=workspace.name, attempt=1, workspace=workspace,
                      deadline=time.monotonic() + 60)
-
-
-@contextlib.contextmanager
-def serving(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 with `handler`, in a thread, for the block; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture()
