@@ -127,6 +127,18 @@ def up(
     stop_timeout: Annotated[
         float, typer.Option(help="seconds Ctrl-C waits for running subtasks before killing them")
     ] = 120.0,
+    with_prometheus: Annotated[
+        bool, typer.Option("--with-prometheus", help="also start Prometheus (the `prometheus` binary) scraping this cluster")
+    ] = False,
+    prometheus_port: Annotated[
+        Optional[int], typer.Option(help="Prometheus port on 127.0.0.1 (default: a free one)", show_default=False)
+    ] = None,
+    with_flower: Annotated[
+        bool, typer.Option("--with-flower", help="also start Flower on 127.0.0.1 (workers send task events)")
+    ] = False,
+    flower_port: Annotated[
+        Optional[int], typer.Option(help="Flower port on 127.0.0.1 (default: a free one)", show_default=False)
+    ] = None,
 ) -> None:
     """Run a whole cluster on this box: Redis, the router and a worker node, in the foreground.
 
@@ -141,6 +153,7 @@ def up(
         edgefleet up --demo
         edgefleet up --port 9000 --data-dir /tmp/ef
         edgefleet up --redis-url redis://nas.local:6379/0 --classes cpu,io
+        edgefleet up --with-prometheus --with-flower
     """
     from edgefleet.local_cluster import UpOptions, run_up
 
@@ -148,7 +161,8 @@ def up(
     settings = _load_settings(router_port=port, data_dir=data_dir)
     options = UpOptions(
         port=port, data_dir=data_dir, redis_url=redis_url, classes=chosen, demo=demo,
-        worker_stop_timeout=stop_timeout,
+        worker_stop_timeout=stop_timeout, with_prometheus=with_prometheus, prometheus_port=prometheus_port,
+        with_flower=with_flower, flower_port=flower_port,
     )
     raise typer.Exit(run_up(settings, options))
 

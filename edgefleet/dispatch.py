@@ -17,7 +17,15 @@ log = logging.getLogger(__name__)
 
 class Dispatcher:
     """Release is two steps (pop in Lua, then send): a crash in between leaves the
-    subtask in the store's `dispatching` set, which the reaper puts back."""
+    subtask in the store's `dispatching` set, which the reaper puts back.
+
+    Three callers release: the leader router's release loop (the only one that
+    drains retries and whatever waited for room), the submit handler (its new
+    job's first subtasks) and a worker that just finished a subtask (refilling the
+    slot it freed). All three pop the lowest scores with the same atomic `RELEASE`
+    script, which reads the class's target depth from Redis (the settings value is
+    only the default), so the target depth and the priority order hold whoever
+    releases; the fast paths only save the loop's latency."""
 
     def __init__(
         self, store: JobStore, celery: Celery, settings: Settings, affinity: ModelAffinity | None = None

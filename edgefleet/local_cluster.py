@@ -6,7 +6,12 @@ order):
 
 1. an embedded redis-server (when no Redis URL is configured), data in `<data_dir>/redis`;
 2. the router (`python -m edgefleet router`), awaited on /healthz;
-3. one worker node (`python -m edgefleet worker`), awaited on its heartbeat.
+3. one worker node (`python -m edgefleet worker`), awaited on its heartbeat;
+4. with `--with-prometheus`, a Prometheus server (the `prometheus` binary, e.g. the
+   Debian package) scraping the router and the node, storage in `<data_dir>/prometheus`;
+   the router's feedback loop reads it;
+5. with `--with-flower`, Flower (`python -m celery -A edgefleet.flower_app --broker <redis> flower`) on
+   127.0.0.1, its API open without auth there; workers then send task events.
 
 On SIGINT/SIGTERM it stops the worker first (a warm shutdown: running subtasks
 finish), then the router, then Redis, and sweeps each child's process group so
@@ -135,6 +140,52 @@ class UpOptions:
     classes: list[ResourceClass] | None = None
     demo: bool = False
     worker_stop_timeout: float = 120.0
+    with_prometheus: bool = False
+    prometheus_port: int | None = None
+    with_flower: bool = False
+    flower_port: int | None = None
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prometheus_config(
+    router_target: str,
+    token_file: Path | None,
+    worker_targets: list[str],
+    flower_target: str | None = None,
+    scrape_interval: str = "5s",
+) -> str:
+    """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower)."""
+    import yaml
+
+    router_job: dict[str, Any] = {
+        "job_name": "edgefleet-router",
+        "metrics_path": "/metrics",
+        "static_configs": [{"targets": [router_target]}],
+    }
+    if token_file is not None:
+        router_job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
+    jobs = [router_job]
+    if worker_targets:
+        jobs.append({"job_name": "edgefleet-workers", "metrics_path": "/metrics",
+                     "static_configs": [{"targets": list(worker_targets)}]})
+    if flower_target:
+        jobs.append({"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]})
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": jobs,
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def host_port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc
 
 
 @dataclass
@@ -154,6 +205,10 @@ class LocalCluster:
         self.redis_url: str = ""
         self.router: _Child | None = None
         self.worker: _Child | None = None
+        self.prometheus: _Child | None = None
+        self.flower: _Child | None = None
+        self.prometheus_url: str | None = None
+        self.flower_url: str | None = None
         self.token: str | None = None
         self.token_file: Path | None = None
         self.tokens_env: str | None = None
@@ -220,9 +275,94 @@ class LocalCluster:
                 "choose another with --port"
             )
         self._setup_tokens()
+        self._plan_extras()
         self._start_redis()
         self._start_router()
         self._start_worker()
+        if self.options.with_flower:
+            self._start_flower()
+        if self.options.with_prometheus:
+            self._start_prometheus()
+
+    # --- Prometheus and Flower ------------------------------------------------------------
+
+    def _plan_extras(self) -> None:
+        """Ports chosen before the router starts, so that it knows where Prometheus will be."""
+        import shutil
+
+        if self.options.with_prometheus:
+            if shutil.which("prometheus") is None:
+                self.console.print(
+                    "[yellow]![/yellow] [bold]prometheus[/bold] binary not found on PATH: not starting Prometheus "
+                    "(install it, e.g. `apt-get install prometheus`); the feedback loop reads Redis instead",
+                    highlight=False,
+                )
+                self.options.with_prometheus = False
+            else:
+                port = self.options.prometheus_port or free_local_port()
+                self.prometheus_url = f"http://127.0.0.1:{port}"
+        if self.options.with_flower:
+            port = self.options.flower_port or free_local_port()
+            self.flower_url = f"http://127.0.0.1:{port}"
+
+    def _spawn_cmd(self, name: str, cmd: list[str], env: dict[str, str]) -> _Child:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the child is stopped
+        proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=str(self.data_dir), **self._popen_kwargs(),
+        )
+        return _Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+
+    def _await_http(self, child: _Child, url: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                self._check_alive(child)
+                try:
+                    if http.get(url).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StartError(f"{child.name} not ready after {timeout:g}s: {child.log_tail()}")
+                self._interruptible_sleep(0.2)
+
+    def _start_flower(self) -> None:
+        assert self.flower_url is not None
+        port = self.flower_url.rsplit(":", 1)[1]
+        env = self._child_env()
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"  # bound to 127.0.0.1 only
+        cmd = [sys.executable, "-m", "celery", "-A", "edgefleet.flower_app", "--broker", self.redis_url, "flower",
+               f"--port={port}", "--address=127.0.0.1"]
+        self.flower = self._spawn_cmd("flower", cmd, env)
+        self._await_http(self.flower, f"{self.flower_url}/healthcheck")
+        self._say("flower", f"{self.flower_url} (pid {self.flower.pid})")
+
+    def _start_prometheus(self) -> None:
+        assert self.prometheus_url is not None
+        workers: list[str] = []
+        try:
+            with self.client(timeout=5.0) as client:
+                workers = [host_port(n.metrics_url) for n in client.workers() if n.metrics_url]
+        except ClientError:
+            pass
+        prom_dir = self.data_dir / "prometheus"
+        prom_dir.mkdir(exist_ok=True)
+        token_file: Path | None = None
+        if self.token:
+            token_file = prom_dir / "router.token"
+            write_secret_file(token_file, self.token)
+        config = prom_dir / "prometheus.yml"
+        config.write_text(prometheus_config(
+            host_port(self.url), token_file, workers,
+            host_port(self.flower_url) if self.flower_url else None,
+        ))
+        cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={prom_dir / 'data'}",
+               f"--web.listen-address={host_port(self.prometheus_url)}"]
+        self.prometheus = self._spawn_cmd("prometheus", cmd, dict(os.environ))
+        self._await_http(self.prometheus, f"{self.prometheus_url}/-/ready", timeout=60.0)
+        self._say("prometheus", f"{self.prometheus_url} (pid {self.prometheus.pid}, config {config})")
 
     def _setup_tokens(self) -> None:
         if self.settings.tokens:
@@ -259,6 +399,10 @@ class LocalCluster:
             env.pop("EDGEFLEET_BROKER_URL", None)  # the embedded Redis is the broker too
         if self.tokens_env is not None:
             env["EDGEFLEET_TOKENS"] = self.tokens_env
+        if self.prometheus_url:
+            env["EDGEFLEET_PROMETHEUS_URL"] = self.prometheus_url
+        if self.options.with_flower:
+            env["EDGEFLEET_TASK_EVENTS"] = "true"
         if "EDGEFLEET_WORKER_METRICS_PORT" not in os.environ:
             wanted = self.port + 1
             port = wanted if wanted < 65536 and not _port_in_use(self.settings.worker_metrics_host, wanted) else 0
@@ -381,6 +525,10 @@ class LocalCluster:
         table.add_row("API docs", escape(f"{self.url}/docs"))
         table.add_row("metrics", escape("\n".join(metrics)))
         table.add_row("redis", escape(self.redis_url + ("  (embedded)" if self.redis else "")))
+        if self.prometheus_url and self.prometheus is not None:
+            table.add_row("prometheus", escape(self.prometheus_url))
+        if self.flower_url and self.flower is not None:
+            table.add_row("flower", escape(self.flower_url))
         table.add_row("data dir", escape(str(self.data_dir)))
         table.add_row("logs", escape(str(self.data_dir / "logs")))
         if self.token_file is not None:
@@ -443,7 +591,7 @@ class LocalCluster:
     def supervise(self) -> int:
         """Wait for a signal; a child that dies on its own ends the run with code 1."""
         while not self._stop.wait(0.5):
-            for child in (self.worker, self.router):
+            for child in (self.worker, self.router, self.prometheus, self.flower):
                 if child is not None and not child.alive():
                     self.console.print(
                         f"[red]error:[/red] {child.name} exited with code {child.proc.returncode}; "
@@ -458,10 +606,16 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Workers first (warm shutdown), then the router, then Redis. Idempotent."""
-        parts = [name for name, part in (("worker", self.worker), ("router", self.router), ("redis", self.redis))
+        parts = [name for name, part in (("prometheus", self.prometheus), ("flower", self.flower),
+                                         ("worker", self.worker), ("router", self.router), ("redis", self.redis))
                  if part is not None]
         if parts:
             self.console.print(f"\n[bold]stopping[/bold] ({', '.join(parts)})…")
+        for attr in ("prometheus", "flower"):
+            child = getattr(self, attr)
+            if child is not None:
+                self._stop_child(child, ROUTER_STOP_TIMEOUT)
+                setattr(self, attr, None)
         if self.worker is not None:
             self._stop_child(
                 self.worker, self.options.worker_stop_timeout,

@@ -87,6 +87,13 @@ class JobRequest(_Strict):
     priority: PriorityClass = PriorityClass.normal
     callback_url: AnyHttpUrl | None = None
     name: str | None = Field(default=None, max_length=200)
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="seconds from submission by which the job should be done; the scheduler "
+        "moves its subtasks ahead as the latest start time nears",
+    )
 
 
 class PlanPreview(BaseModel):
@@ -170,6 +177,7 @@ class JobStatus(BaseModel):
     error: str | None = None
     failed_subtask: str | None = None
     callback_url: str | None = None
+    deadline_at: float | None = Field(default=None, description="created_at + deadline_s, when set")
     subtasks: list[SubtaskStatus] = Field(default_factory=list)
 
 

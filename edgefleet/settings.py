@@ -16,6 +16,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from edgefleet.priority import DEFAULT_WEIGHTS
 from edgefleet.schemas import ResourceClass
 
 CONFIG_FILE_ENV = "EDGEFLEET_CONFIG"
@@ -87,9 +88,26 @@ class Settings(BaseSettings):
         default_factory=lambda: {ResourceClass.cpu: 16, ResourceClass.gpu: 4, ResourceClass.io: 32}
     )
     release_interval: float = 0.2
+    scheduler_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_WEIGHTS),
+        description="defaults of the release scheduler's weights (see edgefleet.priority); "
+        "the values in Redis, once there, win",
+    )
+    scheduler_lease_ttl: float = Field(
+        default=5.0, gt=0, description="the release lease: only the router holding it runs the release loop"
+    )
+    router_id: str | None = Field(default=None, description="this router's name in the lease; default host:pid:random")
     reap_interval: float = 1.0
     callback_attempts: int = 5
 
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Prometheus server the router's feedback loop reads (/api/v1/query); unset: figures from Redis",
+    )
+    feedback_interval: float = Field(default=5.0, gt=0, description="seconds between feedback rounds")
+    interactive_p95_objective: float = Field(
+        default=2.0, gt=0, description="seconds; above it the feedback loop raises the interactive weight"
+    )
     task_events: bool = Field(default=False, description="Celery task events, for Flower (costs ~20%)")
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import redis
 
-from edgefleet import store_lua
+from edgefleet import priority, store_lua
 from edgefleet.keys import Keys
 from edgefleet.schemas import (
     JobPage,
@@ -97,6 +97,12 @@ class JobStore:
                 "CHECKPOINT",
                 "CANCEL",
                 "REAP",
+                "RESCORE",
+                "SET_WEIGHTS",
+                "SEED_WEIGHTS",
+                "SET_TARGET_DEPTH",
+                "LEAD",
+                "RESIGN",
             )
         }
 
@@ -124,6 +130,7 @@ class JobStore:
         request_json: str,
         request_hash: str,
         idempotency_key: str | None,
+        deadline_s: float | None = None,
     ) -> CreateResult:
         payload = {
             "job": {
@@ -134,6 +141,7 @@ class JobStore:
                 "callback_url": callback_url or "",
                 "request_hash": request_hash,
                 "request": request_json,
+                "deadline_s": deadline_s,
             },
             "subtasks": [
                 {
@@ -192,6 +200,7 @@ class JobStore:
             error=_opt_str(job.get("error")),
             failed_subtask=_opt_str(job.get("failed_subtask")),
             callback_url=_opt_str(job.get("callback_url")),
+            deadline_at=_opt_float(job.get("deadline_at")),
             subtasks=subtasks,
         )
 
@@ -312,6 +321,77 @@ class JobStore:
 
     def queued_size(self, resource_class: ResourceClass) -> int:
         return int(self.redis.zcard(self.keys.queued(resource_class)))
+
+    # --- scheduler state: weights, target depths, the release lease ---------------------
+    # Key names: <prefix>:scheduler:weights (hash), :target_depth (hash), :changes (list,
+    # newest first, 20 kept), :leader (the lease), :loop_released (hash router id -> count).
+
+    def _sched(self, name: str) -> str:
+        return f"{self._prefix}:scheduler:{name}"
+
+    def seed_weights(self, defaults: dict[str, float]) -> int:
+        """Fill in the weights Redis does not have yet; values already there win."""
+        return int(self._run("SEED_WEIGHTS", json.dumps(priority.validate_weights(defaults))))
+
+    def weights(self) -> dict[str, float]:
+        stored = self.redis.hgetall(self._sched("weights"))
+        out = dict(priority.DEFAULT_WEIGHTS)
+        for name, value in stored.items():
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+        return out
+
+    def set_weights(self, changes: dict[str, float], reason: str) -> int:
+        """Change some weights, log the change with its reason, and rescore every waiting
+        subtask with the new weights, all in one atomic step. Returns the rescored count."""
+        valid = priority.validate_weights(changes)
+        if not valid:
+            return 0
+        return int(
+            self._run("SET_WEIGHTS", json.dumps(valid), reason, json.dumps([rc.value for rc in ResourceClass]))
+        )
+
+    def rescore(self, *classes: ResourceClass) -> int:
+        """Recompute the backlog scores of `classes` (all when none) with the current weights."""
+        return int(self._run("RESCORE", *[rc.value for rc in (classes or tuple(ResourceClass))]))
+
+    def target_depths(self, defaults: dict[ResourceClass, int]) -> dict[ResourceClass, int]:
+        """Each class's target depth: the value in Redis, else the given default."""
+        stored = self.redis.hgetall(self._sched("target_depth"))
+        return {rc: int(stored.get(rc.value) or defaults.get(rc, 16)) for rc in ResourceClass}
+
+    def set_target_depth(self, resource_class: ResourceClass, depth: int, reason: str) -> None:
+        if isinstance(depth, bool) or int(depth) < 0:
+            raise ValueError("target depth must be a non-negative integer")
+        self._run("SET_TARGET_DEPTH", ResourceClass(resource_class).value, int(depth), reason)
+
+    def scheduler_changes(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.redis.lrange(self._sched("changes"), 0, limit - 1)]
+
+    def lead(self, router_id: str, ttl: float) -> bool:
+        """Take or renew the release lease; True while this router holds it."""
+        return bool(self._run("LEAD", router_id, max(1, int(ttl * 1000))))
+
+    def resign(self, router_id: str) -> None:
+        self._run("RESIGN", router_id)
+
+    def leader(self) -> str | None:
+        return self.redis.get(self._sched("leader"))
+
+    def count_loop_release(self, router_id: str, count: int) -> None:
+        self.redis.hincrby(self._sched("loop_released"), router_id, count)
+
+    def loop_released(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.redis.hgetall(self._sched("loop_released")).items()}
+
+    def backlog_order(self, resource_class: ResourceClass, limit: int = 100) -> list[tuple[str, float]]:
+        """The first `limit` backlog members ("job|subtask") with their scores, next first."""
+        return self.redis.zrange(self.keys.backlog(resource_class), 0, limit - 1, withscores=True)
+
+    def tenant_active(self, tenant: str) -> int:
+        return int(self.redis.get(f"{self._prefix}:tenant_active:{tenant}") or 0)
 
     # --- worker side --------------------------------------------------------------------
 

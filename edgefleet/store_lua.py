@@ -5,7 +5,14 @@ happened before the transition or after it, never half-way. Keys are derived
 from ARGV[1] (the prefix) inside the scripts: edgefleet targets one Redis, not
 a cluster. Timestamps come from Redis' TIME so that boxes with skewed clocks
 agree on leases and backoffs.
+
+The backlog score (effective priority) is `edgefleet.priority`'s formula (`LUA_SCORE`).
+Per-tenant counters `<prefix>:tenant_active:<tenant>` count the subtasks of a tenant
+that are ready, queued, running or waiting for a retry: a subtask's hash field
+`active` is 1 while it is counted, so every transition counts it at most once.
 """
+
+from edgefleet.priority import LUA_SCORE
 
 PRELUDE = r"""
 local P = ARGV[1]
@@ -14,10 +21,10 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local NOW = now()
-local PRIORITY_RANK = {interactive = 0, normal = 1, batch = 2}
 local function jkey(jid) return P .. ':job:' .. jid end
 local function skey(jid, sid) return P .. ':st:' .. jid .. ':' .. sid end
 local function member(jid, sid) return jid .. '|' .. sid end
+""" + LUA_SCORE + r"""
 
 local function event(jid, kind, sid, state, extra)
   local fields = {'type', kind, 'ts', tostring(NOW)}
@@ -35,17 +42,63 @@ local function index_job(jid, tenant, old_state, new_state, created)
   end
 end
 
-local function backlog_score(priority)
-  return (PRIORITY_RANK[priority] or 1) * 10000000000 + NOW
+local function tenant_of(jid, sk)
+  local t = redis.call('HGET', sk, 'tenant')
+  if not t or t == '' then t = redis.call('HGET', jkey(jid), 'tenant') or '' end
+  return t
 end
 
-local function make_ready(jid, sid)
+-- The subtask no longer counts toward its tenant's load (finished, cancelled, failed for good).
+local function settle(jid, sid)
   local sk = skey(jid, sid)
-  local cls = redis.call('HGET', sk, 'resource_class')
-  local priority = redis.call('HGET', jkey(jid), 'priority')
-  redis.call('HSET', sk, 'state', 'ready', 'ready_at', NOW)
-  redis.call('ZADD', P .. ':backlog:' .. cls, backlog_score(priority), member(jid, sid))
+  if redis.call('HGET', sk, 'active') == '1' then
+    redis.call('HSET', sk, 'active', '0')
+    local tk = P .. ':tenant_active:' .. tenant_of(jid, sk)
+    if redis.call('DECR', tk) <= 0 then redis.call('DEL', tk) end
+  end
+end
+
+local function subtask_score(w, jid, sk)
+  local f = redis.call('HMGET', sk, 'ready_at', 'tenant_load')
+  local jf = redis.call('HMGET', jkey(jid), 'priority', 'deadline_at')
+  local deadline = nil
+  if jf[2] and jf[2] ~= '' then deadline = tonumber(jf[2]) end
+  return effective_score(w, jf[1] or 'normal', tonumber(f[1]) or NOW, tonumber(f[2]) or 0, deadline)
+end
+
+local function make_ready(jid, sid, w)
+  local sk = skey(jid, sid)
+  local f = redis.call('HMGET', sk, 'resource_class', 'active')
+  local tk = P .. ':tenant_active:' .. tenant_of(jid, sk)
+  local load
+  if f[2] == '1' then
+    load = tonumber(redis.call('GET', tk) or '1') - 1  -- a retry or requeue: already counted
+  else
+    load = redis.call('INCR', tk) - 1
+  end
+  if load < 0 then load = 0 end
+  redis.call('HSET', sk, 'state', 'ready', 'ready_at', NOW, 'tenant_load', load, 'active', '1')
+  redis.call('ZADD', P .. ':backlog:' .. f[1], subtask_score(w or load_weights(), jid, sk), member(jid, sid))
   event(jid, 'subtask', sid, 'ready', {attempt = tonumber(redis.call('HGET', sk, 'attempt'))})
+end
+
+-- Recompute every score of a class backlog with the current weights.
+local function rescore(cls, w)
+  local key = P .. ':backlog:' .. cls
+  local members = redis.call('ZRANGE', key, 0, -1)
+  for _, m in ipairs(members) do
+    local sep = string.find(m, '|', 1, true)
+    local jid = string.sub(m, 1, sep - 1)
+    local sid = string.sub(m, sep + 1)
+    redis.call('ZADD', key, subtask_score(w, jid, skey(jid, sid)), m)
+  end
+  return #members
+end
+
+local function log_change(kind, changes, reason)
+  local key = P .. ':scheduler:changes'
+  redis.call('LPUSH', key, cjson.encode({ts = NOW, kind = kind, changes = changes, reason = reason}))
+  redis.call('LTRIM', key, 0, 19)
 end
 
 -- Take a subtask out of every waiting structure (backlog, delayed, queued, dispatching).
@@ -75,6 +128,7 @@ local function finish_job(jid, new_state, err, failed_sid)
     if st == 'waiting' or st == 'ready' or st == 'retry_wait' or st == 'queued' then
       unlist(jid, sid)
       redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW)
+      settle(jid, sid)
       event(jid, 'subtask', sid, 'cancelled', nil)
     end
   end
@@ -101,6 +155,7 @@ local function fail_attempt(jid, sid, err, retryable)
     return 'retry_wait'
   end
   redis.call('HSET', sk, 'state', 'failed', 'finished_at', NOW)
+  settle(jid, sid)
   event(jid, 'subtask', sid, 'failed', {attempt = attempt, error = err})
   local msg = 'subtask ' .. sid .. ' failed after ' .. attempt .. ' attempt(s): ' .. err
   finish_job(jid, 'failed', msg, sid)
@@ -125,7 +180,11 @@ for _, st in ipairs(payload.subtasks) do table.insert(order, st.id) end
 redis.call('HSET', jk, 'id', jid, 'state', 'running', 'priority', job.priority,
   'tenant', job.tenant, 'name', job.name, 'callback_url', job.callback_url,
   'request_hash', job.request_hash, 'created_at', NOW, 'updated_at', NOW,
-  'remaining', #payload.subtasks, 'order', cjson.encode(order), 'request', job.request)
+  'remaining', #payload.subtasks, 'order', cjson.encode(order), 'request', job.request,
+  'deadline_at', '')
+if job.deadline_s and job.deadline_s ~= cjson.null then
+  redis.call('HSET', jk, 'deadline_at', NOW + tonumber(job.deadline_s))
+end
 index_job(jid, job.tenant, nil, 'running', NOW)
 redis.call('ZADD', P .. ':jobs', NOW, jid)
 redis.call('ZADD', P .. ':jobs:t:' .. job.tenant, NOW, jid)
@@ -136,10 +195,11 @@ for _, st in ipairs(payload.subtasks) do
     'needs', st.needs, 'dependents', st.dependents,
     'args', st.args, 'timeout', st.timeout, 'retries', st.retries,
     'retry_backoff', st.retry_backoff, 'state', 'waiting', 'attempt', 1, 'failures', 0,
-    'lost', 0, 'deps_left', st.n_needs, 'owner_node', '', 'owner_pid', '')
+    'lost', 0, 'deps_left', st.n_needs, 'owner_node', '', 'owner_pid', '', 'tenant', job.tenant)
 end
+local weights = load_weights()
 for _, st in ipairs(payload.subtasks) do
-  if st.n_needs == 0 then make_ready(jid, st.id) end
+  if st.n_needs == 0 then make_ready(jid, st.id, weights) end
 end
 if payload.idem_key ~= '' then
   redis.call('SET', payload.idem_key, jid, 'EX', payload.idem_ttl)
@@ -147,10 +207,12 @@ end
 return {'created', jid, job.request_hash}
 """
 
-# ARGV: prefix, class, max to release, target depth of the class
+# ARGV: prefix, class, max to release, default target depth of the class (the value in
+# the hash <prefix>:scheduler:target_depth wins, so every releaser honours the same one)
 RELEASE = PRELUDE + r"""
 local cls = ARGV[2]
-local room = tonumber(ARGV[4]) - redis.call('ZCARD', P .. ':queued:' .. cls)
+local target = tonumber(redis.call('HGET', P .. ':scheduler:target_depth', cls) or '') or tonumber(ARGV[4])
+local room = target - redis.call('ZCARD', P .. ':queued:' .. cls)
 local n = math.min(tonumber(ARGV[3]), room)
 local out = {}
 if n <= 0 then return cjson.encode(out) end
@@ -284,6 +346,7 @@ local job_state = redis.call('HGET', jk, 'state')
 if outcome == 'succeeded' then
   redis.call('HSET', sk, 'state', 'succeeded', 'finished_at', NOW, 'output', ARGV[8], 'error', '',
     'progress', 1)
+  settle(jid, sid)
   event(jid, 'subtask', sid, 'succeeded', {attempt = tonumber(attempt)})
   if job_state ~= 'running' then return {'done', job_state, ''} end
   local classes = {}
@@ -307,6 +370,7 @@ if outcome == 'succeeded' then
 elseif outcome == 'cancelled' or job_state ~= 'running' then
   redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'error', ARGV[9],
     'owner_node', '', 'owner_pid', '')
+  settle(jid, sid)
   event(jid, 'subtask', sid, 'cancelled', {attempt = tonumber(attempt)})
   return {'done', job_state, ''}
 end
@@ -341,6 +405,7 @@ for _, m in ipairs(expired) do
     local msg = 'lease expired on node ' .. owner .. ' (worker lost)'
     if redis.call('HGET', jkey(jid), 'state') ~= 'running' then
       redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'owner_node', '', 'owner_pid', '')
+      settle(jid, sid)
       event(jid, 'subtask', sid, 'cancelled', {error = msg})
     elseif lost > max_lost then
       fail_attempt(jid, sid, msg .. ' ' .. lost .. ' times', false)
@@ -394,4 +459,67 @@ for _, cls in ipairs({'cpu', 'gpu', 'io'}) do
   end
 end
 return requeued
+"""
+
+
+# ARGV: prefix, classes... Recompute the scores of everything waiting in those backlogs.
+RESCORE = PRELUDE + r"""
+local w = load_weights()
+local n = 0
+for i = 2, #ARGV do n = n + rescore(ARGV[i], w) end
+return n
+"""
+
+# ARGV: prefix, changes json {name: number}, reason, classes json. Set, log, rescore: one step.
+SET_WEIGHTS = PRELUDE + r"""
+local changes = cjson.decode(ARGV[2])
+local key = P .. ':scheduler:weights'
+local logged = {}
+for name, value in pairs(changes) do
+  local old = redis.call('HGET', key, name)
+  redis.call('HSET', key, name, value)
+  logged[name] = {old = tonumber(old), new = tonumber(value)}
+end
+log_change('weights', logged, ARGV[3])
+local w = load_weights()
+local n = 0
+for _, cls in ipairs(cjson.decode(ARGV[4])) do n = n + rescore(cls, w) end
+return n
+"""
+
+# ARGV: prefix, defaults json {name: number}. A router's settings fill in what Redis lacks.
+SEED_WEIGHTS = PRELUDE + r"""
+local n = 0
+for name, value in pairs(cjson.decode(ARGV[2])) do
+  n = n + redis.call('HSETNX', P .. ':scheduler:weights', name, value)
+end
+return n
+"""
+
+# ARGV: prefix, class, depth, reason
+SET_TARGET_DEPTH = PRELUDE + r"""
+local key = P .. ':scheduler:target_depth'
+local old = redis.call('HGET', key, ARGV[2])
+redis.call('HSET', key, ARGV[2], ARGV[3])
+log_change('target_depth', {[ARGV[2]] = {old = tonumber(old), new = tonumber(ARGV[3])}}, ARGV[4])
+return 1
+"""
+
+# ARGV: prefix, router id, lease ms. Acquire or renew the release lease: 1 if we hold it.
+LEAD = r"""
+local key = ARGV[1] .. ':scheduler:leader'
+local holder = redis.call('GET', key)
+if holder == ARGV[2] then
+  redis.call('PEXPIRE', key, ARGV[3])
+  return 1
+end
+if not holder and redis.call('SET', key, ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+
+# ARGV: prefix, router id. Give the lease up (only if still ours).
+RESIGN = r"""
+local key = ARGV[1] .. ':scheduler:leader'
+if redis.call('GET', key) == ARGV[2] then return redis.call('DEL', key) end
+return 0
 """

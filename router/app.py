@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +26,13 @@ from edgefleet.dispatch import Dispatcher
 from edgefleet.model_affinity import build_affinity
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.models.router import NoModelAvailable
-from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, StepSpec
+from edgefleet.priority import DEFAULT_WEIGHTS
+from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, ResourceClass, StepSpec
 from edgefleet.settings import Scope, Settings
 from edgefleet.store import JobStore
 from router.auth import Principal, require
 from router.events import SOCKET_TIMEOUT, job_event_stream
+from router.feedback import start_feedback
 from router.goal_planner import GoalPlanError
 from router.model_access import goal_planner_of
 from router.loops import RouterLoops
@@ -68,9 +72,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery = create_celery(settings, main="edgefleet-router")
         metrics = RouterMetrics(store)
         dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
+        router_id = settings.router_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Weights live in Redis; this router's settings only fill in what is not there yet.
+        store.seed_weights({**DEFAULT_WEIGHTS, **settings.scheduler_weights})
         loops = RouterLoops(
-            store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks
+            store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks,
+            router_id=router_id,
         )
+        app.state.router_id = router_id
+        app.state.loops = loops
         app.state.store = store
         app.state.aredis = aioredis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT
@@ -81,10 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = dispatcher
         app.state.metrics = metrics
         loops.start()
+        app.state.feedback = start_feedback(app, store, settings, metrics, lambda: loops.leading)
         log.info("router started", extra={"plugins": plugins.names(), "templates": templates.names()})
         try:
             yield
         finally:
+            app.state.feedback.stop()
             loops.stop()
             await app.state.aredis.aclose()
             store.redis.close()
@@ -261,6 +273,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             request_json=json.dumps(job_request.model_dump(mode="json")),
             request_hash=digest,
             idempotency_key=idempotency_key,
+            deadline_s=job_request.deadline_s,
         )
         if not result.created and result.request_hash != digest:
             return _error(
@@ -325,6 +338,24 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             request.app.state.aredis, keys.events(job_id), last_event_id or "0", keys.job(job_id)
         )
         return EventSourceResponse(stream, ping=15)
+
+    @app.get("/v1/scheduler", tags=["fleet"])
+    def scheduler(request: Request, _: ReadPrincipal) -> dict[str, Any]:
+        """The release scheduler as Redis holds it: weights (see `edgefleet.priority`),
+        target depth, backlog and released-but-unclaimed depth per resource class, the
+        router holding the release lease, and the last changes with their reasons."""
+        store: JobStore = request.app.state.store
+        depths = store.target_depths(settings.target_depth)
+        return {
+            "router_id": request.app.state.router_id,
+            "leader": store.leader(),
+            "weights": store.weights(),
+            "target_depth": {rc.value: n for rc, n in depths.items()},
+            "backlog": {rc.value: store.backlog_size(rc) for rc in ResourceClass},
+            "queued": {rc.value: store.queued_size(rc) for rc in ResourceClass},
+            "loop_released": store.loop_released(),
+            "last_changes": store.scheduler_changes(),
+        }
 
     @app.get("/v1/workers", tags=["fleet"], response_model=list[NodeInfo])
     def workers(request: Request, _: ReadPrincipal) -> list[NodeInfo]:

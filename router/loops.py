@@ -2,12 +2,16 @@
 
 They are threads, not asyncio tasks, because the job store and Celery's producer
 are blocking clients; every step is a Lua script, so several routers may run them.
+Only the release loop is exclusive: it runs in the router that holds the Redis lease
+`<prefix>:scheduler:leader` (SET NX PX, renewed while it runs); the others skip it
+until the lease expires or is given back. Reaping and callbacks run everywhere.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -31,7 +35,11 @@ class RouterLoops:
         released: Counter,
         requeued: Counter,
         callbacks: Counter,
+        router_id: str = "router",
     ) -> None:
+        self.router_id = router_id
+        self._leading = False
+        self._renewed_at = 0.0
         self.store = store
         self.dispatcher = dispatcher
         self.settings = settings
@@ -55,6 +63,33 @@ class RouterLoops:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        if self._leading:
+            try:
+                self.store.resign(self.router_id)
+            except Exception:  # noqa: BLE001 - the lease expires anyway
+                log.warning("could not give the release lease back")
+            self._leading = False
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    def _lead(self) -> bool:
+        """Take or renew the lease, at most every third of its TTL while we hold it."""
+        ttl = self.settings.scheduler_lease_ttl
+        now = time.monotonic()
+        if self._leading and now - self._renewed_at < ttl / 3:
+            return True
+        leading = self.store.lead(self.router_id, ttl)
+        if leading != self._leading:
+            log.info(
+                "release lease taken" if leading else "release lease lost",
+                extra={"router_id": self.router_id, "leader": self.store.leader()},
+            )
+        self._leading = leading
+        if leading:
+            self._renewed_at = now
+        return leading
 
     def _guarded(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
         """Keep a loop alive through Redis restarts: log, back off, go on."""
@@ -72,12 +107,16 @@ class RouterLoops:
     def _release_loop(self) -> None:
         """The safety net and the backlog's drain: submissions and finishing workers release
         their own work at once, so this loop only picks up retries, requeued work and
-        whatever waited for room under a class's target depth."""
+        whatever waited for room under a class's target depth. Only the lease holder runs it."""
         while not self._stop.is_set():
+            if not self._lead():
+                self._stop.wait(self.settings.release_interval)
+                continue
             self.store.promote_delayed()
             count = self.dispatcher.release_all()
             if count:
                 self._released.inc(count)
+                self.store.count_loop_release(self.router_id, count)
                 continue  # there may be more room or more work
             self._stop.wait(self.settings.release_interval)
 

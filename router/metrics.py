@@ -1,17 +1,55 @@
-"""The router's Prometheus metrics: counters it owns plus fleet gauges read from Redis at scrape."""
+"""The router's Prometheus metrics: counters it owns plus fleet gauges read from Redis at scrape.
+
+Finished jobs are observed by `FinishWatcher`, a cheap periodic scan of the job
+store's state indexes: a job that finished since the last scan was running then
+(or was created after it), so only index members scored at or after the oldest
+running job's creation time need a look. The per-state job counts come straight
+from the Redis indexes at scrape, so they are right across router restarts.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from edgefleet import metric_names
-from edgefleet.schemas import ResourceClass
+from edgefleet.celery_app import node_queue
+from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.store import JobStore
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200)
+SUBMIT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+def celery_queue_length(store: JobStore, queue: str) -> int:
+    """Messages waiting in a Celery queue on Redis: the list plus its priority lists."""
+    pipe = store.redis.pipeline(transaction=False)
+    for suffix in metric_names.PRIORITY_LIST_SUFFIXES:
+        pipe.llen(queue + suffix)
+    return sum(int(n) for n in pipe.execute())
+
+
+def broker_queues(store: JobStore) -> list[str]:
+    """The class queues and the direct queues of the live nodes."""
+    queues = [rc.value for rc in ResourceClass]
+    for node in store.live_nodes():
+        for rc in node.classes:
+            queues.append(f"{node_queue(node.name)}.{rc.value}")
+    return queues
 
 
 class FleetCollector(Collector):
@@ -19,16 +57,159 @@ class FleetCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        store = self.store
         backlog = GaugeMetricFamily(metric_names.BACKLOG_DEPTH, "ready subtasks not yet released", labels=["resource_class"])
         queued = GaugeMetricFamily(metric_names.QUEUED_DEPTH, "released subtasks not yet claimed", labels=["resource_class"])
         for rc in ResourceClass:
-            backlog.add_metric([rc.value], self.store.backlog_size(rc))
-            queued.add_metric([rc.value], self.store.queued_size(rc))
+            backlog.add_metric([rc.value], store.backlog_size(rc))
+            queued.add_metric([rc.value], store.queued_size(rc))
         running = GaugeMetricFamily(metric_names.RUNNING_SUBTASKS, "subtasks holding a lease")
-        running.add_metric([], self.store.redis.zcard(self.store.keys.running))
+        running.add_metric([], store.redis.zcard(store.keys.running))
         nodes = GaugeMetricFamily(metric_names.LIVE_NODES, "worker nodes with a live heartbeat")
-        nodes.add_metric([], len(self.store.live_nodes()))
-        yield from (backlog, queued, running, nodes)
+        nodes.add_metric([], len(store.live_nodes()))
+        jobs = GaugeMetricFamily(metric_names.JOBS_BY_STATE, "jobs per state (Redis indexes)", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], store.redis.zcard(store.keys.jobs_index(None, state.value)))
+        depth = GaugeMetricFamily(
+            metric_names.BROKER_QUEUE_DEPTH, "released subtasks waiting in the Celery queue", labels=["queue_name"]
+        )
+        celery_len = GaugeMetricFamily(
+            metric_names.CELERY_QUEUE_LENGTH, "messages in the Celery queue (celery-exporter name)", labels=["queue_name"]
+        )
+        for queue in broker_queues(store):
+            n = celery_queue_length(store, queue)
+            depth.add_metric([queue], n)
+            celery_len.add_metric([queue], n)
+        yield from (backlog, queued, running, nodes, jobs, depth, celery_len)
+
+
+@dataclass
+class Observed:
+    """What the router saw of recently finished work: the feedback loop's Redis-side figures."""
+
+    run_seconds: dict[str, float] = field(default_factory=dict)  # EWMA per resource class
+    wait_seconds: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # subtasks seen finishing, per class
+    latencies: dict[str, deque[tuple[float, float]]] = field(
+        default_factory=lambda: {p.value: deque(maxlen=500) for p in PriorityClass}
+    )
+
+    def p95(self, priority: str, window: float = 300.0) -> float | None:
+        cutoff = time.time() - window
+        values = sorted(v for at, v in self.latencies.get(priority, ()) if at >= cutoff)
+        if not values:
+            return None
+        return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+
+
+class FinishWatcher:
+    """Counts jobs as they finish and keeps per-class run/wait figures; a thread of the router."""
+
+    ALPHA = 0.3
+
+    def __init__(self, store: JobStore, metrics: "RouterMetrics", interval: float = 1.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.interval = interval
+        self.observed = Observed()
+        self._seen: dict[str, float] = {}  # job id -> creation score
+        self._floor: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ef-finish-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:  # noqa: BLE001 - Redis may restart; try again next turn
+                log.debug("finish scan failed", exc_info=True)
+            self._stop.wait(self.interval)
+
+    def scan(self) -> int:
+        """One pass; returns how many newly finished jobs it saw (none on the first pass)."""
+        redis, keys = self.store.redis, self.store.keys
+        sec, usec = redis.time()  # job scores are Redis time
+        now = sec + usec / 1e6
+        oldest = redis.zrange(keys.jobs_index(None, JobState.running.value), 0, 0, withscores=True)
+        next_floor = min(oldest[0][1], now) if oldest else now
+        first = self._floor is None
+        floor = next_floor if first else self._floor
+        new: list[tuple[str, str, float]] = []
+        for state in TERMINAL_STATES:
+            for job_id, score in redis.zrangebyscore(keys.jobs_index(None, state), floor, "+inf", withscores=True):
+                if job_id not in self._seen:
+                    self._seen[job_id] = score
+                    if not first:
+                        new.append((job_id, state, score))
+        self._floor = next_floor
+        self._seen = {j: s for j, s in self._seen.items() if s >= next_floor}
+        for job_id, state, _ in new:
+            self._observe(job_id, state)
+        return len(new)
+
+    def _observe(self, job_id: str, state: str) -> None:
+        redis, keys = self.store.redis, self.store.keys
+        priority, created, finished, order = redis.hmget(keys.job(job_id), ["priority", "created_at", "finished_at", "order"])
+        if not priority:
+            return
+        self.metrics.finished.labels(priority=priority, state=state).inc()
+        if created and finished and state == "succeeded":
+            latency = max(0.0, float(finished) - float(created))
+            self.metrics.job_seconds.labels(priority=priority).observe(latency)
+            with self._lock:
+                self.observed.latencies.setdefault(priority, deque(maxlen=500)).append((time.time(), latency))
+        if not order:
+            return
+        import json
+
+        pipe = redis.pipeline(transaction=False)
+        for sid in json.loads(order):
+            pipe.hmget(keys.subtask(job_id, sid), ["resource_class", "queued_at", "started_at", "finished_at", "state"])
+        for rc, queued, started, done, st_state in pipe.execute():
+            if not (rc and queued and started and done) or st_state != "succeeded":
+                continue
+            run, wait = float(done) - float(started), max(0.0, float(started) - float(queued))
+            with self._lock:
+                obs = self.observed
+                obs.run_seconds[rc] = run if rc not in obs.run_seconds else (1 - self.ALPHA) * obs.run_seconds[rc] + self.ALPHA * run
+                obs.wait_seconds[rc] = wait if rc not in obs.wait_seconds else (1 - self.ALPHA) * obs.wait_seconds[rc] + self.ALPHA * wait
+                obs.finished[rc] = obs.finished.get(rc, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            obs = self.observed
+            return {
+                "run_seconds": dict(obs.run_seconds),
+                "wait_seconds": dict(obs.wait_seconds),
+                "finished": dict(obs.finished),
+                "interactive_p95": obs.p95(PriorityClass.interactive.value),
+            }
+
+
+class SubmitTimer:
+    """ASGI wrapper timing POST /v1/jobs from request to the end of the response."""
+
+    def __init__(self, app: Any, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") != "/v1/jobs":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.histogram.observe(time.perf_counter() - started)
 
 
 class RouterMetrics:
@@ -37,6 +218,16 @@ class RouterMetrics:
         self.submitted = Counter(
             metric_names.JOBS_SUBMITTED, "jobs accepted", ["priority"], registry=self.registry
         )
+        self.finished = Counter(
+            metric_names.JOBS_FINISHED, "jobs this router saw finish", ["priority", "state"], registry=self.registry
+        )
+        self.job_seconds = Histogram(
+            metric_names.JOB_SECONDS, "job latency, creation to finish (succeeded jobs)", ["priority"],
+            buckets=JOB_BUCKETS, registry=self.registry,
+        )
+        self.submit_seconds = Histogram(
+            metric_names.SUBMIT_SECONDS, "time to answer POST /v1/jobs", buckets=SUBMIT_BUCKETS, registry=self.registry
+        )
         self.released = Counter(metric_names.RELEASED, "subtasks sent to Celery", registry=self.registry)
         self.requeued = Counter(
             metric_names.REQUEUED, "subtasks given a new attempt after a lost lease", registry=self.registry
@@ -44,7 +235,30 @@ class RouterMetrics:
         self.callbacks = Counter(
             metric_names.CALLBACKS, "completion callbacks", ["outcome"], registry=self.registry
         )
+        # The feedback loop's decisions.
+        self.target_depth = Gauge(
+            metric_names.TARGET_DEPTH, "target depth the feedback loop set", ["resource_class"], registry=self.registry
+        )
+        self.weight = Gauge(metric_names.SCHEDULER_WEIGHT, "priority weights the feedback loop set", ["name"],
+                            registry=self.registry)
+        self.feedback_source = Gauge(
+            metric_names.FEEDBACK_SOURCE, "1 for where the last feedback round read its figures", ["source"],
+            registry=self.registry,
+        )
+        self.feedback_rounds = Counter(metric_names.FEEDBACK_ROUNDS, "feedback rounds", ["source"], registry=self.registry)
+        self.feedback_changes = Counter(
+            metric_names.FEEDBACK_CHANGES, "changes the feedback loop made", ["kind"], registry=self.registry
+        )
+        self.feedback_slots = Gauge(
+            metric_names.FEEDBACK_SLOTS, "live worker slots per class, as the feedback loop saw them",
+            ["resource_class"], registry=self.registry,
+        )
+        self.feedback_p95 = Gauge(
+            metric_names.FEEDBACK_INTERACTIVE_P95, "interactive job p95 latency the feedback loop saw",
+            registry=self.registry,
+        )
         self.registry.register(FleetCollector(store))
+        self.watcher = FinishWatcher(store, self)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -341,7 +341,7 @@ def test_compose_file_wires_one_redis_for_router_and_workers() -> None:
     assert env_of("worker")["EDGEFLEET_REDIS_URL"] == url
     assert "appendonly" in " ".join(map(str, services["redis"].get("command", [])))
     assert "redis" in services["router"].get("depends_on", [])
-    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
     assert "router:8700" in jobs["edgefleet-router"]["static_configs"][0]["targets"]
     assert "credentials_file" in jobs["edgefleet-router"]["authorization"]

@@ -14,6 +14,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -23,6 +24,9 @@ from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers import probe
+
+if TYPE_CHECKING:
+    from workers.metrics import NodeCollector
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +197,21 @@ class NodeSupervisor:
 
     # --- /metrics and /healthz --------------------------------------------------------
 
+    def node_collector(self) -> "NodeCollector":
+        """The node's own gauges (CPU, memory, load, GPUs, slots, class workers up)."""
+        from workers.metrics import NodeCollector
+
+        node = self.settings.node_name
+        return NodeCollector(
+            node,
+            slots=lambda: {w.resource_class.value: w.concurrency for w in self._workers},
+            workers_up=lambda: {
+                f"{w.resource_class.value}@{node}": w.process is not None and w.process.poll() is None
+                for w in self._workers
+            },
+            gpu_usage=lambda: probe.gpu_usage() if self.gpus else [],
+        )
+
     def _start_http(self) -> None:
         supervisor = self
 
@@ -208,6 +227,7 @@ class NodeSupervisor:
 
                     registry = CollectorRegistry()
                     multiprocess.MultiProcessCollector(registry, path=str(supervisor._metrics_dir))
+                    registry.register(supervisor.node_collector())
                     self._reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 else:
                     self._reply(404, "application/json", b'{"error": "not_found"}')

@@ -23,7 +23,7 @@ from edgefleet.refs import RefError, resolve_refs
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from workers.metrics import WorkerMetrics
+from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LaunchSpec, SandboxedRun
 
@@ -70,6 +70,7 @@ class SubtaskRunner:
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
+        self.metrics.received(env)
         pid = os.getpid()
         claim = self.store.claim(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl)
         if claim.verdict == "owned":
@@ -86,16 +87,30 @@ class SubtaskRunner:
         if claim.verdict != "run":
             return self._dropped(env, claim.reason)
         started = time.monotonic()
-        outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
+        self.metrics.started(env, *self._queued_and_started(env))
+        try:
+            outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
+        finally:
+            self.metrics.ended(env)
         self.metrics.observe(env, outcome, time.monotonic() - started)
         return outcome
+
+    def _queued_and_started(self, env: SubtaskEnvelope) -> tuple[float | None, float | None]:
+        """The store's queued_at and started_at of this attempt, for the queue-wait metric."""
+        try:
+            queued, started = self.store.redis.hmget(
+                self.store.keys.subtask(env.job_id, env.subtask_id), ["queued_at", "started_at"]
+            )
+            return (float(queued) if queued else None, float(started) if started else None)
+        except Exception:  # noqa: BLE001 - a metric never fails a subtask
+            return None, None
 
     def _dropped(self, env: SubtaskEnvelope, reason: str) -> str:
         log.info(
             "delivery dropped",
             extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt, "reason": reason},
         )
-        self.metrics.dropped.inc()
+        self.metrics.redelivered(redelivery_reason(reason))
         return "dropped"
 
     def _execute(
@@ -219,6 +234,7 @@ class SubtaskRunner:
         if not completion.accepted:
             log.warning("result of a stale attempt discarded", extra={"job_id": env.job_id, "subtask": env.subtask_id})
             return "stale"
+        self.metrics.finished(env, outcome, error)
         log.info(
             "subtask finished",
             extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt, "outcome": outcome},

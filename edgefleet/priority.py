@@ -1,0 +1,138 @@
+"""Effective priority of a ready subtask: the one formula of the release scheduler.
+
+Ready subtasks wait in a Redis sorted set per resource class (`<prefix>:backlog:<class>`)
+and the scheduler releases the LOWEST score first. The score is a *virtual time*:
+
+    score = aging * (ready_at - EPOCH)                      (1) waiting time, "aging"
+            - class_weight[priority class]                  (2) class head start
+            + fairness * tenant_load                        (3) per-tenant fairness
+    if the job has a deadline:                              (4) deadline pressure
+        score = min(score, aging * (deadline_at - expected_run_s - EPOCH)
+                           - max(class weights) - deadline_slack)
+
+(the difference between the plain score and the capped one is the "deadline credit").
+
+1. **Aging.** Everything is measured against the moment the subtask became ready, so
+   waiting ages every item automatically and nothing ever needs rescoring just because
+   time passes: an item that became ready Δ seconds earlier is `aging * Δ` ahead.
+   `aging` (default 1) converts wall seconds into virtual seconds: raise it and waiting
+   time counts for more against the class weights (old batch work gets through sooner).
+2. **Class weights** are virtual seconds of head start: with `interactive=600,
+   normal=60, batch=0` and `aging=1`, new interactive work goes ahead of batch work that
+   has waited less than 600 s, and a batch item that waited longer than that gap beats
+   new interactive work. Starvation is impossible: the gap is bounded.
+3. **Fairness.** `tenant_load` is the number of the tenant's *other* subtasks that are
+   ready, queued or running at the moment this one became ready (the Redis counter
+   `<prefix>:tenant_active:<tenant>`). Each of them costs the new item `fairness`
+   virtual seconds (default 1), so a tenant that floods 5,000 subtasks pushes its own
+   tail thousands of seconds back, behind a light tenant's work, while its first items
+   still compete normally (a virtual-finish-time approximation of fair queueing).
+4. **Deadline pressure.** For jobs that set `deadline_s` (`deadline_at = created_at +
+   deadline_s`), the score is capped at the latest start time `deadline_at -
+   expected_run_s` minus the largest class weight: the item ranks at least like
+   top-class work that became ready at its latest start time, minus `deadline_slack`
+   extra virtual seconds. A deadline far in the future changes nothing; a near one
+   jumps the backlog.
+
+Weights live in the Redis hash `<prefix>:scheduler:weights` (fields = `WEIGHT_NAMES`)
+so that they survive router restarts and every router and worker scores alike. A
+router seeds missing fields from its settings (`scheduler_weights`, defaulting to
+`DEFAULT_WEIGHTS`) at start; the values in Redis win from then on and change through
+`JobStore.set_weights`, which rescores every waiting item at once (`RESCORE`): unlike
+Celery's send-time priorities, already-waiting work is reordered. The Lua scripts
+of the job store use `LUA_SCORE` below, the same formula as `score()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+# Subtracted from Redis TIME before scaling: keeps scores small, so that Lua's
+# 14-significant-digit number formatting keeps sub-millisecond resolution.
+EPOCH = 1_700_000_000.0
+
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "interactive": 600.0,  # virtual seconds of head start per priority class
+    "normal": 60.0,
+    "batch": 0.0,
+    "aging": 1.0,  # virtual seconds per second waited
+    "fairness": 1.0,  # virtual seconds per subtask the tenant already has in flight
+    "deadline_slack": 0.0,  # extra virtual seconds of head start at the latest start time
+    "expected_run_s": 5.0,  # assumed run time of a subtask, for the latest start time
+}
+WEIGHT_NAMES = tuple(DEFAULT_WEIGHTS)
+CLASS_WEIGHTS = ("interactive", "normal", "batch")
+
+
+def validate_weights(changes: Mapping[str, float]) -> dict[str, float]:
+    """Known names with finite numbers; `aging` must be positive, the others >= 0."""
+    out: dict[str, float] = {}
+    for name, value in changes.items():
+        if name not in DEFAULT_WEIGHTS:
+            raise ValueError(f"unknown scheduler weight {name!r} (known: {', '.join(WEIGHT_NAMES)})")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"weight {name!r} must be a finite number")
+        if name == "aging" and number <= 0:
+            raise ValueError("weight 'aging' must be positive")
+        if name != "aging" and number < 0:
+            raise ValueError(f"weight {name!r} must not be negative")
+        out[name] = number
+    return out
+
+
+def score(
+    *,
+    priority: str,
+    ready_at: float,
+    tenant_load: int = 0,
+    deadline_at: float | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> float:
+    """The backlog score (lower is released first); mirrors `LUA_SCORE`."""
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    value = w["aging"] * (ready_at - EPOCH) - w.get(priority, w["normal"]) + w["fairness"] * tenant_load
+    if deadline_at is not None:
+        top = max(w[c] for c in CLASS_WEIGHTS)
+        cap = w["aging"] * (deadline_at - w["expected_run_s"] - EPOCH) - top - w["deadline_slack"]
+        value = min(value, cap)
+    return value
+
+
+def _lua_defaults() -> str:
+    return "{" + ", ".join(f"{k} = {v!r}" for k, v in DEFAULT_WEIGHTS.items()) + "}"
+
+
+# Needs `P` (the key prefix) in scope; see store_lua.PRELUDE.
+LUA_SCORE = (
+    r"""
+local SCORE_EPOCH = """
+    + repr(EPOCH)
+    + r"""
+local WEIGHT_DEFAULTS = """
+    + _lua_defaults()
+    + r"""
+local function load_weights()
+  local w = {}
+  for k, v in pairs(WEIGHT_DEFAULTS) do w[k] = v end
+  local raw = redis.call('HGETALL', P .. ':scheduler:weights')
+  for i = 1, #raw, 2 do
+    local n = tonumber(raw[i + 1])
+    if n then w[raw[i]] = n end
+  end
+  return w
+end
+
+-- priority: class name; ready_at, deadline_at (or nil): seconds; load: the tenant's other subtasks
+local function effective_score(w, priority, ready_at, load, deadline_at)
+  local s = w.aging * (ready_at - SCORE_EPOCH) - (w[priority] or w.normal) + w.fairness * load
+  if deadline_at then
+    local top = math.max(w.interactive, w.normal, w.batch)
+    local cap = w.aging * (deadline_at - w.expected_run_s - SCORE_EPOCH) - top - w.deadline_slack
+    if cap < s then s = cap end
+  end
+  return s
+end
+"""
+)

@@ -1,0 +1,314 @@
+"""The release scheduler: effective priority, fairness, aging, deadlines, rescoring, the lease.
+
+Cluster tests run one cpu node with one slot and a target depth of 1, and hold that
+slot with a long "blocker" job while the backlog is built; cancelling the blocker
+lets the backlog drain. Assertions are about the order in which subtasks started
+(their `started_at`), never about how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from edgefleet import priority
+from edgefleet.priority import DEFAULT_WEIGHTS, EPOCH, LUA_SCORE, score
+from edgefleet.schemas import ResourceClass
+from edgefleet.store import JobStore
+from tests.conftest import Cluster, RedisServer, free_port, stop_process, wait_until
+
+ONE_SLOT = {
+    "EDGEFLEET_TARGET_DEPTH": json.dumps({"cpu": 1, "gpu": 1, "io": 1}),
+    "EDGEFLEET_CPU_CONCURRENCY": "1",
+    "EDGEFLEET_SCHEDULER_LEASE_TTL": "2",
+    # The feedback loop (tested on its own) would move target depths and weights mid-test.
+    "EDGEFLEET_FEEDBACK_INTERVAL": "3600",
+}
+
+
+# --- the formula ------------------------------------------------------------------------
+
+
+def test_class_weight_is_a_head_start_that_waiting_overcomes() -> None:
+    t = EPOCH + 1000.0
+    assert score(priority="interactive", ready_at=t) < score(priority="batch", ready_at=t)
+    # A batch item that waited longer than the gap (600 s) goes first; a shorter wait does not.
+    assert score(priority="batch", ready_at=t - 601) < score(priority="interactive", ready_at=t)
+    assert score(priority="batch", ready_at=t - 599) > score(priority="interactive", ready_at=t)
+    # The aging factor scales waiting time: at aging 10 the gap is 60 s of waiting.
+    w = {"aging": 10.0}
+    assert score(priority="batch", ready_at=t - 61, weights=w) < score(priority="interactive", ready_at=t, weights=w)
+    assert score(priority="batch", ready_at=t - 59, weights=w) > score(priority="interactive", ready_at=t, weights=w)
+
+
+def test_fairness_sinks_a_flooding_tenants_tail() -> None:
+    t = EPOCH + 1000.0
+    flood_tail = score(priority="batch", ready_at=t, tenant_load=100)
+    light = score(priority="batch", ready_at=t + 10, tenant_load=0)
+    assert light < flood_tail
+    assert score(priority="batch", ready_at=t, tenant_load=100, weights={"fairness": 0}) < light
+
+
+def test_deadline_caps_the_score_at_the_latest_start_time() -> None:
+    t = EPOCH + 1000.0
+    near = score(priority="batch", ready_at=t, deadline_at=t + 30)
+    assert near < score(priority="batch", ready_at=t - 500)  # ahead of older batch work
+    # It ranks like interactive work that became ready at its latest start time (t + 25).
+    assert score(priority="interactive", ready_at=t + 24) < near < score(priority="interactive", ready_at=t + 26)
+    expected = DEFAULT_WEIGHTS["aging"] * (t + 30 - DEFAULT_WEIGHTS["expected_run_s"] - EPOCH) - 600
+    assert near == pytest.approx(expected)
+    # A far deadline changes nothing.
+    assert score(priority="batch", ready_at=t, deadline_at=t + 86400) == score(priority="batch", ready_at=t)
+
+
+def test_weights_are_validated() -> None:
+    assert priority.validate_weights({"batch": 5}) == {"batch": 5.0}
+    for bad in ({"nope": 1}, {"aging": 0}, {"batch": -1}, {"fairness": float("nan")}):
+        with pytest.raises(ValueError):
+            priority.validate_weights(bad)
+
+
+def test_lua_formula_matches_python(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    body = "local P = ARGV[1]\n" + LUA_SCORE + (
+        "\nlocal d = nil\nif ARGV[5] ~= '' then d = tonumber(ARGV[5]) end\n"
+        "return tostring(effective_score(load_weights(), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), d))"
+    )
+    client.hset("ef:scheduler:weights", mapping={"aging": 2, "fairness": 3})
+    weights = {"aging": 2.0, "fairness": 3.0}
+    t = EPOCH + 95_000_000.25
+    for prio, load, deadline in (("batch", 0, None), ("interactive", 4, None), ("normal", 2, t + 40), ("batch", 1, t + 1e6)):
+        lua = float(client.eval(body, 0, "ef", prio, t, load, "" if deadline is None else deadline))
+        assert lua == pytest.approx(
+            score(priority=prio, ready_at=t, tenant_load=load, deadline_at=deadline, weights=weights), abs=1e-3
+        )
+
+
+# --- helpers for the cluster tests ----------------------------------------------------------
+
+
+def sleep_body(seconds: float, prio: str = "batch", **extra: Any) -> dict[str, Any]:
+    step = {"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": seconds}}
+    step.update(extra.pop("step", {}))
+    return {"steps": [step], "priority": prio, **extra}
+
+
+def one_slot_cluster(cluster_factory: Callable[..., Cluster], **env: str) -> Cluster:
+    cluster = cluster_factory(**{**ONE_SLOT, **env})
+    cluster.start_router()
+    cluster.start_node("n1", classes="cpu")
+    cluster.wait_nodes_ready("n1")
+    return cluster
+
+
+def store_of(cluster: Cluster) -> JobStore:
+    return JobStore.from_url(cluster.redis.url)
+
+
+def start_blocker(cluster: Cluster) -> str:
+    """A long job that holds the node's only slot until it is cancelled."""
+    job = cluster.submit(sleep_body(600))
+    wait_until(lambda: cluster.job(job["id"])["subtasks"][0]["state"] == "running", 30, what="blocker running")
+    return job["id"]
+
+
+def cancel(cluster: Cluster, job_id: str) -> None:
+    with cluster.client() as http:
+        assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
+
+
+def wait_queued_full(cluster: Cluster) -> None:
+    store = store_of(cluster)
+    wait_until(lambda: store.queued_size(ResourceClass.cpu) == 1, 10, what="the queued slot taken")
+
+
+def start_order(cluster: Cluster, job_ids: list[str]) -> list[str]:
+    """The jobs (all must succeed) by when their subtask started."""
+    started = {}
+    for job_id in job_ids:
+        done = cluster.wait_job(job_id, timeout=120)
+        assert done["state"] == "succeeded", done
+        started[job_id] = done["subtasks"][0]["started_at"]
+    return sorted(job_ids, key=lambda j: started[j])
+
+
+def backlog_jobs(cluster: Cluster) -> list[str]:
+    return [m.split("|")[0] for m, _ in store_of(cluster).backlog_order(ResourceClass.cpu)]
+
+
+def redis_now(cluster: Cluster) -> float:
+    seconds, micros = cluster.redis.client().time()
+    return seconds + micros / 1e6
+
+
+# --- the scheduler in a real cluster ----------------------------------------------------------
+
+
+def test_interactive_overtakes_a_queued_batch_backlog(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    blocker = start_blocker(cluster)
+    batch = [cluster.submit(sleep_body(0.2))["id"] for _ in range(20)]
+    interactive = [cluster.submit(sleep_body(0.2, "interactive"))["id"] for _ in range(3)]
+    assert set(backlog_jobs(cluster)[:3]) == set(interactive)
+    cancel(cluster, blocker)
+    order = start_order(cluster, batch + interactive)
+    for job_id in interactive:
+        batch_before = [j for j in order[: order.index(job_id)] if j in batch]
+        assert len(batch_before) <= 2, order  # only what was already released when it arrived
+    with cluster.client() as http:
+        state = http.get("/v1/scheduler").json()
+    assert state["backlog"]["cpu"] == 0 and state["target_depth"]["cpu"] == 1
+
+
+def test_flooding_tenant_does_not_starve_another(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    blocker = start_blocker(cluster)
+    alice = [cluster.submit(sleep_body(0.1), token="alice-token")["id"] for _ in range(30)]
+    bob = [cluster.submit(sleep_body(0.1), token="bob-token")["id"] for _ in range(3)]
+    assert store_of(cluster).tenant_active("alice") == 30
+    cancel(cluster, blocker)
+    order = start_order(cluster, alice + bob)
+    for job_id in bob:
+        alice_after = [j for j in order[order.index(job_id):] if j in alice]
+        assert len(alice_after) >= 20, order
+    # Every counted subtask was settled when it finished.
+    store = store_of(cluster)
+    assert store.tenant_active("alice") == 0 and store.tenant_active("bob") == 0
+
+
+def test_aging_lets_old_batch_work_through(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    store = store_of(cluster)
+    store.set_weights({"interactive": 1.5, "normal": 0.5, "batch": 0, "fairness": 0}, "test: small class gap")
+    blocker = start_blocker(cluster)
+    filler = cluster.submit(sleep_body(0.1))["id"]
+    wait_queued_full(cluster)
+    old_batch = cluster.submit(sleep_body(0.1))["id"]
+    ready_at = float(store.redis.hget(store.keys.subtask(old_batch, "s"), "ready_at"))
+    wait_until(lambda: redis_now(cluster) > ready_at + 2.0, 10, what="the old batch item to age past the gap")
+    young_batch = cluster.submit(sleep_body(0.1))["id"]
+    interactive = cluster.submit(sleep_body(0.1, "interactive"))["id"]
+    # Interactive still beats batch work of its own age, but not batch work older than the gap.
+    assert backlog_jobs(cluster) == [old_batch, interactive, young_batch]
+    cancel(cluster, blocker)
+    assert start_order(cluster, [filler, old_batch, young_batch, interactive]) == [
+        filler, old_batch, interactive, young_batch,
+    ]
+
+
+def test_a_deadline_job_jumps_ahead(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    blocker = start_blocker(cluster)
+    batch = [cluster.submit(sleep_body(0.1), token="alice-token")["id"] for _ in range(10)]
+    far = cluster.submit(sleep_body(0.1, deadline_s=7200), token="alice-token")["id"]
+    near = cluster.submit(sleep_body(0.1, deadline_s=120), token="alice-token")["id"]
+    assert cluster.job(near)["deadline_at"] is not None
+    backlog = backlog_jobs(cluster)
+    assert backlog[0] == near and backlog[-1] == far
+    cancel(cluster, blocker)
+    order = start_order(cluster, batch + [far, near])
+    assert order.index(near) <= 1 and order[-1] == far, order
+
+
+def test_rescore_after_a_weight_change_reorders_the_backlog(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    blocker = start_blocker(cluster)
+    normal = [cluster.submit(sleep_body(0.1, "normal"))["id"] for _ in range(5)]
+    batch = [cluster.submit(sleep_body(0.1))["id"] for _ in range(5)]
+    waiting_normal = normal[1:]  # the first one was released into the free queued slot
+    assert backlog_jobs(cluster) == waiting_normal + batch
+    store = store_of(cluster)
+    rescored = store.set_weights({"batch": 1000}, "test: batch objective missed")
+    assert rescored == 9
+    assert backlog_jobs(cluster) == batch + waiting_normal
+    with cluster.client("reader-token") as http:
+        state = http.get("/v1/scheduler").json()
+    assert state["weights"]["batch"] == 1000
+    change = state["last_changes"][0]
+    assert change["reason"] == "test: batch objective missed" and change["changes"]["batch"]["new"] == 1000
+    cancel(cluster, blocker)
+    order = start_order(cluster, normal + batch)
+    assert max(order.index(j) for j in batch) < min(order.index(j) for j in waiting_normal), order
+
+
+def test_router_restart_keeps_backlog_and_weights(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = one_slot_cluster(cluster_factory)
+    store = store_of(cluster)
+    store.set_weights({"interactive": 300, "fairness": 2}, "test")
+    store.set_target_depth(ResourceClass.cpu, 1, "test: one slot")
+    blocker = start_blocker(cluster)
+    jobs = [cluster.submit(sleep_body(0.1))["id"] for _ in range(5)]
+    with cluster.client() as http:
+        before = http.get("/v1/scheduler").json()
+    assert before["backlog"]["cpu"] == 4
+    cluster.stop_router(signal.SIGKILL)
+    cluster.start_router()
+    with cluster.client() as http:
+        after = http.get("/v1/scheduler").json()
+    assert after["weights"] == before["weights"] and after["weights"]["interactive"] == 300
+    assert after["backlog"]["cpu"] == 4 and after["target_depth"] == before["target_depth"]
+    assert [c["reason"] for c in after["last_changes"]] == ["test: one slot", "test"]
+    cancel(cluster, blocker)
+    start_order(cluster, jobs)  # all drain and succeed
+    wait_until(lambda: cluster.job(blocker)["state"] == "cancelled", 10)
+
+
+def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[..., Cluster]) -> None:
+    cluster = cluster_factory(
+        EDGEFLEET_ROUTER_ID="router-a", EDGEFLEET_SCHEDULER_LEASE_TTL="2", EDGEFLEET_FEEDBACK_INTERVAL="3600"
+    )
+    cluster.start_router()
+    store = store_of(cluster)
+    wait_until(lambda: store.leader() == "router-a", 10, what="router-a leads")
+    port_b = free_port()
+    url_b = f"http://127.0.0.1:{port_b}"
+    router_b = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "router"],
+        env=cluster.env(EDGEFLEET_ROUTER_ID="router-b", EDGEFLEET_ROUTER_PORT=str(port_b), EDGEFLEET_ROUTER_URL=url_b),
+        stdout=cluster._log("router-b"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: _healthy(url_b), 30, what="router-b")
+        cluster.start_node("n1", classes="cpu")
+        cluster.wait_nodes_ready("n1")
+        # A retry waits in the delayed set, which only the release loop drains.
+        retrying = sleep_body(0.05, step={"args": {"seconds": 0.05, "fail_times": 1}, "retries": 1, "retry_backoff": 0.1})
+        headers = {"Authorization": "Bearer alice-token"}
+        ids = []
+        for base in (cluster.url, url_b) * 2:
+            response = httpx.post(f"{base}/v1/jobs", json=retrying, headers=headers, timeout=30)
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+        for job_id in ids:
+            done = cluster.wait_job(job_id)
+            assert done["state"] == "succeeded" and done["subtasks"][0]["attempt"] == 2, done
+        released = store.loop_released()
+        assert released.get("router-a", 0) >= 4 and "router-b" not in released
+        state_b = httpx.get(f"{url_b}/v1/scheduler", headers=headers, timeout=10).json()
+        assert state_b["router_id"] == "router-b" and state_b["leader"] == "router-a"
+
+        # The leader dies: its lease expires and the other router takes over.
+        cluster.stop_router(signal.SIGKILL)
+        cluster.router_port = port_b  # the cluster's helpers talk to router-b from now on
+        wait_until(lambda: store.leader() == "router-b", 15, what="router-b takes the lease")
+        response = httpx.post(f"{url_b}/v1/jobs", json=retrying, headers=headers, timeout=30)
+        done = cluster.wait_job(response.json()["id"])
+        assert done["state"] == "succeeded" and store.loop_released().get("router-b", 0) >= 1
+    finally:
+        stop_process(router_b)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
