@@ -14,11 +14,6 @@ def member(job_id: str, subtask_id: str) -> str:
     return f"{job_id}{MEMBER_SEP}{subtask_id}"
 
 
-def split_member(value: str) -> tuple[str, str]:
-    job_id, subtask_id = value.split(MEMBER_SEP, 1)
-    return job_id, subtask_id
-
-
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "ef"
@@ -56,14 +51,6 @@ class Keys:
     @property
     def running(self) -> str:
         return f"{self.prefix}:running"
-
-    @property
-    def delayed(self) -> str:
-        return f"{self.prefix}:delayed"
-
-    @property
-    def dispatching(self) -> str:
-        return f"{self.prefix}:dispatching"
 
     @property
     def callbacks(self) -> str:

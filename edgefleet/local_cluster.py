@@ -230,9 +230,6 @@ class LocalCluster:
         else:
             self._force.set()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def _interruptible_sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise Interrupted()

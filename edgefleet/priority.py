@@ -38,7 +38,7 @@ Weights live in the Redis hash `<prefix>:scheduler:weights` (fields = `WEIGHT_NA
 so that they survive router restarts and every router and worker scores alike. A
 router seeds missing fields from its settings (`scheduler_weights`, defaulting to
 `DEFAULT_WEIGHTS`) at start; the values in Redis win from then on and change through
-`JobStore.set_weights`, which rescores every waiting item at once (`RESCORE`): unlike
+`JobStore.set_weights`, which rescores every waiting item at once (in the same script): unlike
 Celery's send-time priorities, already-waiting work is reordered. The Lua scripts
 of the job store use `LUA_SCORE` below, the same formula as `score()`.
 """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import redis
@@ -59,6 +59,15 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What one attempt used, and how it was isolated: informative, not a state transition."""
+
+    isolation: str
+    cpu_seconds: float
+    max_rss_mb: float
+
+
+@dataclass(frozen=True)
 class Completion:
     accepted: bool
     job_state: str
@@ -97,7 +106,6 @@ class JobStore:
                 "CHECKPOINT",
                 "CANCEL",
                 "REAP",
-                "RESCORE",
                 "SET_WEIGHTS",
                 "SEED_WEIGHTS",
                 "SET_TARGET_DEPTH",
@@ -175,9 +183,6 @@ class JobStore:
         if not job_id:
             return None
         return job_id, self.redis.hget(self.keys.job(job_id), "request_hash") or ""
-
-    def job_tenant(self, job_id: str) -> str | None:
-        return self.redis.hget(self.keys.job(job_id), "tenant")
 
     def get_job(self, job_id: str) -> JobStatus | None:
         job = self.redis.hgetall(self.keys.job(job_id))
@@ -353,10 +358,6 @@ class JobStore:
             self._run("SET_WEIGHTS", json.dumps(valid), reason, json.dumps([rc.value for rc in ResourceClass]))
         )
 
-    def rescore(self, *classes: ResourceClass) -> int:
-        """Recompute the backlog scores of `classes` (all when none) with the current weights."""
-        return int(self._run("RESCORE", *[rc.value for rc in (classes or tuple(ResourceClass))]))
-
     def target_depths(self, defaults: dict[ResourceClass, int]) -> dict[ResourceClass, int]:
         """Each class's target depth: the value in Redis, else the given default."""
         stored = self.redis.hgetall(self._sched("target_depth"))
@@ -432,13 +433,6 @@ class JobStore:
         )
         return Renewal(still_owner=result[0] == "ok", job_state=result[1])
 
-    def record_usage(self, env: SubtaskEnvelope, *, isolation: str, cpu_seconds: float, max_rss_mb: float) -> None:
-        """What the attempt used and how it was isolated: informative, not a state transition."""
-        self.redis.hset(
-            self.keys.subtask(env.job_id, env.subtask_id),
-            mapping={"isolation": isolation, "cpu_seconds": cpu_seconds, "max_rss_mb": max_rss_mb},
-        )
-
     def save_checkpoint(self, env: SubtaskEnvelope, *, node: str, pid: int, state: Any) -> bool:
         """Store a running attempt's checkpoint; refused (False) if the attempt lost ownership."""
         return bool(
@@ -455,8 +449,9 @@ class JobStore:
         output: Any = None,
         error: str = "",
         retryable: bool = True,
+        usage: Usage | None = None,
     ) -> "Completion":
-        """Record an attempt's end. A stale attempt (reaped, taken over) is not accepted."""
+        """Record an attempt's end (and what it used). A stale attempt (reaped, taken over) is not accepted."""
         result = self._run(
             "COMPLETE",
             env.job_id,
@@ -468,25 +463,18 @@ class JobStore:
             json.dumps(output),
             error,
             "1" if retryable else "0",
+            json.dumps(asdict(usage)) if usage else "",
         )
         if result[0] == "stale":
             return Completion(accepted=False, job_state=result[1], ready_classes=[])
         ready = [ResourceClass(c) for c in result[2].split(",") if c]
         return Completion(accepted=True, job_state=result[1], ready_classes=ready)
 
-    def is_cancelled(self, job_id: str) -> bool:
-        return self.redis.hget(self.keys.job(job_id), "state") != JobState.running.value
-
     # --- callbacks ----------------------------------------------------------------------
 
     def pop_callback(self, timeout: float) -> str | None:
         got = self.redis.blpop([self.keys.callbacks], timeout=timeout)
         return got[1] if got else None
-
-    def push_callback(self, job_id: str) -> None:
-        self.redis.rpush(self.keys.callbacks, job_id)
-
-    # --- nodes --------------------------------------------------------------------------
 
     def heartbeat(self, info: NodeInfo, ttl: float) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -330,7 +330,7 @@ end
 return {'ok', redis.call('HGET', jkey(jid), 'state')}
 """
 
-# ARGV: prefix, jid, sid, attempt, node, pid, outcome, output json, error, retryable
+# ARGV: prefix, jid, sid, attempt, node, pid, outcome, output json, error, retryable, usage json or ""
 COMPLETE = PRELUDE + r"""
 local jid, sid, attempt, node, pid, outcome = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local sk = skey(jid, sid)
@@ -340,6 +340,10 @@ if f[1] ~= 'running' or f[2] ~= attempt or f[3] ~= node or f[4] ~= pid then
 end
 redis.call('ZREM', P .. ':running', member(jid, sid))
 redis.call('HSET', sk, 'last_node', node)
+if ARGV[11] and ARGV[11] ~= '' then
+  -- What the attempt used, recorded with its end so that a finished job always shows it.
+  for name, value in pairs(cjson.decode(ARGV[11])) do redis.call('HSET', sk, name, value) end
+end
 local jk = jkey(jid)
 redis.call('HSET', jk, 'updated_at', NOW)
 local job_state = redis.call('HGET', jk, 'state')
@@ -461,14 +465,6 @@ end
 return requeued
 """
 
-
-# ARGV: prefix, classes... Recompute the scores of everything waiting in those backlogs.
-RESCORE = PRELUDE + r"""
-local w = load_weights()
-local n = 0
-for i = 2, #ARGV do n = n + rescore(ARGV[i], w) end
-return n
-"""
 
 # ARGV: prefix, changes json {name: number}, reason, classes json. Set, log, rescore: one step.
 SET_WEIGHTS = PRELUDE + r"""

@@ -371,12 +371,14 @@ class Bench:
 
     # --- scenario 1: interactive under a batch flood ---------------------------------------
 
-    def flood(self, name: str) -> None:
-        a = self.args
+    def _begin(self, name: str) -> tuple[argparse.Namespace, Any, float, "Run"]:
+        """A scenario's start on one way: its options, the way, that path's capacity, a fresh run."""
         way = self.ways[name]
-        cap = self.capacity[self.path_of(name)]
         way.begin()
-        run = Run()
+        return self.args, way, self.capacity[self.path_of(name)], Run()
+
+    def flood(self, name: str) -> None:
+        a, way, cap, run = self._begin(name)
         if name == "edgefleet":
             self.set_weights({}, "flood: default weights")
         n = math.ceil(cap * (a.window + 5) * 1.3) if a.flood is None else a.flood
@@ -404,11 +406,7 @@ class Bench:
     # --- scenario 2: starvation ------------------------------------------------------------
 
     def starve(self, name: str) -> None:
-        a = self.args
-        way = self.ways[name]
-        cap = self.capacity[self.path_of(name)]
-        way.begin()
-        run = Run()
+        a, way, cap, run = self._begin(name)
         if name == "edgefleet":
             # Aging 1 and fairness f: the batch tenant's i-th backlog item scores t0 + i*f, so
             # once new interactive work has aged past its head start, one batch item per f
@@ -476,11 +474,7 @@ class Bench:
     # --- scenario 4: deadline, and reordering of waiting work ------------------------------
 
     def deadline(self, name: str) -> None:
-        a = self.args
-        way = self.ways[name]
-        cap = self.capacity[self.path_of(name)]
-        way.begin()
-        run = Run()
+        a, way, cap, run = self._begin(name)
         if name == "edgefleet":
             self.set_weights({}, "deadline: default weights")
         n = math.ceil(cap * a.deadline * 3) + 10

@@ -143,18 +143,13 @@ def _steps_from_plan(plan: Plan) -> list[StepSpec]:
     ]
 
 
-def _nodes_to_check(
-    store: JobStore, settings: Settings, tenant: str, idempotency_key: str | None
-) -> list[NodeInfo] | None:
-    """The live nodes a new job's steps must be runnable on, or None to skip that check.
+def _nodes_to_check(store: JobStore, settings: Settings) -> list[NodeInfo] | None:
+    """The live nodes a new job's steps must be runnable on, or None when that check is off.
 
-    Skipped when turned off in settings, and for a resubmission whose
-    Idempotency-Key is already taken: it gets the existing job (or its conflict),
-    whatever the fleet looks like now.
+    A resubmission with a known Idempotency-Key never gets here: it is answered
+    with its existing job before planning, whatever the fleet looks like now.
     """
     if not settings.require_capable_worker:
-        return None
-    if idempotency_key is not None and store.redis.exists(store.keys.idempotency(tenant, idempotency_key)):
         return None
     return store.live_nodes()
 
@@ -232,7 +227,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                     content=status.model_dump(mode="json"),
                     headers={"Location": f"/v1/jobs/{existing[0]}"},
                 )
-        nodes = _nodes_to_check(store, settings, principal.tenant, idempotency_key)
+        nodes = _nodes_to_check(store, settings)
         goal_plan = None
         try:
             if job_request.goal is not None:

@@ -32,7 +32,7 @@ from edgefleet.models import (
 )
 from edgefleet.models.config import DEFAULT_TASK_TYPES, resolve_model_path
 from edgefleet.models.metrics import MODEL_CALLS, MODEL_FALLBACKS, MODEL_LOAD_SECONDS, MODEL_TOKENS_OUT
-from edgefleet.settings import load_settings
+from edgefleet.settings import Settings
 from tests.model_fixtures import LlamaServer, llama_server_importable, smollm2_path, tiny_gguf
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
@@ -119,7 +119,7 @@ def registry_config(smollm2: Path, tiny: tuple[Path, Path], server: LlamaServer 
 def pool(smollm2: Path, tiny_models: tuple[Path, Path], server: LlamaServer):
     """One warm pool for the module, as a worker process keeps one (its registry knows every model)."""
     config = ModelsConfig.parse(registry_config(smollm2, tiny_models, server))
-    pool = ModelPool(config, load_settings())
+    pool = ModelPool(config, Settings())
     try:
         yield pool
     finally:
@@ -212,7 +212,7 @@ def test_models_file_from_settings_and_builtin_default(tmp_path: Path, monkeypat
         "token_budget: {cloud: 50000}\n"
     )
     monkeypatch.setenv("EDGEFLEET_MODELS_FILE", str(models_file))
-    config = load_models_config(load_settings())
+    config = load_models_config(Settings())
     assert config.models["edge"].resolved_path() == tmp_path / "m.gguf"  # relative to the file
     assert config.models["edge"].context_size == 512
     assert config.routes["code_generation"].chain() == ["cloud", "edge"]
@@ -222,11 +222,11 @@ def test_models_file_from_settings_and_builtin_default(tmp_path: Path, monkeypat
 
     models_file.write_text("models:\n  edge: {backend: llama_cpp}\n")
     with pytest.raises(ModelsConfigError, match=r"models\.edge\.path: required") as info:
-        load_models_config(load_settings())
+        load_models_config(Settings())
     assert str(models_file) in str(info.value)
 
     monkeypatch.delenv("EDGEFLEET_MODELS_FILE")
-    default = load_models_config(load_settings())
+    default = load_models_config(Settings())
     if smollm2_path() is None:
         assert default.models == {} and default.routes == {}
     else:

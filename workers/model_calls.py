@@ -7,10 +7,13 @@ router validates the request, which comes from untrusted code.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from edgefleet.models.router import ModelRouter
+
+WARM_REFRESH_SECONDS = 60.0
 
 
 class ModelCallHandler:
@@ -21,6 +24,8 @@ class ModelCallHandler:
         self._on_warm = on_warm
         self._router: ModelRouter | None = None
         self._lock = threading.Lock()
+        self._advertised: list[str] = []
+        self._advertised_at = 0.0
 
     @property
     def router(self) -> ModelRouter:
@@ -31,6 +36,11 @@ class ModelCallHandler:
 
     def __call__(self, request: dict[str, Any], *, time_left: float | None = None) -> dict[str, Any]:
         reply = self.router.handle_call(request, timeout=time_left)
-        # Tell the fleet which models are warm here, for model affinity at release.
-        self._on_warm(self.router.pool.loaded())
+        # Tell the fleet which models are warm here, for model affinity at release: when the
+        # set changed, else once a minute to keep the advertisement alive.
+        warm = self.router.pool.loaded()
+        now = time.monotonic()
+        if warm != self._advertised or now - self._advertised_at > WARM_REFRESH_SECONDS:
+            self._on_warm(warm)
+            self._advertised, self._advertised_at = warm, now
         return reply

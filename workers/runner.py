@@ -22,7 +22,7 @@ from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, resolve_refs
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
-from edgefleet.store import JobStore
+from edgefleet.store import JobStore, Usage
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LaunchSpec, SandboxedRun
@@ -168,19 +168,15 @@ class SubtaskRunner:
         if self._supervise(env, pid, run, attempt, deadline_at) == "lost":
             return "lost"
         result = run.outcome()
-        self.store.record_usage(
-            env,
-            isolation=result.isolation,
-            cpu_seconds=result.cpu_seconds,
-            max_rss_mb=result.max_rss_mb,
-        )
+        usage = Usage(isolation=result.isolation, cpu_seconds=result.cpu_seconds, max_rss_mb=result.max_rss_mb)
         if result.outcome == "timeout":
-            return self._finish(env, pid, "failed", error=result.error or f"timed out after {timeout:g} s")
+            error = result.error or f"timed out after {timeout:g} s"
+            return self._finish(env, pid, "failed", error=error, usage=usage)
         if result.outcome == "succeeded":
-            return self._finish(env, pid, "succeeded", output=result.output)
+            return self._finish(env, pid, "succeeded", output=result.output, usage=usage)
         if result.outcome == "cancelled":
-            return self._finish(env, pid, "cancelled", error=result.error)
-        return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable)
+            return self._finish(env, pid, "cancelled", error=result.error, usage=usage)
+        return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable, usage=usage)
 
     def _model_call_for(self, deadline: float) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         models = self.models
@@ -227,9 +223,17 @@ class SubtaskRunner:
         output: Any = None,
         error: str = "",
         retryable: bool = True,
+        usage: Usage | None = None,
     ) -> str:
         completion = self.store.complete(
-            env, node=self.node, pid=pid, outcome=outcome, output=output, error=error[:4000], retryable=retryable  # type: ignore[arg-type]
+            env,
+            node=self.node,
+            pid=pid,
+            outcome=outcome,  # type: ignore[arg-type]
+            output=output,
+            error=error[:4000],
+            retryable=retryable,
+            usage=usage,
         )
         if not completion.accepted:
             log.warning("result of a stale attempt discarded", extra={"job_id": env.job_id, "subtask": env.subtask_id})

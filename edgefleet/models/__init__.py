@@ -25,7 +25,7 @@ from edgefleet.models.errors import (
     NoModelAvailable,
 )
 from edgefleet.models.metrics import ModelMetrics
-from edgefleet.models.router import ModelRouter, TaskModel
+from edgefleet.models.router import ModelRouter
 from edgefleet.models.runtime import ModelPool
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "NoModelAvailable",
     "OpenAIBackend",
     "RouteSpec",
-    "TaskModel",
     "default_models_config",
     "load_models_config",
     "load_models_file",

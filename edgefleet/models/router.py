@@ -143,18 +143,6 @@ class ModelRouter:
             budget = self._budgets.get(model)
             return budget.spent(self.clock()) if budget else 0
 
-    def reset(self, model: str | None = None) -> None:
-        """Forget circuit and budget state (of one model, or all)."""
-        with self._lock:
-            if model is None:
-                self._circuits.clear()
-                self._budgets.clear()
-            else:
-                self._circuits.pop(model, None)
-                self._budgets.pop(model, None)
-
-    # -- calls --------------------------------------------------------------------------
-
     def route(self, task_type: str) -> list[str]:
         """The models tried for `task_type`, in order ([] when it has no route)."""
         spec = self.config.route(task_type)
@@ -256,30 +244,3 @@ class ModelRouter:
         data = completion.to_dict()
         data["fell_back_from"] = [[a.model, a.reason] for a in completion.fallbacks]
         return {"ok": True, "completion": data}
-
-    def for_task(self, task_type: str) -> "TaskModel":
-        """A handle that plugins use: `ctx.model(task_type)` can return this."""
-        return TaskModel(self, task_type)
-
-
-class TaskModel:
-    """The model serving one task type, as a plugin sees it."""
-
-    def __init__(self, router: ModelRouter, task_type: str) -> None:
-        self.router = router
-        self.task_type = task_type
-
-    def __repr__(self) -> str:
-        return f"TaskModel({self.task_type!r}, route={self.router.route(self.task_type)})"
-
-    def complete(self, messages: Sequence[Message], **kwargs: Any) -> Completion:
-        """`ModelRouter.complete` for this task type (same keyword arguments)."""
-        return self.router.complete(self.task_type, messages, **kwargs)
-
-    def ask(self, prompt: str, *, system: str | None = None, **kwargs: Any) -> Completion:
-        """One user prompt (and an optional system prompt)."""
-        messages: list[dict[str, str]] = []
-        if system:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": prompt})
-        return self.complete(messages, **kwargs)
