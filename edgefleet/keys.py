@@ -30,6 +30,10 @@ class Keys:
     def backlog(self, resource_class: ResourceClass | str) -> str:
         return f"{self.prefix}:backlog:{_value(resource_class)}"
 
+    def backlog_count(self, resource_class: ResourceClass | str) -> str:
+        """Hash: priority class -> number of that class's members in `backlog(resource_class)`."""
+        return f"{self.prefix}:backlog_count:{_value(resource_class)}"
+
     def queued(self, resource_class: ResourceClass | str) -> str:
         return f"{self.prefix}:queued:{_value(resource_class)}"
 

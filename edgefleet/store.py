@@ -106,6 +106,7 @@ class JobStore:
                 "CHECKPOINT",
                 "CANCEL",
                 "REAP",
+                "BACKLOG_COUNTS",
                 "SET_WEIGHTS",
                 "SEED_WEIGHTS",
                 "SET_TARGET_DEPTH",
@@ -323,6 +324,21 @@ class JobStore:
 
     def backlog_size(self, resource_class: ResourceClass) -> int:
         return int(self.redis.zcard(self.keys.backlog(resource_class)))
+
+    def backlog_counts(self) -> dict[ResourceClass, dict[str, int]]:
+        """Ready subtasks per resource class and priority class of their job, in one atomic read.
+
+        Every priority class is present (0 when none wait); a class whose stored counts do not
+        add up to its backlog is recounted first (see `store_lua.BACKLOG_COUNTS`)."""
+        raw = json.loads(self._run("BACKLOG_COUNTS", json.dumps([rc.value for rc in ResourceClass])))
+        out: dict[ResourceClass, dict[str, int]] = {}
+        for rc in ResourceClass:
+            counts = (raw.get(rc.value) or {}).get("counts") or {}
+            row = {p.value: 0 for p in PriorityClass}
+            for name, n in counts.items():
+                row[name] = int(n)
+            out[rc] = row
+        return out
 
     def queued_size(self, resource_class: ResourceClass) -> int:
         return int(self.redis.zcard(self.keys.queued(resource_class)))

@@ -10,6 +10,16 @@ The backlog score (effective priority) is `edgefleet.priority`'s formula (`LUA_S
 Per-tenant counters `<prefix>:tenant_active:<tenant>` count the subtasks of a tenant
 that are ready, queued, running or waiting for a retry: a subtask's hash field
 `active` is 1 while it is counted, so every transition counts it at most once.
+
+Each class backlog has a count per priority class beside it, the hash
+`<prefix>:backlog_count:<class>` (field = the job's priority class, absent when 0),
+for the `edgefleet_backlog_depth{resource_class, priority_class}` gauge. Every script
+that adds to or takes from a backlog goes through `backlog_add` / `backlog_remove` /
+`backlog_popped`, which move the count only when the sorted set really changed (ZADD
+and ZREM return values), so the two change together in one atomic step. A job's
+priority class never changes after creation. `BACKLOG_COUNTS` reads them and recounts
+a class whose counts do not add up to its backlog (data written before the counts
+existed).
 """
 
 from edgefleet.priority import LUA_SCORE
@@ -24,6 +34,23 @@ local NOW = now()
 local function jkey(jid) return P .. ':job:' .. jid end
 local function skey(jid, sid) return P .. ':st:' .. jid .. ':' .. sid end
 local function member(jid, sid) return jid .. '|' .. sid end
+
+-- The backlog of a class and its count per priority class change together (module docstring).
+local function backlog_counted(cls, jid, delta)
+  local ck = P .. ':backlog_count:' .. cls
+  local prio = redis.call('HGET', jkey(jid), 'priority') or 'normal'
+  if redis.call('HINCRBY', ck, prio, delta) == 0 then redis.call('HDEL', ck, prio) end
+end
+local function backlog_add(cls, score, jid, sid)
+  if redis.call('ZADD', P .. ':backlog:' .. cls, score, member(jid, sid)) == 1 then backlog_counted(cls, jid, 1) end
+end
+local function backlog_remove(cls, jid, sid)
+  if redis.call('ZREM', P .. ':backlog:' .. cls, member(jid, sid)) == 1 then backlog_counted(cls, jid, -1) end
+end
+-- A member that ZPOPMIN took from the backlog of cls.
+local function backlog_popped(cls, jid)
+  backlog_counted(cls, jid, -1)
+end
 """ + LUA_SCORE + r"""
 
 local function event(jid, kind, sid, state, extra)
@@ -78,11 +105,11 @@ local function make_ready(jid, sid, w)
   end
   if load < 0 then load = 0 end
   redis.call('HSET', sk, 'state', 'ready', 'ready_at', NOW, 'tenant_load', load, 'active', '1')
-  redis.call('ZADD', P .. ':backlog:' .. f[1], subtask_score(w or load_weights(), jid, sk), member(jid, sid))
+  backlog_add(f[1], subtask_score(w or load_weights(), jid, sk), jid, sid)
   event(jid, 'subtask', sid, 'ready', {attempt = tonumber(redis.call('HGET', sk, 'attempt'))})
 end
 
--- Recompute every score of a class backlog with the current weights.
+-- Recompute every score of a class backlog with the current weights (same members: counts unchanged).
 local function rescore(cls, w)
   local key = P .. ':backlog:' .. cls
   local members = redis.call('ZRANGE', key, 0, -1)
@@ -106,7 +133,7 @@ local function unlist(jid, sid)
   local sk = skey(jid, sid)
   local cls = redis.call('HGET', sk, 'resource_class')
   local m = member(jid, sid)
-  redis.call('ZREM', P .. ':backlog:' .. cls, m)
+  backlog_remove(cls, jid, sid)
   redis.call('ZREM', P .. ':queued:' .. cls, m)
   redis.call('ZREM', P .. ':delayed', m)
 end
@@ -222,6 +249,7 @@ for i = 1, #popped, 2 do
   local sep = string.find(m, '|', 1, true)
   local jid = string.sub(m, 1, sep - 1)
   local sid = string.sub(m, sep + 1)
+  backlog_popped(cls, jid)
   local sk = skey(jid, sid)
   local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
   if f[1] == 'ready' then
@@ -481,6 +509,37 @@ local w = load_weights()
 local n = 0
 for _, cls in ipairs(cjson.decode(ARGV[4])) do n = n + rescore(cls, w) end
 return n
+"""
+
+# ARGV: prefix, classes json. Returns json {class: {"total": ZCARD, "counts": {priority: n}}}.
+# Read-mostly: a class whose counts do not add up to its backlog (or has a negative one) is
+# recounted from the backlog members and their jobs, once, and the counts are rewritten.
+BACKLOG_COUNTS = PRELUDE + r"""
+local out = {}
+for _, cls in ipairs(cjson.decode(ARGV[2])) do
+  local key, ck = P .. ':backlog:' .. cls, P .. ':backlog_count:' .. cls
+  local total = redis.call('ZCARD', key)
+  local raw = redis.call('HGETALL', ck)
+  local counts, sum, sane = {}, 0, true
+  for i = 1, #raw, 2 do
+    local n = tonumber(raw[i + 1]) or -1
+    if n < 0 then sane = false end
+    counts[raw[i]] = n
+    sum = sum + n
+  end
+  if sum ~= total or not sane then
+    counts = {}
+    for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      local jid = string.sub(m, 1, string.find(m, '|', 1, true) - 1)
+      local prio = redis.call('HGET', jkey(jid), 'priority') or 'normal'
+      counts[prio] = (counts[prio] or 0) + 1
+    end
+    redis.call('DEL', ck)
+    for prio, n in pairs(counts) do redis.call('HSET', ck, prio, n) end
+  end
+  out[cls] = {total = total, counts = counts}
+end
+return cjson.encode(out)
 """
 
 # ARGV: prefix, defaults json {name: number}. A router's settings fill in what Redis lacks.

@@ -58,10 +58,15 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         store = self.store
-        backlog = GaugeMetricFamily(metric_names.BACKLOG_DEPTH, "ready subtasks not yet released", labels=["resource_class"])
+        backlog = GaugeMetricFamily(
+            metric_names.BACKLOG_DEPTH, "ready subtasks not yet released, by the priority class of their job",
+            labels=["resource_class", "priority_class"],
+        )
         queued = GaugeMetricFamily(metric_names.QUEUED_DEPTH, "released subtasks not yet claimed", labels=["resource_class"])
+        for rc, counts in store.backlog_counts().items():
+            for priority_class, n in counts.items():
+                backlog.add_metric([rc.value, priority_class], n)
         for rc in ResourceClass:
-            backlog.add_metric([rc.value], store.backlog_size(rc))
             queued.add_metric([rc.value], store.queued_size(rc))
         running = GaugeMetricFamily(metric_names.RUNNING_SUBTASKS, "subtasks holding a lease")
         running.add_metric([], store.redis.zcard(store.keys.running))
