@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default="auto", description="auto: bubblewrap when `bwrap` exists; process: rlimits+seccomp only"
     )
     sandbox_kill_grace: float = Field(default=3.0, description="seconds a cancelled plugin gets to stop")
+    sandbox_warm: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="sandbox launchers each worker process starts ahead for the plugins it last ran; 0: none",
+    )
 
     plugin_dirs: list[Path] = Field(
         default_factory=list,

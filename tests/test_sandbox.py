@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Cluster, RedisServer, free_port, wait_until
 
@@ -175,3 +177,43 @@ def test_isolation_is_reported(sandbox_cluster: Cluster) -> None:
     expected = "bwrap+seccomp+rlimits" if HAVE_BWRAP else "seccomp+rlimits"
     assert boxed["subtasks"][0]["isolation"] == expected
     assert boxed["subtasks"][0]["cpu_seconds"] is not None
+
+
+def _sandbox_starts(cluster: Cluster, node: str, plugin: str) -> dict[str, float]:
+    with cluster.client() as http:
+        [info] = [n for n in http.get("/v1/workers").json() if n["name"] == node]
+    text = httpx.get(info["metrics_url"], timeout=5).text
+    starts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "edgefleet_worker_sandbox_starts_total" and sample.labels["plugin"] == plugin:
+                starts[sample.labels["start"]] = starts.get(sample.labels["start"], 0) + sample.value
+    return starts
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_steps_in_warm_launchers_pass_files_to_later_steps(sandbox_cluster: Cluster, node: str) -> None:
+    """The first step of each job may take a launcher started while the previous job ran; its
+    files reach the job's later step, which can read nothing else of the box."""
+    texts = [f"note {i} on {node}" for i in range(4)]
+    for text in texts:
+        job = sandbox_cluster.submit(
+            {
+                "steps": [
+                    {"id": "write", "plugin": "files", "action": "write", "args": {"text": text}, "node": node},
+                    {"id": "read", "plugin": "files", "action": "read", "needs": ["write"], "node": node,
+                     "args": {"path": {"$ref": "steps.write.output.path"}}},
+                ]
+            }
+        )
+        status = sandbox_cluster.wait_job(job["id"], timeout=60)
+        assert status["state"] == "succeeded", status
+        read = next(st for st in status["subtasks"] if st["id"] == "read")
+        assert read["output"] == {"text": text}
+    starts = _sandbox_starts(sandbox_cluster, node, "files")
+    assert starts.get("warm", 0) >= 2, starts  # with 2 worker processes, most write steps ran warm
+    assert sum(starts.values()) == 2 * len(texts)
+    if node == "boxed" and HAVE_BWRAP:
+        workspaces = sandbox_cluster.workdir / "data" / "workspaces"
+        links = [p for p in workspaces.glob("*/write") if p.is_symlink()]
+        assert links and all(p.resolve().parent == workspaces / ".sandbox" for p in links)

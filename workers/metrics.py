@@ -85,6 +85,12 @@ class WorkerMetrics:
         self.redeliveries = Counter(
             metric_names.REDELIVERIES, "deliveries not run: duplicate, stale or cancelled", ["reason"], **kwargs
         )
+        self.sandbox_starts = Counter(
+            metric_names.SANDBOX_STARTS,
+            "attempts by how their sandbox started: warm (a launcher started ahead) or cold",
+            ["plugin", "start"],
+            **kwargs,
+        )
         self.dropped = Counter(
             "edgefleet_worker_deliveries_dropped_total",
             "deliveries not run: duplicate, stale or cancelled",
@@ -120,6 +126,9 @@ class WorkerMetrics:
 
     def ended(self, env: SubtaskEnvelope) -> None:
         self.in_flight.labels(env.resource_class.value).dec()
+
+    def sandbox_started(self, env: SubtaskEnvelope, *, warm: bool) -> None:
+        self.sandbox_starts.labels(env.plugin, "warm" if warm else "cold").inc()
 
     def redelivered(self, reason: str) -> None:
         self.dropped.inc()

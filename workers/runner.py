@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,12 +26,24 @@ from edgefleet.settings import Settings
 from edgefleet.store import JobStore, Usage
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
-from workers.sandbox import LaunchSpec, SandboxedRun
+from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun, bwrap_path
+from workers.sandbox_pool import WarmLaunchers
 
 log = logging.getLogger(__name__)
 
 # How often a running subtask renews its lease and looks for a cancel.
 MAX_RENEW_INTERVAL = 1.0
+
+
+def linked_folders(job_dir: Path, exclude: Path) -> list[Path]:
+    """Where the job folder's links (workspaces of steps that ran in warm launchers) point."""
+    found = []
+    for entry in job_dir.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target != exclude and target.is_dir():
+                found.append(target)
+    return sorted(found)
 
 
 def process_alive(pid: int) -> bool:
@@ -67,6 +80,11 @@ class SubtaskRunner:
         self.metrics = metrics
         self.node = settings.node_name
         self.lease_ttl = settings.effective_lease_ttl
+        self.launchers = WarmLaunchers(
+            settings.sandbox_warm,
+            settings.effective_workspace_dir,
+            bwrap_path() if settings.sandbox != "process" else None,
+        )
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
@@ -136,35 +154,39 @@ class SubtaskRunner:
                 env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
             )
 
-        workspace = self.settings.effective_workspace_dir / env.job_id / env.subtask_id
-        workspace.mkdir(parents=True, exist_ok=True)
         manifest = plugin.manifest
+        image = PluginImage(
+            plugin=manifest.name,
+            folder=plugin.folder,
+            entry_point=manifest.entry_point,
+            permissions=tuple(manifest.permissions),
+            limits=manifest.limits,
+        )
         timeout = min(env.timeout, manifest.limits.timeout)
+        workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs))
         attempt = _Attempt()
         run = SandboxedRun(
             LaunchSpec(
-                plugin=manifest.name,
-                folder=plugin.folder,
-                entry_point=manifest.entry_point,
+                image=image,
                 action=env.action,
                 args=resolved,
                 job_id=env.job_id,
                 subtask_id=env.subtask_id,
                 attempt=env.attempt,
                 workspace=workspace,
-                job_dir=workspace.parent,
+                job_dir=self._job_dir(env),
                 timeout=timeout,
-                permissions=list(manifest.permissions),
-                limits=manifest.limits,
                 checkpoint=checkpoint,
             ),
-            use_bwrap=self.settings.sandbox != "process",
+            launcher,
             on_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
             on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
             on_model_call=self._model_call_for(deadline_at := time.monotonic() + timeout),
             kill_grace=self.settings.sandbox_kill_grace,
         )
         run.start()
+        # The next subtask of this plugin finds its launcher started while this one runs.
+        self.launchers.replenish(image)
         if self._supervise(env, pid, run, attempt, deadline_at) == "lost":
             return "lost"
         result = run.outcome()
@@ -177,6 +199,31 @@ class SubtaskRunner:
         if result.outcome == "cancelled":
             return self._finish(env, pid, "cancelled", error=result.error, usage=usage)
         return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable, usage=usage)
+
+    def _job_dir(self, env: SubtaskEnvelope) -> Path:
+        return self.settings.effective_workspace_dir / env.job_id
+
+    def _launcher_for(
+        self, env: SubtaskEnvelope, image: PluginImage, *, has_inputs: bool
+    ) -> tuple[Path, LauncherProcess]:
+        """The attempt's workspace and a launcher for it: a warm one when it may serve, else a new one."""
+        job_dir = self._job_dir(env)
+        workspace = job_dir / env.subtask_id
+        launcher = self.launchers.take(image) if self.launchers.can_serve(image, workspace, has_inputs) else None
+        if launcher is not None:
+            self.metrics.sandbox_started(env, warm=True)
+            if launcher.bwrap is None:
+                workspace.mkdir(parents=True, exist_ok=True)
+                return workspace, launcher
+            job_dir.mkdir(parents=True, exist_ok=True)
+            workspace.symlink_to(launcher.home, target_is_directory=True)
+            return launcher.home, launcher
+        self.metrics.sandbox_started(env, warm=False)
+        workspace.mkdir(parents=True, exist_ok=True)
+        workspace = workspace.resolve()  # an earlier warm attempt's folder, behind its link
+        # Earlier steps that ran warm wrote behind links in the job folder: those folders are readable too.
+        readable = [job_dir, *linked_folders(job_dir, exclude=workspace)]
+        return workspace, LauncherProcess(image, bwrap=self.launchers.bwrap, home=workspace, readable=readable)
 
     def _model_call_for(self, deadline: float) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         models = self.models

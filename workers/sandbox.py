@@ -21,8 +21,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,38 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
-@dataclass
-class LaunchSpec:
+@dataclass(frozen=True)
+class PluginImage:
+    """What a launcher prepares before it knows its subtask: it depends on the manifest only,
+    so a launcher can be started (limits, seccomp, plugin imported) ahead of the work."""
+
     plugin: str
     folder: Path
     entry_point: str
+    permissions: tuple[Permission, ...]
+    limits: Limits
+
+    def prepare_message(self) -> dict[str, Any]:
+        return {
+            "type": "prepare",
+            "plugin": self.plugin,
+            "folder": str(self.folder),
+            "entry_point": self.entry_point,
+            "permissions": sorted(p.value for p in self.permissions),
+            "limits": self.limits.model_dump(),
+        }
+
+    def key(self) -> str:
+        return json.dumps(self.prepare_message(), sort_keys=True)
+
+    @property
+    def sees_whole_file_system(self) -> bool:
+        return bool({Permission.file_system_read, Permission.file_system_write} & set(self.permissions))
+
+
+@dataclass
+class LaunchSpec:
+    image: PluginImage
     action: str
     args: dict[str, Any]
     job_id: str
@@ -57,29 +84,20 @@ class LaunchSpec:
     workspace: Path
     job_dir: Path
     timeout: float
-    permissions: list[Permission]
-    limits: Limits
     checkpoint: Any = None
-    extra_env: dict[str, str] = field(default_factory=dict)
 
-    def message(self) -> str:
-        return json.dumps(
-            {
-                "plugin": self.plugin,
-                "folder": str(self.folder),
-                "entry_point": self.entry_point,
-                "action": self.action,
-                "args": self.args,
-                "job_id": self.job_id,
-                "subtask_id": self.subtask_id,
-                "attempt": self.attempt,
-                "workspace": str(self.workspace),
-                "timeout": self.timeout,
-                "permissions": [p.value for p in self.permissions],
-                "limits": self.limits.model_dump(),
-                "checkpoint": self.checkpoint,
-            }
-        )
+    def run_message(self) -> dict[str, Any]:
+        return {
+            "type": "run",
+            "action": self.action,
+            "args": self.args,
+            "job_id": self.job_id,
+            "subtask_id": self.subtask_id,
+            "attempt": self.attempt,
+            "workspace": str(self.workspace),
+            "timeout": self.timeout,
+            "checkpoint": self.checkpoint,
+        }
 
 
 @dataclass
@@ -112,12 +130,13 @@ def _python_roots() -> list[Path]:
     return sorted(roots)
 
 
-def child_env(spec: LaunchSpec) -> dict[str, str]:
+def child_env(home: Path) -> dict[str, str]:
+    """The launcher's scrubbed environment; HOME and TMPDIR move to the workspace when its run arrives."""
     env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
     env.update(
         {
-            "HOME": str(spec.workspace),
-            "TMPDIR": str(spec.workspace / ".tmp"),
+            "HOME": str(home),
+            "TMPDIR": str(home),
             # With `-S` the child skips site's .pth processing (tens of ms per start, and code
             # we did not choose); it gets exactly our import path instead.
             "PYTHONPATH": os.pathsep.join(_import_path()),
@@ -128,12 +147,13 @@ def child_env(spec: LaunchSpec) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": "1",
         }
     )
-    env.update(spec.extra_env)
     return env
 
 
-def bwrap_command(spec: LaunchSpec, bwrap: str) -> list[str]:
-    perms = set(spec.permissions)
+def bwrap_command(image: PluginImage, bwrap: str, workspace: Path, readable: Sequence[Path]) -> list[str]:
+    """The namespace view: `workspace` writable, `readable` (the job's folder and the folders
+    its earlier steps wrote) read-only, plus the system and Python, unless the manifest asks for more."""
+    perms = set(image.permissions)
     cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all"]
     if Permission.network in perms:
         cmd.append("--share-net")
@@ -144,26 +164,75 @@ def bwrap_command(spec: LaunchSpec, bwrap: str) -> list[str]:
     else:
         for directory in SYSTEM_DIRS:
             cmd += ["--ro-bind-try", directory, directory]
-        for root in [*_python_roots(), *_code_roots(), spec.folder.resolve()]:
+        for root in [*_python_roots(), *_code_roots(), image.folder.resolve()]:
             cmd += ["--ro-bind", str(root), str(root)]
-        cmd += ["--ro-bind", str(spec.job_dir), str(spec.job_dir)]
+        for path in readable:
+            cmd += ["--ro-bind", str(path), str(path)]
     cmd += ["--dev", "/dev", "--proc", "/proc"]
     if Permission.gpu_access in perms:
         for device in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
             if device.exists():
                 cmd += ["--dev-bind", str(device), str(device)]
-    cmd += ["--bind", str(spec.workspace), str(spec.workspace), "--chdir", str(spec.workspace)]
+    cmd += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
     return cmd
 
 
+class LauncherProcess:
+    """A sandboxed launcher started for one plugin image: limited, filtered and with the
+    plugin imported, it waits on stdin for the one subtask it will run, then exits.
+
+    `home` is its writable workspace under bwrap (and its first working directory in
+    any case); `readable` is what it may read besides the system and Python.
+    """
+
+    def __init__(self, image: PluginImage, *, bwrap: str | None, home: Path, readable: Sequence[Path] = ()) -> None:
+        self.image = image
+        self.home = home
+        self.bwrap = bwrap
+        self.isolation = "bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits"
+        launcher = [sys.executable, "-S", "-m", "workers.sandbox_launcher"]
+        cmd = (bwrap_command(image, bwrap, home, readable) + ["--"] + launcher) if bwrap else launcher
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"},
+            cwd=str(home),
+            text=True,
+            start_new_session=True,  # its own process group: one signal reaches all it started
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(image.prepare_message()) + "\n")
+        self.proc.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def discard(self) -> None:
+        """Kill a launcher that will not run anything (its group: it has started nothing yet)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
 class SandboxedRun:
-    """One attempt in a child process. Callbacks run on a reader thread."""
+    """One attempt in a launcher process. Callbacks run on a reader thread."""
 
     def __init__(
         self,
         spec: LaunchSpec,
+        launcher: LauncherProcess,
         *,
-        use_bwrap: bool,
         on_progress: Callable[[float, str], None],
         on_checkpoint: Callable[[Any], None],
         on_model_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -175,35 +244,19 @@ class SandboxedRun:
         self.on_model_call = on_model_call
         self._stdin_lock = threading.Lock()
         self.kill_grace = kill_grace
-        bwrap = bwrap_path() if use_bwrap else None
-        self.isolation = "bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits"
-        self._bwrap = bwrap
+        self.isolation = launcher.isolation
+        self._bwrap = launcher.bwrap
         self._final: dict[str, Any] | None = None
         self._stderr: list[str] = []
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[str] = launcher.proc
         self._cpu = 0.0
         self._rss = 0
         self._reader: threading.Thread | None = None
         self._stop_requested: str | None = None
 
     def start(self) -> None:
-        spec = self.spec
-        (spec.workspace / ".tmp").mkdir(parents=True, exist_ok=True)
-        launcher = [sys.executable, "-S", "-m", "workers.sandbox_launcher"]
-        cmd = (bwrap_command(spec, self._bwrap) + ["--"] + launcher) if self._bwrap else launcher
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**child_env(spec), "EDGEFLEET_SANDBOX": "bwrap" if self._bwrap else "process"},
-            cwd=str(spec.workspace),
-            text=True,
-            start_new_session=True,  # its own process group: one signal reaches all it started
-        )
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(spec.message() + "\n")
-        self._proc.stdin.flush()
+        (self.spec.workspace / ".tmp").mkdir(parents=True, exist_ok=True)
+        self._write(self.spec.run_message())
         self._reader = threading.Thread(target=self._read_protocol, daemon=True)
         self._reader.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -252,7 +305,7 @@ class SandboxedRun:
                 del self._stderr[:100]
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc.poll() is None
 
     def sample(self) -> None:
         """CPU seconds and peak RSS of the whole process tree, for the subtask's record."""
@@ -330,8 +383,8 @@ class SandboxedRun:
             return f"sandboxed plugin exited with code {code} without a result{suffix}"
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
         why = {
-            "SIGXCPU": f"exceeded its CPU time limit ({self.spec.limits.cpu_seconds} s)",
+            "SIGXCPU": f"exceeded its CPU time limit ({self.spec.image.limits.cpu_seconds} s)",
             "SIGKILL": "was killed (its CPU or memory limit, or the kill of its group)",
-            "SIGXFSZ": f"wrote a file over its size limit ({self.spec.limits.max_file_mb} MB)",
+            "SIGXFSZ": f"wrote a file over its size limit ({self.spec.image.limits.max_file_mb} MB)",
         }.get(name, f"died of {name}")
         return f"sandboxed plugin {why}{suffix}"

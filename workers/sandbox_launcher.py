@@ -1,9 +1,14 @@
 """The sandbox's child side: limit itself, then run one plugin action and report over a pipe.
 
-Protocol: the parent writes one JSON line (the `LaunchSpec`) to stdin, later
-possibly `{"type": "cancel"}`. The child writes JSON lines to the original
-stdout: `progress`, `checkpoint`, and finally `result` or `error`. The plugin's
-own prints go to stderr, so they cannot corrupt the protocol.
+Protocol: the parent writes JSON lines to stdin: `prepare` (the plugin image:
+plugin, folder, entry point, permissions, limits), then `run` (the subtask:
+action, args, workspace, timeout, checkpoint), later possibly `cancel` and
+`model_reply`. Between `prepare` and `run` the child limits itself, installs its
+seccomp filter and imports the plugin, so a launcher can be started ahead of its
+subtask (the worker's warm pool); a setup error is held until `run` so that it
+fails that subtask. The child writes JSON lines to the original stdout:
+`progress`, `checkpoint`, `model_call`, and finally `result` or `error`. The
+plugin's own prints go to stderr, so they cannot corrupt the protocol.
 
 rlimits are set here, in the child, not through `preexec_fn`: that is unsafe
 in the threaded worker that starts us.
@@ -20,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import IO, Any
+from collections.abc import Callable
 
 MB = 1024 * 1024
 
@@ -100,12 +106,47 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
+    """Limit this process and import the plugin: everything that depends on the manifest only."""
+    permissions = set(image["permissions"])
+    _set_limits(image["limits"], "subprocess" in permissions)
+    from workers.seccomp_filter import install
+
+    install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
+    from edgefleet.plugin_context import PluginContext  # noqa: F401 - imported now, not on the subtask's time
+    from edgefleet.plugin_loader import load_entry_point
+
+    sys.path.insert(0, image["folder"])  # plugins written as flat modules import siblings directly
+    return load_entry_point(image["plugin"], Path(image["folder"]), image["entry_point"])
+
+
+def _enter_workspace(workspace: Path) -> None:
+    os.chdir(workspace)
+    os.environ["HOME"] = str(workspace)
+    os.environ["TMPDIR"] = str(workspace / ".tmp")
+    import tempfile
+
+    tempfile.tempdir = None  # the plugin's import may have fixed it to the launcher's first home
+
+
 def main() -> None:
     _die_with_parent()
     # Keep the protocol stream for ourselves; everything else printed goes to stderr.
     channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
     os.dup2(2, 1)
-    spec = json.loads(sys.stdin.readline())
+    image = json.loads(sys.stdin.readline())
+    setup_error = ""
+    try:
+        function = _prepare(image)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the subtask
+        setup_error = f"{type(exc).__name__}: {exc}"
+    line = sys.stdin.readline()
+    if not line:
+        return  # a warm launcher the worker discarded without work
+    spec = json.loads(line)
+    if setup_error:
+        channel.send({"type": "error", "kind": "setup", "error": setup_error})
+        return
     cancelled = threading.Event()
     models = _ModelCalls(channel, cancelled)
 
@@ -119,27 +160,16 @@ def main() -> None:
         cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
         models.abandon()
 
-    permissions = set(spec["permissions"])
-    try:
-        _set_limits(spec["limits"], "subprocess" in permissions)
-        from workers.seccomp_filter import install
-
-        install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
-        from edgefleet.plugin_loader import load_entry_point
-
-        sys.path.insert(0, spec["folder"])  # plugins written as flat modules import siblings directly
-        function = load_entry_point(spec["plugin"], Path(spec["folder"]), spec["entry_point"])
-        from edgefleet.plugin_context import PluginContext
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the subtask
-        channel.send({"type": "error", "kind": "setup", "error": f"{type(exc).__name__}: {exc}"})
-        return
     threading.Thread(target=read_control, daemon=True).start()
+    from edgefleet.plugin_context import PluginContext
 
+    workspace = Path(spec["workspace"])
+    _enter_workspace(workspace)
     ctx = PluginContext(
         job_id=spec["job_id"],
         subtask_id=spec["subtask_id"],
         attempt=spec["attempt"],
-        workspace=Path(spec["workspace"]),
+        workspace=workspace,
         deadline=time.monotonic() + float(spec["timeout"]),
         is_cancelled=cancelled.is_set,
         report_progress=lambda f, m: channel.send({"type": "progress", "fraction": f, "message": m}),
