@@ -4,8 +4,11 @@ commands talk to it, bad input gets exit code 2 and one line, Ctrl-C leaves noth
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +73,7 @@ class Up:
     data_dir: Path
     port: int
     log_path: Path
+    extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     recorded: list[psutil.Process] = field(default_factory=list)
 
@@ -88,7 +92,8 @@ class Up:
         )
         assert "EDGEFLEET_REDIS_URL" not in env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "up", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "edgefleet", "up", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             *self.extra_args],
             env=env,
             stdout=open(self.log_path, "ab"),  # noqa: SIM115 - the child holds it
             stderr=subprocess.STDOUT,
@@ -156,8 +161,9 @@ class Up:
 def up_factory(tmp_path: Path) -> Iterator[callable]:
     made: list[Up] = []
 
-    def make(data_dir: Path | None = None) -> Up:
-        up = Up(data_dir=data_dir or tmp_path / "data", port=free_port(), log_path=tmp_path / f"up-{len(made)}.out")
+    def make(data_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> Up:
+        up = Up(data_dir=data_dir or tmp_path / "data", port=free_port(), log_path=tmp_path / f"up-{len(made)}.out",
+                extra_args=extra_args)
         made.append(up)
         up.start()
         return up
@@ -266,6 +272,73 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
     assert again.interrupt(timeout=30) == 0
 
 
+def _json(url: str, **params: str) -> object:
+    try:
+        response = httpx.get(url, params=params, timeout=10)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="the `prometheus` binary is not installed (apt-get install prometheus; .ci/run does)",
+)
+@pytest.mark.skipif(
+    importlib.util.find_spec("flower") is None, reason="flower is not installed (pip install 'edgefleet[flower]')"
+)
+def test_up_with_prometheus_and_flower(up_factory: callable) -> None:
+    prom_port, flower_port = free_port(), free_port()
+    prom, flower = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{flower_port}"
+    up = up_factory(extra_args=("--with-prometheus", "--prometheus-port", str(prom_port),
+                                "--with-flower", "--flower-port", str(flower_port)))
+    assert prom in up.output() and flower in up.output()  # the summary names both
+    nodes = httpx.get(f"{up.url}/v1/workers", headers={"Authorization": f"Bearer {up.token}"}, timeout=10).json()
+    assert [n["name"] for n in nodes] == ["cli-test-node"] and nodes[0]["metrics_url"]
+    worker_target = nodes[0]["metrics_url"].split("//", 1)[1].split("/", 1)[0]
+
+    # Prometheus scrapes the router (with the token `up` wrote for it) and the worker node.
+    def targets_up() -> dict[str, dict[str, object]] | None:
+        body = _json(f"{prom}/api/v1/targets")
+        if not isinstance(body, dict):
+            return None
+        by_job = {t["labels"]["job"]: t for t in body["data"]["activeTargets"]}
+        wanted = ("edgefleet-router", "edgefleet-workers")
+        return by_job if all(by_job.get(job, {}).get("health") == "up" for job in wanted) else None
+
+    try:
+        by_job = wait_until(targets_up, 45, interval=0.5, what="Prometheus: router and worker targets up")
+    except AssertionError:
+        raise AssertionError(f"targets: {_json(f'{prom}/api/v1/targets')}\n{up.logs()}") from None
+    assert by_job["edgefleet-router"]["labels"]["instance"] == f"127.0.0.1:{up.port}"
+    assert by_job["edgefleet-workers"]["labels"]["instance"] == worker_target
+    assert "flower" in by_job  # Flower's own /metrics is a target too
+
+    # Flower's API (open on 127.0.0.1) lists the node's class workers.
+    expected = {f"{rc}@cli-test-node" for rc in nodes[0]["classes"]}
+
+    def flower_workers() -> set[str] | None:
+        found = _json(f"{flower}/api/workers", refresh="1")
+        return set(found) if isinstance(found, dict) and expected <= set(found) else None
+
+    try:
+        wait_until(flower_workers, 45, interval=0.5, what="Flower's worker list")
+    except AssertionError:
+        raise AssertionError(f"flower: {_json(f'{flower}/api/workers')}\n{up.logs()}") from None
+
+    # Ctrl-C: every child, Prometheus and Flower included, is gone.
+    children = up.record_children()
+    names = " ".join(" ".join(p.cmdline()) for p in children)
+    for part in ("redis-server", "edgefleet router", "edgefleet worker", "prometheus --config.file", " flower "):
+        assert part in names, (part, names)
+    groups = {os.getpgid(p.pid) for p in children} | {up.proc.pid}
+    assert up.interrupt(timeout=30) == 0, up.output()
+    wait_until(lambda: not any(_alive(p) for p in children), 10, what="children to be gone")
+    assert _processes_in_groups(groups) == []
+    out = up.output()
+    assert re.search(r"prometheus\s+stopped", out) and re.search(r"flower\s+stopped", out), out
+
+
 def test_help_for_every_command() -> None:
     top = run_cli("--help")
     assert top.returncode == 0
@@ -275,6 +348,9 @@ def test_help_for_every_command() -> None:
         result = run_cli(command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "Usage" in result.stdout
+    up_help = run_cli("up", "--help", env=cli_env(COLUMNS="200")).stdout
+    for option in ("--with-prometheus", "--prometheus-port", "--with-flower", "--flower-port"):
+        assert option in up_help, option
 
 
 def test_submit_without_a_body_is_refused_in_one_line() -> None:
