@@ -7,7 +7,6 @@ Each plugin becomes the synthetic package `edgefleet_plugins.<name>` whose
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import sys
 import types
@@ -32,6 +31,8 @@ def package_for(name: str, folder: Path) -> str:
     pkg_name = f"{ROOT_PACKAGE}.{name}"
     existing = sys.modules.get(pkg_name)
     if existing is not None and list(getattr(existing, "__path__", [])) != [folder_str]:
+        import hashlib  # rare, and ~5 ms of every sandbox start when imported up front
+
         digest = hashlib.sha1(folder_str.encode()).hexdigest()[:10]
         pkg_name = f"{ROOT_PACKAGE}.{name}_{digest}"
         existing = sys.modules.get(pkg_name)

@@ -31,14 +31,22 @@ def marker_lines(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def pool_process_running_a_plugin() -> psutil.Process:
-    """The Celery pool process whose sandboxed child runs a plugin right now."""
+def pool_process_running(cluster: Cluster, job_id: str, subtask_id: str) -> psutil.Process:
+    """The Celery pool process whose sandboxed launcher runs this subtask right now: the one
+    working in its workspace (warm launchers still waiting for work sit elsewhere)."""
+    workspace = (cluster.workdir / "data" / "workspaces" / job_id / subtask_id).resolve()
     for proc in psutil.process_iter(["cmdline"]):
-        if "workers.sandbox_launcher" in " ".join(proc.info["cmdline"] or []):
+        if "sandbox_launcher" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        try:
+            if Path(proc.cwd()) != workspace:
+                continue
             for parent in proc.parents():
                 if "workers.class_worker" in " ".join(parent.cmdline()):
                     return parent
-    raise AssertionError("no plugin is running")
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no launcher runs {job_id}/{subtask_id}")
 
 
 def sleep_job(marker: Path, seconds: float, **step: object) -> dict:
@@ -83,7 +91,7 @@ def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., 
     cluster = ready_cluster(cluster_factory, "n1", classes="cpu", EDGEFLEET_LEASE_TTL="60")
     marker = tmp_path / "runs.txt"
     job = submit_sleep_job(cluster, marker, 3)
-    pool_child = pool_process_running_a_plugin()
+    pool_child = pool_process_running(cluster, job["id"], "slow")
     pool_child.kill()
 
     done = assert_succeeded_exactly_once(cluster, job["id"])

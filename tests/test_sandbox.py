@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,28 +141,32 @@ def test_plugin_that_ignores_cancel_is_killed(sandbox_cluster: Cluster, node: st
         {"steps": [{"id": "x", "plugin": "escape", "action": "ignore_cancel", "args": {"marker": "yes"}, "node": node}]}
     )
     wait_until(lambda: sandbox_cluster.job(job["id"])["subtasks"][0]["state"] == "running", 30, what="running")
-    time.sleep(0.5)
+    wait_until(lambda: sandbox_processes(sandbox_cluster, job["id"]), 10, what="the plugin seen in its workspace")
     with sandbox_cluster.client() as http:
         assert http.delete(f"/v1/jobs/{job['id']}").status_code == 202
     wait_until(
         lambda: sandbox_cluster.job(job["id"])["subtasks"][0]["state"] == "cancelled", 30, what="subtask cancelled"
     )
-    assert not sandbox_processes(job["id"])
+    assert not sandbox_processes(sandbox_cluster, job["id"])
 
 
 @pytest.mark.parametrize("node", NODES)
 def test_plugin_that_ignores_its_timeout_is_killed(sandbox_cluster: Cluster, node: str) -> None:
     status = run_step(sandbox_cluster, node, "escape", "ignore_cancel", timeout=1.5)
     failed_with(status, "timed out")
-    assert not sandbox_processes(status["id"])
+    assert not sandbox_processes(sandbox_cluster, status["id"])
 
 
-def sandbox_processes(job_id: str) -> list[psutil.Process]:
-    """Processes still alive in the job's workspaces (the sandbox runs with its workspace as cwd)."""
+def sandbox_processes(cluster: Cluster, job_id: str) -> list[psutil.Process]:
+    """Processes still alive in the job's workspaces (the sandbox runs with its workspace as cwd;
+    a warm launcher's workspace is the folder behind the link in the job's folder)."""
+    job_dir = cluster.workdir / "data" / "workspaces" / job_id
+    workspaces = {str(entry.resolve()) for entry in job_dir.iterdir()} if job_dir.exists() else set()
+    assert workspaces, f"job {job_id} has no workspace"
     found = []
     for proc in psutil.process_iter():
         try:
-            if job_id in proc.cwd():
+            if any(proc.cwd().startswith(w) for w in workspaces):
                 found.append(proc)
         except psutil.Error:
             pass

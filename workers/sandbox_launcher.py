@@ -22,7 +22,6 @@ import resource
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import IO, Any
 from collections.abc import Callable
@@ -124,9 +123,9 @@ def _enter_workspace(workspace: Path) -> None:
     os.chdir(workspace)
     os.environ["HOME"] = str(workspace)
     os.environ["TMPDIR"] = str(workspace / ".tmp")
-    import tempfile
-
-    tempfile.tempdir = None  # the plugin's import may have fixed it to the launcher's first home
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile.tempdir = None  # the plugin's import may have fixed it to the launcher's first home
 
 
 def main() -> None:
@@ -181,6 +180,8 @@ def main() -> None:
         output = function(ctx, spec["action"], spec["args"])
         json.dumps(output)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes the subtask's error
+        import traceback
+
         from edgefleet.plugin_context import SubtaskCancelled
 
         kind = "cancelled" if isinstance(exc, SubtaskCancelled) else "exception"
