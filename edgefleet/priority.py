@@ -34,6 +34,15 @@ and the scheduler releases the LOWEST score first. The score is a *virtual time*
    extra virtual seconds. A deadline far in the future changes nothing; a near one
    jumps the backlog.
 
+5. **Minimum batch share** (not part of the score). Static priorities starve batch
+   under sustained interactive load; the class head start alone lets batch through
+   only after it has waited longer than the head start. With `batch_min_share` = s,
+   the release script counts the releases of each class (priority) over the last
+   `share_window_s` (exponentially decayed) and, while batch work waits and batch got
+   less than s of them, releases the lowest-scored batch item instead of the lowest
+   score overall. Batch then keeps at least s of the slots and interactive work the
+   rest, in score order; with s = 0 only the score decides.
+
 Weights live in the Redis hash `<prefix>:scheduler:weights` (fields = `WEIGHT_NAMES`)
 so that they survive router restarts and every router and worker scores alike. A
 router seeds missing fields from its settings (`scheduler_weights`, defaulting to
@@ -60,13 +69,16 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "fairness": 1.0,  # virtual seconds per subtask the tenant already has in flight
     "deadline_slack": 0.0,  # extra virtual seconds of head start at the latest start time
     "expected_run_s": 5.0,  # assumed run time of a subtask, for the latest start time
+    "batch_min_share": 0.0,  # fraction of a class's releases batch gets while it waits; 0: off
+    "share_window_s": 30.0,  # seconds over which those releases are counted (exponential decay)
 }
 WEIGHT_NAMES = tuple(DEFAULT_WEIGHTS)
 CLASS_WEIGHTS = ("interactive", "normal", "batch")
 
 
 def validate_weights(changes: Mapping[str, float]) -> dict[str, float]:
-    """Known names with finite numbers; `aging` must be positive, the others >= 0."""
+    """Known names with finite numbers; `aging` and `share_window_s` positive,
+    `batch_min_share` a fraction, the others >= 0."""
     out: dict[str, float] = {}
     for name, value in changes.items():
         if name not in DEFAULT_WEIGHTS:
@@ -78,6 +90,10 @@ def validate_weights(changes: Mapping[str, float]) -> dict[str, float]:
             raise ValueError("weight 'aging' must be positive")
         if name != "aging" and number < 0:
             raise ValueError(f"weight {name!r} must not be negative")
+        if name == "batch_min_share" and number > 1:
+            raise ValueError("weight 'batch_min_share' is a fraction of releases, at most 1")
+        if name == "share_window_s" and number <= 0:
+            raise ValueError("weight 'share_window_s' must be positive")
         out[name] = number
     return out
 

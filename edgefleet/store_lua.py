@@ -13,10 +13,13 @@ that are ready, queued, running or waiting for a retry: a subtask's hash field
 
 Each class backlog has a count per priority class beside it, the hash
 `<prefix>:backlog_count:<class>` (field = the job's priority class, absent when 0),
-for the `edgefleet_backlog_depth{resource_class, priority_class}` gauge. Every script
+for the `edgefleet_backlog_depth{resource_class, priority_class}` gauge, and a
+per-priority mirror `<prefix>:backlog:<class>:<priority>` (same members and scores),
+where RELEASE finds the next batch member when batch is owed its minimum share
+(`batch_min_share`, measured on `<prefix>:scheduler:released:<class>`). Every script
 that adds to or takes from a backlog goes through `backlog_add` / `backlog_remove` /
 `backlog_popped`, which move the count only when the sorted set really changed (ZADD
-and ZREM return values), so the two change together in one atomic step. A job's
+and ZREM return values), so all three change together in one atomic step. A job's
 priority class never changes after creation. `BACKLOG_COUNTS` reads them and recounts
 a class whose counts do not add up to its backlog (data written before the counts
 existed).
@@ -35,21 +38,28 @@ local function jkey(jid) return P .. ':job:' .. jid end
 local function skey(jid, sid) return P .. ':st:' .. jid .. ':' .. sid end
 local function member(jid, sid) return jid .. '|' .. sid end
 
--- The backlog of a class and its count per priority class change together (module docstring).
-local function backlog_counted(cls, jid, delta)
+-- The backlog of a class, its count per priority class and its per-priority mirror
+-- `<prefix>:backlog:<class>:<priority>` (same members and scores) change together.
+local function job_priority(jid) return redis.call('HGET', jkey(jid), 'priority') or 'normal' end
+local function backlog_counted(cls, prio, delta)
   local ck = P .. ':backlog_count:' .. cls
-  local prio = redis.call('HGET', jkey(jid), 'priority') or 'normal'
   if redis.call('HINCRBY', ck, prio, delta) == 0 then redis.call('HDEL', ck, prio) end
 end
 local function backlog_add(cls, score, jid, sid)
-  if redis.call('ZADD', P .. ':backlog:' .. cls, score, member(jid, sid)) == 1 then backlog_counted(cls, jid, 1) end
+  local m, prio = member(jid, sid), job_priority(jid)
+  redis.call('ZADD', P .. ':backlog:' .. cls .. ':' .. prio, score, m)
+  if redis.call('ZADD', P .. ':backlog:' .. cls, score, m) == 1 then backlog_counted(cls, prio, 1) end
 end
 local function backlog_remove(cls, jid, sid)
-  if redis.call('ZREM', P .. ':backlog:' .. cls, member(jid, sid)) == 1 then backlog_counted(cls, jid, -1) end
+  local m, prio = member(jid, sid), job_priority(jid)
+  redis.call('ZREM', P .. ':backlog:' .. cls .. ':' .. prio, m)
+  if redis.call('ZREM', P .. ':backlog:' .. cls, m) == 1 then backlog_counted(cls, prio, -1) end
 end
 -- A member that ZPOPMIN took from the backlog of cls.
-local function backlog_popped(cls, jid)
-  backlog_counted(cls, jid, -1)
+local function backlog_popped(cls, jid, m)
+  local prio = job_priority(jid)
+  redis.call('ZREM', P .. ':backlog:' .. cls .. ':' .. prio, m)
+  backlog_counted(cls, prio, -1)
 end
 """ + LUA_SCORE + r"""
 
@@ -117,7 +127,9 @@ local function rescore(cls, w)
     local sep = string.find(m, '|', 1, true)
     local jid = string.sub(m, 1, sep - 1)
     local sid = string.sub(m, sep + 1)
-    redis.call('ZADD', key, subtask_score(w, jid, skey(jid, sid)), m)
+    local score = subtask_score(w, jid, skey(jid, sid))
+    redis.call('ZADD', key, score, m)
+    redis.call('ZADD', key .. ':' .. job_priority(jid), score, m)
   end
   return #members
 end
@@ -243,13 +255,50 @@ local room = target - redis.call('ZCARD', P .. ':queued:' .. cls)
 local n = math.min(tonumber(ARGV[3]), room)
 local out = {}
 if n <= 0 then return cjson.encode(out) end
-local popped = redis.call('ZPOPMIN', P .. ':backlog:' .. cls, n)
-for i = 1, #popped, 2 do
-  local m = popped[i]
-  local sep = string.find(m, '|', 1, true)
-  local jid = string.sub(m, 1, sep - 1)
-  local sid = string.sub(m, sep + 1)
-  backlog_popped(cls, jid)
+local w = load_weights()
+local key = P .. ':backlog:' .. cls
+
+-- Releases per priority class, decayed over share_window_s: what batch_min_share is measured on.
+local rk = P .. ':scheduler:released:' .. cls
+local shares = {}
+do
+  local f = redis.call('HMGET', rk, 't', 'interactive', 'normal', 'batch')
+  local decay = math.exp(-math.max(0, NOW - (tonumber(f[1]) or NOW)) / w.share_window_s)
+  shares.interactive = (tonumber(f[2]) or 0) * decay
+  shares.normal = (tonumber(f[3]) or 0) * decay
+  shares.batch = (tonumber(f[4]) or 0) * decay
+end
+local function batch_owed()
+  if w.batch_min_share <= 0 then return false end
+  local total = shares.interactive + shares.normal + shares.batch
+  return total >= 1 and shares.batch < w.batch_min_share * total
+end
+
+-- The next member to release: the lowest score, unless batch is below its minimum share
+-- and waits, then the lowest-scored batch member.
+local function next_member()
+  if batch_owed() then
+    local first = redis.call('ZRANGE', key .. ':batch', 0, 0)
+    if first[1] then
+      local m = first[1]
+      local sep = string.find(m, '|', 1, true)
+      local jid = string.sub(m, 1, sep - 1)
+      backlog_remove(cls, jid, string.sub(m, sep + 1))
+      return m, jid
+    end
+  end
+  local popped = redis.call('ZPOPMIN', key, 1)
+  if not popped[1] then return nil end
+  local m = popped[1]
+  local jid = string.sub(m, 1, string.find(m, '|', 1, true) - 1)
+  backlog_popped(cls, jid, m)
+  return m, jid
+end
+
+for _ = 1, n do
+  local m, jid = next_member()
+  if not m then break end
+  local sid = string.sub(m, string.len(jid) + 2)
   local sk = skey(jid, sid)
   local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
   if f[1] == 'ready' then
@@ -259,10 +308,15 @@ for i = 1, #popped, 2 do
     redis.call('ZADD', P .. ':queued:' .. cls, NOW, m)
     redis.call('ZADD', P .. ':dispatching', NOW, m .. '|' .. f[2])
     event(jid, 'subtask', sid, 'queued', {attempt = tonumber(f[2]), queue = queue})
+    local prio = job_priority(jid)
+    if shares[prio] then shares[prio] = shares[prio] + 1 end
     table.insert(out, {job_id = jid, subtask_id = sid, attempt = tonumber(f[2]),
       plugin = f[3], action = f[4], resource_class = cls, timeout = tonumber(f[5]),
-      priority = redis.call('HGET', jkey(jid), 'priority'), queue = queue})
+      priority = prio, queue = queue})
   end
+end
+if #out > 0 then
+  redis.call('HSET', rk, 't', NOW, 'interactive', shares.interactive, 'normal', shares.normal, 'batch', shares.batch)
 end
 return cjson.encode(out)
 """

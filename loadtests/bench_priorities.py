@@ -17,8 +17,7 @@ the loads of scenario 2 are set as fractions of it.
 Scenarios (sizes scale with the options; the issue's full sizes are 2,000 x 200 ms etc.):
 1. flood     a batch flood; interactive one-step jobs every --interactive-every s for --window s
 2. starve    a batch backlog plus interactive load at --starve-load x capacity for --window s;
-             edgefleet gets an interactive head start of --starve-gap s and a fairness weight
-             that leaves batch --min-batch-share of capacity
+             edgefleet runs its default weights with batch_min_share = --min-batch-share
 3. fair      tenant A floods --fair-flood batch jobs, then tenant B submits --fair-b; B's wait
 4. deadline  a batch job with deadline_s=--deadline into its own tenant's backlog of ~3 x
              deadline of work;
@@ -408,15 +407,10 @@ class Bench:
     def starve(self, name: str) -> None:
         a, way, cap, run = self._begin(name)
         if name == "edgefleet":
-            # Aging 1 and fairness f: the batch tenant's i-th backlog item scores t0 + i*f, so
-            # once new interactive work has aged past its head start, one batch item per f
-            # seconds wins: a batch rate of 1/f = min_share x capacity.
-            fairness = 1.0 / (a.min_batch_share * cap)
-            self.set_weights({"interactive": a.starve_gap, "fairness": round(fairness, 4)}, "starve: batch minimum share")
-            self.notes.append(
-                f"starve/edgefleet weights: interactive {a.starve_gap:g}, fairness {fairness:.3f} "
-                f"(= 1 / ({a.min_batch_share:g} x {cap:.1f}/s)), aging 1"
-            )
+            # Default weights (interactive 600 virtual s ahead of batch) plus the minimum share:
+            # while batch waits, at least that fraction of releases goes to it.
+            self.set_weights({"batch_min_share": a.min_batch_share}, "starve: batch minimum share")
+            self.notes.append(f"starve/edgefleet weights: defaults, batch_min_share {a.min_batch_share:g}")
         n = math.ceil(cap * (a.window + 10) * 1.3)
         # The interactive stream starts with the backlog's submission, so that no way gets a
         # head start of batch-only time (edgefleet's HTTP submission takes seconds).
@@ -579,15 +573,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     parser.add_argument("--cpu-concurrency", type=int, default=2, help="worker slots (prefork children)")
-    parser.add_argument("--batch-seconds", type=float, default=0.1, help="run time of a batch subtask (issue: 0.2)")
+    parser.add_argument("--batch-seconds", type=float, default=0.2, help="run time of a batch subtask (the issue's size)")
     parser.add_argument("--interactive-seconds", type=float, default=0.05, help="run time of an interactive subtask")
     parser.add_argument("--interactive-every", type=float, default=0.5, help="scenario 1: interactive arrival period")
     parser.add_argument("--window", type=float, default=20.0, help="scenarios 1, 2: seconds of interactive load")
     parser.add_argument("--flood", type=int, default=None,
                         help="scenario 1: batch flood size (default: 1.3 x what the way can run in the window; issue: 2000)")
-    parser.add_argument("--starve-load", type=float, default=1.0, help="scenario 2: interactive demand / capacity")
-    parser.add_argument("--starve-gap", type=float, default=2.0, help="scenario 2: edgefleet interactive head start (virtual s)")
-    parser.add_argument("--min-batch-share", type=float, default=0.2, help="scenario 2: batch share the weights guarantee")
+    parser.add_argument("--starve-load", type=float, default=0.9, help="scenario 2: interactive demand / capacity")
+    parser.add_argument("--min-batch-share", type=float, default=0.15,
+                        help="scenario 2: edgefleet's batch_min_share; with --starve-load L, interactive gets 1 - share, "
+                             "so L + share > 1 makes its queue grow for the whole window")
     parser.add_argument("--fair-flood", type=int, default=400, help="scenario 3: tenant A's batch jobs (issue: 5000)")
     parser.add_argument("--fair-b", type=int, default=8, help="scenario 3: tenant B's batch jobs (issue: 50)")
     parser.add_argument("--deadline", type=float, default=5.0, help="scenario 4: deadline_s of the deadline job")

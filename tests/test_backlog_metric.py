@@ -67,8 +67,18 @@ def stored(store: JobStore) -> dict[str, dict[str, int]]:
     return out
 
 
+def assert_mirrors(store: JobStore) -> None:
+    """Each per-priority mirror holds exactly its priority's backlog members, with their scores."""
+    for rc in ResourceClass:
+        members = store.redis.zrange(store.keys.backlog(rc), 0, -1, withscores=True)
+        for prio in PRIORITIES:
+            want = [(m, s) for m, s in members if store.redis.hget(store.keys.job(m.split("|")[0]), "priority") == prio]
+            assert store.redis.zrange(f"{store.keys.backlog(rc)}:{prio}", 0, -1, withscores=True) == want
+
+
 def assert_counts(store: JobStore, **expected: dict[str, int]) -> None:
     by_hand = counted_by_hand(store)
+    assert_mirrors(store)
     assert stored(store) == by_hand  # kept exact by the scripts themselves
     assert {rc.value: row for rc, row in store.backlog_counts().items()} == by_hand
     for rc in ResourceClass:

@@ -70,7 +70,8 @@ def test_deadline_caps_the_score_at_the_latest_start_time() -> None:
 
 def test_weights_are_validated() -> None:
     assert priority.validate_weights({"batch": 5}) == {"batch": 5.0}
-    for bad in ({"nope": 1}, {"aging": 0}, {"batch": -1}, {"fairness": float("nan")}):
+    for bad in ({"nope": 1}, {"aging": 0}, {"batch": -1}, {"fairness": float("nan")},
+                {"batch_min_share": 1.5}, {"share_window_s": 0}):
         with pytest.raises(ValueError):
             priority.validate_weights(bad)
 
@@ -89,6 +90,41 @@ def test_lua_formula_matches_python(redis_server: RedisServer) -> None:
         assert lua == pytest.approx(
             score(priority=prio, ready_at=t, tenant_load=load, deadline_at=deadline, weights=weights), abs=1e-3
         )
+
+
+def _released_priorities(store: JobStore, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        [item] = store.release(ResourceClass.cpu, 1, 10_000)
+        out.append(store.redis.hget(store.keys.job(item.envelope.job_id), "priority"))
+    return out
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_batch_keeps_its_minimum_share_of_releases(redis_server: RedisServer, share: float) -> None:
+    """Interactive work fills the backlog ahead of batch; with a minimum share batch still gets
+    that fraction of the releases (and not much more); without one it waits for the gap."""
+    from tests.test_backlog_metric import create, step
+
+    store = JobStore.from_url(redis_server.url)
+    store.seed_weights(dict(DEFAULT_WEIGHTS))
+    store.set_weights({"batch_min_share": share}, reason="test")
+    batch = [create(store, "batch", step("s")) for _ in range(20)]
+    interactive = [create(store, "interactive", step("s")) for _ in range(60)]
+    assert len(batch) + len(interactive) == store.backlog_size(ResourceClass.cpu)
+    released = _released_priorities(store, 40)
+    batch_share = released.count("batch") / len(released)
+    if share == 0:
+        assert released == ["interactive"] * 40
+    else:
+        assert share <= batch_share <= share + 0.1, released
+        assert released[0] == "interactive"  # nothing released yet: the score decides
+    # The share is a floor while batch waits, not a quota: alone, interactive work takes every slot.
+    store.set_weights({"batch_min_share": 0.5}, reason="test")
+    for job_id in batch:
+        store.cancel_job(job_id)
+    rest = _released_priorities(store, store.backlog_size(ResourceClass.cpu))
+    assert rest and set(rest) == {"interactive"}
 
 
 # --- helpers for the cluster tests ----------------------------------------------------------
