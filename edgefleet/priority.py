@@ -70,7 +70,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "deadline_slack": 0.0,  # extra virtual seconds of head start at the latest start time
     "expected_run_s": 5.0,  # assumed run time of a subtask, for the latest start time
     "batch_min_share": 0.0,  # fraction of a class's releases batch gets while it waits; 0: off
-    "share_window_s": 30.0,  # seconds over which those releases are counted (exponential decay)
+    "share_window_s": 10.0,  # seconds over which those releases are counted (exponential decay)
 }
 WEIGHT_NAMES = tuple(DEFAULT_WEIGHTS)
 CLASS_WEIGHTS = ("interactive", "normal", "batch")

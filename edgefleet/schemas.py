@@ -221,6 +221,15 @@ class ErrorItem(BaseModel):
     reason: str
 
 
+class SchedulerWeightsChange(BaseModel):
+    """`PUT /v1/scheduler/weights`: change some release-scheduler weights (see `edgefleet.priority`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, float] = Field(min_length=1, description="weight name -> new value; others keep theirs")
+    reason: str = Field(min_length=1, max_length=200, description="logged and listed in GET /v1/scheduler")
+
+
 class ErrorBody(BaseModel):
     error: str
     detail: list[ErrorItem]

@@ -26,8 +26,8 @@ from edgefleet.dispatch import Dispatcher
 from edgefleet.model_affinity import build_affinity
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.models.router import NoModelAvailable
-from edgefleet.priority import DEFAULT_WEIGHTS
-from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, ResourceClass, StepSpec
+from edgefleet.priority import DEFAULT_WEIGHTS, validate_weights
+from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, ResourceClass, SchedulerWeightsChange, StepSpec
 from edgefleet.settings import Scope, Settings
 from edgefleet.store import JobStore
 from router.auth import Principal, require
@@ -47,6 +47,7 @@ IDEMPOTENCY_KEY_MAX = 200
 STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sends it back
 SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
 ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
+AdminPrincipal = Annotated[Principal, Depends(require(Scope.admin))]
 
 
 def _error(status: int, error: str, problems: list[tuple[str, str]]) -> JSONResponse:
@@ -116,8 +117,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body field is named as it is written in the body ("weights.batch"), like the job API's.
         problems = [
-            (".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
+            (".".join(str(p) for p in err["loc"][1 if err["loc"][:1] == ("body",) else 0:]) or "body", err["msg"])
+            for err in exc.errors()
         ]
         return _error(422, "invalid_request", problems)
 
@@ -351,6 +354,25 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             "loop_released": store.loop_released(),
             "last_changes": store.scheduler_changes(),
         }
+
+    @app.put("/v1/scheduler/weights", tags=["fleet"], response_model=None, responses={422: {"model": ErrorBody}})
+    def set_scheduler_weights(
+        request: Request, change: SchedulerWeightsChange, _: AdminPrincipal
+    ) -> dict[str, Any] | JSONResponse:
+        """Change weights (admin); every waiting subtask is rescored at once. The feedback loop
+        may move `interactive` again later; the other weights stay as set."""
+        problems = []
+        for name, value in change.weights.items():
+            try:
+                validate_weights({name: value})
+            except ValueError as exc:
+                problems.append((f"weights.{name}", str(exc)))
+        if problems:
+            return _error(422, "invalid_request", problems)
+        store: JobStore = request.app.state.store
+        rescored = store.set_weights(change.weights, reason=change.reason)
+        log.info("scheduler weights changed", extra={"changes": change.weights, "reason": change.reason})
+        return {"weights": store.weights(), "rescored": rescored}
 
     @app.get("/v1/workers", tags=["fleet"], response_model=list[NodeInfo])
     def workers(request: Request, _: ReadPrincipal) -> list[NodeInfo]:

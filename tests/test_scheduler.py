@@ -348,3 +348,27 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_an_admin_changes_weights_over_http_and_bad_values_name_the_weight(router_only: Cluster) -> None:
+    store = store_of(router_only)
+    with router_only.client() as http:
+        changed = http.put("/v1/scheduler/weights", json={"weights": {"batch_min_share": 0.2}, "reason": "nightly batch"})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["weights"]["batch_min_share"] == 0.2
+        shown = http.get("/v1/scheduler").json()
+        assert shown["weights"]["batch_min_share"] == 0.2
+        assert any(c.get("reason") == "nightly batch" for c in shown["last_changes"]), shown["last_changes"]
+        for body, field in (
+            ({"weights": {"batch_min_share": 2}, "reason": "x"}, "weights.batch_min_share"),
+            ({"weights": {"speed": 1}, "reason": "x"}, "weights.speed"),
+            ({"weights": {"aging": 0, "batch": 1}, "reason": "x"}, "weights.aging"),
+            ({"weights": {}, "reason": "x"}, "weights"),
+            ({"weights": {"batch": 1}}, "reason"),
+        ):
+            bad = http.put("/v1/scheduler/weights", json=body)
+            assert bad.status_code == 422, bad.text
+            assert field in [d["field"] for d in bad.json()["detail"]], bad.json()
+    assert store.weights()["batch"] == 0.0  # a refused change changes nothing
+    with router_only.client("alice-token") as reader:
+        assert reader.put("/v1/scheduler/weights", json={"weights": {"batch": 1}, "reason": "x"}).status_code == 403
