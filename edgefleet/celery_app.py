@@ -14,6 +14,9 @@ from edgefleet.settings import Settings
 
 RUN_SUBTASK = "edgefleet.run_subtask"
 PROBE = "edgefleet.probe"
+# Interactive subtasks go to `<queue>.express`: every worker of the class consumes it, and a
+# node's express slots consume only it (see `workers.node`).
+EXPRESS_SUFFIX = ".express"
 
 # Redis priorities: 0 is the most urgent.
 MESSAGE_PRIORITY: dict[PriorityClass, int] = {
@@ -26,6 +29,11 @@ MESSAGE_PRIORITY: dict[PriorityClass, int] = {
 def node_queue(node_name: str) -> str:
     """The direct queue of one box, for work that must run there."""
     return f"node.{node_name}"
+
+
+def worker_hostname(resource_class: str, node: str, *, express: bool = False) -> str:
+    """The Celery hostname of a node's class worker (Flower and celery_worker_up show it)."""
+    return f"{resource_class}{'-express' if express else ''}@{node}"
 
 
 def create_celery(settings: Settings, *, main: str = "edgefleet") -> Celery:

@@ -6,7 +6,7 @@ import logging
 
 from celery import Celery
 
-from edgefleet.celery_app import MESSAGE_PRIORITY, RUN_SUBTASK
+from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, RUN_SUBTASK
 from edgefleet.model_affinity import ModelAffinity
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
@@ -50,12 +50,15 @@ class Dispatcher:
         return sum(self.release(rc, max_count) for rc in ResourceClass)
 
     def _with_affinity(self, item: Released) -> Released:
-        if item.queue != item.envelope.resource_class.value:
+        express = item.queue.endswith(EXPRESS_SUFFIX)
+        if item.queue.removesuffix(EXPRESS_SUFFIX) != item.envelope.resource_class.value:
             return item  # pinned to a node by the step itself
         assert self.affinity is not None
         queue = self.affinity.queue_for(item.envelope)
         if queue is None:
             return item
+        if express:
+            queue += EXPRESS_SUFFIX
         self.store.set_queue(item.envelope, queue)
         return Released(envelope=item.envelope, queue=queue)
 

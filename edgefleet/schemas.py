@@ -201,6 +201,9 @@ class NodeInfo(BaseModel):
 
     name: str
     classes: list[ResourceClass]
+    express_slots: dict[str, int] = Field(
+        default_factory=dict, description="per class: slots that serve only interactive work (the express lane)"
+    )
     cores: int
     memory_total: int
     memory_available: int

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     cpu_concurrency: int | None = None
     io_concurrency: int = 8
     gpu_concurrency: int | None = Field(default=None, description="defaults to one slot per GPU")
+    express_slots: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="extra slots per node for its cpu and io classes that run only interactive work, so an "
+        "interactive job does not wait for a batch subtask to end (none for gpu: GPU memory); 0: none",
+    )
 
     sandbox: Literal["auto", "process"] = Field(
         default="auto", description="auto: bubblewrap when `bwrap` exists; process: rlimits+seccomp only"

@@ -250,11 +250,10 @@ return {'created', jid, job.request_hash}
 # the hash <prefix>:scheduler:target_depth wins, so every releaser honours the same one)
 RELEASE = PRELUDE + r"""
 local cls = ARGV[2]
+local limit = tonumber(ARGV[3])
 local target = tonumber(redis.call('HGET', P .. ':scheduler:target_depth', cls) or '') or tonumber(ARGV[4])
-local room = target - redis.call('ZCARD', P .. ':queued:' .. cls)
-local n = math.min(tonumber(ARGV[3]), room)
+local queued_key = P .. ':queued:' .. cls
 local out = {}
-if n <= 0 then return cjson.encode(out) end
 local w = load_weights()
 local key = P .. ':backlog:' .. cls
 
@@ -274,47 +273,80 @@ local function batch_owed()
   return total >= 1 and shares.batch < w.batch_min_share * total
 end
 
+local function split(m)
+  local sep = string.find(m, '|', 1, true)
+  return string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+end
+
+-- The lowest-scored member of one priority class, taken out of the backlog.
+local function take_lowest_of(prio)
+  local first = redis.call('ZRANGE', key .. ':' .. prio, 0, 0)
+  if not first[1] then return nil end
+  local jid, sid = split(first[1])
+  backlog_remove(cls, jid, sid)
+  return first[1]
+end
+
 -- The next member to release: the lowest score, unless batch is below its minimum share
 -- and waits, then the lowest-scored batch member.
 local function next_member()
   if batch_owed() then
-    local first = redis.call('ZRANGE', key .. ':batch', 0, 0)
-    if first[1] then
-      local m = first[1]
-      local sep = string.find(m, '|', 1, true)
-      local jid = string.sub(m, 1, sep - 1)
-      backlog_remove(cls, jid, string.sub(m, sep + 1))
-      return m, jid
-    end
+    local m = take_lowest_of('batch')
+    if m then return m end
   end
   local popped = redis.call('ZPOPMIN', key, 1)
   if not popped[1] then return nil end
-  local m = popped[1]
-  local jid = string.sub(m, 1, string.find(m, '|', 1, true) - 1)
-  backlog_popped(cls, jid, m)
-  return m, jid
+  local jid = split(popped[1])
+  backlog_popped(cls, jid, popped[1])
+  return popped[1]
 end
 
-for _ = 1, n do
-  local m, jid = next_member()
-  if not m then break end
-  local sid = string.sub(m, string.len(jid) + 2)
+local function release_member(m)
+  local jid, sid = split(m)
   local sk = skey(jid, sid)
   local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
-  if f[1] == 'ready' then
-    local queue = cls
-    if f[6] and f[6] ~= '' then queue = 'node.' .. f[6] .. '.' .. cls end
-    redis.call('HSET', sk, 'state', 'queued', 'queued_at', NOW, 'queue', queue)
-    redis.call('ZADD', P .. ':queued:' .. cls, NOW, m)
-    redis.call('ZADD', P .. ':dispatching', NOW, m .. '|' .. f[2])
-    event(jid, 'subtask', sid, 'queued', {attempt = tonumber(f[2]), queue = queue})
-    local prio = job_priority(jid)
-    if shares[prio] then shares[prio] = shares[prio] + 1 end
-    table.insert(out, {job_id = jid, subtask_id = sid, attempt = tonumber(f[2]),
-      plugin = f[3], action = f[4], resource_class = cls, timeout = tonumber(f[5]),
-      priority = prio, queue = queue})
+  if f[1] ~= 'ready' then return end
+  local prio = job_priority(jid)
+  local queue = cls
+  if f[6] and f[6] ~= '' then queue = 'node.' .. f[6] .. '.' .. cls end
+  if prio == 'interactive' then queue = queue .. '.express' end
+  redis.call('HSET', sk, 'state', 'queued', 'queued_at', NOW, 'queue', queue)
+  redis.call('ZADD', queued_key, NOW, m)
+  redis.call('ZADD', P .. ':dispatching', NOW, m .. '|' .. f[2])
+  event(jid, 'subtask', sid, 'queued', {attempt = tonumber(f[2]), queue = queue})
+  if shares[prio] then shares[prio] = shares[prio] + 1 end
+  table.insert(out, {job_id = jid, subtask_id = sid, attempt = tonumber(f[2]),
+    plugin = f[3], action = f[4], resource_class = cls, timeout = tonumber(f[5]),
+    priority = prio, queue = queue})
+end
+
+local n = math.min(limit, target - redis.call('ZCARD', queued_key))
+for _ = 1, n do
+  local m = next_member()
+  if not m then break end
+  release_member(m)
+end
+
+-- The express lane: interactive work may exceed the target depth by the live nodes' express
+-- slots for this class, so that it does not wait for a batch subtask to end to be released.
+if #out < limit and redis.call('HGET', P .. ':backlog_count:' .. cls, 'interactive') then
+  local express = 0
+  local names = redis.call('SMEMBERS', P .. ':nodes')
+  for _, name in ipairs(names) do
+    local raw = redis.call('GET', P .. ':node:' .. name)
+    if raw then
+      local ok, info = pcall(cjson.decode, raw)
+      if ok and type(info.express_slots) == 'table' then express = express + (tonumber(info.express_slots[cls]) or 0) end
+    end
+  end
+  local room = math.min(limit - #out, target + express - redis.call('ZCARD', queued_key))
+  for _ = 1, room do
+    local m = take_lowest_of('interactive')
+    if not m then break end
+    release_member(m)
   end
 end
+
 if #out > 0 then
   redis.call('HSET', rk, 't', NOW, 'interactive', shares.interactive, 'normal', shares.normal, 'batch', shares.batch)
 end

@@ -1,10 +1,12 @@
 """Priorities under load: plain Celery FIFO, Celery's Redis priorities and edgefleet's scheduler.
 
-One run, one embedded redis-server, one router and one worker node (cpu class, prefork);
-every scenario runs three ways on them:
+One run, one embedded redis-server, one router and one worker node (cpu class, prefork, plus
+its express slot for interactive work, --express-slots); every scenario runs these ways on them:
 
 * fifo        raw Celery: `send_task("edgefleet.bench_sleep")` to the `cpu` queue, all priority 0
 * celery-prio the same with `MESSAGE_PRIORITY` per class (interactive 0, batch 8), fixed at send time
+* celery-lane celery-prio, with interactive tasks sent to `cpu.express`, which the node's express
+              slot serves: the same slots edgefleet has (scenarios 1 and 2 only)
 * edgefleet   one-step `sleep` jobs through the router's HTTP API with `priority` (and
               `deadline_s`, one bearer token per tenant); they wait in the backlog and the
               release scheduler lets them into Celery under the class's target depth
@@ -53,7 +55,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.celery_app import MESSAGE_PRIORITY, create_celery
+from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, create_celery
 from edgefleet.embedded_redis import EmbeddedRedis, free_port
 from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
@@ -62,7 +64,9 @@ from loadtests.bench_dispatch import _healthy, start, stop, wait_for
 
 BENCH_SLEEP = "edgefleet.bench_sleep"  # the baseline task, in workers/class_worker.py
 CPU = ResourceClass.cpu
-WAYS = ("fifo", "celery-prio", "edgefleet")
+WAYS = ("fifo", "celery-prio", "celery-lane", "edgefleet")
+# celery-lane differs from celery-prio only in where interactive work goes.
+INTERACTIVE_SCENARIOS = ("flood", "starve")
 SCENARIOS = ("flood", "starve", "fair", "deadline")
 TENANTS = ("cal", "s1-batch", "s1-int", "s2-batch", "s2-int", "s3-A", "s3-B", "s4-A")
 ADMIN_TOKEN = "bench-admin"
@@ -118,11 +122,12 @@ class Run:
 class CeleryWay:
     """Raw Celery: the baseline task straight into the `cpu` queue."""
 
-    def __init__(self, name: str, app: Any, client: redis.Redis, use_priorities: bool) -> None:
+    def __init__(self, name: str, app: Any, client: redis.Redis, use_priorities: bool, lane: bool = False) -> None:
         self.name = name
         self.app = app
         self.client = client
         self.use_priorities = use_priorities
+        self.lane = lane
         self.key = ""
         self._send_lock = threading.Lock()
         self._seen: dict[str, dict[str, float]] = {}
@@ -137,7 +142,10 @@ class CeleryWay:
         priority = MESSAGE_PRIORITY[PriorityClass(kind)] if self.use_priorities else 0
         with self._send_lock:
             submitted = time.time()
-            self.app.send_task(BENCH_SLEEP, args=[seconds, label, self.key], queue="cpu", priority=priority)
+            # celery-lane: interactive tasks to the node's express queue, served by the same
+            # express slot that edgefleet's interactive subtasks get (a dedicated Celery worker).
+            queue = "cpu" + EXPRESS_SUFFIX if self.lane and kind == "interactive" else "cpu"
+            self.app.send_task(BENCH_SLEEP, args=[seconds, label, self.key], queue=queue, priority=priority)
         return run.add(Item(kind, tenant, submitted, label, deadline_s=deadline_s))
 
     def submit_many(self, run: Run, n: int, kind: str, tenant: str, seconds: float) -> None:
@@ -238,8 +246,8 @@ class EdgefleetWay:
 
 
 def celery_queue_keys() -> list[str]:
-    # kombu's Redis priority lists for `cpu` with priority_steps 0..9 and sep ":".
-    return ["cpu"] + [f"cpu:{p}" for p in range(1, 10)]
+    # kombu's Redis priority lists for `cpu` and `cpu.express` with priority_steps 0..9 and sep ":".
+    return [q + suffix for q in ("cpu", "cpu" + EXPRESS_SUFFIX) for suffix in ["", *(f":{p}" for p in range(1, 10))]]
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -536,10 +544,11 @@ class Bench:
         e_p95 = r("1 flood", "edgefleet", "_p95")
         if e_p95 is not None:
             base = self.unloaded["edgefleet"]["p95"]
-            prio = r("1 flood", "celery-prio", "_p95")
             out.append(f"1 flood: edgefleet interactive p95 / its unloaded p95 = {e_p95 / base:.2f} (goal ≤ 1.5)")
-            if prio:
-                out.append(f"1 flood: edgefleet interactive p95 / celery-prio p95 = {e_p95 / prio:.2f} (goal ≤ 1.1)")
+            for w in ("celery-prio", "celery-lane"):
+                prio = r("1 flood", w, "_p95")
+                if prio:
+                    out.append(f"1 flood: edgefleet interactive p95 / {w} p95 = {e_p95 / prio:.2f} (goal ≤ 1.1)")
             fifo_t, e_t = r("1 flood", "fifo", "_tput"), r("1 flood", "edgefleet", "_tput")
             if fifo_t:
                 norm = (e_t / self.capacity["edgefleet"]) / (fifo_t / self.capacity["celery"])
@@ -547,7 +556,7 @@ class Bench:
                     f"1 flood: edgefleet batch throughput / fifo = {e_t / fifo_t:.2f} (goal ≥ 0.95); "
                     f"each as a fraction of its own path's capacity: {norm:.2f}"
                 )
-            for w in ("fifo", "celery-prio"):
+            for w in ("fifo", "celery-prio", "celery-lane"):
                 p = r("1 flood", w, "_p95")
                 u = self.unloaded[self.path_of(w)]["p95"]
                 if p is not None and u:
@@ -558,6 +567,7 @@ class Bench:
             out.append(
                 f"2 starve: edgefleet batch share {share:.0%} (configured minimum {a.min_batch_share:.0%}); "
                 f"celery-prio {r('2 starve', 'celery-prio', '_share') or 0:.0%}; "
+                f"celery-lane {r('2 starve', 'celery-lane', '_share') or 0:.0%}; "
                 f"edgefleet interactive p95 {p95:.2f} s (objective {a.objective:g} s)"
             )
         e_b = r("3 fair", "edgefleet", "_bwait")
@@ -573,6 +583,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     parser.add_argument("--cpu-concurrency", type=int, default=2, help="worker slots (prefork children)")
+    parser.add_argument("--express-slots", type=int, default=1,
+                        help="the node's express slots (interactive only); celery-lane sends interactive tasks there")
     parser.add_argument("--batch-seconds", type=float, default=0.2, help="run time of a batch subtask (the issue's size)")
     parser.add_argument("--interactive-seconds", type=float, default=0.05, help="run time of an interactive subtask")
     parser.add_argument("--interactive-every", type=float, default=0.5, help="scenario 1: interactive arrival period")
@@ -615,6 +627,7 @@ def main() -> None:
         EDGEFLEET_DATA_DIR=str(workdir / "data"),
         EDGEFLEET_WORKER_METRICS_PORT="0",
         EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency),
+        EDGEFLEET_EXPRESS_SLOTS=str(args.express_slots),
         EDGEFLEET_INTERACTIVE_P95_OBJECTIVE=str(args.objective),
         EDGEFLEET_SANDBOX=args.sandbox,
         EDGEFLEET_LOG_LEVEL="WARNING",
@@ -633,6 +646,7 @@ def main() -> None:
         ways = {
             "fifo": CeleryWay("fifo", app, client, use_priorities=False),
             "celery-prio": CeleryWay("celery-prio", app, client, use_priorities=True),
+            "celery-lane": CeleryWay("celery-lane", app, client, use_priorities=True, lane=True),
             "edgefleet": EdgefleetWay(url, store, client),
         }
         bench = Bench(args, ways, store)
@@ -641,6 +655,8 @@ def main() -> None:
         bench.calibrate()
         for scenario in chosen:
             for way in WAYS:
+                if way == "celery-lane" and (scenario not in INTERACTIVE_SCENARIOS or args.express_slots == 0):
+                    continue
                 getattr(bench, scenario)(way)
         scheduler = httpx.get(f"{url}/v1/scheduler", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
         store.set_weights(bench.base_weights, "bench_priorities: restore")

@@ -195,8 +195,9 @@ class Cluster:
                 if not client.exists(f"ef:node:{name}"):
                     return False
                 log = (self.workdir / f"node-{name}.log").read_text(errors="replace")
-                classes = json.loads(client.get(f"ef:node:{name}") or "{}").get("classes", [])
-                if log.count("ready.") < len(classes):
+                info = json.loads(client.get(f"ef:node:{name}") or "{}")
+                workers = len(info.get("classes", [])) + len(info.get("express_slots", {}))
+                if log.count("ready.") < workers:
                     return False
             return True
 

@@ -30,6 +30,8 @@ ONE_SLOT = {
     "EDGEFLEET_SCHEDULER_LEASE_TTL": "2",
     # The feedback loop (tested on its own) would move target depths and weights mid-test.
     "EDGEFLEET_FEEDBACK_INTERVAL": "3600",
+    # These tests are about the order of one slot; the express lane has its own test.
+    "EDGEFLEET_EXPRESS_SLOTS": "0",
 }
 
 
@@ -372,3 +374,25 @@ def test_an_admin_changes_weights_over_http_and_bad_values_name_the_weight(route
     assert store.weights()["batch"] == 0.0  # a refused change changes nothing
     with router_only.client("alice-token") as reader:
         assert reader.put("/v1/scheduler/weights", json={"weights": {"batch": 1}, "reason": "x"}).status_code == 403
+
+
+def test_the_express_lane_runs_interactive_work_while_batch_holds_every_slot(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    cluster = one_slot_cluster(cluster_factory, EDGEFLEET_EXPRESS_SLOTS="1")
+    with cluster.client() as http:
+        [node] = http.get("/v1/workers").json()
+    assert node["express_slots"] == {"cpu": 1}
+    blocker = start_blocker(cluster)
+    backlog = [cluster.submit(sleep_body(0))["id"] for _ in range(3)]
+    wait_queued_full(cluster)
+    interactive = cluster.submit(sleep_body(0, "interactive"))
+    done = cluster.wait_job(interactive["id"], timeout=60)
+    assert done["state"] == "succeeded", done
+    # It ran beside the blocker, which still holds the only normal slot, and ahead of the backlog.
+    assert cluster.job(blocker)["subtasks"][0]["state"] == "running"
+    assert all(cluster.job(j)["subtasks"][0]["state"] in ("ready", "queued") for j in backlog)
+    assert cluster.redis.client().hget(f"ef:st:{interactive['id']}:s", "queue") == "cpu.express"
+    cancel(cluster, blocker)
+    for job_id in backlog:
+        assert cluster.wait_job(job_id, timeout=60)["state"] == "succeeded"

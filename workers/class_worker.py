@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from edgefleet.celery_app import PROBE, RUN_SUBTASK, create_celery
+from edgefleet.celery_app import EXPRESS_SUFFIX, PROBE, RUN_SUBTASK, create_celery, worker_hostname
 from edgefleet.dispatch import Dispatcher
 from edgefleet.logs import setup_logging
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resource-class", required=True, choices=[rc.value for rc in ResourceClass])
     parser.add_argument("--pool", required=True, choices=["prefork", "threads", "solo"])
     parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--express", action="store_true", help="serve only the class's express (interactive) queues")
     args = parser.parse_args(argv)
     _die_with_parent()
     settings = Settings()
@@ -114,12 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     resource_class = ResourceClass(args.resource_class)
     app = build_app(settings, resource_class)
     node = settings.node_name
+    rc = resource_class.value
+    express = [f"{rc}{EXPRESS_SUFFIX}", f"node.{node}.{rc}{EXPRESS_SUFFIX}"]
+    queues = express if args.express else [rc, f"node.{node}.{rc}", *express]
     worker_args = [
         "worker",
-        f"--queues={resource_class.value},node.{node}.{resource_class.value}",
+        f"--queues={','.join(queues)}",
         f"--pool={args.pool}",
         f"--concurrency={args.concurrency}",
-        f"--hostname={resource_class.value}@{node}",
+        f"--hostname={worker_hostname(rc, node, express=args.express)}",
         f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from edgefleet import __version__
+from edgefleet.celery_app import worker_hostname
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
@@ -56,11 +57,24 @@ def _models_available(settings: Settings) -> list[str]:
     return ModelPool(config, settings).available()
 
 
+def express_workers(classes: list[ResourceClass], settings: Settings) -> list["_ClassWorker"]:
+    """The express lane: per cpu and io class, `express_slots` slots that take only interactive
+    work, so it never waits behind batch work for a slot. None for gpu, whose memory is the limit."""
+    if settings.express_slots <= 0:
+        return []
+    return [
+        _ClassWorker(rc, "threads" if rc is ResourceClass.io else "prefork", settings.express_slots, express=True)
+        for rc in classes
+        if rc is not ResourceClass.gpu
+    ]
+
+
 class _ClassWorker:
-    def __init__(self, resource_class: ResourceClass, pool: str, concurrency: int) -> None:
+    def __init__(self, resource_class: ResourceClass, pool: str, concurrency: int, *, express: bool = False) -> None:
         self.resource_class = resource_class
         self.pool = pool
         self.concurrency = concurrency
+        self.express = express
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.next_start = 0.0
@@ -84,6 +98,7 @@ class NodeSupervisor:
         self.models_available = _models_available(settings)
         self._stop = threading.Event()
         self._workers = [_ClassWorker(rc, *pool_for(rc, settings, self.gpus)) for rc in classes]
+        self._workers += express_workers(classes, settings)
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="edgefleet-metrics-"))
         self._http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None
@@ -122,12 +137,13 @@ class NodeSupervisor:
             f"--resource-class={worker.resource_class.value}",
             f"--pool={worker.pool}",
             f"--concurrency={worker.concurrency}",
+            *(["--express"] if worker.express else []),
         ]
         worker.process = subprocess.Popen(cmd, env=env)
         log.info(
             "class worker started",
             extra={"resource_class": worker.resource_class.value, "pool": worker.pool,
-                   "concurrency": worker.concurrency, "pid": worker.process.pid},
+                   "concurrency": worker.concurrency, "express": worker.express, "pid": worker.process.pid},
         )
 
     def _restart_dead(self) -> None:
@@ -171,6 +187,7 @@ class NodeSupervisor:
         return NodeInfo(
             name=self.settings.node_name,
             classes=self.classes,
+            express_slots={w.resource_class.value: w.concurrency for w in self._workers if w.express},
             cores=probe.cores(),
             memory_total=total,
             memory_available=available,
@@ -204,9 +221,11 @@ class NodeSupervisor:
         node = self.settings.node_name
         return NodeCollector(
             node,
-            slots=lambda: {w.resource_class.value: w.concurrency for w in self._workers},
+            # The slots the target depth is sized for; express slots wait for interactive work.
+            slots=lambda: {w.resource_class.value: w.concurrency for w in self._workers if not w.express},
             workers_up=lambda: {
-                f"{w.resource_class.value}@{node}": w.process is not None and w.process.poll() is None
+                worker_hostname(w.resource_class.value, node, express=w.express): w.process is not None
+                and w.process.poll() is None
                 for w in self._workers
             },
             gpu_usage=lambda: probe.gpu_usage() if self.gpus else [],
