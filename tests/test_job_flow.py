@@ -111,6 +111,9 @@ def test_callback_is_called_on_completion(shared_cluster: Cluster) -> None:
 
 
 def test_workers_and_plugins_are_listed(shared_cluster: Cluster) -> None:
+    # One subtask of its own, so that the node's per-subtask series exist whatever ran before.
+    job = shared_cluster.submit({"steps": [{"id": "c", "plugin": "text", "action": "count", "args": {"text": "a b"}}]})
+    assert shared_cluster.wait_job(job["id"])["state"] == "succeeded"
     with shared_cluster.client(ADMIN_TOKEN) as http:
         nodes = http.get("/v1/workers").json()
         plugins = http.get("/v1/plugins").json()

@@ -1,0 +1,108 @@
+"""Sandbox start: a subtask's claim -> result time with warm launchers against cold starts.
+
+One script, one redis-server, one router and two worker nodes that differ only in
+`EDGEFLEET_SANDBOX_WARM`: node "warm" (1: the next launcher for a plugin starts while the
+current subtask runs) and node "cold" (0: every attempt starts its launcher). One-step
+`sleep` jobs, pinned to the nodes in turn and run one at a time, so that neither node
+competes with the other for the CPU. The subtask's `started_at` (claim) and `finished_at`
+(result recorded) come from the job store; the plugin itself sleeps `--seconds`.
+
+    python loadtests/bench_sandbox.py --jobs 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgefleet.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from loadtests.bench_dispatch import _healthy, start, stop, wait_for  # noqa: E402
+
+TOKEN = "bench-token"
+NODES = {"warm": "1", "cold": "0"}
+
+
+def run_one(http: httpx.Client, node: str, seconds: float) -> float:
+    """Claim -> result of one subtask on `node`, in seconds."""
+    body = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": seconds}, "node": node}]}
+    job = http.post("/v1/jobs", json=body).raise_for_status().json()
+    status: dict = {}
+
+    def done() -> bool:
+        nonlocal status
+        status = http.get(f"/v1/jobs/{job['id']}").json()
+        return status["state"] in ("succeeded", "failed", "cancelled")
+
+    wait_for(done, 60, f"job on {node}")
+    if status["state"] != "succeeded":
+        raise SystemExit(f"job on {node} ended {status['state']}: {status}")
+    subtask = status["subtasks"][0]
+    return subtask["finished_at"] - subtask["started_at"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=40, help="jobs per node")
+    parser.add_argument("--seconds", type=float, default=0.2, help="the sleep plugin's run time")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-sandbox-"))
+    server = EmbeddedRedis(workdir / "redis", port=free_port())
+    server.start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        EDGEFLEET_REDIS_URL=server.url,
+        EDGEFLEET_TOKENS=json.dumps({TOKEN: {"scopes": ["admin"], "tenant": "bench"}}),
+        EDGEFLEET_ROUTER_PORT=str(port),
+        EDGEFLEET_DATA_DIR=str(workdir / "data"),
+        EDGEFLEET_WORKER_METRICS_PORT="0",
+        EDGEFLEET_CPU_CONCURRENCY="1",
+        EDGEFLEET_EXPRESS_SLOTS="0",
+        EDGEFLEET_LOG_LEVEL="WARNING",
+    )
+    router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
+    nodes = [
+        start([sys.executable, "-m", "edgefleet", "worker", "--node-name", name, "--classes", "cpu"],
+              {**env, "EDGEFLEET_SANDBOX_WARM": warm}, workdir / f"node-{name}.log")
+        for name, warm in NODES.items()
+    ]
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    url = f"http://127.0.0.1:{port}"
+    times: dict[str, list[float]] = {name: [] for name in NODES}
+    try:
+        wait_for(lambda: _healthy(url), 60, "router")
+        wait_for(lambda: all(client.exists(f"ef:node:{name}") for name in NODES), 60, "worker nodes")
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+            for name in NODES:  # the first runs import and start everything once
+                for _ in range(3):
+                    run_one(http, name, args.seconds)
+            for _ in range(args.jobs):
+                for name in NODES:
+                    times[name].append(run_one(http, name, args.seconds))
+    finally:
+        for proc in nodes:
+            stop(proc)
+        stop(router)
+        server.stop()
+    warm, cold = (statistics.median(times[name]) for name in NODES)
+    print(f"jobs per node                 {args.jobs} (sleep {args.seconds:g} s, one at a time)")
+    print(f"claim -> result p50, warm     {warm * 1000:7.1f} ms  (overhead {(warm - args.seconds) * 1000:.1f} ms)")
+    print(f"claim -> result p50, cold     {cold * 1000:7.1f} ms  (overhead {(cold - args.seconds) * 1000:.1f} ms)")
+    print(f"ratio warm / cold             {warm / cold:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
