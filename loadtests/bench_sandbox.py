@@ -13,8 +13,6 @@ competes with the other for the CPU. The subtask's `started_at` (claim) and `fin
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,10 +24,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from loadtests.bench_dispatch import _healthy, start, stop, wait_for  # noqa: E402
+from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
 
-TOKEN = "bench-token"
 NODES = {"warm": "1", "cold": "0"}
 
 
@@ -57,35 +53,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.2, help="the sleep plugin's run time")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-sandbox-"))
-    server = EmbeddedRedis(workdir / "redis", port=free_port())
-    server.start()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        EDGEFLEET_REDIS_URL=server.url,
-        EDGEFLEET_TOKENS=json.dumps({TOKEN: {"scopes": ["admin"], "tenant": "bench"}}),
-        EDGEFLEET_ROUTER_PORT=str(port),
-        EDGEFLEET_DATA_DIR=str(workdir / "data"),
-        EDGEFLEET_WORKER_METRICS_PORT="0",
-        EDGEFLEET_CPU_CONCURRENCY="1",
-        EDGEFLEET_EXPRESS_SLOTS="0",
-        EDGEFLEET_LOG_LEVEL="WARNING",
+    stack = BenchStack(
+        Path(tempfile.mkdtemp(prefix="edgefleet-bench-sandbox-")), EDGEFLEET_CPU_CONCURRENCY="1", EDGEFLEET_EXPRESS_SLOTS="0"
     )
-    router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
-    nodes = [
-        start([sys.executable, "-m", "edgefleet", "worker", "--node-name", name, "--classes", "cpu"],
-              {**env, "EDGEFLEET_SANDBOX_WARM": warm}, workdir / f"node-{name}.log")
-        for name, warm in NODES.items()
-    ]
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    url = f"http://127.0.0.1:{port}"
     times: dict[str, list[float]] = {name: [] for name in NODES}
     try:
-        wait_for(lambda: _healthy(url), 60, "router")
+        client = redis.Redis.from_url(stack.start_redis(), decode_responses=True)
+        stack.start_router()
+        for name, warm in NODES.items():
+            stack.start_node(name, EDGEFLEET_SANDBOX_WARM=warm)
         wait_for(lambda: all(client.exists(f"ef:node:{name}") for name in NODES), 60, "worker nodes")
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+        with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
             for name in NODES:  # the first runs import and start everything once
                 for _ in range(3):
                     run_one(http, name, args.seconds)
@@ -93,10 +71,7 @@ def main() -> None:
                 for name in NODES:
                     times[name].append(run_one(http, name, args.seconds))
     finally:
-        for proc in nodes:
-            stop(proc)
-        stop(router)
-        server.stop()
+        stack.stop()
     warm, cold = (statistics.median(times[name]) for name in NODES)
     print(f"jobs per node                 {args.jobs} (sleep {args.seconds:g} s, one at a time)")
     print(f"claim -> result p50, warm     {warm * 1000:7.1f} ms  (overhead {(warm - args.seconds) * 1000:.1f} ms)")

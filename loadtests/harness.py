@@ -1,0 +1,88 @@
+"""What the benchmark scripts share: an embedded redis-server plus router and node processes,
+started with one environment and stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from edgefleet.embedded_redis import EmbeddedRedis, free_port
+
+TOKEN = "bench-token"
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class BenchStack:
+    """A redis-server in `workdir`, and the environment every process of the stack gets:
+    the bench token (admin), its own data dir, free ports, quiet logs, plus `overrides`."""
+
+    def __init__(self, workdir: Path, **overrides: str) -> None:
+        self.workdir = workdir
+        self.server = EmbeddedRedis(workdir / "redis", port=free_port())
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+        self.env.update(
+            PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+            EDGEFLEET_TOKENS=json.dumps({TOKEN: {"scopes": ["admin"], "tenant": "bench"}}),
+            EDGEFLEET_ROUTER_PORT=str(self.port),
+            EDGEFLEET_DATA_DIR=str(workdir / "data"),
+            EDGEFLEET_WORKER_METRICS_PORT="0",
+            EDGEFLEET_LOG_LEVEL="WARNING",
+            **overrides,
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_redis(self) -> str:
+        self.server.start()
+        self.env["EDGEFLEET_REDIS_URL"] = self.server.url
+        return self.server.url
+
+    def start_router(self) -> None:
+        self.procs.append(start([sys.executable, "-m", "edgefleet", "router"], self.env, self.workdir / "router.log"))
+        wait_for(lambda: healthy(self.url), 60, "router")
+
+    def start_node(self, name: str, classes: str = "cpu", **overrides: str) -> None:
+        cmd = [sys.executable, "-m", "edgefleet", "worker", "--node-name", name, "--classes", classes]
+        self.procs.append(start(cmd, {**self.env, **overrides}, self.workdir / f"node-{name}.log"))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.server.stop()
