@@ -101,8 +101,9 @@ class Up:
             cwd=str(ROOT),
         )
         wait_until(self._healthy, 90, interval=0.2, what="edgefleet up: router /healthz")
-        # `up` announces itself once the worker node's heartbeat has arrived.
-        wait_until(lambda: self._check_running() and "edgefleet is up" in self.output(), 90, interval=0.2,
+        # `up` announces itself once the worker node's heartbeat has arrived: a heading, the table
+        # (with the token), then the "Try:" line, each its own write; wait for the last one.
+        wait_until(lambda: self._check_running() and "edgefleet submit --demo" in self.output(), 90, interval=0.2,
                    what="edgefleet up: worker node")
 
     def _check_running(self) -> bool:
