@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 import typer
 
 from edgefleet.logs import setup_logging
-from edgefleet.schemas import JobState, PriorityClass, ResourceClass
+from edgefleet.schemas import JobState, NodeInfo, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
 
 if TYPE_CHECKING:
@@ -839,7 +839,7 @@ def workers(
     now = time.time()
     for node in nodes:
         table.add_row(
-            escape(node.name), ",".join(c.value for c in node.classes), str(node.cores),
+            escape(node.name), _classes_cell(node), str(node.cores),
             f"{node.memory_available / 2**30:.1f}/{node.memory_total / 2**30:.1f} GiB",
             f"{node.cpu_percent:.0f}%", escape(", ".join(node.gpus) or "-"), escape(", ".join(node.plugins)),
             f"{max(0.0, now - node.heartbeat_at):.1f}s ago", escape(node.metrics_url or "-"),
@@ -848,6 +848,15 @@ def workers(
     console.print(table)
     if not nodes:
         console.print("no live nodes: start one with `edgefleet worker --broker redis://...`")
+
+
+def _classes_cell(node: NodeInfo) -> str:
+    """`cpu (+1 express), io (+1 express), gpu`: the classes and their express slots."""
+    cells = []
+    for rc in node.classes:
+        express = node.express_slots.get(rc.value, 0)
+        cells.append(f"{rc.value} (+{express} express)" if express else rc.value)
+    return ", ".join(cells)
 
 
 def main() -> None:

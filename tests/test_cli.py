@@ -225,6 +225,7 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
     nodes = json.loads(run_cli("workers", "--json", *auth).stdout)
     assert [n["name"] for n in nodes] == ["cli-test-node"]
     assert "cli-test-node" in run_cli("workers", *auth).stdout
+    assert nodes[0]["express_slots"] == {"cpu": 1, "io": 1}
 
     # The client library: events of a finished job replay to its terminal event.
     with Client(up.url, token) as client:
