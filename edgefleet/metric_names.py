@@ -8,7 +8,7 @@ so that dashboards made for it work.
 
 # --- router -----------------------------------------------------------------------------
 JOBS_SUBMITTED = "edgefleet_jobs_submitted_total"  # {priority}
-JOBS_FINISHED = "edgefleet_jobs_finished_total"  # {priority, state}: finishes this router observed
+JOBS_FINISHED = "edgefleet_jobs_finished_total"  # {priority, state}: finishes this router counted (each by one router)
 JOBS_BY_STATE = "edgefleet_jobs"  # {state}: jobs per state, from the Redis indexes (survives restarts)
 JOB_SECONDS = "edgefleet_job_duration_seconds"  # {priority}: created -> finished
 SUBMIT_SECONDS = "edgefleet_submit_duration_seconds"  # POST /v1/jobs handling time

@@ -71,9 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("plugin not loaded", extra={"problem": str(problem)})
         templates = TemplateCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
         celery = create_celery(settings, main="edgefleet-router")
-        metrics = RouterMetrics(store)
-        dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
         router_id = settings.router_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        metrics = RouterMetrics(store, router_id)
+        dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
         # Weights live in Redis; this router's settings only fill in what is not there yet.
         store.seed_weights({**DEFAULT_WEIGHTS, **settings.scheduler_weights})
         loops = RouterLoops(

@@ -3,12 +3,16 @@
 Finished jobs are observed by `FinishWatcher`, a cheap periodic scan of the job
 store's state indexes: a job that finished since the last scan was running then
 (or was created after it), so only index members scored at or after the oldest
-running job's creation time need a look. The per-state job counts come straight
-from the Redis indexes at scrape, so they are right across router restarts.
+running job's creation time need a look. Every router watches every finish (its
+feedback figures need them), but each finish is counted by one router only: the one
+whose `HSETNX <job> counted_by` wins, so counters summed over replicas are right. The
+per-state job counts come straight from the Redis indexes at scrape, so they are right
+across router restarts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -112,9 +116,10 @@ class FinishWatcher:
 
     ALPHA = 0.3
 
-    def __init__(self, store: JobStore, metrics: "RouterMetrics", interval: float = 1.0) -> None:
+    def __init__(self, store: JobStore, metrics: "RouterMetrics", router_id: str, interval: float = 1.0) -> None:
         self.store = store
         self.metrics = metrics
+        self.router_id = router_id
         self.interval = interval
         self.observed = Observed()
         self._seen: dict[str, float] = {}  # job id -> creation score
@@ -156,25 +161,31 @@ class FinishWatcher:
                         new.append((job_id, state, score))
         self._floor = next_floor
         self._seen = {j: s for j, s in self._seen.items() if s >= next_floor}
-        for job_id, state, _ in new:
-            self._observe(job_id, state)
+        # Every router watches every finish (its feedback figures need them all), but each finish
+        # is counted by one router only, so that counters summed over routers are right.
+        pipe = redis.pipeline(transaction=False)
+        for job_id, _, _ in new:
+            pipe.hsetnx(keys.job(job_id), "counted_by", self.router_id)
+        claims = pipe.execute() if new else []
+        for (job_id, state, _), claimed in zip(new, claims):
+            self._observe(job_id, state, count=bool(claimed))
         return len(new)
 
-    def _observe(self, job_id: str, state: str) -> None:
+    def _observe(self, job_id: str, state: str, *, count: bool) -> None:
         redis, keys = self.store.redis, self.store.keys
         priority, created, finished, order = redis.hmget(keys.job(job_id), ["priority", "created_at", "finished_at", "order"])
         if not priority:
             return
-        self.metrics.finished.labels(priority=priority, state=state).inc()
+        if count:
+            self.metrics.finished.labels(priority=priority, state=state).inc()
         if created and finished and state == "succeeded":
             latency = max(0.0, float(finished) - float(created))
-            self.metrics.job_seconds.labels(priority=priority).observe(latency)
+            if count:
+                self.metrics.job_seconds.labels(priority=priority).observe(latency)
             with self._lock:
                 self.observed.latencies.setdefault(priority, deque(maxlen=500)).append((time.time(), latency))
         if not order:
             return
-        import json
-
         pipe = redis.pipeline(transaction=False)
         for sid in json.loads(order):
             pipe.hmget(keys.subtask(job_id, sid), ["resource_class", "queued_at", "started_at", "finished_at", "state"])
@@ -218,7 +229,7 @@ class SubmitTimer:
 
 
 class RouterMetrics:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, router_id: str) -> None:
         self.registry = CollectorRegistry()
         self.submitted = Counter(
             metric_names.JOBS_SUBMITTED, "jobs accepted", ["priority"], registry=self.registry
@@ -263,7 +274,7 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.registry.register(FleetCollector(store))
-        self.watcher = FinishWatcher(store, self)
+        self.watcher = FinishWatcher(store, self, router_id)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

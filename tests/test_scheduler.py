@@ -12,11 +12,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet import priority
 from edgefleet.priority import DEFAULT_WEIGHTS, EPOCH, LUA_SCORE, score
@@ -331,6 +333,22 @@ def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[.
             assert done["state"] == "succeeded" and done["subtasks"][0]["attempt"] == 2, done
         released = store.loop_released()
         assert released.get("router-a", 0) >= 4 and "router-b" not in released
+        # Both routers watch the finishes; each is counted by one of them.
+        admin = {"Authorization": "Bearer test-admin-token"}
+
+        def finished_counted() -> float:
+            total = 0.0
+            for base in (cluster.url, url_b):
+                text = httpx.get(f"{base}/metrics", headers=admin, timeout=10).text
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "edgefleet_jobs_finished_total" and sample.labels.get("state") == "succeeded":
+                            total += sample.value
+            return total
+
+        wait_until(lambda: finished_counted() == len(ids), 15, what="finishes counted")
+        time.sleep(2.5)  # both watchers have scanned again since
+        assert finished_counted() == len(ids)
         state_b = httpx.get(f"{url_b}/v1/scheduler", headers=headers, timeout=10).json()
         assert state_b["router_id"] == "router-b" and state_b["leader"] == "router-a"
 
