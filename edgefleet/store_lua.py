@@ -50,16 +50,19 @@ local function backlog_add(cls, score, jid, sid)
   redis.call('ZADD', P .. ':backlog:' .. cls .. ':' .. prio, score, m)
   if redis.call('ZADD', P .. ':backlog:' .. cls, score, m) == 1 then backlog_counted(cls, prio, 1) end
 end
+-- Both return the member's priority class.
 local function backlog_remove(cls, jid, sid)
   local m, prio = member(jid, sid), job_priority(jid)
   redis.call('ZREM', P .. ':backlog:' .. cls .. ':' .. prio, m)
   if redis.call('ZREM', P .. ':backlog:' .. cls, m) == 1 then backlog_counted(cls, prio, -1) end
+  return prio
 end
 -- A member that ZPOPMIN took from the backlog of cls.
 local function backlog_popped(cls, jid, m)
   local prio = job_priority(jid)
   redis.call('ZREM', P .. ':backlog:' .. cls .. ':' .. prio, m)
   backlog_counted(cls, prio, -1)
+  return prio
 end
 """ + LUA_SCORE + r"""
 
@@ -278,35 +281,32 @@ local function split(m)
   return string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
 end
 
--- The lowest-scored member of one priority class, taken out of the backlog.
+-- The lowest-scored member of one priority class, taken out of the backlog (member, priority).
 local function take_lowest_of(prio)
   local first = redis.call('ZRANGE', key .. ':' .. prio, 0, 0)
   if not first[1] then return nil end
   local jid, sid = split(first[1])
-  backlog_remove(cls, jid, sid)
-  return first[1]
+  return first[1], backlog_remove(cls, jid, sid)
 end
 
--- The next member to release: the lowest score, unless batch is below its minimum share
--- and waits, then the lowest-scored batch member.
+-- The next member to release and its priority: the lowest score, unless batch is below its
+-- minimum share and waits, then the lowest-scored batch member.
 local function next_member()
   if batch_owed() then
-    local m = take_lowest_of('batch')
-    if m then return m end
+    local m, prio = take_lowest_of('batch')
+    if m then return m, prio end
   end
   local popped = redis.call('ZPOPMIN', key, 1)
   if not popped[1] then return nil end
   local jid = split(popped[1])
-  backlog_popped(cls, jid, popped[1])
-  return popped[1]
+  return popped[1], backlog_popped(cls, jid, popped[1])
 end
 
-local function release_member(m)
+local function release_member(m, prio)
   local jid, sid = split(m)
   local sk = skey(jid, sid)
   local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
   if f[1] ~= 'ready' then return end
-  local prio = job_priority(jid)
   local queue = cls
   if f[6] and f[6] ~= '' then queue = 'node.' .. f[6] .. '.' .. cls end
   if prio == 'interactive' then queue = queue .. '.express' end
@@ -322,9 +322,9 @@ end
 
 local n = math.min(limit, target - redis.call('ZCARD', queued_key))
 for _ = 1, n do
-  local m = next_member()
+  local m, prio = next_member()
   if not m then break end
-  release_member(m)
+  release_member(m, prio)
 end
 
 -- The express lane: interactive work may exceed the target depth by the live nodes' express
@@ -341,9 +341,9 @@ if #out < limit and redis.call('HGET', P .. ':backlog_count:' .. cls, 'interacti
   end
   local room = math.min(limit - #out, target + express - redis.call('ZCARD', queued_key))
   for _ = 1, room do
-    local m = take_lowest_of('interactive')
+    local m, prio = take_lowest_of('interactive')
     if not m then break end
-    release_member(m)
+    release_member(m, prio)
   end
 end
 

@@ -28,14 +28,7 @@ MODES = ["bwrap", "process"]
 def image_of(name: str, folder: Path = PLUGINS) -> PluginImage:
     plugin = PluginCatalog.load([folder]).get(name)
     assert plugin is not None, name
-    manifest = plugin.manifest
-    return PluginImage(
-        plugin=manifest.name,
-        folder=plugin.folder,
-        entry_point=manifest.entry_point,
-        permissions=tuple(manifest.permissions),
-        limits=manifest.limits,
-    )
+    return PluginImage.of(plugin)
 
 
 @pytest.fixture(params=MODES)
@@ -118,7 +111,7 @@ def test_a_warm_launcher_keeps_the_manifests_limits(pool: WarmLaunchers) -> None
 def test_beyond_capacity_the_least_recently_used_launcher_is_killed(pool: WarmLaunchers) -> None:
     pool.replenish(image_of("escape"))
     pool.replenish(image_of("files"))
-    [escape] = pool._idle[image_of("escape").key()]
+    [escape] = pool._idle[image_of("escape").key]
     pool.replenish(image_of("escape"))  # already waiting: escape becomes the most recent, nothing starts
     assert pool.idle_count() == 2
     pool.replenish(image_of("netok"))  # three images for two places: files goes

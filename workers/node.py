@@ -63,7 +63,7 @@ def express_workers(classes: list[ResourceClass], settings: Settings) -> list["_
     if settings.express_slots <= 0:
         return []
     return [
-        _ClassWorker(rc, "threads" if rc is ResourceClass.io else "prefork", settings.express_slots, express=True)
+        _ClassWorker(rc, pool_for(rc, settings, [])[0], settings.express_slots, express=True)
         for rc in classes
         if rc is not ResourceClass.gpu
     ]

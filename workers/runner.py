@@ -154,15 +154,8 @@ class SubtaskRunner:
                 env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
             )
 
-        manifest = plugin.manifest
-        image = PluginImage(
-            plugin=manifest.name,
-            folder=plugin.folder,
-            entry_point=manifest.entry_point,
-            permissions=tuple(manifest.permissions),
-            limits=manifest.limits,
-        )
-        timeout = min(env.timeout, manifest.limits.timeout)
+        image = PluginImage.of(plugin)
+        timeout = min(env.timeout, plugin.manifest.limits.timeout)
         workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs))
         attempt = _Attempt()
         run = SandboxedRun(

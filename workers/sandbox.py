@@ -24,14 +24,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 import edgefleet
 import workers
 from edgefleet.plugin_manifest import Limits, Permission
+
+if TYPE_CHECKING:
+    from edgefleet.plugin_catalog import LoadedPlugin
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,20 @@ class PluginImage:
             "limits": self.limits.model_dump(),
         }
 
+    @classmethod
+    def of(cls, plugin: LoadedPlugin) -> PluginImage:
+        manifest = plugin.manifest
+        return cls(
+            plugin=manifest.name,
+            folder=plugin.folder,
+            entry_point=manifest.entry_point,
+            permissions=tuple(manifest.permissions),
+            limits=manifest.limits,
+        )
+
+    @cached_property
     def key(self) -> str:
+        """Identifies launchers that are interchangeable (the warm pool's key)."""
         return json.dumps(self.prepare_message(), sort_keys=True)
 
     @property
@@ -212,14 +229,18 @@ class LauncherProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def discard(self) -> None:
-        """Kill a launcher that will not run anything (its group: it has started nothing yet)."""
+    def kill(self) -> None:
+        """SIGKILL its whole process group (everything the plugin started) and reap it."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait()
+
+    def discard(self) -> None:
+        """Kill a launcher that will not run anything and close its pipes."""
+        self.kill()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream:
                 try:
@@ -248,7 +269,7 @@ class SandboxedRun:
         self._stdin_lock = threading.Lock()
         self.kill_grace = kill_grace
         self.isolation = launcher.isolation
-        self._bwrap = launcher.bwrap
+        self._launcher = launcher
         self._final: dict[str, Any] | None = None
         self._stderr: list[str] = []
         self._proc: subprocess.Popen[str] = launcher.proc
@@ -265,7 +286,7 @@ class SandboxedRun:
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_protocol(self) -> None:
-        assert self._proc and self._proc.stdout
+        assert self._proc.stdout
         for line in self._proc.stdout:
             try:
                 message = json.loads(line)
@@ -291,7 +312,7 @@ class SandboxedRun:
         self._write({"type": "model_reply", "id": call_id, **reply})
 
     def _write(self, message: dict[str, Any]) -> None:
-        if not self._proc or not self._proc.stdin:
+        if not self._proc.stdin:
             return
         with self._stdin_lock:
             try:
@@ -301,7 +322,7 @@ class SandboxedRun:
                 pass  # the plugin is gone; nothing to tell it
 
     def _read_stderr(self) -> None:
-        assert self._proc and self._proc.stderr
+        assert self._proc.stderr
         for line in self._proc.stderr:
             self._stderr.append(line)
             if len(self._stderr) > 200:
@@ -312,8 +333,6 @@ class SandboxedRun:
 
     def sample(self) -> None:
         """CPU seconds and peak RSS of the whole process tree, for the subtask's record."""
-        if not self._proc:
-            return
         try:
             root = psutil.Process(self._proc.pid)
             tree = [root, *root.children(recursive=True)]
@@ -352,15 +371,9 @@ class SandboxedRun:
             self.kill()
 
     def kill(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._proc.wait()
+        self._launcher.kill()
 
     def outcome(self) -> SandboxOutcome:
-        assert self._proc is not None
         if self._reader:
             self._reader.join(5)
         base = {"isolation": self.isolation, "cpu_seconds": round(self._cpu, 3), "max_rss_mb": round(self._rss / 2**20, 1)}
@@ -380,12 +393,12 @@ class SandboxedRun:
         return SandboxOutcome("failed", error=self._death_reason(), **base)
 
     def _death_reason(self) -> str:
-        code = self._proc.returncode if self._proc else None
+        code = self._proc.returncode
         tail = "".join(self._stderr)[-STDERR_KEEP:].strip()
         suffix = f": {tail}" if tail else ""
         # bwrap reports a child killed by a signal as exit code 128 + signal.
         signum = -code if code is not None and code < 0 else None
-        if signum is None and self._bwrap and code is not None and code > 128:
+        if signum is None and self._launcher.bwrap and code is not None and code > 128:
             signum = code - 128
         if signum is None:
             return f"sandboxed plugin exited with code {code} without a result{suffix}"

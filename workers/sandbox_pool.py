@@ -60,7 +60,7 @@ class WarmLaunchers:
     def take(self, image: PluginImage) -> LauncherProcess | None:
         """A started launcher for this image, or None; a launcher that died while waiting is dropped."""
         with self._lock:
-            waiting = self._idle.get(image.key(), [])
+            waiting = self._idle.get(image.key, [])
             while waiting:
                 launcher = waiting.pop()
                 if launcher.alive():
@@ -72,7 +72,7 @@ class WarmLaunchers:
         """Start a launcher for this image unless one already waits; evict beyond capacity."""
         if self.capacity <= 0:
             return
-        key = image.key()
+        key = image.key
         with self._lock:
             if self._idle.get(key):
                 self._idle.move_to_end(key)
