@@ -57,8 +57,26 @@ class Keys:
         return f"{self.prefix}:running"
 
     @property
+    def finished(self) -> str:
+        """Sorted set: job id -> finished_at, of every job that ended (what retention deletes)."""
+        return f"{self.prefix}:finished"
+
+    @property
     def callbacks(self) -> str:
         return f"{self.prefix}:callbacks"
+
+    @property
+    def webhooks_due(self) -> str:
+        """Sorted set: pending webhook delivery id -> when it may next be attempted (or its claim ends)."""
+        return f"{self.prefix}:webhooks:due"
+
+    def webhook(self, delivery_id: str) -> str:
+        """Hash: one webhook delivery's record (job, tenant, url, attempt, state, last status/error)."""
+        return f"{self.prefix}:webhook:{delivery_id}"
+
+    def webhook_secret(self, tenant: str) -> str:
+        """Hash: a tenant's webhook signing secret, and the previous one while it is still honoured."""
+        return f"{self.prefix}:webhook_secret:{tenant}"
 
     def warm_models(self, node: str) -> str:
         return f"{self.prefix}:warm:{node}"

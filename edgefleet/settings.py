@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -98,7 +98,29 @@ class Settings(BaseSettings):
     )
     router_id: str | None = Field(default=None, description="this router's name in the lease; default host:pid:random")
     reap_interval: float = 1.0
-    callback_attempts: int = 5
+    callback_attempts: int = Field(default=10, ge=1, le=100, description="webhook attempts before giving up")
+    # Webhooks (callback_url): durable delivery from Redis, signing, and what they may reach.
+    webhook_max_age: float = Field(
+        default=24 * 3600.0, gt=0, description="seconds after a job ends when its webhook stops being retried"
+    )
+    webhook_backoff: float = Field(
+        default=5.0, gt=0, description="first retry delay in seconds; doubles per attempt, at least the Retry-After"
+    )
+    webhook_backoff_max: float = Field(default=3600.0, gt=0, description="the longest retry delay, in seconds")
+    webhook_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="seconds one delivery attempt may take, connect to response"
+    )
+    webhook_concurrency: int = Field(default=16, ge=1, le=256, description="deliveries in flight per router")
+    webhook_per_destination: int = Field(default=2, ge=1, description="deliveries in flight per router to one host:port")
+    webhook_per_tenant: int = Field(default=4, ge=1, description="deliveries in flight per router for one tenant")
+    webhook_max_url_length: int = Field(default=2048, ge=16, le=65536)
+    webhook_allow_private: bool = Field(
+        default=False, description="webhooks may reach loopback and private (RFC 1918, ULA, CGNAT) addresses"
+    )
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="JSON list of CIDRs webhooks may reach whatever their kind (link-local too)"
+    )
+    webhook_keep: float = Field(default=86400.0, ge=0, description="seconds a finished delivery's record is kept")
 
     prometheus_url: str | None = Field(
         default=None,

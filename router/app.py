@@ -40,6 +40,8 @@ from router.metrics import RouterMetrics
 from router.planner import PlanError, Planner, pydantic_problems
 from router.request_body import MAX_JSON_DEPTH, JsonTooDeep, parse_json, read_limited_body
 from router.templates import TemplateCatalog
+from router import webhooks_api
+from router.webhooks import callback_url_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     _install_error_handlers(app)
     _install_routes(app, settings)
+    app.include_router(webhooks_api.router)
     return app
 
 
@@ -216,6 +219,10 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             job_request = JobRequest.model_validate(data)
         except ValidationError as exc:
             return _error(422, "invalid_request", pydantic_problems(exc))
+        if job_request.callback_url is not None and (
+            problem := await run_in_threadpool(callback_url_problem, request.app, str(job_request.callback_url))
+        ):
+            return _error(422, "invalid_request", [("callback_url", problem)])
         digest = request_hash(job_request)
         if idempotency_key:
             # Answered before planning: a goal is not planned (by a model) twice.

@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 
-import httpx
 from prometheus_client import Counter
 
 from edgefleet.dispatch import Dispatcher
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from router.webhook_store import WebhookStore
+from router.webhooks import WebhookSender, build_guard
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +133,12 @@ class RouterLoops:
                 self._requeued.inc(requeued)
 
     def _callback_loop(self) -> None:
-        with httpx.Client(timeout=10.0) as client:
-            while not self._stop.is_set():
-                job_id = self.store.pop_callback(timeout=1.0)
-                if job_id:
-                    self._deliver(client, job_id)
-
-    def _deliver(self, client: httpx.Client, job_id: str) -> None:
-        status = self.store.get_job(job_id)
-        if status is None or not status.callback_url:
-            return
-        body = status.model_dump(mode="json")
-        for attempt in range(1, self.settings.callback_attempts + 1):
-            try:
-                response = client.post(status.callback_url, json=body)
-                if response.status_code < 500:
-                    self._callbacks.labels(outcome="delivered").inc()
-                    return
-            except httpx.HTTPError as exc:
-                log.info("callback failed", extra={"job_id": job_id, "attempt": attempt, "error": type(exc).__name__})
-            if self._stop.wait(min(0.5 * 2**attempt, 30.0)):
-                break
-        self._callbacks.labels(outcome="failed").inc()
-        log.warning("callback gave up", extra={"job_id": job_id})
-
+        """Webhooks: durable in Redis, delivered concurrently (see router.webhooks); every router runs it."""
+        sender = WebhookSender(
+            WebhookStore(self.store.redis, self.store.keys),
+            self.store,
+            self.settings,
+            build_guard(self.settings),
+            self._callbacks,
+        )
+        sender.run(self._stop)
