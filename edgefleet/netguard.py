@@ -250,6 +250,19 @@ class OutboundGuard:
             return
         self._pin(target, infos)
 
+    async def acheck_if_resolvable(self, url: str, timeout: float) -> None:
+        """`check_if_resolvable` that waits at most `timeout` for the lookup: a slow name server
+        must not hold a request up; such a name is checked at use like one that does not resolve."""
+        target = self.parse(url)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.run_in_executor(None, self.resolver, target.host, target.port), timeout
+            )
+        except (OSError, UnicodeError, TimeoutError):
+            return
+        self._pin(target, infos)
+
 
 def _pin_request(request: httpx.Request, pinned: Pinned) -> None:
     # The Host header was set from the original URL when the request was built; only

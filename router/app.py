@@ -220,7 +220,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         except ValidationError as exc:
             return _error(422, "invalid_request", pydantic_problems(exc))
         if job_request.callback_url is not None and (
-            problem := await run_in_threadpool(callback_url_problem, request.app, str(job_request.callback_url))
+            problem := await callback_url_problem(request.app, str(job_request.callback_url))
         ):
             return _error(422, "invalid_request", [("callback_url", problem)])
         digest = request_hash(job_request)

@@ -48,6 +48,7 @@ SCAN_PAGE = 100
 SCAN_MAX = 2000  # due deliveries looked at per round while looking for ones whose limits have room
 RETRYABLE = {408, 429}
 USER_AGENT = "edgefleet-webhooks/1"
+SUBMIT_LOOKUP_SECONDS = 2.0
 
 
 def build_guard(settings: Settings) -> OutboundGuard:
@@ -76,11 +77,11 @@ def _guard_of(app: Any) -> OutboundGuard:
     return guard
 
 
-def callback_url_problem(app: Any, url: str) -> str | None:
-    """Why a submitted `callback_url` is refused, or None. Blocking (a DNS lookup): run it in a thread.
-    A name that does not resolve yet is accepted; it is checked again at each delivery."""
+async def callback_url_problem(app: Any, url: str) -> str | None:
+    """Why a submitted `callback_url` is refused, or None. A name that does not resolve yet (or not
+    within SUBMIT_LOOKUP_SECONDS) is accepted: it is checked again at each delivery."""
     try:
-        _guard_of(app).check_if_resolvable(url)
+        await _guard_of(app).acheck_if_resolvable(url, SUBMIT_LOOKUP_SECONDS)
     except RefusedURL as exc:
         return f"{exc}; webhooks may not reach it (operators: EDGEFLEET_WEBHOOK_ALLOWED_NETWORKS)"
     return None

@@ -250,3 +250,23 @@ def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(tls_s
     # The same server by its address fails the certificate check: the name is what is verified.
     with httpx.Client(verify=verify, trust_env=False) as http, pytest.raises(httpx.ConnectError):
         http.get(f"https://127.0.0.1:{httpx.URL(url).port}/hook")
+
+
+def test_a_slow_name_server_does_not_hold_up_the_submit_time_check() -> None:
+    import asyncio
+    import threading
+
+    answered = threading.Event()
+
+    def slow(host: str, port: int) -> AddrInfo:
+        answered.wait(5)  # the name server takes its time (released below)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    guard = OutboundGuard(resolver=slow)
+    threading.Timer(1.0, answered.set).start()
+    # Not refused, though the late answer is loopback: the check did not wait for it. The URL is
+    # checked again (and resolved, however slowly) at delivery.
+    asyncio.run(guard.acheck_if_resolvable("http://slow.invalid/", timeout=0.1))
+    # An answer within the time is checked like any other.
+    with pytest.raises(RefusedURL, match="loopback"):
+        asyncio.run(guard.acheck_if_resolvable("http://slow.invalid/", timeout=5))
