@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 
+from edgefleet.hardening import make_undumpable
 from edgefleet.logs import setup_logging
 from edgefleet.schemas import JobState, NodeInfo, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
@@ -69,6 +70,7 @@ def router(
 
     settings = _settings(router_host=host, router_port=port, redis_url=redis_url)
     setup_logging("router", settings.log_level, settings.log_json)
+    make_undumpable()
     uvicorn.run(
         create_app(settings),
         host=settings.router_host,
@@ -94,6 +96,7 @@ def worker(
 
     settings = _settings(redis_url=broker, node_name=node_name)
     setup_logging("node", settings.log_level, settings.log_json)
+    make_undumpable()
     if classes:
         try:
             chosen = [ResourceClass(c.strip()) for c in classes.split(",") if c.strip()]
@@ -249,22 +252,41 @@ def _parse_inputs(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
+# A job file larger than this could not be sent anyway (the router's default body limit).
+MAX_JOB_FILE_BYTES = 1_000_000
+
+
+def _read_limited(file: str, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of the file (or stdin): enough to tell that it is too large."""
+    if file == "-":
+        return sys.stdin.buffer.read(limit + 1)
+    with open(file, "rb") as handle:
+        return handle.read(limit + 1)
+
+
 def _read_body(file: str) -> dict[str, Any]:
-    import yaml
+    """A job body from a JSON or YAML file, bounded: its size, and no YAML aliases (a "billion
+    laughs" file expands a few hundred bytes into gigabytes) or nesting deep enough to crash."""
+    from edgefleet.yaml_bounded import YamlRefused, load_bounded
 
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        raw = _read_limited(file, MAX_JOB_FILE_BYTES)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        _fail("FILE", f"cannot read {file}: {exc.strerror if isinstance(exc, OSError) else exc}")
+        _fail(file, f"cannot read it: {exc.strerror if isinstance(exc, OSError) else exc}")
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        _fail(file, f"larger than {MAX_JOB_FILE_BYTES} bytes")
     try:
         body = json.loads(text)
+    except RecursionError:
+        _fail(file, "nested too deeply")
     except ValueError:
         try:
-            body = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            _fail("FILE", f"{file} is neither JSON nor YAML: {' '.join(str(exc).split())}")
+            body = load_bounded(text)
+        except YamlRefused as exc:
+            _fail(file, str(exc))
     if not isinstance(body, dict):
-        _fail("FILE", f"{file} must hold a JSON/YAML object (steps or template), not {type(body).__name__}")
+        _fail(file, f"must hold a JSON/YAML object (steps or template), not {type(body).__name__}")
     return body
 
 
@@ -810,6 +832,69 @@ def _remote_plugins(as_json: bool, url: str | None, token: str | None) -> None:
         # A dict (file, field, reason) from this router; a plain string from an older one.
         text = problem if isinstance(problem, str) else f"{problem.get('file')}: {problem.get('field')}: {problem.get('reason')}"
         console.print(f"[yellow]not loaded:[/yellow] {escape(text)}")
+
+
+def _seconds(value: str) -> float:
+    """`90`, `90s`, `15m`, `12h` or `7d` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        _fail("--older-than", f"{value!r}: a duration like 90, 90s, 15m, 12h or 7d")
+    if not seconds >= 0 or seconds == float("inf"):
+        _fail("--older-than", f"{value!r}: must be zero or more")
+    return seconds
+
+
+@app.command()
+def gc(
+    older_than: Annotated[
+        Optional[str],
+        typer.Option("--older-than", help="delete jobs finished longer ago than this (90s, 15m, 12h, 7d); "
+                     "default: the router's retention (EDGEFLEET_JOB_RETENTION)", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the removed job ids as JSON")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Delete finished jobs now (admin): their subtasks, events and idempotency keys.
+
+    The router does this by itself every EDGEFLEET_GC_INTERVAL seconds for jobs that
+    finished more than EDGEFLEET_JOB_RETENTION seconds ago; running jobs are never
+    deleted. Worker nodes remove the workspaces of deleted jobs on their own sweep.
+
+    Examples:
+
+        edgefleet gc
+        edgefleet gc --older-than 1d
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    body: dict[str, Any] = {"limit": 500}
+    if older_than is not None:
+        body["older_than"] = _seconds(older_than)
+    removed: list[str] = []
+    age: float | None = None
+    console = _err_console()
+    with _api_errors(), _client(url, token) as client, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+        transient=console.is_terminal,
+    ) as progress:
+        task = progress.add_task("deleting finished jobs", total=None)
+        while True:
+            # One batch per call keeps each Lua script short: Redis serves everyone else meanwhile.
+            answer = client._request("POST", "/v1/admin/gc", json=body).json()  # noqa: SLF001 - no Client.gc yet
+            removed += answer["removed"]
+            age = answer["older_than"]
+            progress.update(task, total=len(removed) + answer["remaining"], completed=len(removed))
+            if not answer["removed"] or answer["remaining"] <= 0:
+                break
+    if as_json:
+        print(json.dumps({"removed": removed, "older_than": age}, indent=2))
+    else:
+        print(f"removed {len(removed)} finished job(s) older than {age:g}s")
 
 
 @app.command()

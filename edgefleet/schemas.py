@@ -6,7 +6,7 @@ import re
 from enum import Enum
 from typing import Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
 STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 _NODE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -62,9 +62,10 @@ class StepSpec(_Strict):
         default=None, description="override of the plugin's resource class"
     )
     node: str | None = Field(default=None, description="run only on this node (its direct queue)")
-    timeout: float = Field(default=300.0, gt=0, le=86400, description="seconds per attempt")
-    retries: int = Field(default=0, ge=0, le=20, description="extra attempts after a failure")
-    retry_backoff: float = Field(default=1.0, ge=0, le=3600, description="first backoff, doubles")
+    # strict: `true` or "5" for a number is a client's mistake, reported, not coerced to 1 or 5.
+    timeout: float = Field(default=300.0, gt=0, le=86400, strict=True, description="seconds per attempt")
+    retries: int = Field(default=0, ge=0, le=20, strict=True, description="extra attempts after a failure")
+    retry_backoff: float = Field(default=1.0, ge=0, le=3600, strict=True, description="first backoff, doubles")
 
     @field_validator("node")
     @classmethod
@@ -83,7 +84,7 @@ class JobRequest(_Strict):
     goal: str | None = Field(
         default=None, min_length=1, max_length=2000, description="natural language, planned by a model"
     )
-    dry_run: bool = Field(default=False, description="validate (and plan a goal) without running")
+    dry_run: bool = Field(default=False, strict=True, description="validate (and plan a goal) without running")
     priority: PriorityClass = PriorityClass.normal
     callback_url: AnyHttpUrl | None = None
     name: str | None = Field(default=None, max_length=200)
@@ -91,6 +92,7 @@ class JobRequest(_Strict):
         default=None,
         gt=0,
         le=30 * 86400,
+        strict=True,
         description="seconds from submission by which the job should be done; the scheduler "
         "moves its subtasks ahead as the latest start time nears",
     )
@@ -178,6 +180,9 @@ class JobStatus(BaseModel):
     failed_subtask: str | None = None
     callback_url: str | None = None
     deadline_at: float | None = Field(default=None, description="created_at + deadline_s, when set")
+    expires_at: float | None = Field(
+        default=None, description="when the finished job and its events are deleted; null while it runs"
+    )
     subtasks: list[SubtaskStatus] = Field(default_factory=list)
 
 
@@ -189,6 +194,7 @@ class JobSummary(BaseModel):
     tenant: str
     created_at: float
     finished_at: float | None = None
+    expires_at: float | None = Field(default=None, description="when the finished job is deleted; null while it runs")
 
 
 class JobPage(BaseModel):
@@ -229,10 +235,28 @@ class SchedulerWeightsChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    weights: dict[str, float] = Field(min_length=1, description="weight name -> new value; others keep theirs")
+    weights: dict[str, StrictFloat] = Field(min_length=1, description="weight name -> new value; others keep theirs")
     reason: str = Field(min_length=1, max_length=200, description="logged and listed in GET /v1/scheduler")
 
 
 class ErrorBody(BaseModel):
     error: str
     detail: list[ErrorItem]
+
+
+class GcRequest(_Strict):
+    """`POST /v1/admin/gc`: delete finished jobs now rather than at the next periodic sweep."""
+
+    older_than: float | None = Field(
+        default=None,
+        ge=0,
+        strict=True,
+        description="seconds since a job finished; default: the router's retention (EDGEFLEET_JOB_RETENTION)",
+    )
+    limit: int = Field(default=500, ge=1, le=5000, strict=True, description="jobs deleted by this call at most")
+
+
+class GcResult(BaseModel):
+    removed: list[str] = Field(description="ids of the jobs deleted by this call")
+    remaining: int = Field(description="finished jobs older than `older_than` still left (call again)")
+    older_than: float

@@ -181,6 +181,16 @@ class Settings(BaseSettings):
         "file sizes); least recently used ones are unloaded to stay under it",
     )
 
+    # --- retention: finished jobs do not stay in Redis (or on worker disks) forever ---
+    job_retention: float = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="seconds a finished job (its subtasks, events, workspaces) is kept after it ends",
+    )
+    gc_interval: float = Field(
+        default=300.0, gt=0, description="seconds between the router's and each node's retention sweeps"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.visibility_timeout <= self.max_subtask_timeout:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from edgefleet.schemas import (
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
 IDEMPOTENCY_TTL = 7 * 24 * 3600
+DEFAULT_RETENTION = 7 * 24 * 3600.0  # Settings.job_retention's default; the router passes its own
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,23 @@ class Renewal:
     job_state: str
 
 
+@dataclass(frozen=True)
+class GcBatch:
+    removed: list[str]
+    remaining: int
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
@@ -116,11 +135,14 @@ class JobStore:
         }
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "ef") -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "ef", retention: float | None = None) -> "JobStore":
         client = redis.Redis.from_url(
             url, decode_responses=True, health_check_interval=30, socket_keepalive=True
         )
-        return cls(client, prefix)
+        store = cls(client, prefix)
+        if retention is not None:
+            store.retention = retention
+        return store
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](keys=[], args=[self._prefix, *args])
@@ -207,6 +229,7 @@ class JobStore:
             failed_subtask=_opt_str(job.get("failed_subtask")),
             callback_url=_opt_str(job.get("callback_url")),
             deadline_at=_opt_float(job.get("deadline_at")),
+            expires_at=self.expires_at(_opt_float(job.get("finished_at"))),
             subtasks=subtasks,
         )
 
@@ -276,6 +299,7 @@ class JobStore:
                 tenant=row[4],
                 created_at=float(row[5]),
                 finished_at=_opt_float(row[6]),
+                expires_at=self.expires_at(_opt_float(row[6])),
             )
             for row in pipe.execute()
             if row[0]
@@ -285,6 +309,43 @@ class JobStore:
 
     def cancel_job(self, job_id: str) -> str:
         return str(self._run("CANCEL", job_id))
+
+    # --- retention: finished jobs are deleted `retention` seconds after they finish -----------
+
+    retention: float = DEFAULT_RETENTION
+
+    def expires_at(self, finished_at: float | None) -> float | None:
+        return None if finished_at is None else finished_at + self.retention
+
+    def gc(self, older_than: float | None = None, limit: int = 500) -> GcBatch:
+        """Delete up to `limit` jobs that finished more than `older_than` seconds ago (default:
+        the retention): the job, its subtasks, events, idempotency key and index entries.
+        Running jobs are never in the finished index, so they are never deleted."""
+        age = self.retention if older_than is None else older_than
+        script = self._scripts.get("GC") or self._scripts.setdefault("GC", self.redis.register_script(store_lua.GC))
+        remaining, removed = script(keys=[], args=[self._prefix, age, limit])
+        return GcBatch(removed=list(removed), remaining=int(remaining))
+
+    def job_states(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Each job's state, None for a job the store does not have (never had, or deleted)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "state")
+        return dict(zip(job_ids, pipe.execute()))
+
+    def index_finished(self, batch: int = 1000) -> int:
+        """Put finished jobs written before the finished index existed into it (idempotent)."""
+        added = 0
+        for state in (JobState.succeeded, JobState.failed, JobState.cancelled):
+            for chunk in _chunks(self.redis.zscan_iter(self.keys.jobs_index(None, state.value)), batch):
+                ids = [job_id for job_id, _ in chunk]
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hget(self.keys.job(job_id), "finished_at")
+                scores = {i: float(f) for i, f in zip(ids, pipe.execute()) if f}
+                if scores:
+                    added += int(self.redis.zadd(self.keys.finished, scores, nx=True))
+        return added
 
     # --- release to the broker ----------------------------------------------------------
 

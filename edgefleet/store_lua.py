@@ -23,6 +23,9 @@ and ZREM return values), so all three change together in one atomic step. A job'
 priority class never changes after creation. `BACKLOG_COUNTS` reads them and recounts
 a class whose counts do not add up to its backlog (data written before the counts
 existed).
+
+Retention: `finish_job` adds each job that ends to `<prefix>:finished` (score: finished_at);
+`GC` deletes the jobs there that finished long enough ago, with all their keys.
 """
 
 from edgefleet.priority import LUA_SCORE
@@ -158,6 +161,7 @@ local function finish_job(jid, new_state, err, failed_sid)
   local old = redis.call('HGET', jk, 'state')
   if old ~= 'running' then return old end
   redis.call('HSET', jk, 'state', new_state, 'finished_at', NOW, 'updated_at', NOW)
+  redis.call('ZADD', P .. ':finished', NOW, jid)  -- retention: GC deletes it once old enough
   if err then redis.call('HSET', jk, 'error', err) end
   if failed_sid then redis.call('HSET', jk, 'failed_subtask', failed_sid) end
   index_job(jid, redis.call('HGET', jk, 'tenant'), old, new_state,
@@ -210,6 +214,7 @@ local payload = cjson.decode(ARGV[2])
 local job = payload.job
 if payload.idem_key ~= '' then
   local existing = redis.call('GET', payload.idem_key)
+  if existing and redis.call('EXISTS', jkey(existing)) == 0 then existing = nil end  -- expired job
   if existing then
     return {'existing', existing, redis.call('HGET', jkey(existing), 'request_hash') or ''}
   end
@@ -223,7 +228,7 @@ redis.call('HSET', jk, 'id', jid, 'state', 'running', 'priority', job.priority,
   'tenant', job.tenant, 'name', job.name, 'callback_url', job.callback_url,
   'request_hash', job.request_hash, 'created_at', NOW, 'updated_at', NOW,
   'remaining', #payload.subtasks, 'order', cjson.encode(order), 'request', job.request,
-  'deadline_at', '')
+  'deadline_at', '', 'idem_key', payload.idem_key)
 if job.deadline_s and job.deadline_s ~= cjson.null then
   redis.call('HSET', jk, 'deadline_at', NOW + tonumber(job.deadline_s))
 end
@@ -663,4 +668,41 @@ RESIGN = r"""
 local key = ARGV[1] .. ':scheduler:leader'
 if redis.call('GET', key) == ARGV[2] then return redis.call('DEL', key) end
 return 0
+"""
+
+
+# ARGV: prefix, age in seconds, max jobs. Retention: delete jobs that finished more than `age`
+# seconds ago with everything that is theirs (job and subtask hashes, event stream, idempotency
+# key, list indexes). Only jobs in `<prefix>:finished` (added by finish_job) are looked at, so a
+# running job is never deleted. Returns {finished jobs as old still left, {deleted ids}}.
+GC = PRELUDE + r"""
+local cutoff = NOW - tonumber(ARGV[2])
+local fk = P .. ':finished'
+local ids = redis.call('ZRANGEBYSCORE', fk, '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[3]))
+local removed = {}
+for _, jid in ipairs(ids) do
+  redis.call('ZREM', fk, jid)
+  local jk = jkey(jid)
+  local f = redis.call('HMGET', jk, 'state', 'tenant', 'order', 'idem_key')
+  if f[1] ~= 'running' then
+    for _, sid in ipairs(f[3] and cjson.decode(f[3]) or {}) do
+      -- (a cancelled job's subtask may still run: its worker learns at its next renewal)
+      redis.call('ZREM', P .. ':running', member(jid, sid))
+      redis.call('ZREM', P .. ':delayed', member(jid, sid))
+      redis.call('DEL', skey(jid, sid))
+    end
+    if f[4] and f[4] ~= '' and redis.call('GET', f[4]) == jid then redis.call('DEL', f[4]) end
+    redis.call('DEL', jk, P .. ':events:' .. jid)
+    local bases = {P .. ':jobs'}
+    if f[2] then table.insert(bases, P .. ':jobs:t:' .. f[2]) end
+    for _, base in ipairs(bases) do
+      redis.call('ZREM', base, jid)
+      for _, st in ipairs({'succeeded', 'failed', 'cancelled', 'running'}) do
+        redis.call('ZREM', base .. ':s:' .. st, jid)
+      end
+    end
+    table.insert(removed, jid)
+  end
+end
+return {redis.call('ZCOUNT', fk, '-inf', cutoff), removed}
 """

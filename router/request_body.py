@@ -1,12 +1,13 @@
-"""Reading a request body safely: a size cap without buffering it all, and strict JSON."""
+"""Reading a request body safely: JSON by its Content-Type, a size cap without buffering it all, strict JSON."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 
 MAX_JSON_DEPTH = 64
 
@@ -59,3 +60,35 @@ async def read_limited_body(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# application/json or a structured-syntax type such as application/problem+json (RFC 6839).
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.-]+\+)?json")
+
+
+def content_type_problem(content_type: str | None) -> str | None:
+    """Why a body sent with this Content-Type is not read as JSON, or None when it is.
+
+    A body that says it is text/plain or a form is refused rather than guessed at, and
+    JSON is UTF-8 (RFC 8259), so another charset is refused too.
+    """
+    if not content_type:
+        return "missing; send the body as application/json"
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if not _JSON_MEDIA_TYPE.fullmatch(media):
+        return f"{media[:100]!r} is not accepted; send the body as application/json"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return f"charset {charset[:40]!r} is not accepted; JSON is UTF-8"
+    return None
+
+
+def require_json(request: Request) -> None:
+    """FastAPI dependency of the routes that take a JSON body: a body of another type is a 415."""
+    has_body = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    problem = content_type_problem(request.headers.get("content-type")) if has_body else None
+    if problem:
+        raise HTTPException(415, detail=[{"field": "Content-Type", "reason": problem}])

@@ -25,6 +25,7 @@ from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers import probe
+from workers.workspace_gc import start_workspace_gc
 
 if TYPE_CHECKING:
     from workers.metrics import NodeCollector
@@ -114,6 +115,7 @@ class NodeSupervisor:
             self._spawn(worker)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        start_workspace_gc(self.settings, self.store, self._stop)  # retention of finished jobs' workspaces
         log.info(
             "node started",
             extra={"node": self.settings.node_name, "classes": [c.value for c in self.classes],
