@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.celery_app import create_celery
 from edgefleet.dispatch import Dispatcher
@@ -27,7 +29,10 @@ from edgefleet.model_affinity import build_affinity
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.models.router import NoModelAvailable
 from edgefleet.priority import DEFAULT_WEIGHTS, validate_weights
-from edgefleet.schemas import ErrorBody, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview, ResourceClass, SchedulerWeightsChange, StepSpec
+from edgefleet.schemas import (
+    ErrorBody, GcRequest, GcResult, JobPage, JobRequest, JobState, JobStatus, NodeInfo, Plan, PlanPreview,
+    ResourceClass, SchedulerWeightsChange, StepSpec,
+)
 from edgefleet.settings import Scope, Settings
 from edgefleet.store import JobStore
 from router.auth import Principal, require
@@ -38,7 +43,10 @@ from router.model_access import goal_planner_of
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
 from router.planner import PlanError, Planner, pydantic_problems
-from router.request_body import MAX_JSON_DEPTH, JsonTooDeep, parse_json, read_limited_body
+from router.request_body import (
+    MAX_JSON_DEPTH, JsonTooDeep, content_type_problem, parse_json, read_limited_body, require_json,
+)
+from router.retention import RetentionSweeper
 from router.templates import TemplateCatalog
 from router import webhooks_api
 from router.webhooks import callback_url_problem
@@ -50,6 +58,20 @@ STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sen
 SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
 ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
 AdminPrincipal = Annotated[Principal, Depends(require(Scope.admin))]
+# Declared after the principal, so that a request without a token is a 401 before it is a 415.
+JsonBody = Annotated[None, Depends(require_json)]
+# Seconds a client should wait before retrying while Redis is unreachable (a restart takes a few).
+STORE_RETRY_AFTER = 2
+ERROR_NAMES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+}
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error answers, all in the documented error shape."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 def _error(status: int, error: str, problems: list[tuple[str, str]]) -> JSONResponse:
@@ -67,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = JobStore.from_url(settings.redis_url, settings.key_prefix)
+        store = JobStore.from_url(settings.redis_url, settings.key_prefix, retention=settings.job_retention)
         plugins = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
         for problem in plugins.errors:
             log.warning("plugin not loaded", extra={"problem": str(problem)})
@@ -94,12 +116,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = dispatcher
         app.state.metrics = metrics
         loops.start()
+        app.state.retention = RetentionSweeper(store, settings.gc_interval)
+        app.state.retention.start()
         app.state.feedback = start_feedback(app, store, settings, metrics, lambda: loops.leading)
         log.info("router started", extra={"plugins": plugins.names(), "templates": templates.names()})
         try:
             yield
         finally:
             app.state.feedback.stop()
+            app.state.retention.stop()
             loops.stop()
             await app.state.aredis.aclose()
             store.redis.close()
@@ -109,12 +134,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Submit jobs, watch them run across the fleet.",
         lifespan=lifespan,
+        # Every route may answer these, in the error shape (this also replaces FastAPI's own 422 schema).
+        responses=_errors(401, 403, 422, 503),
     )
     app.state.settings = settings
     _install_error_handlers(app)
     _install_routes(app, settings)
     app.include_router(webhooks_api.router)
+    _install_openapi(app)
     return app
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """POST /v1/jobs reads its body itself (size cap, strict JSON), so FastAPI never sees its model:
+    JobRequest and the models it refers to are added to the schema's components, where the
+    operation's `$ref` points, so that schema-driven clients and fuzzers can resolve them."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            job_request = JobRequest.model_json_schema(ref_template=REF_TEMPLATE)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in {**job_request.pop("$defs", {}), "JobRequest": job_request}.items():
+                components.setdefault(name, definition)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -125,17 +171,39 @@ def _install_error_handlers(app: FastAPI) -> None:
             (".".join(str(p) for p in err["loc"][1 if err["loc"][:1] == ("body",) else 0:]) or "body", err["msg"])
             for err in exc.errors()
         ]
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return _error(400, "malformed_json", [("body", "not valid JSON")])
         return _error(422, "invalid_request", problems)
 
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's HTTPException (FastAPI's is a subclass): also unknown routes (404) and wrong methods (405).
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, list) else [{"field": "", "reason": str(exc.detail)}]
-        names = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict"}
         return JSONResponse(
             status_code=exc.status_code,
-            content={"error": names.get(exc.status_code, "error"), "detail": detail},
+            content={"error": ERROR_NAMES.get(exc.status_code, "error"), "detail": detail},
             headers=exc.headers,
         )
+
+    # Redis down or restarting, wherever in a request it shows: a JSON 503 the client may retry.
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unreachable", extra={"path": request.url.path, "error": type(exc).__name__})
+        return JSONResponse(
+            status_code=503,
+            content={
+                "error": "store_unavailable",
+                "detail": [{"field": "", "reason": "the job store (Redis) cannot be reached; retry shortly"}],
+            },
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+
+    # Anything else: the error shape, never a traceback or other internals in the answer.
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", extra={"path": request.url.path}, exc_info=exc)
+        return _error(500, "internal_error", [("", "the router failed to answer; see its log")])
 
 
 def _steps_from_plan(plan: Plan) -> list[StepSpec]:
@@ -170,7 +238,11 @@ def _visible_job(request: Request, principal: Principal, job_id: str) -> JobStat
 
 
 def _install_routes(app: FastAPI, settings: Settings) -> None:
-    @app.get("/healthz", tags=["ops"])
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        responses={503: {"description": "Redis unreachable", "content": {"application/json": {"schema": {}}}}},
+    )
     def healthz(request: Request) -> JSONResponse:
         try:
             request.app.state.store.ping()
@@ -178,7 +250,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             return JSONResponse(status_code=503, content={"status": "degraded", "redis": type(exc).__name__})
         return JSONResponse({"status": "ok", "redis": "ok"})
 
-    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require(Scope.read))])
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require(Scope.read))], response_class=PlainTextResponse)
     def metrics(request: Request) -> Response:
         body, content_type = request.app.state.metrics.render()
         return Response(content=body, media_type=content_type)
@@ -188,11 +260,15 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         tags=["jobs"],
         status_code=201,
         response_model=JobStatus,
-        responses={200: {"model": JobStatus}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        responses={
+            200: {"model": JobStatus | PlanPreview, "description": "an Idempotency-Key's existing job, or a dry run"},
+            **_errors(400, 413, 415),
+            503: {"model": ErrorBody, "description": "store_unavailable, or no_model to plan a goal"},
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": JobRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": {"$ref": REF_TEMPLATE.format(model="JobRequest")}}},
             }
         },
     )
@@ -201,6 +277,8 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         principal: SubmitPrincipal,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> Response:
+        if (problem := content_type_problem(request.headers.get("content-type"))) is not None:
+            return _error(415, "unsupported_media_type", [("Content-Type", problem)])
         raw = await read_limited_body(request, settings.max_body_bytes)
         if raw is None:
             return _error(413, "payload_too_large", [("body", f"larger than {settings.max_body_bytes} bytes")])
@@ -219,6 +297,12 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             job_request = JobRequest.model_validate(data)
         except ValidationError as exc:
             return _error(422, "invalid_request", pydantic_problems(exc))
+        # Before a goal is planned (by a model that may be absent): one way to say what to run.
+        given = [k for k in ("steps", "template", "goal") if getattr(job_request, k) is not None]
+        if len(given) != 1:
+            reason = "give exactly one of 'steps', 'template' or 'goal'"
+            conflict = f"{reason}; this body has {' and '.join(repr(k) for k in given)}" if given else reason
+            return _error(422, "invalid_request", [(k, conflict) for k in given or ["steps"]])
         if job_request.callback_url is not None and (
             problem := await callback_url_problem(request.app, str(job_request.callback_url))
         ):
@@ -328,7 +412,7 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         request.app.state.store.cancel_job(job_id)
         return _visible_job(request, principal, job_id)
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse)
     async def job_events(
         request: Request,
         job_id: str,
@@ -362,9 +446,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
             "last_changes": store.scheduler_changes(),
         }
 
-    @app.put("/v1/scheduler/weights", tags=["fleet"], response_model=None, responses={422: {"model": ErrorBody}})
+    @app.put("/v1/scheduler/weights", tags=["fleet"], response_model=None, responses=_errors(400, 415))
     def set_scheduler_weights(
-        request: Request, change: SchedulerWeightsChange, _: AdminPrincipal
+        request: Request, change: SchedulerWeightsChange, _: AdminPrincipal, _json: JsonBody
     ) -> dict[str, Any] | JSONResponse:
         """Change weights (admin); every waiting subtask is rescored at once. The feedback loop
         may move `interactive` again later; the other weights stay as set."""
@@ -380,6 +464,21 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         rescored = store.set_weights(change.weights, reason=change.reason)
         log.info("scheduler weights changed", extra={"changes": change.weights, "reason": change.reason})
         return {"weights": store.weights(), "rescored": rescored}
+
+    @app.post("/v1/admin/gc", tags=["admin"], response_model=GcResult, responses=_errors(400, 415))
+    def collect_garbage(
+        request: Request, _: AdminPrincipal, _json: JsonBody, body: GcRequest | None = None
+    ) -> GcResult:
+        """Delete finished jobs (their subtasks, events, idempotency keys) now (admin), at most
+        `limit` per call; call again while `remaining` > 0. The router also does this every
+        `EDGEFLEET_GC_INTERVAL` seconds for jobs older than `EDGEFLEET_JOB_RETENTION`."""
+        body = body or GcRequest()
+        store: JobStore = request.app.state.store
+        older_than = settings.job_retention if body.older_than is None else body.older_than
+        batch = store.gc(older_than=older_than, limit=body.limit)
+        if batch.removed:
+            log.info("expired finished jobs on request", extra={"count": len(batch.removed), "older_than": older_than})
+        return GcResult(removed=batch.removed, remaining=batch.remaining, older_than=older_than)
 
     @app.get("/v1/workers", tags=["fleet"], response_model=list[NodeInfo])
     def workers(request: Request, _: ReadPrincipal) -> list[NodeInfo]:
