@@ -151,6 +151,57 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
     ("unknown-step-field", {"json": {"steps": [_step("a", colour="red")]}}, 422, "steps.0.colour", "Extra inputs are not permitted"),
     ("timeout-above-max", {"json": {"steps": [_sleep("a", timeout=4000)]}}, 422, "steps.0.timeout", "at most 3600 seconds"),
     ("inputs-with-steps", {"json": {"steps": GOOD_STEPS, "inputs": {"text": "x"}}}, 422, "inputs", "belong to a template"),
+    # The body's type: JSON only, said so by its Content-Type (item 12 of issue 9).
+    (
+        "text-plain-body",
+        {"content": b'{"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x"}}]}',
+         "headers": {"Content-Type": "text/plain"}},
+        415,
+        "Content-Type",
+        "'text/plain' is not accepted",
+    ),
+    ("form-body", {"data": {"steps": "x"}}, 415, "Content-Type", "'application/x-www-form-urlencoded' is not accepted"),
+    ("no-content-type", {"content": b'{"steps": []}'}, 415, "Content-Type", "missing"),
+    (
+        "latin1-charset",
+        {"content": b'{"steps": []}', "headers": {"Content-Type": "application/json; charset=latin-1"}},
+        415,
+        "Content-Type",
+        "JSON is UTF-8",
+    ),
+    # Strict types: a boolean or a string is not a number, a number is not a boolean.
+    ("timeout-true", {"json": {"steps": [_sleep("a", timeout=True)]}}, 422, "steps.0.timeout", "valid number"),
+    ("timeout-string", {"json": {"steps": [_sleep("a", timeout="5")]}}, 422, "steps.0.timeout", "valid number"),
+    ("retries-true", {"json": {"steps": [_sleep("a", retries=True)]}}, 422, "steps.0.retries", "valid integer"),
+    ("retries-fraction", {"json": {"steps": [_sleep("a", retries=1.5)]}}, 422, "steps.0.retries", "valid integer"),
+    ("retries-string", {"json": {"steps": [_sleep("a", retries="2")]}}, 422, "steps.0.retries", "valid integer"),
+    ("backoff-string", {"json": {"steps": [_sleep("a", retry_backoff="1")]}}, 422, "steps.0.retry_backoff", "valid number"),
+    ("deadline-true", {"json": {"steps": GOOD_STEPS, "deadline_s": True}}, 422, "deadline_s", "valid number"),
+    ("dry-run-string", {"json": {"steps": GOOD_STEPS, "dry_run": "true"}}, 422, "dry_run", "valid boolean"),
+    ("dry-run-number", {"json": {"steps": GOOD_STEPS, "dry_run": 1}}, 422, "dry_run", "valid boolean"),
+    ("priority-number", {"json": {"steps": GOOD_STEPS, "priority": 1}}, 422, "priority", "'interactive', 'normal' or 'batch'"),
+    # Two ways to say what to run: a 422 naming both, before any model is asked to plan the goal.
+    (
+        "goal-and-steps",
+        {"json": {"goal": "count the words in 'a b'", "steps": GOOD_STEPS}},
+        422,
+        "goal",
+        "this body has 'steps' and 'goal'",
+    ),
+    (
+        "goal-and-steps-names-steps",
+        {"json": {"goal": "count the words in 'a b'", "steps": GOOD_STEPS}},
+        422,
+        "steps",
+        "this body has 'steps' and 'goal'",
+    ),
+    (
+        "goal-and-template",
+        {"json": {"goal": "report", "template": "text-report", "inputs": {"text": "x"}}},
+        422,
+        "template",
+        "this body has 'template' and 'goal'",
+    ),
     (
         "idempotency-key-too-long",
         {"json": {"steps": GOOD_STEPS}, "headers": {"Idempotency-Key": "k" * 201}},
@@ -239,3 +290,65 @@ def test_nesting_within_the_limit_is_fine(module_admin: httpx.Client) -> None:
     assert response.status_code == 422, response.text
     [problem] = response.json()["detail"]
     assert problem["field"] == "steps.0.args.x" and "unknown argument" in problem["reason"]
+
+
+def test_structured_json_media_types_are_json(module_admin: httpx.Client) -> None:
+    """application/*+json with a UTF-8 charset is JSON too (a dry run: nothing is written)."""
+    body = b'{"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x"}}], "dry_run": true}'
+    for content_type in ("application/json; charset=UTF-8", "application/vnd.edgefleet+json"):
+        response = module_admin.post("/v1/jobs", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 200, (content_type, response.text)
+        assert response.json()["dry_run"] is True
+
+
+def test_missing_token_is_401_before_the_media_type_is_looked_at(module_router: Cluster) -> None:
+    response = httpx.post(f"{module_router.url}/v1/jobs", content=b"hi", headers={"Content-Type": "text/plain"})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "field", "reason"),
+    [
+        pytest.param({"content": b'{"weights": {"aging": 1}, "reason": "x"}', "headers": {"Content-Type": "text/plain"}},
+                     415, "Content-Type", "'text/plain' is not accepted", id="text-plain"),
+        pytest.param({"json": {"weights": {"aging": True}, "reason": "x"}}, 422, "weights.aging", "valid number",
+                     id="weight-true"),
+        pytest.param({"json": {"weights": {"aging": "1"}, "reason": "x"}}, 422, "weights.aging", "valid number",
+                     id="weight-string"),
+        pytest.param({"content": b'{"weights": ', "headers": {"Content-Type": "application/json"}},
+                     400, "body", "not valid JSON", id="malformed"),
+    ],
+)
+def test_other_json_endpoints_have_the_same_contract(
+    module_admin: httpx.Client, kwargs: dict[str, Any], status: int, field: str, reason: str
+) -> None:
+    before = module_admin.get("/v1/scheduler").json()["weights"]
+    response = module_admin.put("/v1/scheduler/weights", **kwargs)
+    assert response.status_code == status, response.text
+    problems = response.json()["detail"]
+    assert any(p["field"] == field and reason in p["reason"] for p in problems), problems
+    assert module_admin.get("/v1/scheduler").json()["weights"] == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "error"),
+    [
+        ("GET", "/v1/nothing-here", 404, "not_found"),
+        ("POST", "/no/such/route", 404, "not_found"),
+        ("PATCH", "/v1/jobs", 405, "method_not_allowed"),
+        ("PUT", "/v1/jobs/abc", 405, "method_not_allowed"),
+        ("DELETE", "/v1/workers", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_routes_and_methods_use_the_error_shape(
+    module_admin: httpx.Client, method: str, path: str, status: int, error: str
+) -> None:
+    response = module_admin.request(method, path)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == error
+    assert [set(item) for item in body["detail"]] == [{"field", "reason"}], body
+    if status == 405:
+        assert response.headers.get("allow"), response.headers  # which methods the route has
