@@ -30,6 +30,10 @@ What holds, and what it rests on:
   with a default route and without them. The plugin can undo them only with
   CAP_NET_ADMIN in the user namespace that owns its network namespace: start bwrap
   as an unprivileged uid (or with `--cap-drop ALL`), never as root with capabilities.
+- A socket bound to tap0 (SO_BINDTODEVICE, unprivileged since Linux 5.7) skips the
+  routes: the kernel then takes any destination as on-link and asks for it by ARP.
+  slirp answers ARP only for its own 10.0.2.2 and 10.0.2.3, so such a socket reaches
+  10.0.2.2 alone, where `--disable-host-loopback` refuses it, and the DNS port.
 - Addresses the host gains after attach (DHCP, a new VPN) are not blocked.
 """
 
