@@ -42,7 +42,6 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import json
-import logging
 import os
 import select
 import shutil
@@ -53,8 +52,6 @@ import tempfile
 import time
 from collections.abc import Iterable
 from typing import IO
-
-log = logging.getLogger(__name__)
 
 TAP = "tap0"
 MTU = 65520
@@ -88,12 +85,12 @@ def ok(result):
         raise OSError(err, os.strerror(err))
 ok(libc.setns(user_fd, %d))
 ok(libc.setns(net_fd, %d))
-header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
 data = (ctypes.c_uint32 * 6)()
 ok(libc.capget(header, data))
-data[2] |= 1 << 12
+data[2] |= 1 << 12  # inheritable |= CAP_NET_ADMIN (12): ambient needs it there
 ok(libc.capset(header, data))
-ok(libc.prctl(47, 2, 12, 0, 0))
+ok(libc.prctl(47, 2, 12, 0, 0))  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN
 os.close(user_fd)
 os.close(net_fd)
 os.execv(ip, [ip, "-batch", "-"])
