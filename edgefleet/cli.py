@@ -848,6 +848,12 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _gc_batch(client: Client, body: dict[str, Any]) -> dict[str, Any]:
+    """One `POST /v1/admin/gc`: a batch per call keeps each Lua script short, so Redis serves
+    everyone else in between."""
+    return client._request("POST", "/v1/admin/gc", json=body).json()  # noqa: SLF001 - Client has no gc() yet
+
+
 @app.command()
 def gc(
     older_than: Annotated[
@@ -875,22 +881,20 @@ def gc(
     body: dict[str, Any] = {"limit": 500}
     if older_than is not None:
         body["older_than"] = _seconds(older_than)
-    removed: list[str] = []
-    age: float | None = None
-    console = _err_console()
-    with _api_errors(), _client(url, token) as client, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
-        transient=console.is_terminal,
-    ) as progress:
-        task = progress.add_task("deleting finished jobs", total=None)
-        while True:
-            # One batch per call keeps each Lua script short: Redis serves everyone else meanwhile.
-            answer = client._request("POST", "/v1/admin/gc", json=body).json()  # noqa: SLF001 - no Client.gc yet
-            removed += answer["removed"]
-            age = answer["older_than"]
-            progress.update(task, total=len(removed) + answer["remaining"], completed=len(removed))
-            if not answer["removed"] or answer["remaining"] <= 0:
-                break
+    with _api_errors(), _client(url, token) as client:
+        answer = _gc_batch(client, body)
+        removed: list[str] = list(answer["removed"])
+        age: float = answer["older_than"]
+        if answer["removed"] and answer["remaining"] > 0:
+            console = _err_console()
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                          transient=console.is_terminal) as progress:
+                task = progress.add_task("deleting finished jobs", total=len(removed) + answer["remaining"],
+                                         completed=len(removed))
+                while answer["removed"] and answer["remaining"] > 0:
+                    answer = _gc_batch(client, body)
+                    removed += answer["removed"]
+                    progress.update(task, total=len(removed) + answer["remaining"], completed=len(removed))
     if as_json:
         print(json.dumps({"removed": removed, "older_than": age}, indent=2))
     else:
