@@ -175,6 +175,7 @@ class Limits(BaseModel):
     cpu_seconds: int = Field(default=300, ge=1, le=86400)
     max_file_mb: int = Field(default=1024, ge=1, le=1_048_576, description="largest file it may write")
     max_processes: int = Field(default=32, ge=1, le=4096, description="only with the subprocess permission")
+    workspace_mb: int = Field(default=4096, ge=1, le=1_048_576, description="disk its workspace may use")
 
 
 class PluginManifest(BaseModel):

@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,7 +78,19 @@ class Settings(BaseSettings):
         default=10, description="seconds between kombu's sweeps that redeliver expired unacked messages"
     )
     broker_restore_throttle: int = 10
-    max_lost_attempts: int = 5
+    max_lost_attempts: int = Field(
+        default=5,
+        ge=0,
+        description="times a subtask may be lost (its worker process, plugin process or box died while "
+        "running it) and run again, resuming from its checkpoint, before it fails",
+    )
+    # Faults: how long a worker waits out a Redis outage (lease renewal waits the lease TTL).
+    store_outage_patience: float = Field(
+        default=900.0,
+        gt=0,
+        description="seconds a finished attempt keeps its result and retries writing it while Redis is "
+        "unreachable; the store refuses it if the attempt lost the subtask meanwhile",
+    )
     stranded_after: float = Field(
         default=30.0,
         description="a released subtask unclaimed this long while its queue is empty is sent again",
@@ -157,6 +169,31 @@ class Settings(BaseSettings):
         description="sandbox launchers each worker process starts ahead for the plugins it last ran; 0: none",
     )
 
+    # --- the sandbox's trust model (see workers/sandbox.py and edgefleet/plugin_paths.py) ---
+    plugin_read_paths: dict[str, list[Path]] = Field(
+        default_factory=dict,
+        description="folders plugins with `file_system_read` may read, by plugin name, '*' for every such "
+        "plugin (env: JSON, e.g. {\"photo\": [\"/home/me/Pictures\"]}, or a plain list for '*')",
+    )
+    plugin_write_paths: dict[str, list[Path]] = Field(
+        default_factory=dict,
+        description="folders plugins with `file_system_write` may write (and read), by plugin name or '*'",
+    )
+    sandbox_uid: int = Field(
+        default=200_000,
+        ge=1,
+        description="a root worker runs each sandbox launcher as an unprivileged uid from "
+        "[sandbox_uid, sandbox_uid + sandbox_uid_span), never as root",
+    )
+    sandbox_uid_span: int = Field(default=65_536, ge=1)
+    sandbox_max_output_kb: int = Field(
+        default=1024, ge=1, description="largest output (and pipe message) a plugin may return; larger: files"
+    )
+    protected_paths: list[Path] = Field(
+        default_factory=lambda: [Path("/etc/edgefleet")],
+        description="never visible to a plugin, added to the data and workspace folders",
+    )
+
     plugin_dirs: list[Path] = Field(
         default_factory=list,
         description="extra plugin folders after the built-in one (env: a JSON list); the first folder wins a name",
@@ -199,6 +236,16 @@ class Settings(BaseSettings):
                 "else Celery redelivers subtasks that are still running"
             )
         return self
+
+    @field_validator("plugin_read_paths", "plugin_write_paths", mode="before")
+    @classmethod
+    def _grants_for_all(cls, value: object) -> object:
+        """A plain list (or an os.pathsep-separated string) grants the folders to every plugin ('*')."""
+        if isinstance(value, str) and not value.lstrip().startswith("{"):
+            value = [part for part in value.split(os.pathsep) if part]
+        if isinstance(value, list):
+            return {"*": value}
+        return value
 
     @property
     def effective_broker_url(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
+from edgefleet.plugin_paths import check_path_argument, grants_for, path_arguments
 from edgefleet.refs import RefError, find_refs, top_level_keys_with_refs
 from edgefleet.schemas import JobRequest, NodeInfo, Plan, PlannedSubtask, ResourceClass, StepSpec
 from edgefleet.settings import Settings
@@ -174,6 +175,11 @@ class Planner:
             return  # reported by _needs_of
         for field, reason in validate_action_args(action.input_schema, step.args, unresolved=unresolved):
             problems.append((f"steps.{i}.{field}", reason))
+        grants = grants_for(self.settings, step.plugin, frozenset(plugin.manifest.permissions))
+        for field, value, access in path_arguments(action.input_schema, step.args):
+            reason = check_path_argument(step.plugin, value, access, grants)
+            if reason:
+                problems.append((f"steps.{i}.{field}", reason))
 
 
 # --- can the fleet run it? ---------------------------------------------------------------------

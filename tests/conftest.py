@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,17 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+# The one folder the built-in `sleep` plugin may append its run markers to (an operator grant,
+# EDGEFLEET_PLUGIN_WRITE_PATHS): tests count executions with them. Sticky and world-writable like
+# /tmp, since the plugin runs as its own unprivileged uid.
+MARKER_DIR = Path(tempfile.gettempdir()) / f"edgefleet-test-markers-{os.getuid()}"
+
+
+def new_marker(name: str) -> Path:
+    """A fresh marker file path in MARKER_DIR, for a `sleep` step's `marker` argument."""
+    MARKER_DIR.mkdir(exist_ok=True)
+    MARKER_DIR.chmod(0o1777)
+    return MARKER_DIR / f"{uuid.uuid4().hex}-{name}"
 ADMIN_TOKEN = "test-admin-token"
 TOKENS = {
     ADMIN_TOKEN: {"scopes": ["admin"], "tenant": "ops"},
@@ -141,6 +154,7 @@ class Cluster:
                 "EDGEFLEET_CPU_CONCURRENCY": "2",
                 "EDGEFLEET_IO_CONCURRENCY": "4",
                 "EDGEFLEET_LOG_LEVEL": "INFO",
+                "EDGEFLEET_PLUGIN_WRITE_PATHS": json.dumps({"sleep": [str(MARKER_DIR)]}),
             }
         )
         env.update(self.env_overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import new_marker, Cluster, wait_until
 
 
 def events(cluster: Cluster, job_id: str) -> list[dict]:
@@ -89,7 +89,7 @@ def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
 def test_killed_pool_child_is_taken_over_at_once(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     # A long lease: only the takeover by the redelivered message can recover the subtask in time.
     cluster = ready_cluster(cluster_factory, "n1", classes="cpu", EDGEFLEET_LEASE_TTL="60")
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = submit_sleep_job(cluster, marker, 3)
     pool_child = pool_process_running(cluster, job["id"], "slow")
     pool_child.kill()
@@ -107,7 +107,7 @@ def test_killed_node_work_runs_elsewhere_within_two_heartbeat_ttls(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     cluster = ready_cluster(cluster_factory, "a", "b", classes="cpu")
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = submit_sleep_job(cluster, marker, 4)
     victim = cluster.job(job["id"])["subtasks"][0]["node"]
     survivor = "b" if victim == "a" else "a"
@@ -140,7 +140,7 @@ def test_subtask_longer_than_visibility_timeout_never_runs_twice_at_once(
         EDGEFLEET_CPU_CONCURRENCY="3",
     )
     cluster.wait_nodes_ready("n1")
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = cluster.submit(sleep_job(marker, 8))
     assert_succeeded_exactly_once(cluster, job["id"])
     assert len(marker_lines(marker)) == 1
@@ -150,7 +150,7 @@ def test_subtask_longer_than_visibility_timeout_never_runs_twice_at_once(
 
 def test_router_restart_mid_job_keeps_status(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     cluster = ready_cluster(cluster_factory, "n1")
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = submit_sleep_job(cluster, marker, 2, retries=1)
     before = cluster.job(job["id"])
     cluster.stop_router(signal.SIGKILL)
@@ -167,9 +167,9 @@ def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Clus
     # A message prefetched by a worker when the connection broke is stranded until the
     # visibility timeout; the reaper sends it again after `stranded_after`.
     cluster = ready_cluster(cluster_factory, "n1", EDGEFLEET_STRANDED_AFTER="3")
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = cluster.submit(sleep_job(marker, 2))
-    queued_behind = cluster.submit(sleep_job(tmp_path / "second.txt", 0.2))
+    queued_behind = cluster.submit(sleep_job(new_marker("second.txt"), 0.2))
     wait_until(lambda: marker_lines(marker), 30, what="first run")
     cluster.redis.stop()
     time.sleep(1)
@@ -182,7 +182,7 @@ def test_redis_restart_mid_job_loses_nothing(cluster_factory: Callable[..., Clus
 def test_sigterm_shuts_a_node_down_warm(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
     cluster = ready_cluster(cluster_factory, "n1", classes="cpu")
     node = cluster.nodes["n1"]
-    marker = tmp_path / "runs.txt"
+    marker = new_marker("runs.txt")
     job = submit_sleep_job(cluster, marker, 3)
     node.send_signal(signal.SIGTERM)  # the supervisor only, as systemd's KillMode=mixed does
     assert node.wait(60) == 0
@@ -201,7 +201,7 @@ def test_node_killed_mid_subtask_resumes_from_its_checkpoint(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     cluster = ready_cluster(cluster_factory, "a", "b", classes="cpu")
-    marker = tmp_path / "ticks.txt"
+    marker = new_marker("ticks.txt")
     job = cluster.submit(
         {"steps": [{"id": "count", "plugin": "sleep", "action": "tick",
                     "args": {"ticks": 30, "interval": 0.2, "marker": str(marker)}}]}

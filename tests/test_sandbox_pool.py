@@ -167,7 +167,8 @@ def test_under_bwrap_only_self_contained_attempts_take_a_warm_launcher(tmp_path:
     used.mkdir(parents=True)
     assert pool.can_serve(confined, fresh, has_inputs=False)
     assert not pool.can_serve(confined, fresh, has_inputs=True)  # it could not see the earlier steps' files
-    assert pool.can_serve(reads_all, fresh, has_inputs=True)
+    # file_system_read means the folders an operator granted, not the job's: no exception for it.
+    assert not pool.can_serve(reads_all, fresh, has_inputs=True)
     assert not pool.can_serve(confined, used, has_inputs=False)  # an earlier attempt's files
     assert WarmLaunchers(1, tmp_path, None).can_serve(confined, used, has_inputs=True)
     assert not WarmLaunchers(0, tmp_path, None).can_serve(confined, fresh, has_inputs=False)

@@ -185,7 +185,7 @@ def webhook() -> Iterator[Webhook]:
 def test_ci_pipeline_end_to_end(
     cluster_factory: Callable[..., Cluster], git_repo: GitRepo, webhook: Webhook
 ) -> None:
-    cluster = cluster_factory()
+    cluster = cluster_factory(EDGEFLEET_PLUGIN_READ_PATHS=json.dumps({"repo_watch": [str(git_repo.path)]}))
     cluster.start_router()
     cluster.start_node("n1", classes="cpu,io")
     cluster.wait_nodes_ready("n1")

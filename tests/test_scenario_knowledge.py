@@ -9,6 +9,7 @@ against pages served by a real HTTP server that the test starts.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -474,7 +475,14 @@ def test_knowledge_refresh_and_ask_on_a_cluster(
     # (With a model installed the same steps use it; tests/test_model_cluster.py covers that path.)
     no_models = tmp_path / "no-models.yaml"
     no_models.write_text("models: {}\nroutes: {}\n")
-    cluster = cluster_factory(EDGEFLEET_MODELS_FILE=str(no_models))
+    # The index lives in a folder the operator shares with the two plugins that keep and read it.
+    index_dir.mkdir()
+    index_dir.chmod(0o777)
+    cluster = cluster_factory(
+        EDGEFLEET_MODELS_FILE=str(no_models),
+        EDGEFLEET_PLUGIN_WRITE_PATHS=json.dumps({"knowledge_index": [str(index_dir)]}),
+        EDGEFLEET_PLUGIN_READ_PATHS=json.dumps({"knowledge_query": [str(index_dir)]}),
+    )
     cluster.start_router()
     cluster.start_node("n1", classes="cpu,io")
     cluster.wait_nodes_ready("n1")

@@ -56,6 +56,8 @@ def is_marker(colour: tuple[float, ...]) -> bool:
 
 def start_cluster(cluster_factory: Callable[..., Cluster], *nodes: str, classes: str) -> Cluster:
     cluster = cluster_factory()
+    # The photo plugin reads only folders an operator granted: the tests' photos live here.
+    cluster.env_overrides["EDGEFLEET_PLUGIN_READ_PATHS"] = json.dumps({"photo": [str(cluster.workdir / "photos")]})
     cluster.start_router()
     for name in nodes:
         cluster.start_node(name, classes=classes)

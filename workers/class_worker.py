@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 
+from edgefleet.hardening import make_undumpable
 from edgefleet.celery_app import EXPRESS_SUFFIX, PROBE, RUN_SUBTASK, create_celery, worker_hostname
 from edgefleet.dispatch import Dispatcher
 from edgefleet.logs import setup_logging
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--express", action="store_true", help="serve only the class's express (interactive) queues")
     args = parser.parse_args(argv)
     _die_with_parent()
+    make_undumpable()
     settings = Settings()
     setup_logging(f"worker-{args.resource_class}", settings.log_level, settings.log_json)
     resource_class = ResourceClass(args.resource_class)

@@ -26,7 +26,7 @@ from edgefleet.settings import Settings
 from edgefleet.store import JobStore, Usage
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
-from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun, bwrap_path
+from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
 from workers.sandbox_pool import WarmLaunchers
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,7 @@ class SubtaskRunner:
         self.metrics = metrics
         self.node = settings.node_name
         self.lease_ttl = settings.effective_lease_ttl
-        self.launchers = WarmLaunchers(
-            settings.sandbox_warm,
-            settings.effective_workspace_dir,
-            bwrap_path() if settings.sandbox != "process" else None,
-        )
+        self.launchers = WarmLaunchers.for_settings(settings)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
@@ -154,7 +150,7 @@ class SubtaskRunner:
                 env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
             )
 
-        image = PluginImage.of(plugin)
+        image = self.launchers.policy.image_of(plugin) if self.launchers.policy else PluginImage.of(plugin)
         timeout = min(env.timeout, plugin.manifest.limits.timeout)
         workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs))
         attempt = _Attempt()
@@ -205,7 +201,7 @@ class SubtaskRunner:
         launcher = self.launchers.take(image) if self.launchers.can_serve(image, workspace, has_inputs) else None
         if launcher is not None:
             self.metrics.sandbox_started(env, warm=True)
-            if launcher.bwrap is None:
+            if not launcher.confined:
                 workspace.mkdir(parents=True, exist_ok=True)
                 return workspace, launcher
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +212,7 @@ class SubtaskRunner:
         workspace = workspace.resolve()  # an earlier warm attempt's folder, behind its link
         # Earlier steps that ran warm wrote behind links in the job folder: those folders are readable too.
         readable = [job_dir, *linked_folders(job_dir, exclude=workspace)]
-        return workspace, LauncherProcess(image, bwrap=self.launchers.bwrap, home=workspace, readable=readable)
+        return workspace, self.launchers.launch(image, home=workspace, readable=readable)
 
     def _model_call_for(self, deadline: float) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         models = self.models

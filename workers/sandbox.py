@@ -1,14 +1,23 @@
 """The sandbox's parent side: start a plugin in a limited child process and watch it.
 
-Isolation, strongest available first:
-- `bwrap` (bubblewrap): new namespaces (`--unshare-all`; the network only with the
-  `network` permission), a read-only view of just the system and Python (the whole
-  file system read-only with `file_system_read`, writable with `file_system_write`),
-  the job's directory read-only and the subtask's workspace writable.
-- always, also without bwrap: rlimits (memory, CPU time, file size, processes), a
-  scrubbed environment, its own session and process group, a seccomp filter that
-  denies process creation without `subprocess` and IP sockets without `network`,
-  and a wall-clock deadline after which the whole group is killed.
+The trust model (DESIGN.md): a submitter is not trusted, and neither is a plugin
+beyond its manifest. Every launcher:
+- runs as an unprivileged uid when the worker is root (one uid per plugin, from
+  `sandbox_uid`; the launcher drops to it before it reads anything), with no
+  capabilities, so file modes, `RLIMIT_NPROC` and ptrace rules bind it;
+- sees only: the system and Python read-only, a minimal `/etc` (no secrets),
+  its code, its job's inputs read-only, its workspace writable, and the folders
+  an operator granted for `file_system_read`/`file_system_write`
+  (edgefleet.plugin_paths) — never the data dir, tokens, Redis files,
+  `/etc/edgefleet` or other jobs' workspaces. With `bwrap` that is a mount
+  namespace (plus pid, ipc, uts, net namespaces); without it, Landlock where the
+  kernel has it;
+- gets rlimits (memory, CPU time, file size, processes), a scrubbed environment,
+  its own session and process group, a seccomp filter (no process creation
+  without `subprocess`, no IP sockets without `network`, never ptrace or
+  process_vm_*), a wall-clock deadline, a workspace quota and a cap on what it
+  may send back.
+`isolation` in the subtask's record says which of these held.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import stat
 import threading
 import time
+import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +45,8 @@ import psutil
 import edgefleet
 import workers
 from edgefleet.plugin_manifest import Limits, Permission
+from edgefleet.plugin_paths import PathGrants, grants_for
+from edgefleet.settings import Settings
 
 if TYPE_CHECKING:
     from edgefleet.plugin_catalog import LoadedPlugin
@@ -41,25 +55,139 @@ log = logging.getLogger(__name__)
 
 STDERR_KEEP = 4000
 LAUNCHER_SCRIPT = Path(__file__).resolve().parent / "sandbox_launcher.py"
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+# What of the host's /etc a plugin sees: libraries, certificates, time zone and name
+# service configuration; never shadow, ssh keys, /etc/edgefleet or anything else.
+ETC_ENTRIES = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "ssl", "ca-certificates", "pki",
+    "alternatives", "mime.types", "fonts", "gai.conf", "host.conf", "protocols", "services",
+)
+ETC_WITH_NETWORK = ("resolv.conf",)
 # What a scrubbed environment keeps: enough for Python, locale and tools to work.
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
+PIPE_OVERHEAD = 64 * 1024  # room for the protocol's own fields around an output
 
 
 def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
+def _code_roots() -> list[Path]:
+    """Where the launcher's own imports live: the edgefleet and workers packages' parents."""
+    roots = {Path(edgefleet.__file__).resolve().parent.parent, Path(workers.__file__).resolve().parent.parent}
+    return sorted(roots)
+
+
+def _code_packages() -> list[Path]:
+    return sorted({Path(edgefleet.__file__).resolve().parent, Path(workers.__file__).resolve().parent})
+
+
+def _import_path() -> list[str]:
+    entries = [str(p) for p in _code_roots()]
+    for entry in sys.path:
+        if entry and Path(entry).is_dir() and entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+def _python_roots() -> list[Path]:
+    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
+    return sorted(roots)
+
+
+def _others_can_reach(path: Path) -> bool:
+    """Whether a different unprivileged uid may traverse to `path` (search permission on each ancestor)."""
+    for folder in [path, *path.parents]:
+        try:
+            if not folder.stat().st_mode & stat.S_IXOTH:
+                return False
+        except FileNotFoundError:
+            continue
+    return True
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """This worker's sandbox settings: one per worker process, shared by all its launchers."""
+
+    settings: Settings
+    bwrap: str | None
+    switch_uid: bool
+    landlock_abi: int
+    why_same_uid: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SandboxPolicy:
+        bwrap = bwrap_path() if settings.sandbox != "process" else None
+        switch_uid, why = os.geteuid() == 0, ""
+        if switch_uid and bwrap is None:
+            # Without a mount namespace the sandbox uid walks the real tree to its code and workspace.
+            needed = [settings.effective_workspace_dir, *_python_roots(), *_code_roots()]
+            blocked = [str(p) for p in needed if not _others_can_reach(p)]
+            if blocked:
+                switch_uid = False
+                why = f"another uid cannot reach {', '.join(blocked)}"
+                log.warning(
+                    "plugins run as the worker's uid: give others search (x) permission on the folders above, "
+                    "or install bubblewrap",
+                    extra={"blocked": blocked},
+                )
+        abi = 0
+        if bwrap is None:
+            from workers.landlock import abi_version
+
+            abi = abi_version()
+        return cls(settings=settings, bwrap=bwrap, switch_uid=switch_uid, landlock_abi=abi, why_same_uid=why)
+
+    def uid_of(self, plugin: str) -> int | None:
+        """A stable uid per plugin: files it keeps in a granted folder stay its own across runs."""
+        if not self.switch_uid:
+            return None
+        return self.settings.sandbox_uid + zlib.crc32(plugin.encode()) % self.settings.sandbox_uid_span
+
+    @property
+    def max_output_bytes(self) -> int:
+        return self.settings.sandbox_max_output_kb * 1024
+
+    def image_of(self, plugin: LoadedPlugin) -> PluginImage:
+        manifest = plugin.manifest
+        permissions = tuple(manifest.permissions)
+        return PluginImage(
+            plugin=manifest.name,
+            folder=plugin.folder,
+            entry_point=manifest.entry_point,
+            permissions=permissions,
+            limits=manifest.limits,
+            grants=grants_for(self.settings, manifest.name, frozenset(permissions)),
+            uid=self.uid_of(manifest.name),
+            max_output_bytes=self.max_output_bytes,
+            landlock=self.bwrap is None and self.landlock_abi > 0,
+        )
+
+    def isolation(self, image: PluginImage) -> str:
+        parts = ["bwrap" if self.bwrap else ("landlock" if image.landlock else "fs-unconfined")]
+        if image.uid is not None:
+            parts.append(f"uid={image.uid}")
+        else:
+            parts.append("uid=root-nocaps" if os.geteuid() == 0 and not self.bwrap else "uid=worker")
+        parts += ["seccomp", "rlimits"]
+        return "+".join(parts)
+
+
 @dataclass(frozen=True)
 class PluginImage:
-    """What a launcher prepares before it knows its subtask: it depends on the manifest only,
-    so a launcher can be started (limits, seccomp, plugin imported) ahead of the work."""
+    """What a launcher prepares before it knows its subtask: it depends on the manifest and the
+    worker's policy only, so a launcher can be started (limits, seccomp, plugin imported) ahead."""
 
     plugin: str
     folder: Path
     entry_point: str
     permissions: tuple[Permission, ...]
     limits: Limits
+    grants: PathGrants = PathGrants((), (), ())
+    uid: int | None = None
+    max_output_bytes: int = 1024 * 1024
+    landlock: bool = False
 
     def prepare_message(self) -> dict[str, Any]:
         return {
@@ -69,10 +197,12 @@ class PluginImage:
             "entry_point": self.entry_point,
             "permissions": sorted(p.value for p in self.permissions),
             "limits": self.limits.model_dump(),
+            "max_output_bytes": self.max_output_bytes,
         }
 
     @classmethod
     def of(cls, plugin: LoadedPlugin) -> PluginImage:
+        """The image with no grants, no uid switch and no Landlock (tests of the launcher itself)."""
         manifest = plugin.manifest
         return cls(
             plugin=manifest.name,
@@ -85,11 +215,49 @@ class PluginImage:
     @cached_property
     def key(self) -> str:
         """Identifies launchers that are interchangeable (the warm pool's key)."""
-        return json.dumps(self.prepare_message(), sort_keys=True)
+        grants = [[str(p) for p in self.grants.read], [str(p) for p in self.grants.write]]
+        return json.dumps([self.prepare_message(), grants, self.uid, self.landlock], sort_keys=True)
 
     @property
-    def sees_whole_file_system(self) -> bool:
-        return bool({Permission.file_system_read, Permission.file_system_write} & set(self.permissions))
+    def sees_granted_folders(self) -> bool:
+        return bool(self.grants.read or self.grants.write)
+
+
+@dataclass(frozen=True)
+class SandboxView:
+    """What one launcher may see, for both ways of enforcing it (bwrap binds, Landlock rules)."""
+
+    read: tuple[Path, ...]  # read-only trees
+    write: tuple[Path, ...]  # writable trees (its workspace first)
+    list_only: tuple[Path, ...]  # folders it may list but not read below (the code roots)
+    masked: tuple[Path, ...]  # protected folders inside a visible tree: hidden again
+
+    @classmethod
+    def of(cls, image: PluginImage, workspace: Path, readable: Sequence[Path]) -> SandboxView:
+        etc = [Path("/etc") / name for name in ETC_ENTRIES]
+        if Permission.network in image.permissions:
+            etc += [Path("/etc") / name for name in ETC_WITH_NETWORK]
+        read = [
+            *(Path(d) for d in SYSTEM_DIRS), *etc, *_python_roots(), *_code_packages(),
+            image.folder.resolve(), *readable, *image.grants.read,
+        ]
+        visible = [*read, *_code_roots()]
+        protected = image.grants.protected
+        masked = [p for p in protected if any(v in p.parents for v in visible) and p.exists()]
+        return cls(
+            read=tuple(dict.fromkeys(read)),
+            write=(workspace, *image.grants.write),
+            list_only=tuple(_code_roots()),
+            masked=tuple(masked),
+        )
+
+    def landlock_message(self) -> dict[str, list[str]]:
+        devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random"]
+        return {
+            "read": [str(p) for p in self.read] + devices[1:] + ["/proc/self"],
+            "write": [str(p) for p in self.write] + ["/dev/null"],
+            "list": [str(p) for p in self.list_only],
+        }
 
 
 @dataclass
@@ -121,32 +289,15 @@ class LaunchSpec:
 
 @dataclass
 class SandboxOutcome:
-    outcome: str  # succeeded | failed | cancelled | timeout
+    # succeeded | failed | cancelled | timeout | lost (killed from outside, e.g. the OOM killer:
+    # not the plugin's fault, so the runner gives it a new attempt whatever its retries say)
+    outcome: str
     output: Any = None
     error: str = ""
     retryable: bool = True
     isolation: str = ""
     cpu_seconds: float = 0.0
     max_rss_mb: float = 0.0
-
-
-def _code_roots() -> list[Path]:
-    """Where the launcher's own imports live: the edgefleet and workers packages' parents."""
-    roots = {Path(edgefleet.__file__).resolve().parent.parent, Path(workers.__file__).resolve().parent.parent}
-    return sorted(roots)
-
-
-def _import_path() -> list[str]:
-    entries = [str(p) for p in _code_roots()]
-    for entry in sys.path:
-        if entry and Path(entry).is_dir() and entry not in entries:
-            entries.append(entry)
-    return entries
-
-
-def _python_roots() -> list[Path]:
-    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
-    return sorted(roots)
 
 
 def child_env(home: Path) -> dict[str, str]:
@@ -169,62 +320,181 @@ def child_env(home: Path) -> dict[str, str]:
     return env
 
 
-def bwrap_command(image: PluginImage, bwrap: str, workspace: Path, readable: Sequence[Path]) -> list[str]:
-    """The namespace view: `workspace` writable, `readable` (the job's folder and the folders
-    its earlier steps wrote) read-only, plus the system and Python, unless the manifest asks for more."""
+def minimal_etc(root: Path, uid: int | None) -> Path:
+    """A generated passwd/group/hosts/nsswitch for the sandbox: who it is, and nothing of the host's users."""
+    folder = root / f"etc-{uid if uid is not None else os.getuid()}"
+    if folder.is_dir():
+        return folder
+    me = uid if uid is not None else os.getuid()
+    staging = root / f".etc-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    files = {
+        "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+        f"sandbox:x:{me}:{me}:edgefleet plugin:/nonexistent:/usr/sbin/nologin\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nsandbox:x:{me}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+    for name, text in files.items():
+        (staging / name).write_text(text)
+        (staging / name).chmod(0o644)
+    staging.chmod(0o755)
+    try:
+        staging.rename(folder)
+    except OSError:  # another worker process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _parents(paths: Sequence[Path]) -> list[str]:
+    """bwrap makes missing mount points mode 0700, which the sandbox uid could not cross: make them 0755."""
+    folders: dict[Path, None] = {}
+    for path in paths:
+        for parent in reversed(path.parents):
+            if parent != Path("/"):
+                folders[parent] = None
+    args: list[str] = []
+    for folder in folders:
+        args += ["--perms", "0755", "--dir", str(folder)]
+    return args
+
+
+def bwrap_command(
+    image: PluginImage, bwrap: str, workspace: Path, readable: Sequence[Path], etc_root: Path | None = None
+) -> list[str]:
+    """The namespace view (see SandboxView): no user namespace when we are root, so the launcher
+    itself can drop to its uid; every capability but setuid/setgid dropped for that step."""
     perms = set(image.permissions)
-    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all"]
+    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-uts",
+           "--unshare-cgroup-try"]
+    if os.geteuid() != 0:
+        cmd.append("--unshare-user")
     if Permission.network in perms:
         cmd.append("--share-net")
-    if Permission.file_system_write in perms:
-        cmd += ["--bind", "/", "/"]
-    elif Permission.file_system_read in perms:
-        cmd += ["--ro-bind", "/", "/"]
     else:
-        for directory in SYSTEM_DIRS:
-            cmd += ["--ro-bind-try", directory, directory]
-        for root in [*_python_roots(), *_code_roots(), image.folder.resolve()]:
+        cmd.append("--unshare-net")
+    # First: later binds below /tmp (pytest's folders, a data dir there) land on top of this tmpfs.
+    cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    view = SandboxView.of(image, workspace, readable)
+    late = [*readable, *view.write]  # bound after the masks, which may cover their parents
+    cmd += _parents(list(view.read) + list(view.list_only) + late)
+    for path in view.read:
+        cmd += ["--ro-bind-try", str(path), str(path)]
+    for root in view.list_only:
+        if root not in view.read:
             cmd += ["--ro-bind", str(root), str(root)]
-        for path in readable:
-            cmd += ["--ro-bind", str(path), str(path)]
-    cmd += ["--dev", "/dev", "--proc", "/proc"]
+    for path in view.masked:
+        cmd += ["--tmpfs", str(path)]
+    if view.masked:
+        cmd += _parents(late)
+    # The job's inputs lie in the (masked) workspace dir: bound again on top of the mask.
+    for path in readable:
+        cmd += ["--ro-bind", str(path), str(path)]
+    for path in view.write[1:]:
+        cmd += ["--bind", str(path), str(path)]
+    if etc_root is not None:
+        generated = minimal_etc(etc_root, image.uid)
+        for name in ("passwd", "group", "hosts", "nsswitch.conf"):
+            cmd += ["--ro-bind", str(generated / name), f"/etc/{name}"]
     if Permission.gpu_access in perms:
         for device in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
             if device.exists():
                 cmd += ["--dev-bind", str(device), str(device)]
     cmd += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
+    cmd += ["--cap-drop", "ALL"]
+    if image.uid is not None:
+        cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # dropped with the uid switch
     return cmd
+
+
+def hand_over(folder: Path, uid: int | None) -> None:
+    """Make a workspace (and what an earlier attempt left in it) the sandbox uid's own."""
+    if uid is None:
+        return
+    for root, dirs, files in os.walk(folder):
+        os.chown(root, uid, uid, follow_symlinks=False)
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
+def share_read_only(folder: Path) -> None:
+    """After an attempt: its files readable by later steps, which run as other uids."""
+    for root, _dirs, files in os.walk(folder):
+        try:
+            os.chmod(root, os.stat(root).st_mode | 0o555)
+            for name in files:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, os.stat(path).st_mode | 0o444)
+        except OSError:
+            continue
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the regular files below `folder` (links not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 class LauncherProcess:
     """A sandboxed launcher started for one plugin image: limited, filtered and with the
     plugin imported, it waits on stdin for the one subtask it will run, then exits.
 
-    `home` is its writable workspace under bwrap (and its first working directory in
-    any case); `readable` is what it may read besides the system and Python.
+    `home` is its writable workspace (and its first working directory); `readable` is
+    what it may read besides the system and Python.
     """
 
-    def __init__(self, image: PluginImage, *, bwrap: str | None, home: Path, readable: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        image: PluginImage,
+        *,
+        bwrap: str | None,
+        home: Path,
+        readable: Sequence[Path] = (),
+        isolation: str | None = None,
+        etc_root: Path | None = None,
+    ) -> None:
         self.image = image
         self.home = home
         self.bwrap = bwrap
-        self.isolation = "bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits"
+        self.isolation = isolation or ("bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits")
         # -P: the script's folder (workers/) must not shadow modules; a path, not -m: runpy costs ~7 ms.
         launcher = [sys.executable, "-S", "-P", str(LAUNCHER_SCRIPT)]
-        cmd = (bwrap_command(image, bwrap, home, readable) + ["--"] + launcher) if bwrap else launcher
+        if bwrap:
+            cmd = bwrap_command(image, bwrap, home, readable, etc_root) + ["--"] + launcher
+        else:
+            cmd = launcher
+        env = {**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"}
+        if image.uid is not None:
+            env["EDGEFLEET_SANDBOX_UID"] = str(image.uid)
+        prepare = image.prepare_message()
+        if image.landlock and not bwrap:
+            prepare["landlock"] = SandboxView.of(image, home, readable).landlock_message()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"},
+            env=env,
             cwd=str(home),
             text=True,
             start_new_session=True,  # its own process group: one signal reaches all it started
         )
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(image.prepare_message()) + "\n")
+        self.proc.stdin.write(json.dumps(prepare) + "\n")
         self.proc.stdin.flush()
+
+    @property
+    def confined(self) -> bool:
+        """Whether its file view was fixed at start (then it serves only subtasks that fit it)."""
+        return self.bwrap is not None or self.image.landlock
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -277,9 +547,11 @@ class SandboxedRun:
         self._rss = 0
         self._reader: threading.Thread | None = None
         self._stop_requested: str | None = None
+        self._violation = ""  # a bound it broke (message size, workspace quota): the subtask's error
 
     def start(self) -> None:
         (self.spec.workspace / ".tmp").mkdir(parents=True, exist_ok=True)
+        hand_over(self.spec.workspace, self.spec.image.uid)
         self._write(self.spec.run_message())
         self._reader = threading.Thread(target=self._read_protocol, daemon=True)
         self._reader.start()
@@ -287,7 +559,18 @@ class SandboxedRun:
 
     def _read_protocol(self) -> None:
         assert self._proc.stdout
-        for line in self._proc.stdout:
+        limit = self.spec.image.max_output_bytes + PIPE_OVERHEAD
+        while True:
+            # Bounded: a plugin cannot make its worker buffer an endless line.
+            line = self._proc.stdout.readline(limit + 1)
+            if not line:
+                return
+            if len(line) > limit and not line.endswith("\n"):
+                self._violation = (
+                    f"sent a message over {limit // 1024} KiB; return large results as files in the workspace"
+                )
+                self._launcher.kill()
+                return
             try:
                 message = json.loads(line)
             except json.JSONDecodeError:
@@ -346,6 +629,11 @@ class SandboxedRun:
             self._rss = max(self._rss, int(rss))
         except psutil.Error:
             pass
+        quota = self.spec.image.limits.workspace_mb * 2**20
+        used = folder_size(self.spec.workspace)
+        if used > quota and not self._violation:
+            self._violation = f"exceeded its workspace quota ({self.spec.image.limits.workspace_mb} MB)"
+            self.kill()
 
     def wait(self, timeout: float) -> bool:
         """True once the launcher has exited. Waits on the protocol stream's end first:
@@ -378,6 +666,9 @@ class SandboxedRun:
             self._reader.join(5)
         base = {"isolation": self.isolation, "cpu_seconds": round(self._cpu, 3), "max_rss_mb": round(self._rss / 2**20, 1)}
         final = self._final
+        share_read_only(self.spec.workspace)
+        if self._violation:
+            return SandboxOutcome("failed", error=f"sandboxed plugin {self._violation}", retryable=False, **base)
         if self._stop_requested == "timeout":
             return SandboxOutcome("timeout", error=f"timed out after {self.spec.timeout:g} s", **base)
         if self._stop_requested == "cancelled":
@@ -390,9 +681,12 @@ class SandboxedRun:
                 return SandboxOutcome(outcome, error=final["error"], **base)
             retryable = final.get("kind") != "setup"
             return SandboxOutcome("failed", error=final["error"], retryable=retryable, **base)
-        return SandboxOutcome("failed", error=self._death_reason(), **base)
+        outcome, error, retryable = self._death()
+        return SandboxOutcome(outcome, error=error, retryable=retryable, **base)
 
-    def _death_reason(self) -> str:
+    def _death(self) -> tuple[str, str, bool]:
+        """Why the launcher ended without a result: a limit it hit fails the attempt (not retried:
+        it would hit it again); a kill no limit explains (the OOM killer, an operator) loses it."""
         code = self._proc.returncode
         tail = "".join(self._stderr)[-STDERR_KEEP:].strip()
         suffix = f": {tail}" if tail else ""
@@ -401,11 +695,13 @@ class SandboxedRun:
         if signum is None and self._launcher.bwrap and code is not None and code > 128:
             signum = code - 128
         if signum is None:
-            return f"sandboxed plugin exited with code {code} without a result{suffix}"
+            return "failed", f"sandboxed plugin exited with code {code} without a result{suffix}", True
+        limits = self.spec.image.limits
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        why = {
-            "SIGXCPU": f"exceeded its CPU time limit ({self.spec.image.limits.cpu_seconds} s)",
-            "SIGKILL": "was killed (its CPU or memory limit, or the kill of its group)",
-            "SIGXFSZ": f"wrote a file over its size limit ({self.spec.image.limits.max_file_mb} MB)",
-        }.get(name, f"died of {name}")
-        return f"sandboxed plugin {why}{suffix}"
+        if name == "SIGXCPU" or (name == "SIGKILL" and self._cpu >= limits.cpu_seconds):
+            return "failed", f"sandboxed plugin exceeded its CPU time limit ({limits.cpu_seconds} s){suffix}", False
+        if name == "SIGXFSZ":
+            return "failed", f"sandboxed plugin wrote a file over its size limit ({limits.max_file_mb} MB){suffix}", False
+        if name == "SIGKILL":
+            return "lost", f"sandboxed plugin was killed from outside (not by one of its limits){suffix}", True
+        return "failed", f"sandboxed plugin died of {name}{suffix}", True

@@ -29,6 +29,10 @@ from collections.abc import Callable
 MB = 1024 * 1024
 
 
+class OutputTooLarge(ValueError):
+    pass
+
+
 class _Channel:
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
@@ -105,10 +109,60 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+def _drop_privileges() -> None:
+    """Become the sandbox's uid before reading anything: no root, no capabilities, no groups.
+
+    The worker (root) starts us as root so that we can do this ourselves; under bwrap we hold
+    only CAP_SETUID/CAP_SETGID until here, and a uid switch away from 0 clears them all."""
+    uid = os.environ.pop("EDGEFLEET_SANDBOX_UID", "")
+    if not uid:
+        if os.geteuid() == 0:
+            _drop_capabilities()
+        return
+    target = int(uid)
+    os.setgroups([])
+    os.setresgid(target, target, target)
+    os.setresuid(target, target, target)
+    if os.getuid() != target or os.geteuid() != target:
+        os._exit(70)  # never run a plugin as root by mistake
+
+
+def _drop_capabilities() -> None:
+    """Root that could not switch uid (see SandboxPolicy.why_same_uid): keep uid 0 but no capability
+    at all, now or after an exec (securebits locked), so DAC, Landlock and ptrace rules bind it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; an unknown cap number just fails
+    # SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_KEEP_CAPS off, each locked.
+    libc.prctl(28, 0x01 | 0x02 | 0x04 | 0x08 | 0x20, 0, 0, 0)  # PR_SET_SECUREBITS
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: two words
+    if libc.capset(ctypes.byref(header), data) != 0:
+        os._exit(71)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+
+
+def _confine_files(rules: dict[str, list[str]] | None) -> None:
+    if rules is None:
+        return
+    from workers.landlock import restrict
+
+    restrict(rules["read"], rules["write"], rules["list"])
+
+
 def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
     """Limit this process and import the plugin: everything that depends on the manifest only."""
     permissions = set(image["permissions"])
     _set_limits(image["limits"], "subprocess" in permissions)
+    _confine_files(image.get("landlock"))
     from workers.seccomp_filter import install
 
     install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
@@ -129,7 +183,8 @@ def _enter_workspace(workspace: Path) -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    _drop_privileges()
+    _die_with_parent()  # after the uid switch, which clears the parent-death signal
     # Keep the protocol stream for ourselves; everything else printed goes to stderr.
     channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
     os.dup2(2, 1)
@@ -178,7 +233,12 @@ def main() -> None:
     )
     try:
         output = function(ctx, spec["action"], spec["args"])
-        json.dumps(output)
+        size = len(json.dumps(output))
+        if size > int(image.get("max_output_bytes", 1 << 20)):
+            raise OutputTooLarge(
+                f"output is {size // 1024} KiB, over the {int(image['max_output_bytes']) // 1024} KiB limit; "
+                "write large results to files in the workspace and return their names"
+            )
     except BaseException as exc:  # noqa: BLE001 - every failure becomes the subtask's error
         import traceback
 

@@ -14,7 +14,8 @@ subtask is known. A warm launcher therefore gets a fresh folder of its own,
 are given read access to the folders those links point to. A warm bwrap launcher
 sees only its own folder, so it serves a subtask only when that needs nothing
 else: no outputs of earlier steps, no workspace left by an earlier attempt.
-Without bwrap the file system is not confined and any subtask may take one.
+The same holds for a launcher confined by Landlock (its rules are fixed before the
+plugin is imported). Unconfined (no bwrap, no Landlock) any subtask may take one.
 """
 
 from __future__ import annotations
@@ -26,22 +27,42 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from workers.sandbox import LauncherProcess, PluginImage
+from edgefleet.settings import Settings
+from workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over
 
 log = logging.getLogger(__name__)
 
 SLOT_DIR = ".sandbox"
+ETC_DIR = ".sandbox-etc"  # generated passwd/group per sandbox uid
 
 
 class WarmLaunchers:
     """Idle launchers of one worker process, at most `capacity`, the least recently used evicted."""
 
-    def __init__(self, capacity: int, workspace_root: Path, bwrap: str | None) -> None:
+    def __init__(
+        self, capacity: int, workspace_root: Path, bwrap: str | None, policy: SandboxPolicy | None = None
+    ) -> None:
         self.capacity = capacity
         self.workspace_root = workspace_root
         self.bwrap = bwrap
+        self.policy = policy
         self._idle: OrderedDict[str, list[LauncherProcess]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> WarmLaunchers:
+        policy = SandboxPolicy.from_settings(settings)
+        return cls(settings.sandbox_warm, settings.effective_workspace_dir, policy.bwrap, policy)
+
+    def launch(self, image: PluginImage, home: Path, readable: list[Path] | tuple[Path, ...] = ()) -> LauncherProcess:
+        """A launcher started now for a subtask whose workspace and inputs are known."""
+        isolation = self.policy.isolation(image) if self.policy else None
+        return LauncherProcess(
+            image, bwrap=self.bwrap, home=home, readable=readable, isolation=isolation, etc_root=self.workspace_root / ETC_DIR
+        )
+
+    def _confined(self, image: PluginImage) -> bool:
+        return self.bwrap is not None or image.landlock
 
     @property
     def slot_root(self) -> Path:
@@ -51,11 +72,11 @@ class WarmLaunchers:
         """Whether a warm launcher may run this attempt (see the module's docstring)."""
         if self.capacity <= 0:
             return False
-        if self.bwrap is None:
+        if not self._confined(image):
             return True
         if workspace.exists() or workspace.is_symlink():
             return False  # an earlier attempt's files: only a launcher started for it binds them
-        return image.sees_whole_file_system or not has_inputs
+        return not has_inputs
 
     def take(self, image: PluginImage) -> LauncherProcess | None:
         """A started launcher for this image, or None; a launcher that died while waiting is dropped."""
@@ -106,15 +127,16 @@ class WarmLaunchers:
             return sum(len(group) for group in self._idle.values())
 
     def _start(self, image: PluginImage) -> LauncherProcess:
-        if self.bwrap is None:
+        if not self._confined(image):
             # Unconfined: the launcher moves into its subtask's workspace when the run arrives.
             self.workspace_root.mkdir(parents=True, exist_ok=True)
-            return LauncherProcess(image, bwrap=None, home=self.workspace_root)
+            return self.launch(image, home=self.workspace_root)
         home = self.slot_root / uuid.uuid4().hex
         (home / ".tmp").mkdir(parents=True)
-        return LauncherProcess(image, bwrap=self.bwrap, home=home)
+        hand_over(home, image.uid)
+        return self.launch(image, home=home)
 
     def _drop(self, launcher: LauncherProcess) -> None:
         launcher.discard()
-        if launcher.bwrap is not None and launcher.home.parent == self.slot_root:
+        if launcher.confined and launcher.home.parent == self.slot_root:
             shutil.rmtree(launcher.home, ignore_errors=True)  # never handed a subtask: still empty

@@ -1,7 +1,9 @@
-"""A seccomp filter (through libseccomp) that takes away process creation and network sockets.
+"""A seccomp filter (through libseccomp) that takes away process creation, network sockets and ptrace.
 
 It is what enforces the `subprocess` and `network` permissions inside the
-sandbox, with or without bubblewrap. Installed by the launcher in the child,
+sandbox, with or without bubblewrap, and it denies every plugin ptrace and
+process_vm_readv/writev, so not even a plugin running as its worker's uid can
+read the worker's memory. Installed by the launcher in the child,
 after Python has started and before any plugin code runs; it can never be
 lifted by the plugin (seccomp filters are inherited and only ever narrowed).
 """
@@ -64,8 +66,6 @@ def _library() -> ctypes.CDLL:
 def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
     """Install the filter in this process; returns what it denies (for the status report)."""
     denied: list[str] = []
-    if allow_subprocess and allow_network:
-        return denied
     lib = _library()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
@@ -80,6 +80,9 @@ def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
             raise SeccompUnavailable(f"cannot add a seccomp rule for {name}")
 
     try:
+        for name in ("ptrace", "process_vm_readv", "process_vm_writev", "kcmp"):
+            rule(name, _errno_action(errno.EPERM))
+        denied.append("ptrace")
         if not allow_subprocess:
             deny = _errno_action(errno.EPERM)
             for name in ("fork", "vfork", "execve", "execveat"):

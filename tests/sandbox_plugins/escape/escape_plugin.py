@@ -47,4 +47,49 @@ def run(ctx: Any, action: str, args: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.05)
     if action == "read_secret_env":
         return {"env": sorted(os.environ)}
+    return _more(ctx, action, args)
+
+
+def _more(ctx: Any, action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The trust model's escapes: each tries to reach what only the cluster may touch."""
+    if action == "read_file":
+        with open(args["path"], "rb") as f:
+            return {"read": f.read(200).decode("latin-1")}
+    if action == "whoami":
+        status = dict(
+            line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line
+        )
+        return {"uid": os.getuid(), "euid": os.geteuid(), "groups": os.getgroups(), "cap_eff": status["CapEff"].strip()}
+    if action == "proc_environ":
+        with open(f"/proc/{args['pid']}/environ", "rb") as f:
+            return {"environ": f.read(200).decode("latin-1")}
+    if action == "ptrace":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.ptrace(16, args["pid"], None, None) != 0:  # PTRACE_ATTACH
+            raise PermissionError(f"ptrace: {os.strerror(ctypes.get_errno())}")
+        return {"attached": args["pid"]}
+    if action == "kill_parent":
+        os.kill(os.getppid(), 9)
+        time.sleep(2)
+        return {"killed": os.getppid()}
+    if action == "flood_pipe":
+        # Writes one endless line to every pipe it holds: the protocol stream is among them.
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(args["mb"]):
+            for fd in range(3, 12):
+                try:
+                    os.write(fd, chunk)
+                except OSError:
+                    pass
+        return {"flooded": args["mb"]}
+    if action == "big_output":
+        return {"blob": "y" * (args["mb"] * 1024 * 1024)}
+    if action == "fill_workspace":
+        for i in range(args["files"]):
+            with open(ctx.workspace / f"fill-{i}.bin", "wb") as f:
+                f.write(b"z" * (900 * 1024))
+        time.sleep(10)
+        return {"filled": args["files"]}
     raise ValueError(action)
