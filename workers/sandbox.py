@@ -47,6 +47,13 @@ import workers
 from edgefleet.plugin_manifest import Limits, Permission
 from edgefleet.plugin_paths import PathGrants, grants_for
 from edgefleet.settings import Settings
+from workers.sandbox_net import (
+    RESOLV_CONF,
+    SandboxNetwork,
+    SandboxNetworkError,
+    network_available,
+    read_child_pid,
+)
 
 if TYPE_CHECKING:
     from edgefleet.plugin_catalog import LoadedPlugin
@@ -335,6 +342,7 @@ def minimal_etc(root: Path, uid: int | None) -> Path:
         "group": f"root:x:0:\nsandbox:x:{me}:\nnogroup:x:65534:\n",
         "hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+        "resolv.conf": RESOLV_CONF,  # slirp4netns's DNS forwarder, the only name server it may reach
     }
     for name, text in files.items():
         (staging / name).write_text(text)
@@ -370,10 +378,9 @@ def bwrap_command(
            "--unshare-cgroup-try"]
     if os.geteuid() != 0:
         cmd.append("--unshare-user")
-    if Permission.network in perms:
-        cmd.append("--share-net")
-    else:
-        cmd.append("--unshare-net")
+    # Always a network namespace of its own; with `network`, slirp4netns connects it to the
+    # internet but not to the host, link-local or private addresses (workers/sandbox_net.py).
+    cmd.append("--unshare-net")
     # First: later binds below /tmp (pytest's folders, a data dir there) land on top of this tmpfs.
     cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     view = SandboxView.of(image, workspace, readable)
@@ -395,7 +402,10 @@ def bwrap_command(
         cmd += ["--bind", str(path), str(path)]
     if etc_root is not None:
         generated = minimal_etc(etc_root, image.uid)
-        for name in ("passwd", "group", "hosts", "nsswitch.conf"):
+        names = ["passwd", "group", "hosts", "nsswitch.conf"]
+        if Permission.network in perms:
+            names.append("resolv.conf")
+        for name in names:
             cmd += ["--ro-bind", str(generated / name), f"/etc/{name}"]
     if Permission.gpu_access in perms:
         for device in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
@@ -467,8 +477,12 @@ class LauncherProcess:
         self.isolation = isolation or ("bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits")
         # -P: the script's folder (workers/) must not shadow modules; a path, not -m: runpy costs ~7 ms.
         launcher = [sys.executable, "-S", "-P", str(LAUNCHER_SCRIPT)]
+        self.network: SandboxNetwork | None = None
+        wants_network = bool(bwrap) and Permission.network in image.permissions
+        info_read, info_write = os.pipe() if wants_network else (-1, -1)
         if bwrap:
-            cmd = bwrap_command(image, bwrap, home, readable, etc_root) + ["--"] + launcher
+            info = ["--info-fd", str(info_write)] if wants_network else []
+            cmd = bwrap_command(image, bwrap, home, readable, etc_root) + info + ["--"] + launcher
         else:
             cmd = launcher
         env = {**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"}
@@ -486,10 +500,35 @@ class LauncherProcess:
             cwd=str(home),
             text=True,
             start_new_session=True,  # its own process group: one signal reaches all it started
+            pass_fds=(info_write,) if wants_network else (),
         )
+        if wants_network:
+            os.close(info_write)
+            self._connect(info_read)
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(prepare) + "\n")
         self.proc.stdin.flush()
+
+    def _connect(self, info_read: int) -> None:
+        """Give the launcher's namespace its filtered way out before any subtask reaches it."""
+        try:
+            why = network_available()
+            if why:
+                raise SandboxNetworkError(why)
+            self.network = SandboxNetwork.attach(read_child_pid(info_read))
+            self.isolation += "+net=slirp"
+        except (SandboxNetworkError, OSError, ValueError) as exc:
+            # Never the host's network instead: the plugin runs, and its connections fail.
+            log.warning("sandbox network unavailable", extra={"plugin": self.image.plugin, "reason": str(exc)})
+            self.isolation += "+net=none"
+        finally:
+            os.close(info_read)
+
+    def release(self) -> None:
+        """Stop what runs beside the launcher (its network helper) once it has ended."""
+        if self.network is not None:
+            self.network.close()
+            self.network = None
 
     @property
     def confined(self) -> bool:
@@ -507,6 +546,7 @@ class LauncherProcess:
             except ProcessLookupError:
                 pass
         self.proc.wait()
+        self.release()
 
     def discard(self) -> None:
         """Kill a launcher that will not run anything and close its pipes."""
@@ -666,6 +706,7 @@ class SandboxedRun:
             self._reader.join(5)
         base = {"isolation": self.isolation, "cpu_seconds": round(self._cpu, 3), "max_rss_mb": round(self._rss / 2**20, 1)}
         final = self._final
+        self._launcher.release()
         share_read_only(self.spec.workspace)
         if self._violation:
             return SandboxOutcome("failed", error=f"sandboxed plugin {self._violation}", retryable=False, **base)
