@@ -113,6 +113,17 @@ def _others_can_reach(path: Path) -> bool:
     return True
 
 
+def _bwrap_works(bwrap: str) -> bool:
+    """Whether bwrap can make the namespaces this box's sandboxes need (tried once per worker process)."""
+    probe = [bwrap, "--die-with-parent", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/"]
+    if os.geteuid() != 0:
+        probe.append("--unshare-user")
+    try:
+        return subprocess.run([*probe, "--", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @dataclass(frozen=True)
 class SandboxPolicy:
     """This worker's sandbox settings: one per worker process, shared by all its launchers."""
@@ -126,6 +137,10 @@ class SandboxPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> SandboxPolicy:
         bwrap = bwrap_path() if settings.sandbox != "process" else None
+        if bwrap and not _bwrap_works(bwrap):
+            # A container without user namespaces (Docker's default seccomp profile): Landlock instead.
+            log.warning("bubblewrap cannot create its namespaces here; sandboxing without it", extra={"bwrap": bwrap})
+            bwrap = None
         switch_uid, why = os.geteuid() == 0, ""
         if switch_uid and bwrap is None:
             # Without a mount namespace the sandbox uid walks the real tree to its code and workspace.
