@@ -17,7 +17,6 @@ in it resolves (schemathesis refuses a schema that does not).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
