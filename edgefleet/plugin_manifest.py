@@ -116,7 +116,8 @@ class Permission(str, Enum):
 
     file_system_read = "file_system_read"  # read the whole file system, not just its inputs
     file_system_write = "file_system_write"  # write to the operator's shared dirs, not just the workspace
-    network = "network"
+    network = "network"  # the internet; never the host, link-local or private addresses (under bwrap)
+    network_lan = "network_lan"  # also private addresses (a NAS, a printer), where an operator allows it
     gpu_access = "gpu_access"
     subprocess = "subprocess"
 

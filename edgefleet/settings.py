@@ -186,6 +186,11 @@ class Settings(BaseSettings):
         "[sandbox_uid, sandbox_uid + sandbox_uid_span), never as root",
     )
     sandbox_uid_span: int = Field(default=65_536, ge=1)
+    sandbox_lan_plugins: list[str] = Field(
+        default_factory=list,
+        description="plugins whose `network_lan` permission is honoured (private addresses reachable); "
+        "without it here, `network_lan` is treated as `network`",
+    )
     sandbox_max_output_kb: int = Field(
         default=1024, ge=1, description="largest output (and pipe message) a plugin may return; larger: files"
     )

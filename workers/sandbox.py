@@ -184,6 +184,7 @@ class SandboxPolicy:
             uid=self.uid_of(manifest.name),
             max_output_bytes=self.max_output_bytes,
             landlock=self.bwrap is None and self.landlock_abi > 0,
+            lan=Permission.network_lan in permissions and manifest.name in self.settings.sandbox_lan_plugins,
         )
 
     def isolation(self, image: PluginImage) -> str:
@@ -210,6 +211,7 @@ class PluginImage:
     uid: int | None = None
     max_output_bytes: int = 1024 * 1024
     landlock: bool = False
+    lan: bool = False  # `network_lan`, allowed by the operator: private addresses stay reachable
 
     def prepare_message(self) -> dict[str, Any]:
         return {
@@ -238,7 +240,11 @@ class PluginImage:
     def key(self) -> str:
         """Identifies launchers that are interchangeable (the warm pool's key)."""
         grants = [[str(p) for p in self.grants.read], [str(p) for p in self.grants.write]]
-        return json.dumps([self.prepare_message(), grants, self.uid, self.landlock], sort_keys=True)
+        return json.dumps([self.prepare_message(), grants, self.uid, self.landlock, self.lan], sort_keys=True)
+
+    @property
+    def networked(self) -> bool:
+        return bool({Permission.network, Permission.network_lan} & set(self.permissions))
 
     @property
     def sees_granted_folders(self) -> bool:
@@ -257,7 +263,7 @@ class SandboxView:
     @classmethod
     def of(cls, image: PluginImage, workspace: Path, readable: Sequence[Path]) -> SandboxView:
         etc = [Path("/etc") / name for name in ETC_ENTRIES]
-        if Permission.network in image.permissions:
+        if image.networked:
             etc += [Path("/etc") / name for name in ETC_WITH_NETWORK]
         read = [
             *(Path(d) for d in SYSTEM_DIRS), *etc, *_python_roots(), *_code_packages(),
@@ -418,7 +424,7 @@ def bwrap_command(
     if etc_root is not None:
         generated = minimal_etc(etc_root, image.uid)
         names = ["passwd", "group", "hosts", "nsswitch.conf"]
-        if Permission.network in perms:
+        if image.networked:
             names.append("resolv.conf")
         for name in names:
             cmd += ["--ro-bind", str(generated / name), f"/etc/{name}"]
@@ -493,7 +499,7 @@ class LauncherProcess:
         # -P: the script's folder (workers/) must not shadow modules; a path, not -m: runpy costs ~7 ms.
         launcher = [sys.executable, "-S", "-P", str(LAUNCHER_SCRIPT)]
         self.network: SandboxNetwork | None = None
-        wants_network = bool(bwrap) and Permission.network in image.permissions
+        wants_network = bool(bwrap) and image.networked
         info_read, info_write = os.pipe() if wants_network else (-1, -1)
         if bwrap:
             info = ["--info-fd", str(info_write)] if wants_network else []
@@ -530,8 +536,8 @@ class LauncherProcess:
             why = network_available()
             if why:
                 raise SandboxNetworkError(why)
-            self.network = SandboxNetwork.attach(read_child_pid(info_read))
-            self.isolation += "+net=slirp"
+            self.network = SandboxNetwork.attach(read_child_pid(info_read), allow_lan=self.image.lan)
+            self.isolation += "+net=slirp-lan" if self.image.lan else "+net=slirp"
         except (SandboxNetworkError, OSError, ValueError) as exc:
             # Never the host's network instead: the plugin runs, and its connections fail.
             log.warning("sandbox network unavailable", extra={"plugin": self.image.plugin, "reason": str(exc)})

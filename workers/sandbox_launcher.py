@@ -165,7 +165,8 @@ def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
     _confine_files(image.get("landlock"))
     from workers.seccomp_filter import install
 
-    install(allow_subprocess="subprocess" in permissions, allow_network="network" in permissions)
+    networked = bool({"network", "network_lan"} & permissions)
+    install(allow_subprocess="subprocess" in permissions, allow_network=networked)
     from edgefleet.plugin_context import PluginContext  # noqa: F401 - imported now, not on the subtask's time
     from edgefleet.plugin_loader import load_entry_point
 
