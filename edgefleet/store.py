@@ -77,6 +77,14 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Lost:
+    """What became of an attempt reported lost: requeued, cancelled, failed, or stale."""
+
+    verdict: str
+    ready_classes: list[ResourceClass]
+
+
+@dataclass(frozen=True)
 class Renewal:
     still_owner: bool
     job_state: str
@@ -125,6 +133,8 @@ class JobStore:
                 "CHECKPOINT",
                 "CANCEL",
                 "REAP",
+                "LOST",
+                "LOSE_PROCESSES",
                 "BACKLOG_COUNTS",
                 "SET_WEIGHTS",
                 "SEED_WEIGHTS",
@@ -474,8 +484,18 @@ class JobStore:
     # --- worker side --------------------------------------------------------------------
 
     def claim(
-        self, env: SubtaskEnvelope, *, node: str, pid: int, lease_ttl: float, dead_pid: int | None = None
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        lease_ttl: float,
+        dead_pid: int | None = None,
+        max_lost: int = 5,
+        token: str = "",
     ) -> Claim:
+        """Own a delivered attempt. `token` names this delivery: the same claim sent again
+        (its first reply lost to a connection error) is answered "run" again, not "owned"."""
         result = self._run(
             "CLAIM",
             env.job_id,
@@ -485,6 +505,8 @@ class JobStore:
             pid,
             lease_ttl,
             dead_pid if dead_pid is not None else "",
+            max_lost,
+            token,
         )
         verdict = result[0]
         if verdict == "run":
@@ -546,6 +568,21 @@ class JobStore:
             return Completion(accepted=False, job_state=result[1], ready_classes=[])
         ready = [ResourceClass(c) for c in result[2].split(",") if c]
         return Completion(accepted=True, job_state=result[1], ready_classes=ready)
+
+    def lost(self, env: SubtaskEnvelope, *, node: str, pid: int, max_lost: int, why: str) -> Lost:
+        """The attempt's plugin process was killed by something outside it: a new attempt
+        (resuming from its checkpoint) whatever its retries, until it is lost `max_lost` times."""
+        verdict, detail = self._run("LOST", env.job_id, env.subtask_id, env.attempt, node, pid, max_lost, why)
+        ready = [ResourceClass(detail)] if verdict == "requeued" else []
+        return Lost(verdict=verdict, ready_classes=ready)
+
+    def lose_processes(self, node: str, pids: list[int], max_lost: int) -> list[ResourceClass]:
+        """Processes of `node` that died: their running attempts are lost now (requeued, or
+        failed past `max_lost`), not when their leases expire. Returns the classes with work ready."""
+        if not pids:
+            return []
+        raw = self._run("LOSE_PROCESSES", node, json.dumps([str(p) for p in pids]), max_lost)
+        return [ResourceClass(c) for c in raw or []]
 
     # --- callbacks ----------------------------------------------------------------------
 

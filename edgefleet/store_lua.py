@@ -207,6 +207,37 @@ local function fail_attempt(jid, sid, err, retryable)
   finish_job(jid, 'failed', msg, sid)
   return 'failed'
 end
+
+-- A running attempt whose process or box died (not a failure of the plugin): count it.
+-- 'cancelled' (its job ended meanwhile) and 'failed' (lost more than max_lost times) are
+-- final; 'lost' means the caller runs it again (a takeover, or `requeue_lost`).
+local function count_lost(jid, sid, max_lost, why)
+  local sk = skey(jid, sid)
+  local lost = redis.call('HINCRBY', sk, 'lost', 1)
+  if redis.call('HGET', jkey(jid), 'state') ~= 'running' then
+    redis.call('ZREM', P .. ':running', member(jid, sid))
+    redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'owner_node', '', 'owner_pid', '')
+    settle(jid, sid)
+    event(jid, 'subtask', sid, 'cancelled', {error = why})
+    return 'cancelled'
+  end
+  if lost > max_lost then
+    redis.call('ZREM', P .. ':running', member(jid, sid))
+    fail_attempt(jid, sid, 'lost ' .. lost .. ' times (worker died while running it); last: ' .. why, false)
+    return 'failed'
+  end
+  return 'lost'
+end
+
+-- A new attempt of a lost one, ready again whatever `retries` says: it resumes from its checkpoint.
+local function requeue_lost(jid, sid, why)
+  local sk = skey(jid, sid)
+  redis.call('ZREM', P .. ':running', member(jid, sid))
+  local attempt = redis.call('HINCRBY', sk, 'attempt', 1)
+  redis.call('HSET', sk, 'owner_node', '', 'owner_pid', '', 'claim_token', '', 'error', why)
+  event(jid, 'subtask', sid, 'requeued', {attempt = attempt, error = why})
+  make_ready(jid, sid)
+end
 """
 
 CREATE_JOB = PRELUDE + r"""
@@ -377,34 +408,55 @@ end
 return #due
 """
 
-# ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, dead pid ('' unless taking over)
+# ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, dead pid ('' unless taking over),
+# max lost attempts, claim token (one per delivery, so that a claim retried after its reply
+# was lost in a Redis blip is recognised as the same claim).
+# A running attempt is taken over (same attempt, counted as lost) when its owner process on
+# this node is dead or its lease has expired; never when its job has ended or it was lost
+# too often (then it is cancelled or failed instead).
 CLAIM = PRELUDE + r"""
 local jid, sid, attempt, node, pid, ttl, dead = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local max_lost, token = tonumber(ARGV[9]), ARGV[10] or ''
 local sk = skey(jid, sid)
-local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs')
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs',
+  'claim_token')
 if not f[1] then return {'drop', 'unknown subtask'} end
 local job_state = redis.call('HGET', jkey(jid), 'state')
 if f[2] ~= attempt then return {'drop', 'stale attempt ' .. attempt .. ', current is ' .. f[2]} end
+local m = member(jid, sid)
+local retried = false
 if f[1] == 'running' then
-  if dead ~= '' and f[3] == node and f[4] == dead then
-    redis.call('HINCRBY', sk, 'lost', 1)
-    event(jid, 'subtask', sid, 'running', {attempt = tonumber(attempt), node = node, takeover = dead})
+  local lease = tonumber(redis.call('ZSCORE', P .. ':running', m))
+  local why
+  if token ~= '' and f[8] == token and f[3] == node and f[4] == pid then
+    retried = true
+  elseif dead ~= '' and f[3] == node and f[4] == dead then
+    why = 'process ' .. dead .. ' on node ' .. node .. ' died'
+  elseif lease and lease < NOW and not (f[3] == node and f[4] == pid) then
+    -- (an expired lease of this very process is left to the reaper: one pid, one owner)
+    why = 'lease of pid ' .. f[4] .. ' on node ' .. f[3] .. ' expired'
   elseif f[3] == node then
     return {'owned', f[4]}
   else
     return {'drop', 'running on node ' .. f[3]}
+  end
+  if not retried then
+    local verdict = count_lost(jid, sid, max_lost, why)
+    if verdict ~= 'lost' then return {'drop', 'subtask ' .. verdict .. ' after ' .. why} end
+    event(jid, 'subtask', sid, 'running', {attempt = tonumber(attempt), node = node, takeover = f[4], from_node = f[3]})
   end
 elseif f[1] ~= 'queued' then
   return {'drop', 'subtask is ' .. f[1]}
 elseif job_state ~= 'running' then
   return {'drop', 'job is ' .. job_state}
 end
-local m = member(jid, sid)
 redis.call('ZREM', P .. ':queued:' .. f[5], m)
 redis.call('ZREM', P .. ':dispatching', m .. '|' .. attempt)
 redis.call('ZADD', P .. ':running', NOW + ttl, m)
-redis.call('HSET', sk, 'state', 'running', 'owner_node', node, 'owner_pid', pid, 'started_at', NOW,
-  'progress', '', 'progress_message', '')
+if not retried then
+  redis.call('HSET', sk, 'state', 'running', 'owner_node', node, 'owner_pid', pid, 'started_at', NOW,
+    'progress', '', 'progress_message', '', 'claim_token', token)
+end
 if f[1] == 'queued' then
   event(jid, 'subtask', sid, 'running', {attempt = tonumber(attempt), node = node})
 end
@@ -413,7 +465,7 @@ for _, dep in ipairs(cjson.decode(f[7])) do
   outputs[dep] = redis.call('HGET', skey(jid, dep), 'output') or 'null'
 end
 local checkpoint = redis.call('HGET', sk, 'checkpoint') or ''
-if checkpoint ~= '' then
+if checkpoint ~= '' and not retried then
   redis.call('HINCRBY', sk, 'resumed', 1)
   event(jid, 'subtask', sid, 'resumed', {attempt = tonumber(attempt),
     checkpoint_at = tonumber(redis.call('HGET', sk, 'checkpoint_at'))})
@@ -501,6 +553,48 @@ fail_attempt(jid, sid, ARGV[9], ARGV[10] == '1')
 return {'done', redis.call('HGET', jk, 'state'), ''}
 """
 
+# ARGV: prefix, jid, sid, attempt, node, pid, max lost attempts, why.
+# The attempt's plugin process was killed by something no limit of its own explains (the OOM
+# killer, an operator): a lost attempt, not a failed one. Returns {'requeued', class} (a new
+# attempt, ready now), {'cancelled'|'failed', ''} or {'stale', state}.
+LOST = PRELUDE + r"""
+local jid, sid, attempt, node, pid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local sk = skey(jid, sid)
+local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class')
+if f[1] ~= 'running' or f[2] ~= attempt or f[3] ~= node or f[4] ~= pid then
+  return {'stale', f[1] or 'gone'}
+end
+redis.call('HSET', sk, 'last_node', node)
+local verdict = count_lost(jid, sid, tonumber(ARGV[7]), ARGV[8])
+if verdict ~= 'lost' then return {verdict, ''} end
+requeue_lost(jid, sid, ARGV[8])
+return {'requeued', f[5]}
+"""
+
+# ARGV: prefix, node, pids json, max lost attempts. Processes of `node` that its supervisor saw
+# die: their attempts are lost now, not when their leases run out, so they run again at once
+# on any box. Returns the resource classes that have a new attempt ready.
+LOSE_PROCESSES = PRELUDE + r"""
+local node, max_lost = ARGV[2], tonumber(ARGV[4])
+local dead = {}
+for _, p in ipairs(cjson.decode(ARGV[3])) do dead[tostring(p)] = true end
+local classes, out = {}, {}
+for _, m in ipairs(redis.call('ZRANGE', P .. ':running', 0, -1)) do
+  local sep = string.find(m, '|', 1, true)
+  local jid = string.sub(m, 1, sep - 1)
+  local sid = string.sub(m, sep + 1)
+  local f = redis.call('HMGET', skey(jid, sid), 'state', 'owner_node', 'owner_pid', 'resource_class')
+  if f[1] == 'running' and f[2] == node and dead[f[3]] then
+    local why = 'process ' .. f[3] .. ' on node ' .. node .. ' died'
+    if count_lost(jid, sid, max_lost, why) == 'lost' then
+      requeue_lost(jid, sid, why)
+      if not classes[f[4]] then classes[f[4]] = true; table.insert(out, f[4]) end
+    end
+  end
+end
+return out
+"""
+
 # ARGV: prefix, jid
 CANCEL = PRELUDE + r"""
 local jid = ARGV[2]
@@ -523,20 +617,9 @@ for _, m in ipairs(expired) do
   local sid = string.sub(m, sep + 1)
   local sk = skey(jid, sid)
   if redis.call('HGET', sk, 'state') == 'running' then
-    local owner = redis.call('HGET', sk, 'owner_node')
-    local lost = redis.call('HINCRBY', sk, 'lost', 1)
-    local msg = 'lease expired on node ' .. owner .. ' (worker lost)'
-    if redis.call('HGET', jkey(jid), 'state') ~= 'running' then
-      redis.call('HSET', sk, 'state', 'cancelled', 'finished_at', NOW, 'owner_node', '', 'owner_pid', '')
-      settle(jid, sid)
-      event(jid, 'subtask', sid, 'cancelled', {error = msg})
-    elseif lost > max_lost then
-      fail_attempt(jid, sid, msg .. ' ' .. lost .. ' times', false)
-    else
-      local attempt = redis.call('HINCRBY', sk, 'attempt', 1)
-      redis.call('HSET', sk, 'owner_node', '', 'owner_pid', '', 'error', msg)
-      event(jid, 'subtask', sid, 'requeued', {attempt = attempt, error = msg})
-      make_ready(jid, sid)
+    local msg = 'lease expired on node ' .. redis.call('HGET', sk, 'owner_node') .. ' (worker lost)'
+    if count_lost(jid, sid, max_lost, msg) == 'lost' then
+      requeue_lost(jid, sid, msg)
       requeued = requeued + 1
     end
   end

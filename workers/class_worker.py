@@ -27,6 +27,7 @@ from edgefleet.models.factory import build_model_router
 from workers.metrics import WorkerMetrics
 from workers.model_calls import ModelCallHandler
 from workers.runner import SubtaskRunner
+from workers.store_retry import worker_client
 
 PR_SET_PDEATHSIG = 1
 # The raw-Celery baseline task of loadtests/bench_priorities.py (not used by the product).
@@ -49,7 +50,7 @@ class RuntimePerProcess:
     def get(self) -> SubtaskRunner:
         with self._lock:
             if self._runner is None or self._pid != os.getpid():
-                store = JobStore.from_url(self.settings.redis_url, self.settings.key_prefix)
+                store = JobStore(worker_client(self.settings.redis_url), self.settings.key_prefix)
                 catalog = PluginCatalog.load([builtin_plugin_dir(), *self.settings.plugin_dirs])
                 settings = self.settings
                 models = ModelCallHandler(

@@ -25,6 +25,7 @@ from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers import probe
+from workers.process_watch import ProcessWatch
 from workers.workspace_gc import start_workspace_gc
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class _ClassWorker:
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.next_start = 0.0
+        self.watch = ProcessWatch()
 
 
 class NodeSupervisor:
@@ -103,6 +105,8 @@ class NodeSupervisor:
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="edgefleet-metrics-"))
         self._http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None
+        # Dead processes whose leases could not be released yet (Redis unreachable).
+        self._dead_pids: set[int] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -122,6 +126,7 @@ class NodeSupervisor:
                    "metrics_port": self.metrics_port},
         )
         while not self._stop.wait(0.5):
+            self._release_dead_leases()
             self._restart_dead()
         self._shutdown()
         return 0
@@ -146,6 +151,26 @@ class NodeSupervisor:
             "class worker started",
             extra={"resource_class": worker.resource_class.value, "pool": worker.pool,
                    "concurrency": worker.concurrency, "express": worker.express, "pid": worker.process.pid},
+        )
+
+    def _release_dead_leases(self) -> None:
+        """A class worker or pool child that died: its subtasks are lost now, not when their
+        leases run out, so they run again at once on any box (a Celery redelivery of the old
+        attempt is then refused by the claim)."""
+        for worker in self._workers:
+            self._dead_pids.update(worker.watch.dead_since_last_look(worker.process))
+        if not self._dead_pids:
+            return
+        pids = sorted(self._dead_pids)
+        try:
+            ready = self.store.lose_processes(self.settings.node_name, pids, self.settings.max_lost_attempts)
+        except Exception as exc:  # noqa: BLE001 - Redis may be restarting; try again next round
+            log.warning("could not release the leases of dead processes", extra={"error": type(exc).__name__})
+            return
+        self._dead_pids.clear()
+        log.warning(
+            "worker processes died; their subtasks run again",
+            extra={"pids": pids, "requeued_classes": [c.value for c in ready]},
         )
 
     def _restart_dead(self) -> None:

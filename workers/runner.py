@@ -2,7 +2,14 @@
 
 The job store, not Celery, decides whether a delivery runs: a duplicate
 delivery (visibility timeout, a resent release) finds the subtask owned and is
-dropped; a delivery whose owner process died on this box takes it over.
+dropped; a delivery whose owner process died on this box, or whose lease has
+expired, takes it over (a lost attempt, counted and bounded).
+
+A Redis blip costs nothing that finished: the lease renewal keeps trying while
+the plugin runs (and stops the plugin only once the outage outlasts the lease,
+since another box may then take the subtask over), and a finished attempt keeps
+its result and writes it when Redis is back; the store refuses it if the attempt
+no longer owns the subtask.
 """
 
 from __future__ import annotations
@@ -10,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +31,12 @@ from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, resolve_refs
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
-from edgefleet.store import JobStore, Usage
+from edgefleet.store import Completion, JobStore, Usage
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
 from workers.sandbox_pool import WarmLaunchers
+from workers.store_retry import TRANSIENT, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,11 @@ class _Attempt:
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: tuple[float, str] | None = None
     progress_sent: tuple[float, str] | None = None
+    # A checkpoint Redis could not take (an outage): saved again after the next renewal.
+    pending_checkpoint: tuple[Any] | None = None
+    # When the last claim or renewal that Redis accepted was sent: the lease runs at least
+    # until then + the lease TTL, so no other box may take the subtask over before that.
+    leased_at: float = field(default_factory=time.monotonic)
 
 
 class SubtaskRunner:
@@ -80,22 +94,34 @@ class SubtaskRunner:
         self.metrics = metrics
         self.node = settings.node_name
         self.lease_ttl = settings.effective_lease_ttl
+        self.max_lost = settings.max_lost_attempts
+        self.patience = settings.store_outage_patience
         self.launchers = WarmLaunchers.for_settings(settings)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
         self.metrics.received(env)
         pid = os.getpid()
-        claim = self.store.claim(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl)
+        # One token per delivery: a claim retried after a lost reply is known as the same claim.
+        token = uuid.uuid4().hex
+        attempt = _Attempt()
+
+        def claim_once(dead_pid: int | None = None) -> Any:
+            attempt.leased_at = time.monotonic()
+            return self.store.claim(
+                env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, dead_pid=dead_pid,
+                max_lost=self.max_lost, token=token,
+            )
+
+        claim, _ = retry_transient(claim_once, patience=self.lease_ttl, what="claim")
         if claim.verdict == "owned":
             if claim.owner_pid and claim.owner_pid != pid and not process_alive(claim.owner_pid):
                 log.warning(
                     "taking over subtask from dead process",
                     extra={"job_id": env.job_id, "subtask": env.subtask_id, "dead_pid": claim.owner_pid},
                 )
-                claim = self.store.claim(
-                    env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, dead_pid=claim.owner_pid
-                )
+                dead = claim.owner_pid
+                claim, _ = retry_transient(lambda: claim_once(dead), patience=self.lease_ttl, what="claim")
             else:
                 return self._dropped(env, f"already running in pid {claim.owner_pid}")
         if claim.verdict != "run":
@@ -103,7 +129,9 @@ class SubtaskRunner:
         started = time.monotonic()
         self.metrics.started(env, *self._queued_and_started(env))
         try:
-            outcome = self._execute(env, pid, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
+            outcome = self._execute(
+                env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint
+            )
         finally:
             self.metrics.ended(env)
         self.metrics.observe(env, outcome, time.monotonic() - started)
@@ -128,7 +156,13 @@ class SubtaskRunner:
         return "dropped"
 
     def _execute(
-        self, env: SubtaskEnvelope, pid: int, args: dict[str, Any], outputs: dict[str, Any], checkpoint: Any
+        self,
+        env: SubtaskEnvelope,
+        pid: int,
+        attempt: _Attempt,
+        args: dict[str, Any],
+        outputs: dict[str, Any],
+        checkpoint: Any,
     ) -> str:
         plugin = self.catalog.get(env.plugin)
         if plugin is None:
@@ -153,7 +187,6 @@ class SubtaskRunner:
         image = self.launchers.policy.image_of(plugin) if self.launchers.policy else PluginImage.of(plugin)
         timeout = min(env.timeout, plugin.manifest.limits.timeout)
         workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs))
-        attempt = _Attempt()
         run = SandboxedRun(
             LaunchSpec(
                 image=image,
@@ -180,6 +213,9 @@ class SubtaskRunner:
             return "lost"
         result = run.outcome()
         usage = Usage(isolation=result.isolation, cpu_seconds=result.cpu_seconds, max_rss_mb=result.max_rss_mb)
+        if result.outcome == "lost":
+            # Killed by something outside it (the OOM killer): not the plugin's failure.
+            return self._lost(env, pid, result.error or "the plugin process was killed")
         if result.outcome == "timeout":
             error = result.error or f"timed out after {timeout:g} s"
             return self._finish(env, pid, "failed", error=error, usage=usage)
@@ -221,14 +257,26 @@ class SubtaskRunner:
         return lambda request: models(request, time_left=max(0.1, deadline - time.monotonic()))
 
     def _save_checkpoint(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, state: Any) -> None:
-        if not self.store.save_checkpoint(env, node=self.node, pid=pid, state=state):
+        """On the sandbox's reader thread: it must not raise, nor wait out an outage."""
+        try:
+            saved = self.store.save_checkpoint(env, node=self.node, pid=pid, state=state)
+        except TRANSIENT:
+            attempt.pending_checkpoint = (state,)  # the lease loop saves it once Redis is back
+            return
+        attempt.pending_checkpoint = None
+        if not saved:
             attempt.cancelled.set()  # this attempt no longer owns the subtask: stop its work
 
     def _supervise(
         self, env: SubtaskEnvelope, pid: int, run: SandboxedRun, attempt: _Attempt, deadline: float
     ) -> str:
-        """Renew the lease while the plugin runs; stop it on cancel, timeout or a lost lease."""
+        """Renew the lease while the plugin runs; stop it on cancel, timeout or a lost lease.
+
+        While Redis is unreachable the plugin keeps running and renewal is tried again each
+        round; only when the outage outlasts the lease does the attempt fence itself off (stop
+        the plugin, record nothing), since the reaper may by then have given it to another box."""
         interval = min(MAX_RENEW_INTERVAL, self.lease_ttl / 3)
+        unreachable_since: float | None = None
         while True:
             if run.wait(min(interval, max(0.0, deadline - time.monotonic()))):
                 return "done"
@@ -240,8 +288,37 @@ class SubtaskRunner:
                 run.stop("lost")
                 return "lost"
             progress = attempt.progress if attempt.progress != attempt.progress_sent else None
-            renewal = self.store.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, progress=progress)
+            sent = time.monotonic()
+            try:
+                renewal = self.store.renew(
+                    env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, progress=progress
+                )
+            except TRANSIENT as exc:
+                if unreachable_since is None:
+                    unreachable_since = sent
+                    log.warning(
+                        "job store unreachable; the plugin keeps running",
+                        extra={"job_id": env.job_id, "subtask": env.subtask_id, "error": type(exc).__name__},
+                    )
+                if time.monotonic() - attempt.leased_at >= self.lease_ttl:
+                    run.stop("lost")
+                    log.error(
+                        "job store unreachable for longer than the lease; abandoning attempt",
+                        extra={"job_id": env.job_id, "subtask": env.subtask_id, "lease_ttl": self.lease_ttl},
+                    )
+                    return "lost"
+                continue
+            attempt.leased_at = sent
+            if unreachable_since is not None:
+                log.info(
+                    "job store reachable again; lease renewed",
+                    extra={"job_id": env.job_id, "subtask": env.subtask_id,
+                           "outage_s": round(time.monotonic() - unreachable_since, 1)},
+                )
+                unreachable_since = None
             attempt.progress_sent = attempt.progress
+            if renewal.still_owner and attempt.pending_checkpoint is not None:
+                self._save_checkpoint(env, pid, attempt, attempt.pending_checkpoint[0])
             if not renewal.still_owner:
                 run.stop("lost")
                 log.warning("lease lost; abandoning attempt", extra={"job_id": env.job_id, "subtask": env.subtask_id})
@@ -261,17 +338,29 @@ class SubtaskRunner:
         retryable: bool = True,
         usage: Usage | None = None,
     ) -> str:
-        completion = self.store.complete(
-            env,
-            node=self.node,
-            pid=pid,
-            outcome=outcome,  # type: ignore[arg-type]
-            output=output,
-            error=error[:4000],
-            retryable=retryable,
-            usage=usage,
-        )
+        def write() -> Completion:
+            return self.store.complete(
+                env,
+                node=self.node,
+                pid=pid,
+                outcome=outcome,  # type: ignore[arg-type]
+                output=output,
+                error=error[:4000],
+                retryable=retryable,
+                usage=usage,
+            )
+
+        # The result is kept while Redis is away, and written when it is back.
+        try:
+            completion, failures = retry_transient(write, patience=self.patience, what="result write")
+        except TRANSIENT:
+            log.error("result not written: job store unreachable", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+            return "abandoned"
         if not completion.accepted:
+            if failures and completion.job_state == outcome:
+                # A try whose reply was lost had written it already.
+                log.info("result was written before the connection broke", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+                return outcome
             log.warning("result of a stale attempt discarded", extra={"job_id": env.job_id, "subtask": env.subtask_id})
             return "stale"
         self.metrics.finished(env, outcome, error)
@@ -279,10 +368,34 @@ class SubtaskRunner:
             "subtask finished",
             extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt, "outcome": outcome},
         )
-        # Release the dependents now instead of waiting for the router's loop.
-        for resource_class in completion.ready_classes:
+        self._release(completion.ready_classes)
+        return outcome
+
+    def _release(self, ready_classes: list[Any]) -> None:
+        """Release what became ready now instead of waiting for the router's loop."""
+        for resource_class in ready_classes:
             try:
                 self.dispatcher.release(resource_class)
             except Exception:  # noqa: BLE001 - the router's loop releases them anyway
                 log.exception("fast-path release failed")
-        return outcome
+
+    def _lost(self, env: SubtaskEnvelope, pid: int, why: str) -> str:
+        """A lost attempt: a new one resumes from the checkpoint, whatever `retries` says,
+        until the subtask has been lost `max_lost_attempts` times."""
+        try:
+            lost, _ = retry_transient(
+                lambda: self.store.lost(env, node=self.node, pid=pid, max_lost=self.max_lost, why=why),
+                patience=self.patience,
+                what="lost attempt",
+            )
+        except TRANSIENT:
+            return "abandoned"  # the lease expires and the reaper counts the loss instead
+        log.warning(
+            "plugin process lost",
+            extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt,
+                   "verdict": lost.verdict, "why": why},
+        )
+        if lost.verdict == "failed":
+            self.metrics.finished(env, "failed", why)
+        self._release(lost.ready_classes)
+        return "lost"
