@@ -34,11 +34,11 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 
@@ -47,6 +47,7 @@ import workers
 from edgefleet.plugin_manifest import Limits, Permission
 from edgefleet.plugin_paths import PathGrants, grants_for
 from edgefleet.settings import Settings
+from workers import sandbox_protocol as protocol
 from workers.sandbox_net import (
     RESOLV_CONF,
     SandboxNetwork,
@@ -213,7 +214,7 @@ class PluginImage:
     landlock: bool = False
     lan: bool = False  # `network_lan`, allowed by the operator: private addresses stay reachable
 
-    def prepare_message(self) -> dict[str, Any]:
+    def prepare_message(self) -> protocol.Prepare:
         return {
             "type": "prepare",
             "plugin": self.plugin,
@@ -301,7 +302,7 @@ class LaunchSpec:
     timeout: float
     checkpoint: Any = None
 
-    def run_message(self) -> dict[str, Any]:
+    def run_message(self) -> protocol.Run:
         return {
             "type": "run",
             "action": self.action,
@@ -601,7 +602,7 @@ class SandboxedRun:
         self.kill_grace = kill_grace
         self.isolation = launcher.isolation
         self._launcher = launcher
-        self._final: dict[str, Any] | None = None
+        self._final: protocol.Final | None = None
         self._stderr: list[str] = []
         self._proc: subprocess.Popen[str] = launcher.proc
         self._cpu = 0.0
@@ -644,7 +645,7 @@ class SandboxedRun:
             elif kind == "model_call":
                 threading.Thread(target=self._answer_model_call, args=(message,), daemon=True).start()
             elif kind in ("result", "error"):
-                self._final = message
+                self._final = cast(protocol.Final, message)
 
     def _answer_model_call(self, message: dict[str, Any]) -> None:
         call_id = message.pop("id")
@@ -655,7 +656,7 @@ class SandboxedRun:
             reply = self.on_model_call(message)
         self._write({"type": "model_reply", "id": call_id, **reply})
 
-    def _write(self, message: dict[str, Any]) -> None:
+    def _write(self, message: Mapping[str, Any]) -> None:
         if not self._proc.stdin:
             return
         with self._stdin_lock:
@@ -715,7 +716,7 @@ class SandboxedRun:
         self._stop_requested = reason
         if not self.running():
             return
-        self._write({"type": "cancel"})
+        self._write(protocol.CANCEL)
         if not self.wait(self.kill_grace):
             self.kill()
 

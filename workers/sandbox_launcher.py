@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 from collections.abc import Callable
 
+from workers import sandbox_protocol as protocol
+
 MB = 1024 * 1024
 
 
@@ -38,7 +40,7 @@ class _Channel:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: protocol.FromLauncher) -> None:
         line = json.dumps(message)
         with self._lock:
             self._stream.write(line + "\n")
@@ -200,7 +202,7 @@ def main() -> None:
         return  # a warm launcher the worker discarded without work
     spec = json.loads(line)
     if setup_error:
-        channel.send({"type": "error", "kind": "setup", "error": setup_error})
+        channel.send(protocol.error("setup", setup_error))
         return
     cancelled = threading.Event()
     models = _ModelCalls(channel, cancelled)
@@ -227,8 +229,8 @@ def main() -> None:
         workspace=workspace,
         deadline=time.monotonic() + float(spec["timeout"]),
         is_cancelled=cancelled.is_set,
-        report_progress=lambda f, m: channel.send({"type": "progress", "fraction": f, "message": m}),
-        save_checkpoint=lambda state: channel.send({"type": "checkpoint", "state": state}),
+        report_progress=lambda f, m: channel.send(protocol.progress(f, m)),
+        save_checkpoint=lambda state: channel.send(protocol.checkpoint(state)),
         checkpoint=spec.get("checkpoint"),
         model_call=models.call,
     )
@@ -247,9 +249,9 @@ def main() -> None:
 
         kind = "cancelled" if isinstance(exc, SubtaskCancelled) else "exception"
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        channel.send({"type": "error", "kind": kind, "error": detail, "timed_out": getattr(exc, "timed_out", False)})
+        channel.send(protocol.error(kind, detail, timed_out=getattr(exc, "timed_out", False)))
         return
-    channel.send({"type": "result", "output": output})
+    channel.send(protocol.result(output))
 
 
 def _exit_now() -> None:
