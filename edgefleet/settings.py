@@ -264,6 +264,14 @@ class Settings(BaseSettings):
     def effective_workspace_dir(self) -> Path:
         return self.workspace_dir or (self.data_dir / "workspaces")
 
+    @property
+    def plugin_folders(self) -> list[Path]:
+        """Every plugin folder in load order: the built-in one, then `plugin_dirs` (first wins a name)."""
+        # Imported here so that loading settings does not pull in the catalogue (jsonschema, packaging).
+        from edgefleet.plugin_catalog import builtin_plugin_dir
+
+        return [builtin_plugin_dir(), *self.plugin_dirs]
+
     @classmethod
     def settings_customise_sources(
         cls,

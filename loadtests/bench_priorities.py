@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, create_celery
-from edgefleet.embedded_redis import EmbeddedRedis, free_port
+from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
 from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from edgefleet.embedded_redis import EmbeddedRedis, free_port
+from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
 
 TOKEN = "bench-token"
 

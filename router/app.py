@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgefleet.celery_app import create_celery
 from edgefleet.dispatch import Dispatcher
 from edgefleet.model_affinity import build_affinity
-from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.models.router import NoModelAvailable
 from edgefleet.priority import DEFAULT_WEIGHTS, validate_weights
 from edgefleet.schemas import (
@@ -47,7 +47,7 @@ from router.request_body import (
     MAX_JSON_DEPTH, JsonTooDeep, content_type_problem, parse_json, read_limited_body, require_json,
 )
 from router.retention import RetentionSweeper
-from router.templates import TemplateCatalog
+from edgefleet.templates import TemplateCatalog
 from router import webhooks_api
 from router.webhooks import callback_url_problem
 
@@ -90,10 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = JobStore.from_url(settings.redis_url, settings.key_prefix, retention=settings.job_retention)
-        plugins = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        plugins = PluginCatalog.load(settings.plugin_folders)
         for problem in plugins.errors:
             log.warning("plugin not loaded", extra={"problem": str(problem)})
-        templates = TemplateCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        templates = TemplateCatalog.load(settings.plugin_folders)
         celery = create_celery(settings, main="edgefleet-router")
         router_id = settings.router_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         metrics = RouterMetrics(store, router_id)

@@ -12,7 +12,7 @@ from edgefleet.plugin_paths import check_path_argument, grants_for, path_argumen
 from edgefleet.refs import RefError, find_refs, top_level_keys_with_refs
 from edgefleet.schemas import JobRequest, NodeInfo, Plan, PlannedSubtask, ResourceClass, StepSpec
 from edgefleet.settings import Settings
-from router.templates import TemplateCatalog, TemplateError
+from edgefleet.templates import TemplateCatalog, TemplateError
 
 Problem = tuple[str, str]
 

@@ -24,7 +24,7 @@ import redis
 import yaml
 
 from edgefleet.client import ApiError, Client, _parse_sse
-from edgefleet.embedded_redis import EmbeddedRedis
+from edgefleet.cli.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, free_port, wait_until
 
 SUBCOMMANDS = ["router", "worker", "up", "submit", "status", "jobs", "cancel", "plugins", "workers"]

@@ -275,7 +275,9 @@ def test_unresolved_refs_skip_required_and_value_checks() -> None:
     assert validate_action_args(count, {"path": ref}, unresolved={"path"}) == []
     assert validate_action_args(sleep, {"seconds": ref}, unresolved={"seconds"}) == []
     # The schema passed in is not modified.
-    assert count["properties"]["path"] == {"type": "string", "minLength": 1, "description": "a UTF-8 text file to read"}
+    assert count["properties"]["path"] == {
+        "x-path": "read", "type": "string", "minLength": 1, "description": "a UTF-8 text file to read",
+    }
     # Resolved args are still checked, and an undeclared key is still unknown.
     errors = dict(validate_action_args(sleep, {"seconds": ref, "fail": 3, "typo": ref}, unresolved={"seconds", "typo"}))
     assert set(errors) == {"args.fail", "args.typo"}

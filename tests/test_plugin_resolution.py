@@ -240,7 +240,8 @@ def test_plugin_dirs_from_env_json_list(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("EDGEFLEET_REQUIRE_CAPABLE_WORKER", "false")
     assert Settings().require_capable_worker is False
     write_plugin(tmp_path / "b", "from_b", manifest("from_b"))
-    catalog = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+    assert settings.plugin_folders == [builtin_plugin_dir(), tmp_path / "a", tmp_path / "b"]
+    catalog = PluginCatalog.load(settings.plugin_folders)
     assert "from_b" in catalog
     assert [e.field for e in catalog.errors if e.file == str(tmp_path / "a")] == ["(dir)"]
 

@@ -28,7 +28,7 @@ import pytest
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_context import PluginContext, SubtaskCancelled
 from edgefleet.plugin_manifest import Permission
-from router.templates import TemplateCatalog
+from edgefleet.templates import TemplateCatalog
 from tests.conftest import Cluster
 
 CI_PLUGINS = ("repo_watch", "ci_tests", "ci_lint", "ci_report", "ci_alert")

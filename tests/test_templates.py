@@ -9,7 +9,7 @@ import pytest
 
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir, validate_action_args
 from edgefleet.schemas import StepSpec
-from router.templates import TemplateCatalog, TemplateError
+from edgefleet.templates import TemplateCatalog, TemplateError
 
 PARAMS_TEMPLATE = """\
 name: params

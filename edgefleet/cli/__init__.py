@@ -158,7 +158,7 @@ def up(
         edgefleet up --redis-url redis://nas.local:6379/0 --classes cpu,io
         edgefleet up --with-prometheus --with-flower
     """
-    from edgefleet.local_cluster import UpOptions, run_up
+    from edgefleet.cli.up import UpOptions, run_up
 
     chosen = _parse_classes(classes) if classes else None
     settings = _load_settings(router_port=port, data_dir=data_dir)
@@ -607,8 +607,6 @@ def plugins_main(
 
 
 def _plugin_dirs(extra: list[Path] | None) -> list[Path]:
-    from edgefleet.plugin_catalog import builtin_plugin_dir
-
     settings = _load_settings()
     dirs = []
     for folder in extra or []:
@@ -617,7 +615,7 @@ def _plugin_dirs(extra: list[Path] | None) -> list[Path]:
             sys.stderr.write(f"note: {folder} is a plugin folder; reading its parent {folder.parent}\n")
             folder = folder.parent
         dirs.append(folder)
-    return [builtin_plugin_dir(), *settings.plugin_dirs, *dirs]
+    return [*settings.plugin_folders, *dirs]
 
 
 def _problem_lines(error: Any) -> list[str]:
@@ -705,7 +703,7 @@ def plugins_check(dirs: DirsArgument = None) -> None:
     problems = [line for error in catalog.errors for line in _problem_lines(error)]
     n_templates = 0
     try:
-        from router.templates import TemplateCatalog
+        from edgefleet.templates import TemplateCatalog
     except ImportError:  # a worker box without the router package: plugins only
         TemplateCatalog = None  # type: ignore[assignment,misc]  # noqa: N806
     if TemplateCatalog is not None:

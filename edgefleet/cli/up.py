@@ -44,7 +44,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
-from edgefleet.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from edgefleet.cli.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from edgefleet.schemas import JobStatus, ResourceClass
 from edgefleet.settings import Scope, Settings
 
@@ -66,7 +66,7 @@ class Interrupted(Exception):
 
 def _project_root() -> Path | None:
     """The source checkout this package is imported from, if any (children need it importable)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # edgefleet/cli/up.py -> the checkout
     return root if (root / "pyproject.toml").exists() and (root / "router").is_dir() else None
 
 
