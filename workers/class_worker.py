@@ -18,7 +18,7 @@ from edgefleet.hardening import make_undumpable
 from edgefleet.celery_app import EXPRESS_SUFFIX, PROBE, RUN_SUBTASK, create_celery, worker_hostname
 from edgefleet.dispatch import Dispatcher
 from edgefleet.logs import setup_logging
-from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -51,7 +51,7 @@ class RuntimePerProcess:
         with self._lock:
             if self._runner is None or self._pid != os.getpid():
                 store = JobStore(worker_client(self.settings.redis_url), self.settings.key_prefix)
-                catalog = PluginCatalog.load([builtin_plugin_dir(), *self.settings.plugin_dirs])
+                catalog = PluginCatalog.load(self.settings.plugin_folders)
                 settings = self.settings
                 models = ModelCallHandler(
                     lambda: build_model_router(settings),

@@ -20,7 +20,7 @@ import psutil
 
 from edgefleet import __version__
 from edgefleet.celery_app import worker_hostname
-from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -89,7 +89,7 @@ class NodeSupervisor:
         self.classes = classes
         self.gpus = probe.detect_gpus()
         self.store = JobStore.from_url(settings.redis_url, settings.key_prefix)
-        self.catalog = PluginCatalog.load([builtin_plugin_dir(), *settings.plugin_dirs])
+        self.catalog = PluginCatalog.load(settings.plugin_folders)
         for problem in self.catalog.errors:
             log.warning("plugin not loaded", extra={"problem": str(problem)})
         for name in self.catalog.names():
