@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 
 from edgefleet.settings import Scope, Settings
+from router.services import services
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,11 @@ def authenticate(settings: Settings, header: str | None) -> Principal:
     return Principal(tenant=match.tenant, scopes=frozenset(match.scopes))
 
 
-def require(scope: Scope):  # noqa: ANN201 - FastAPI dependency factory
+def require(scope: Scope) -> Callable[[Request], Principal]:
+    """A FastAPI dependency: the request's principal, which must hold `scope`."""
+
     def dependency(request: Request) -> Principal:
-        settings: Settings = request.app.state.settings
-        principal = authenticate(settings, request.headers.get("authorization"))
+        principal = authenticate(services(request).settings, request.headers.get("authorization"))
         if not principal.allows(scope):
             raise HTTPException(
                 status_code=status.HTTP_403_FORBIDDEN,
@@ -60,3 +64,8 @@ def require(scope: Scope):  # noqa: ANN201 - FastAPI dependency factory
         return principal
 
     return dependency
+
+
+SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
+ReadPrincipal = Annotated[Principal, Depends(require(Scope.read))]
+AdminPrincipal = Annotated[Principal, Depends(require(Scope.admin))]

@@ -1,22 +1,31 @@
-"""The router's model router, built on first use: a router that never plans a goal loads no model."""
+"""The router's goal planner, built on first use: a router that never plans a goal loads no model."""
 
 from __future__ import annotations
 
 import threading
 
-from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from edgefleet.models.factory import build_model_router
+from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.settings import Settings
 from router.goal_planner import GoalPlanner
+from router.planner import Planner
 
-_lock = threading.Lock()
 
+class LazyGoalPlanner:
+    def __init__(self, settings: Settings, registry: CollectorRegistry, planner: Planner, plugins: PluginCatalog) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._planner = planner
+        self._plugins = plugins
+        self._lock = threading.Lock()
+        self._built: GoalPlanner | None = None
 
-def goal_planner_of(app: FastAPI) -> GoalPlanner:
-    with _lock:
-        planner = getattr(app.state, "goal_planner", None)
-        if planner is None:
-            models = build_model_router(app.state.settings, registry=app.state.metrics.registry)
-            planner = GoalPlanner(app.state.planner, app.state.plugins, models)
-            app.state.goal_planner = planner
-        return planner
+    def get(self) -> GoalPlanner:
+        # Locked: the model router's metrics register once per registry.
+        with self._lock:
+            if self._built is None:
+                models = build_model_router(self._settings, registry=self._registry)
+                self._built = GoalPlanner(self._planner, self._plugins, models)
+            return self._built

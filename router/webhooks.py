@@ -27,7 +27,6 @@ import time
 from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -70,18 +69,11 @@ def build_guard(settings: Settings) -> OutboundGuard:
     )
 
 
-def _guard_of(app: Any) -> OutboundGuard:
-    guard = getattr(app.state, "webhook_guard", None)
-    if guard is None:
-        guard = app.state.webhook_guard = build_guard(app.state.settings)
-    return guard
-
-
-async def callback_url_problem(app: Any, url: str) -> str | None:
+async def callback_url_problem(guard: OutboundGuard, url: str) -> str | None:
     """Why a submitted `callback_url` is refused, or None. A name that does not resolve yet (or not
     within SUBMIT_LOOKUP_SECONDS) is accepted: it is checked again at each delivery."""
     try:
-        await _guard_of(app).acheck_if_resolvable(url, SUBMIT_LOOKUP_SECONDS)
+        await guard.acheck_if_resolvable(url, SUBMIT_LOOKUP_SECONDS)
     except RefusedURL as exc:
         return f"{exc}; webhooks may not reach it (operators: EDGEFLEET_WEBHOOK_ALLOWED_NETWORKS)"
     return None

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from edgefleet.schemas import ErrorBody
-from edgefleet.settings import Scope
-from router.auth import Principal, require
+from router.auth import Principal, SubmitPrincipal
+from router.services import RouterServices, Services
 from router.webhook_store import WebhookStore
 
-SubmitPrincipal = Annotated[Principal, Depends(require(Scope.submit))]
 TenantParam = Annotated[
     str | None, Query(min_length=1, max_length=200, description="another tenant's secret (admin only)")
 ]
@@ -45,21 +44,21 @@ def _answer(store: WebhookStore, tenant: str) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
 
-def _store(request: Request) -> WebhookStore:
-    jobs = request.app.state.store
+def _store(services: RouterServices) -> WebhookStore:
+    jobs = services.store
     return WebhookStore(jobs.redis, jobs.keys)
 
 
 @router.get("/secret", response_model=WebhookSecret, responses={403: {"model": ErrorBody}})
-def read_secret(request: Request, principal: SubmitPrincipal, tenant: TenantParam = None) -> JSONResponse:
+def read_secret(principal: SubmitPrincipal, services: Services, tenant: TenantParam = None) -> JSONResponse:
     """The secret that signs this tenant's webhooks (made on first use)."""
-    return _answer(_store(request), _tenant(principal, tenant))
+    return _answer(_store(services), _tenant(principal, tenant))
 
 
 @router.post("/secret/rotate", response_model=WebhookSecret, responses={403: {"model": ErrorBody}})
 def rotate_secret(
-    request: Request,
     principal: SubmitPrincipal,
+    services: Services,
     tenant: TenantParam = None,
     grace: Annotated[
         float, Query(ge=0, le=7 * 86400, description="seconds the old secret still signs too; 0 if it leaked")
@@ -67,7 +66,7 @@ def rotate_secret(
 ) -> JSONResponse:
     """A new secret from now on. For `grace` seconds each delivery carries a second signature made
     with the old one, so receivers can switch without losing a webhook."""
-    store = _store(request)
+    store = _store(services)
     name = _tenant(principal, tenant)
     store.rotate(name, grace)
     return _answer(store, name)

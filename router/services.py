@@ -1,0 +1,125 @@
+"""The router's collaborators as one typed object, built once per process by the app's lifespan.
+
+Routes get it with the `Services` dependency instead of reading loose `app.state` attributes,
+so each route shows what it uses and a type checker sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Request
+
+from edgefleet.celery_app import create_celery
+from edgefleet.dispatch import Dispatcher
+from edgefleet.model_affinity import build_affinity
+from edgefleet.netguard import OutboundGuard
+from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.priority import DEFAULT_WEIGHTS
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from edgefleet.templates import TemplateCatalog
+from router.events import SOCKET_TIMEOUT
+from router.feedback import FeedbackLoop, start_feedback
+from router.loops import RouterLoops
+from router.metrics import RouterMetrics
+from router.model_access import LazyGoalPlanner
+from router.planner import Planner
+from router.retention import RetentionSweeper
+from router.submission import Submitter
+from router.webhooks import build_guard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterServices:
+    settings: Settings
+    router_id: str
+    store: JobStore
+    # The event streams (SSE) read Redis without holding a thread each.
+    aredis: aioredis.Redis
+    plugins: PluginCatalog
+    templates: TemplateCatalog
+    planner: Planner
+    goal_planner: LazyGoalPlanner
+    dispatcher: Dispatcher
+    metrics: RouterMetrics
+    webhook_guard: OutboundGuard
+    submitter: Submitter
+    loops: RouterLoops
+    retention: RetentionSweeper
+    # Started last (it wraps the app's middleware), so absent until `start`.
+    feedback: FeedbackLoop | None = None
+
+    @classmethod
+    def build(cls, settings: Settings) -> RouterServices:
+        """Every collaborator, wired; no thread is started yet."""
+        store = JobStore.from_url(settings.redis_url, settings.key_prefix, retention=settings.job_retention)
+        plugins = PluginCatalog.load(settings.plugin_folders)
+        for problem in plugins.errors:
+            log.warning("plugin not loaded", extra={"problem": str(problem)})
+        templates = TemplateCatalog.load(settings.plugin_folders)
+        celery = create_celery(settings, main="edgefleet-router")
+        router_id = settings.router_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        metrics = RouterMetrics(store, router_id)
+        dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
+        # Weights live in Redis; this router's settings only fill in what is not there yet.
+        store.seed_weights({**DEFAULT_WEIGHTS, **settings.scheduler_weights})
+        planner = Planner(plugins, templates, settings)
+        goal_planner = LazyGoalPlanner(settings, metrics.registry, planner, plugins)
+        guard = build_guard(settings)
+        return cls(
+            settings=settings,
+            router_id=router_id,
+            store=store,
+            aredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT),
+            plugins=plugins,
+            templates=templates,
+            planner=planner,
+            goal_planner=goal_planner,
+            dispatcher=dispatcher,
+            metrics=metrics,
+            webhook_guard=guard,
+            submitter=Submitter(
+                store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
+            ),
+            loops=RouterLoops(
+                store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks,
+                router_id=router_id,
+            ),
+            retention=RetentionSweeper(store, settings.gc_interval),
+        )
+
+    def start(self, app: FastAPI) -> None:
+        """Start the background loops; `app` gets the submit timer of the feedback loop."""
+        self.loops.start()
+        self.retention.start()
+        loops = self.loops
+        self.feedback = start_feedback(app, self.store, self.settings, self.metrics, lambda: loops.leading)
+        log.info("router started", extra={"plugins": self.plugins.names(), "templates": self.templates.names()})
+
+    async def close(self) -> None:
+        if self.feedback is not None:
+            self.feedback.stop()
+        self.retention.stop()
+        self.loops.stop()
+        await self.aredis.aclose()
+        self.store.redis.close()
+
+
+def services(request: Request) -> RouterServices:
+    """FastAPI dependency: the collaborators the lifespan set up."""
+    found = getattr(request.app.state, "services", None)
+    if not isinstance(found, RouterServices):  # only a route called outside the lifespan gets here
+        raise RuntimeError("the router's services are not set up (the app's lifespan did not run)")
+    return found
+
+
+Services = Annotated[RouterServices, Depends(services)]
