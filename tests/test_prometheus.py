@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edgefleet.cli.up import host_port, prometheus_config
+from edgefleet.cli.side_services import host_port, prometheus_config
 from tests.conftest import ADMIN_TOKEN, Cluster, free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,32 +23,33 @@ Every child also gets SIGTERM from the kernel should this supervisor die
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import httpx
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
 from edgefleet.cli.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from edgefleet.cli.processes import (
+    Child, popen_kwargs, port_in_use, project_root, spawn, sweep_group, write_secret_file,
+)
+from edgefleet.cli.side_services import (
+    flower_command, free_local_port, host_port, prometheus_command, write_prometheus_files,
+)
+from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
 from edgefleet.schemas import JobStatus, ResourceClass
 from edgefleet.settings import Scope, Settings
 
-PR_SET_PDEATHSIG = 1
 ROUTER_START_TIMEOUT = 60.0
 NODE_START_TIMEOUT = 90.0
 ROUTER_STOP_TIMEOUT = 20.0
@@ -64,74 +65,6 @@ class Interrupted(Exception):
     pass
 
 
-def _project_root() -> Path | None:
-    """The source checkout this package is imported from, if any (children need it importable)."""
-    root = Path(__file__).resolve().parents[2]  # edgefleet/cli/up.py -> the checkout
-    return root if (root / "pyproject.toml").exists() and (root / "router").is_dir() else None
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def _child_preexec(parent_pid: int) -> Callable[[], None]:
-    """Runs in the forked child before exec: die (SIGTERM) with this supervisor."""
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            libc = None
-
-    def setup() -> None:
-        if libc is not None:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
-
-    return setup
-
-
-def write_secret_file(path: Path, value: str) -> None:
-    """Write `value` to `path` readable by its owner only (0600), replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (value + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-@dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, chars: int = 1500) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
 @dataclass
 class UpOptions:
     port: int | None = None
@@ -144,48 +77,6 @@ class UpOptions:
     prometheus_port: int | None = None
     with_flower: bool = False
     flower_port: int | None = None
-
-
-def free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def prometheus_config(
-    router_target: str,
-    token_file: Path | None,
-    worker_targets: list[str],
-    flower_target: str | None = None,
-    scrape_interval: str = "5s",
-) -> str:
-    """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower)."""
-    import yaml
-
-    router_job: dict[str, Any] = {
-        "job_name": "edgefleet-router",
-        "metrics_path": "/metrics",
-        "static_configs": [{"targets": [router_target]}],
-    }
-    if token_file is not None:
-        router_job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
-    jobs = [router_job]
-    if worker_targets:
-        jobs.append({"job_name": "edgefleet-workers", "metrics_path": "/metrics",
-                     "static_configs": [{"targets": list(worker_targets)}]})
-    if flower_target:
-        jobs.append({"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]})
-    config = {
-        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": jobs,
-    }
-    return yaml.safe_dump(config, sort_keys=False)
-
-
-def host_port(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).netloc
 
 
 @dataclass
@@ -203,10 +94,10 @@ class LocalCluster:
         self.url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::', '') else self.host}:{self.port}"
         self.redis: EmbeddedRedis | None = None
         self.redis_url: str = ""
-        self.router: _Child | None = None
-        self.worker: _Child | None = None
-        self.prometheus: _Child | None = None
-        self.flower: _Child | None = None
+        self.router: Child | None = None
+        self.worker: Child | None = None
+        self.prometheus: Child | None = None
+        self.flower: Child | None = None
         self.prometheus_url: str | None = None
         self.flower_url: str | None = None
         self.token: str | None = None
@@ -266,7 +157,7 @@ class LocalCluster:
         with contextlib.suppress(OSError):
             os.chmod(self.data_dir, 0o700)
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        if _port_in_use(self.host, self.port):
+        if port_in_use(self.host, self.port):
             raise StartError(
                 f"port {self.port} on {self.host} is in use (is another `edgefleet up` running?); "
                 "choose another with --port"
@@ -302,16 +193,10 @@ class LocalCluster:
             port = self.options.flower_port or free_local_port()
             self.flower_url = f"http://127.0.0.1:{port}"
 
-    def _spawn_cmd(self, name: str, cmd: list[str], env: dict[str, str]) -> _Child:
-        log_path = self.data_dir / "logs" / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the child is stopped
-        proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            cwd=str(self.data_dir), **self._popen_kwargs(),
-        )
-        return _Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+    def _spawn_cmd(self, name: str, cmd: list[str], env: dict[str, str]) -> Child:
+        return spawn(name, cmd, env, cwd=self.data_dir, log_dir=self.data_dir / "logs")
 
-    def _await_http(self, child: _Child, url: str, timeout: float = 30.0) -> None:
+    def _await_http(self, child: Child, url: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as http:
             while True:
@@ -327,12 +212,9 @@ class LocalCluster:
 
     def _start_flower(self) -> None:
         assert self.flower_url is not None
-        port = self.flower_url.rsplit(":", 1)[1]
         env = self._child_env()
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # bound to 127.0.0.1 only
-        cmd = [sys.executable, "-m", "celery", "-A", "edgefleet.flower_app", "--broker", self.redis_url, "flower",
-               f"--port={port}", "--address=127.0.0.1"]
-        self.flower = self._spawn_cmd("flower", cmd, env)
+        self.flower = self._spawn_cmd("flower", flower_command(self.redis_url, self.flower_url), env)
         self._await_http(self.flower, f"{self.flower_url}/healthcheck")
         self._say("flower", f"{self.flower_url} (pid {self.flower.pid})")
 
@@ -345,18 +227,8 @@ class LocalCluster:
         except ClientError:
             pass
         prom_dir = self.data_dir / "prometheus"
-        prom_dir.mkdir(exist_ok=True)
-        token_file: Path | None = None
-        if self.token:
-            token_file = prom_dir / "router.token"
-            write_secret_file(token_file, self.token)
-        config = prom_dir / "prometheus.yml"
-        config.write_text(prometheus_config(
-            host_port(self.url), token_file, workers,
-            host_port(self.flower_url) if self.flower_url else None,
-        ))
-        cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={prom_dir / 'data'}",
-               f"--web.listen-address={host_port(self.prometheus_url)}"]
+        config = write_prometheus_files(prom_dir, self.url, self.token, workers, self.flower_url)
+        cmd = prometheus_command(config, prom_dir, self.prometheus_url)
         self.prometheus = self._spawn_cmd("prometheus", cmd, dict(os.environ))
         self._await_http(self.prometheus, f"{self.prometheus_url}/-/ready", timeout=60.0)
         self._say("prometheus", f"{self.prometheus_url} (pid {self.prometheus.pid}, config {config})")
@@ -402,18 +274,14 @@ class LocalCluster:
             env["EDGEFLEET_TASK_EVENTS"] = "true"
         if "EDGEFLEET_WORKER_METRICS_PORT" not in os.environ:
             wanted = self.port + 1
-            port = wanted if wanted < 65536 and not _port_in_use(self.settings.worker_metrics_host, wanted) else 0
+            port = wanted if wanted < 65536 and not port_in_use(self.settings.worker_metrics_host, wanted) else 0
             env["EDGEFLEET_WORKER_METRICS_PORT"] = str(port)
-        root = _project_root()
+        root = project_root()
         if root is not None:
             parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             if str(root) not in parts:
                 env["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
         return env
-
-    def _popen_kwargs(self) -> dict[str, Any]:
-        # Own process group: the terminal's Ctrl-C reaches only us; we stop children in order.
-        return {"process_group": 0, "preexec_fn": _child_preexec(os.getpid())}
 
     def _start_redis(self) -> None:
         configured = self.options.redis_url or (
@@ -423,26 +291,15 @@ class LocalCluster:
             self.redis_url = configured
             self._say("redis", f"using {configured}")
             return
-        self.redis = EmbeddedRedis(self.data_dir / "redis", popen_kwargs=self._popen_kwargs())
+        self.redis = EmbeddedRedis(self.data_dir / "redis", popen_kwargs=popen_kwargs())
         self.redis.start(should_stop=self._stop.is_set)
         if self._stop.is_set():
             raise Interrupted()
         self.redis_url = self.redis.url
         self._say("redis", f"{self.redis_url} (pid {self.redis.pid}, append-only file in {self.redis.data_dir})")
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
-        log_path = self.data_dir / "logs" / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the child is stopped
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", *args],
-            env=self._child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.data_dir),
-            **self._popen_kwargs(),
-        )
-        return _Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        return self._spawn_cmd(name, [sys.executable, "-m", "edgefleet", *args], self._child_env())
 
     def _start_router(self) -> None:
         self.router = self._spawn("router", ["router", "--port", str(self.port), "--redis-url", self.redis_url])
@@ -494,7 +351,7 @@ class LocalCluster:
         finally:
             store.redis.close()
 
-    def _check_alive(self, child: _Child) -> None:
+    def _check_alive(self, child: Child) -> None:
         if not child.alive():
             raise StartError(f"{child.name} exited with code {child.proc.returncode}:\n{child.log_tail()}")
 
@@ -630,11 +487,11 @@ class LocalCluster:
             pid = self.redis.pid
             self.redis.stop()
             if pid is not None:
-                _sweep_group(pid)
+                sweep_group(pid)
             self._say("redis", "stopped")
             self.redis = None
 
-    def _stop_child(self, child: _Child, timeout: float, waiting_note: str = "") -> None:
+    def _stop_child(self, child: Child, timeout: float, waiting_note: str = "") -> None:
         if child.alive():
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)
@@ -652,18 +509,12 @@ class LocalCluster:
                 time.sleep(0.05)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(10)
-        _sweep_group(child.pid)
+        sweep_group(child.pid)
         if child.log_file is not None:
             child.log_file.close()
         code = child.proc.returncode
         clean = code in (0, -signal.SIGTERM, -signal.SIGINT)
         self._say(child.name, "stopped" if clean else f"stopped (exit code {code})")
-
-
-def _sweep_group(pgid: int) -> None:
-    """Kill whatever is left in a stopped child's process group (a safety net)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:

@@ -1,0 +1,81 @@
+"""Prometheus and Flower next to an `edgefleet up` cluster: ports, the scrape config, the commands."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgefleet.cli.processes import write_secret_file
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prometheus_config(
+    router_target: str,
+    token_file: Path | None,
+    worker_targets: list[str],
+    flower_target: str | None = None,
+    scrape_interval: str = "5s",
+) -> str:
+    """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower)."""
+    import yaml
+
+    router_job: dict[str, Any] = {
+        "job_name": "edgefleet-router",
+        "metrics_path": "/metrics",
+        "static_configs": [{"targets": [router_target]}],
+    }
+    if token_file is not None:
+        router_job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
+    jobs = [router_job]
+    if worker_targets:
+        jobs.append({"job_name": "edgefleet-workers", "metrics_path": "/metrics",
+                     "static_configs": [{"targets": list(worker_targets)}]})
+    if flower_target:
+        jobs.append({"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]})
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": jobs,
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def host_port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc
+
+
+def write_prometheus_files(
+    prom_dir: Path, router_url: str, token: str | None, worker_targets: list[str], flower_url: str | None,
+) -> Path:
+    """prometheus.yml (and the router's token in a 0600 file it names) in `prom_dir`; returns the config path."""
+    prom_dir.mkdir(exist_ok=True)
+    token_file: Path | None = None
+    if token:
+        token_file = prom_dir / "router.token"
+        write_secret_file(token_file, token)
+    config = prom_dir / "prometheus.yml"
+    config.write_text(prometheus_config(
+        host_port(router_url), token_file, worker_targets,
+        host_port(flower_url) if flower_url else None,
+    ))
+    return config
+
+
+def prometheus_command(config: Path, prom_dir: Path, prometheus_url: str) -> list[str]:
+    return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={prom_dir / 'data'}",
+            f"--web.listen-address={host_port(prometheus_url)}"]
+
+
+def flower_command(redis_url: str, flower_url: str) -> list[str]:
+    """Flower with edgefleet's own broker options (edgefleet/flower_app.py says why), on 127.0.0.1 only."""
+    port = flower_url.rsplit(":", 1)[1]
+    return [sys.executable, "-m", "celery", "-A", "edgefleet.flower_app", "--broker", redis_url, "flower",
+            f"--port={port}", "--address=127.0.0.1"]
