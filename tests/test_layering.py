@@ -1,0 +1,216 @@
+"""The import contract: which package may import which, checked on the source with `ast`.
+
+    edgefleet/cli/, edgefleet/__main__.py   the composition root: wires router and workers together
+    edgefleet/ (the rest)                   the core: imports none of router, workers, plugins, edgefleet.cli
+    router/                                 the core and itself; never workers
+    workers/                                the core and itself; never router
+    plugins/                                edgefleet's plugin API (pluginkit, plugin_context), stdlib, third-party
+
+Nothing imports `plugins`: plugin code is loaded from its folder, which the core finds
+without importing it (edgefleet.plugin_catalog.builtin_plugin_dir). Every import counts:
+at the top, inside a function, under `if TYPE_CHECKING:` (a type-only dependency still
+ties the layers together for a reader and for mypy), relative ones, `import_module("...")`
+and `__import__("...")` with a literal name, and `"-m", "<module>"` in a command line.
+Nothing is imported or run, so the check takes well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("edgefleet", "router", "workers", "plugins")
+COMPOSITION_ROOT = "composition root (edgefleet/cli/)"
+
+# layer -> the module prefixes it must not import, and why (the message a violation prints).
+FORBIDDEN: dict[str, tuple[tuple[str, ...], str]] = {
+    "core": (
+        ("router", "workers", "plugins", "edgefleet.cli"),
+        "the core (edgefleet/ minus edgefleet/cli/) imports none of router, workers, plugins, edgefleet.cli",
+    ),
+    "router": (("workers", "plugins", "edgefleet.cli"), "router imports the core only, never workers"),
+    "workers": (("router", "plugins", "edgefleet.cli"), "workers import the core only, never router"),
+    "plugins": (
+        ("router", "workers", "plugins", "edgefleet.cli"),
+        "a plugin is loaded from its own folder and imports only edgefleet's plugin API, the stdlib and "
+        "third-party packages",
+    ),
+    COMPOSITION_ROOT: (("plugins",), "plugins are loaded from their folders, never imported"),
+}
+# The part of edgefleet a plugin may import.
+PLUGIN_API = ("edgefleet.pluginkit", "edgefleet.plugin_context")
+DYNAMIC_IMPORTERS = {"import_module", "__import__", "run_module"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    file: str
+    line: int
+    imported: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: imports {self.imported}: {self.why}"
+
+
+def layer_of(relative: Path) -> str:
+    parts = relative.parts
+    if parts[0] == "edgefleet":
+        return COMPOSITION_ROOT if parts[1] == "cli" or parts[1:] == ("__main__.py",) else "core"
+    return parts[0]
+
+
+def module_name(relative: Path) -> tuple[str, str]:
+    """(the module's dotted name, the package relative imports start from)."""
+    parts = list(relative.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+        return ".".join(parts), ".".join(parts)
+    return ".".join(parts), ".".join(parts[:-1])
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def imported_names(tree: ast.AST, package: str) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) of every import the source shows, wherever it is."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".") if package else []
+                anchor = anchor[: len(anchor) - (node.level - 1)] if node.level > 1 else anchor
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from edgefleet import cli` imports edgefleet.cli: check the names too.
+            yield node.lineno, base
+            for alias in node.names:
+                if alias.name != "*":
+                    yield node.lineno, f"{base}.{alias.name}" if base else alias.name
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            first = node.args[0]
+            if called in DYNAMIC_IMPORTERS and isinstance(first, ast.Constant) and isinstance(first.value, str):
+                yield node.lineno, first.value
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            items = node.elts
+            for flag, target in zip(items, items[1:]):
+                if (isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(target, ast.Constant)
+                        and isinstance(target.value, str)):
+                    yield target.lineno, target.value
+
+
+def check_file(root: Path, path: Path) -> list[Violation]:
+    relative = path.relative_to(root)
+    layer = layer_of(relative)
+    forbidden, why = FORBIDDEN[layer]
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(relative))
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        return [Violation(str(relative), getattr(exc, "lineno", None) or 0, "?", f"cannot parse it: {exc}")]
+    _, package = module_name(relative)
+    # A plugin's own folder is its package: `from .journal import x` in plugins/photo is fine.
+    own = ".".join(relative.parts[:2]) if layer == "plugins" and len(relative.parts) > 2 else None
+    found: list[Violation] = []
+    for line, name in imported_names(tree, package):
+        if own is not None and _under(name, (own,)):
+            continue
+        if _under(name, forbidden):
+            found.append(Violation(str(relative), line, name, why))
+        elif layer == "plugins" and name.startswith("edgefleet.") and not _under(name, PLUGIN_API):
+            found.append(Violation(str(relative), line, name, f"of edgefleet a plugin imports only {PLUGIN_API}"))
+    # `from router.app import a, b` is one violation, not three.
+    flagged = {(v.line, v.imported) for v in found}
+    return [v for v in found if not any((v.line, p) in flagged for p in _parents(v.imported))]
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def source_files(root: Path) -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (root / package).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def check_tree(root: Path) -> list[Violation]:
+    return [v for path in source_files(root) for v in check_file(root, path)]
+
+
+def test_the_import_contract_holds() -> None:
+    files = source_files(ROOT)
+    layers = {layer_of(p.relative_to(ROOT)) for p in files}
+    assert layers == set(FORBIDDEN), f"a layer has no source files: {set(FORBIDDEN) - layers}"
+    violations = check_tree(ROOT)
+    assert not violations, "the import contract is broken:\n" + "\n".join(map(str, violations))
+
+
+def test_the_check_catches_each_way_of_importing(tmp_path: Path) -> None:
+    def write(relative: str, text: str) -> None:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    write("edgefleet/__init__.py", "")
+    write("edgefleet/__main__.py", "from edgefleet.cli import main\n")
+    write(
+        "edgefleet/bad.py",
+        "from __future__ import annotations\n"                      # 1
+        "import importlib\n"                                        # 2
+        "from typing import TYPE_CHECKING\n"                        # 3
+        "import router.app\n"                                       # 4
+        "if TYPE_CHECKING:\n"                                       # 5
+        "    from plugins import text\n"                            # 6
+        "def later() -> None:\n"                                    # 7
+        "    from workers import node\n"                            # 8
+        "    importlib.import_module('workers.probe')\n"            # 9
+        "    __import__('router')\n"                                # 10
+        "from edgefleet import cli\n"                               # 11
+        "CMD = ['python', '-m', 'workers.class_worker']\n"          # 12
+        "from edgefleet import schemas\n",                          # 13: allowed
+    )
+    write("edgefleet/models/__init__.py", "from .. import cli\nfrom . import registry\n")
+    write("edgefleet/models/deep.py", "from ..cli.up import run_up\nfrom ..settings import Settings\n")
+    write("edgefleet/broken.py", "def (:\n")
+    write("edgefleet/cli/__init__.py", "import router.app\nfrom workers.node import NodeSupervisor\n")
+    write("edgefleet/cli/plugin_commands.py", "import plugins\n")
+    write("router/__init__.py", "")
+    write("router/app.py", "import edgefleet.store\nfrom router import planner\nimport workers\n")
+    write("workers/__init__.py", "")
+    write("workers/node.py", "from . import runner\nfrom router.app import create_app\n")
+    write(
+        "plugins/text/main.py",
+        "import json\nimport PIL\nimport journal\nfrom edgefleet.pluginkit.actions import action\n"
+        "from edgefleet.plugin_context import PluginContext\nfrom edgefleet.store import JobStore\n"
+        "from plugins.photo import main\nimport router\nfrom .helpers import tidy\nfrom . import helpers\n",
+    )
+
+    found = {(v.file, v.line, v.imported) for v in check_tree(tmp_path)}
+    assert found == {
+        ("edgefleet/bad.py", 4, "router.app"),
+        ("edgefleet/bad.py", 6, "plugins"),
+        ("edgefleet/bad.py", 8, "workers"),
+        ("edgefleet/bad.py", 9, "workers.probe"),
+        ("edgefleet/bad.py", 10, "router"),
+        ("edgefleet/bad.py", 11, "edgefleet.cli"),
+        ("edgefleet/bad.py", 12, "workers.class_worker"),
+        ("edgefleet/models/__init__.py", 1, "edgefleet.cli"),
+        ("edgefleet/models/deep.py", 1, "edgefleet.cli.up"),
+        ("edgefleet/broken.py", 1, "?"),
+        ("edgefleet/cli/plugin_commands.py", 1, "plugins"),
+        ("router/app.py", 3, "workers"),
+        ("workers/node.py", 2, "router.app"),
+        ("plugins/text/main.py", 6, "edgefleet.store"),
+        ("plugins/text/main.py", 7, "plugins.photo"),
+        ("plugins/text/main.py", 8, "router"),
+    }
+    message = "\n".join(map(str, check_tree(tmp_path)))
+    assert "edgefleet/bad.py:4: imports router.app: the core (edgefleet/ minus edgefleet/cli/)" in message
+    assert "workers/node.py:2: imports router.app: workers import the core only, never router" in message
