@@ -326,18 +326,102 @@ def module_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         yield cluster
 
 
-@contextlib.contextmanager
-def serving(handler: Callable[..., Any]) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 (a free port) with `handler`, for the block; yields its base URL."""
+@dataclass(frozen=True)
+class FakeInternet:
+    """A network namespace behind a veth pair standing in for the internet: plugins with `network`
+    reach it (through their sandbox's slirp4netns), never the host's 127.0.0.1."""
+
+    netns: str
+    address: str  # a public address inside the namespace, where test servers listen
+    holder_pid: int  # a process inside it: /proc/<pid>/ns/net names it even if /run/netns is remounted
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def fake_internet() -> Iterator[FakeInternet | None]:
+    """None where namespaces cannot be made (not root, no `ip`): servers then listen on 127.0.0.1."""
+    import random
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield None
+        return
+    tag = uuid.uuid4().hex[:6]
+    netns, host_if, ns_if = f"ef-web-{tag}", f"efw{tag}", f"efv{tag}"
+    prefix = f"11.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    try:
+        _ip("netns", "add", netns)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", netns)
+        _ip("address", "add", f"{prefix}.1/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", netns, "address", "add", f"{prefix}.2/30", "dev", ns_if)
+        _ip("-n", netns, "link", "set", ns_if, "up")
+        _ip("-n", netns, "link", "set", "lo", "up")
+        holder = subprocess.Popen(["ip", "netns", "exec", netns, "sleep", "infinity"], start_new_session=True)
+        try:
+            yield FakeInternet(netns=netns, address=f"{prefix}.2", holder_pid=holder.pid)
+        finally:
+            stop_process(holder)
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def server_in(internet: FakeInternet | None, handler: Callable[..., Any]) -> Any:
+    """A ThreadingHTTPServer bound in the fake internet's namespace (or on 127.0.0.1 without one).
+
+    The socket is made by a thread that enters the namespace (setns is per thread for the
+    network), and stays in it; any thread may then serve it."""
+    import ctypes
     import threading
     from http.server import ThreadingHTTPServer
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if internet is None:
+        return ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    made: list[Any] = []
+
+    def bind() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = -1
+        try:
+            target = os.open(f"/proc/{internet.holder_pid}/ns/net", os.O_RDONLY)
+            if libc.setns(target, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), f"setns into {internet.netns}")
+            try:
+                made.append(ThreadingHTTPServer((internet.address, 0), handler))
+            finally:
+                libc.setns(home, 0x40000000)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            made.append(exc)
+        finally:
+            os.close(home)
+            if target >= 0:
+                os.close(target)
+
+    thread = threading.Thread(target=bind)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+@contextlib.contextmanager
+def serving(handler: Callable[..., Any], internet: FakeInternet | None = None) -> Iterator[str]:
+    """A real HTTP server with `handler` for the block, on 127.0.0.1 or in `internet`; yields its base URL."""
+    import threading
+
+    server = server_in(internet, handler)
+    host = internet.address if internet else "127.0.0.1"
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -345,8 +429,8 @@ def serving(handler: Callable[..., Any]) -> Iterator[str]:
 
 
 @pytest.fixture()
-def http_site(tmp_path: Path) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 serving a small page."""
+def http_site(tmp_path: Path, fake_internet: FakeInternet | None) -> Iterator[str]:
+    """A real HTTP server on the fake internet (127.0.0.1 without one) serving a small page."""
     import functools
     from http.server import SimpleHTTPRequestHandler
 
@@ -358,5 +442,5 @@ def http_site(tmp_path: Path) -> Iterator[str]:
         def log_message(self, *_: object) -> None:
             pass
 
-    with serving(functools.partial(Quiet, directory=str(site))) as url:
+    with serving(functools.partial(Quiet, directory=str(site)), fake_internet) as url:
         yield url

@@ -29,7 +29,7 @@ from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_context import PluginContext, SubtaskCancelled
 from edgefleet.plugin_manifest import Permission
 from edgefleet.templates import TemplateCatalog
-from tests.conftest import Cluster
+from tests.conftest import Cluster, FakeInternet, server_in
 
 CI_PLUGINS = ("repo_watch", "ci_tests", "ci_lint", "ci_report", "ci_alert")
 
@@ -152,7 +152,8 @@ class Webhook:
 
 
 @pytest.fixture()
-def webhook() -> Iterator[Webhook]:
+def webhook(fake_internet: FakeInternet | None) -> Iterator[Webhook]:
+    """The alert receiver, on the fake internet: the ci_alert plugin's sandbox never reaches 127.0.0.1."""
     hook = Webhook(url="")
 
     class Handler(BaseHTTPRequestHandler):
@@ -169,10 +170,10 @@ def webhook() -> Iterator[Webhook]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = server_in(fake_internet, Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    hook.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/ci"
+    hook.url = f"http://{server.server_address[0]}:{server.server_address[1]}/hooks/ci"
     yield hook
     server.shutdown()
     server.server_close()

@@ -26,7 +26,7 @@ import pytest
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_context import ModelUnavailable, PluginContext
 from edgefleet.plugin_manifest import Permission
-from tests.conftest import serving, Cluster
+from tests.conftest import Cluster, FakeInternet, serving
 
 KNOWLEDGE_PLUGINS = ("web", "knowledge", "knowledge_index", "knowledge_query")
 
@@ -113,8 +113,9 @@ def make_ctx(workspace: Path, ctx_class: type[PluginContext] = PluginContext) ->
 
 
 @pytest.fixture()
-def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on 127.0.0.1 serving tmp_path/site (Last-Modified and If-Modified-Since included)."""
+def site(tmp_path: Path, fake_internet: FakeInternet | None) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on the fake internet (else 127.0.0.1) serving tmp_path/site (Last-Modified and
+    If-Modified-Since included): sandboxed `network` plugins never reach the host's loopback."""
     root = tmp_path / "site"
     root.mkdir()
 
@@ -122,7 +123,7 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *_: object) -> None:
             pass
 
-    with serving(functools.partial(Quiet, directory=str(root))) as base:
+    with serving(functools.partial(Quiet, directory=str(root)), fake_internet) as base:
         yield base, root
 
 
