@@ -18,7 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.schemas import ErrorBody
 from router.submission import (
-    IdempotencyConflict, InvalidPlan, InvalidSubmission, NoModel, PlanRejected, SubmissionError,
+    IdempotencyConflict,
+    InvalidPlan,
+    InvalidSubmission,
+    NoModel,
+    PlanRejected,
+    SubmissionError,
 )
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,9 @@ from router.planner import Planner
 
 
 class LazyGoalPlanner:
-    def __init__(self, settings: Settings, registry: CollectorRegistry, planner: Planner, plugins: PluginCatalog) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry, planner: Planner, plugins: PluginCatalog
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._planner = planner

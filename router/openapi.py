@@ -18,12 +18,14 @@ def install_openapi(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            job_request = JobRequest.model_json_schema(ref_template=REF_TEMPLATE)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in {**job_request.pop("$defs", {}), "JobRequest": job_request}.items():
-                components.setdefault(name, definition)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        # FastAPI's generator caches its result in app.openapi_schema: the components added here stay.
+        schema = generate()
+        job_request = JobRequest.model_json_schema(ref_template=REF_TEMPLATE)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in {**job_request.pop("$defs", {}), "JobRequest": job_request}.items():
+            components.setdefault(name, definition)
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -13,12 +13,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
 from prometheus_client import Counter
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from edgefleet.dispatch import Dispatcher
-from edgefleet.models.router import NoModelAvailable
+from edgefleet.models.errors import NoModelAvailable
 from edgefleet.netguard import OutboundGuard
 from edgefleet.schemas import JobRequest, JobStatus, NodeInfo, Plan, PlanPreview, StepSpec
 from edgefleet.store import JobStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Header, Query, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
@@ -18,6 +18,7 @@ from router.request_body import MAX_JSON_DEPTH, JsonTooDeep, content_type_proble
 from router.services import RouterServices, Services
 from router.submission import DryRun, parse_submission
 
+CURSOR = r"^\d{1,12}(\.\d{1,9})?_[0-9a-f]{32}$"  # `next_cursor` of a page: <created_at>_<job id>
 STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sends it back
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -86,9 +87,7 @@ def list_jobs(
     services: Services,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[
-        str | None, Query(pattern=r"^\d{1,12}(\.\d{1,9})?_[0-9a-f]{32}$", description="next_cursor of the previous page")
-    ] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR, description="next_cursor of the previous page")] = None,
 ) -> JobPage:
     tenant = None if principal.is_admin else principal.tenant
     return services.store.list_jobs(tenant=tenant, state=state, limit=limit, cursor=cursor)

@@ -26,7 +26,8 @@ class WebhookSecret(BaseModel):
     secret: str = Field(description="`whsec_...`: verify deliveries with `standardwebhooks.Webhook(secret)`")
     created_at: float | None = None
     previous_valid_until: float | None = Field(
-        default=None, description="after a rotation, deliveries carry a signature by the previous secret too, until then"
+        default=None,
+        description="after a rotation, deliveries carry a signature by the previous secret too, until then",
     )
 
 
