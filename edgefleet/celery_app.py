@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 from kombu.transport import redis as kombu_redis
 
 from edgefleet.schemas import PriorityClass, ResourceClass

@@ -13,11 +13,13 @@ a router that cannot be reached raises `RouterUnreachable`.
 
 from __future__ import annotations
 
+import builtins
+
 import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
@@ -195,11 +197,16 @@ class Client:
     def cancel(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
 
-    def workers(self) -> list[NodeInfo]:
+    def workers(self) -> builtins.list[NodeInfo]:  # `list` is a method name in this class
         return [NodeInfo.model_validate(item) for item in self._request("GET", "/v1/workers").json()]
 
+    def gc(self, older_than: float | None = None, limit: int | None = None) -> dict[str, Any]:
+        """Remove finished jobs past their retention now (admin): one batch, `{removed, remaining}`."""
+        body = {k: v for k, v in (("older_than", older_than), ("limit", limit)) if v is not None}
+        return cast(dict[str, Any], self._request("POST", "/v1/admin/gc", json=body).json())
+
     def plugins(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/plugins").json()
+        return cast(dict[str, Any], self._request("GET", "/v1/plugins").json())
 
     def healthz(self) -> dict[str, Any]:
         try:
@@ -208,7 +215,7 @@ class Client:
             raise RouterUnreachable(self.base_url, str(exc) or type(exc).__name__) from exc
         if response.status_code >= 400 and response.status_code != 503:
             raise ApiError.from_response(response)
-        return response.json()
+        return cast(dict[str, Any], response.json())
 
     def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
         """The job's server-sent events, in order, until the job ends (each event a dict).

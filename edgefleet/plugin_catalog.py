@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
@@ -290,7 +290,7 @@ def _short_message(error: ValidationError) -> str:
     instance_repr = repr(error.instance)
     if len(instance_repr) > _MAX_REPR and message.startswith(instance_repr):
         message = instance_repr[: _MAX_REPR - 5] + "...'" + message[len(instance_repr) :]
-    return message
+    return str(message)
 
 
 def _branch_text(branch: Any) -> str:
@@ -306,7 +306,7 @@ def _describe_error(error: ValidationError) -> list[tuple[str, str]]:
     where = _field(error.absolute_path)
     instance = error.instance
     if error.validator == "required" and isinstance(instance, dict):
-        missing = [r for r in error.validator_value if r not in instance]
+        missing = [r for r in cast(list[str], error.validator_value) if r not in instance]
         return [(_field([*error.absolute_path, name]), "is required") for name in missing] or [(where, error.message)]
     if error.validator == "additionalProperties" and isinstance(instance, dict) and error.validator_value is False:
         props = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}

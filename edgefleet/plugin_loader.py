@@ -12,7 +12,7 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT_PACKAGE = "edgefleet_plugins"
 
@@ -71,4 +71,4 @@ def load_entry_point(name: str, folder: Path, entry_point: str) -> Callable[...,
         raise PluginLoadError(f"{where}: module {module_name!r} has no attribute {func_name!r}")
     if not callable(func):
         raise PluginLoadError(f"{where}: {module_name}.{func_name} is not callable")
-    return func
+    return cast(Callable[..., Any], func)

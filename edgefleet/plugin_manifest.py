@@ -295,8 +295,8 @@ def load_manifest(path: Path) -> PluginManifest:
     try:
         manifest = PluginManifest.model_validate(data)
     except ValidationError as exc:
-        details = validation_details(exc)
-        raise ManifestError(file, details[0][0], details[0][1], details) from None
+        invalid = validation_details(exc)
+        raise ManifestError(file, invalid[0][0], invalid[0][1], invalid) from None
 
     details: list[tuple[str, str]] = []
     folder = path.parent

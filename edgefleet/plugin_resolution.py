@@ -208,7 +208,7 @@ def _installed_version(distribution: str) -> str | None:
         # Distribution names are compared after normalisation ("Pillow" vs "pillow", "a_b" vs "a-b").
         wanted = canonicalize_name(distribution)
         for dist in importlib.metadata.distributions():
-            name = dist.metadata.get("Name")
+            name = dist.metadata["Name"]  # None when missing (email.message semantics)
             if name and canonicalize_name(name) == wanted:
                 return dist.version
         return None

@@ -8,7 +8,7 @@ step's output when the subtask starts; referencing a step adds it to `needs`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 REF_KEY = "$ref"
 
@@ -88,4 +88,4 @@ def resolve_refs(args: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
             return [walk(v, f"{field}.{i}") for i, v in enumerate(value)]
         return value
 
-    return walk(args, "args")
+    return cast(dict[str, Any], walk(args, "args"))

@@ -13,7 +13,7 @@ import copy
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -134,7 +134,7 @@ class WorkflowTemplate(BaseModel):
         that is exactly its placeholder, and reads as "" inside a string.
         """
         values = self.resolve_inputs(given)
-        return _substitute(copy.deepcopy(self.steps), values)
+        return cast(list[dict[str, Any]], _substitute(copy.deepcopy(self.steps), values))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -177,9 +177,9 @@ class Planner:
             problems.append((f"steps.{i}.{field}", reason))
         grants = grants_for(self.settings, step.plugin, frozenset(plugin.manifest.permissions))
         for field, value, access in path_arguments(action.input_schema, step.args):
-            reason = check_path_argument(step.plugin, value, access, grants)
-            if reason:
-                problems.append((f"steps.{i}.{field}", reason))
+            refused = check_path_argument(step.plugin, value, access, grants)
+            if refused:
+                problems.append((f"steps.{i}.{field}", refused))
 
 
 # --- can the fleet run it? ---------------------------------------------------------------------

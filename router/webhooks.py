@@ -189,7 +189,9 @@ class WebhookSender:
         finally:
             self._by_destination[destination] -= 1
             self._by_tenant[delivery.tenant] -= 1
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
 
     # --- one attempt ---------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class WebhookSender:
             wait = max(wait, asked)
         if now + wait > delivery.created_at + self.settings.webhook_max_age:
             return None
-        return wait
+        return float(wait)
 
     async def _give_up(self, delivery: Delivery, outcome: str, code: int | None, error: str) -> None:
         """The delivery failed for good; `outcome` is the metric's label (failed, refused)."""

@@ -280,7 +280,7 @@ class SandboxView:
             masked=tuple(masked),
         )
 
-    def landlock_message(self) -> dict[str, list[str]]:
+    def landlock_message(self) -> protocol.LandlockRules:
         devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random"]
         return {
             "read": [str(p) for p in self.read] + devices[1:] + ["/proc/self"],
@@ -726,26 +726,34 @@ class SandboxedRun:
     def outcome(self) -> SandboxOutcome:
         if self._reader:
             self._reader.join(5)
-        base = {"isolation": self.isolation, "cpu_seconds": round(self._cpu, 3), "max_rss_mb": round(self._rss / 2**20, 1)}
         final = self._final
         self._launcher.release()
         share_read_only(self.spec.workspace)
         if self._violation:
-            return SandboxOutcome("failed", error=f"sandboxed plugin {self._violation}", retryable=False, **base)
+            return self._ended("failed", error=f"sandboxed plugin {self._violation}", retryable=False)
         if self._stop_requested == "timeout":
-            return SandboxOutcome("timeout", error=f"timed out after {self.spec.timeout:g} s", **base)
+            return self._ended("timeout", error=f"timed out after {self.spec.timeout:g} s")
         if self._stop_requested == "cancelled":
-            return SandboxOutcome("cancelled", error="cancelled", **base)
+            return self._ended("cancelled", error="cancelled")
         if final and final["type"] == "result":
-            return SandboxOutcome("succeeded", output=final.get("output"), **base)
+            return self._ended("succeeded", output=final.get("output"))
         if final and final["type"] == "error":
             if final.get("kind") == "cancelled":
-                outcome = "timeout" if final.get("timed_out") else "cancelled"
-                return SandboxOutcome(outcome, error=final["error"], **base)
-            retryable = final.get("kind") != "setup"
-            return SandboxOutcome("failed", error=final["error"], retryable=retryable, **base)
+                return self._ended("timeout" if final.get("timed_out") else "cancelled", error=final["error"])
+            return self._ended("failed", error=final["error"], retryable=final.get("kind") != "setup")
         outcome, error, retryable = self._death()
-        return SandboxOutcome(outcome, error=error, retryable=retryable, **base)
+        return self._ended(outcome, error=error, retryable=retryable)
+
+    def _ended(self, outcome: str, *, output: Any = None, error: str = "", retryable: bool = True) -> SandboxOutcome:
+        return SandboxOutcome(
+            outcome,
+            output=output,
+            error=error,
+            retryable=retryable,
+            isolation=self.isolation,
+            cpu_seconds=round(self._cpu, 3),
+            max_rss_mb=round(self._rss / 2**20, 1),
+        )
 
     def _death(self) -> tuple[str, str, bool]:
         """Why the launcher ended without a result: a limit it hit fails the attempt (not retried:

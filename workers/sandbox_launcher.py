@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 from collections.abc import Callable
 
 from workers import sandbox_protocol as protocol
@@ -75,9 +75,9 @@ class _ModelCalls:
         with self._lock:
             self._next += 1
             call_id = self._next
-            done, box = threading.Event(), []
+            done, box = threading.Event(), cast(list[dict[str, Any]], [])
             self._waiting[call_id] = (done, box)
-        self._channel.send({"type": "model_call", "id": call_id, **request})
+        self._channel.send(cast(protocol.ModelCall, {"type": "model_call", "id": call_id, **request}))
         while not done.wait(0.2):
             if self._cancelled.is_set():
                 return {"ok": False, "error": "subtask cancelled while waiting for the model"}
@@ -182,7 +182,7 @@ def _enter_workspace(workspace: Path) -> None:
     os.environ["TMPDIR"] = str(workspace / ".tmp")
     tempfile = sys.modules.get("tempfile")
     if tempfile is not None:
-        tempfile.tempdir = None  # the plugin's import may have fixed it to the launcher's first home
+        tempfile.tempdir = None  # type: ignore[attr-defined]  # set by the plugin's import to our first home
 
 
 def main() -> None:
@@ -247,7 +247,7 @@ def main() -> None:
 
         from edgefleet.plugin_context import SubtaskCancelled
 
-        kind = "cancelled" if isinstance(exc, SubtaskCancelled) else "exception"
+        kind: protocol.ErrorKind = "cancelled" if isinstance(exc, SubtaskCancelled) else "exception"
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         channel.send(protocol.error(kind, detail, timed_out=getattr(exc, "timed_out", False)))
         return

@@ -128,7 +128,8 @@ def submit(
     else:
         fail("FILE", "give a job file ('-' for stdin), --template NAME or --demo; see `edgefleet submit --help`")
     if inputs:
-        merged = body.get("inputs") if isinstance(body.get("inputs"), dict) else {}
+        earlier = body.get("inputs")
+        merged: dict[str, Any] = earlier if isinstance(earlier, dict) else {}
         body["inputs"] = {**merged, **parse_inputs(inputs)}
     if priority is not None:
         body["priority"] = priority.value
@@ -299,7 +300,7 @@ def _seconds(value: str) -> float:
 def _gc_batch(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     """One `POST /v1/admin/gc`: a batch per call keeps each Lua script short, so Redis serves
     everyone else in between."""
-    return client._request("POST", "/v1/admin/gc", json=body).json()  # noqa: SLF001 - Client has no gc() yet
+    return client.gc(older_than=body.get("older_than"), limit=body.get("limit"))
 
 
 def gc(

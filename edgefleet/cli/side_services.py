@@ -13,7 +13,7 @@ from edgefleet.cli.processes import write_secret_file
 def free_local_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def prometheus_config(

@@ -245,9 +245,8 @@ class LocalCluster:
                         break
             return
         self.token_file = self.data_dir / TOKEN_FILE
-        token = read_token_file(self.data_dir)
-        if token is None:
-            token = secrets.token_urlsafe(32)
+        existing = read_token_file(self.data_dir)
+        token = existing if existing is not None else secrets.token_urlsafe(32)
         write_secret_file(self.token_file, token)  # (re)asserts mode 0600
         self.token = token
         self.tokens_env = json.dumps({token: {"scopes": ["admin"], "tenant": "default"}})

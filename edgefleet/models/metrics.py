@@ -6,7 +6,7 @@ prefork children in prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, REGISTRY
 
 from edgefleet.models.backends import Completion
 from edgefleet.models.errors import Attempt
@@ -31,32 +31,33 @@ class ModelMetrics:
     """The model metrics, on `registry` (prometheus-client's default registry when None)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        kwargs = {"registry": registry} if registry is not None else {}
+        # prometheus-client's own default when none is given, without a **kwargs mypy cannot check.
+        registry = registry if registry is not None else REGISTRY
         self.calls = Counter(
             MODEL_CALLS,
             "model calls attempted, by outcome (ok or the fallback reason)",
             ["model", "task_type", "outcome"],
-            **kwargs,
+            registry=registry,
         )
         self.fallbacks = Counter(
             MODEL_FALLBACKS,
             "times the router moved past a model, by reason",
             ["model", "reason"],
-            **kwargs,
+            registry=registry,
         )
         self.latency = Histogram(
-            MODEL_LATENCY, "wall time of successful model calls", ["model"], buckets=_LATENCY_BUCKETS, **kwargs
+            MODEL_LATENCY, "wall time of successful model calls", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
         )
         self.first_token = Histogram(
-            MODEL_FIRST_TOKEN, "time to the first streamed token", ["model"], buckets=_LATENCY_BUCKETS, **kwargs
+            MODEL_FIRST_TOKEN, "time to the first streamed token", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
         )
-        self.tokens_in = Counter(MODEL_TOKENS_IN, "prompt tokens", ["model"], **kwargs)
-        self.tokens_out = Counter(MODEL_TOKENS_OUT, "generated tokens", ["model"], **kwargs)
+        self.tokens_in = Counter(MODEL_TOKENS_IN, "prompt tokens", ["model"], registry=registry)
+        self.tokens_out = Counter(MODEL_TOKENS_OUT, "generated tokens", ["model"], registry=registry)
         self.tokens_per_second = Histogram(
-            MODEL_TOKENS_PER_SECOND, "decode speed of model calls", ["model"], buckets=_TPS_BUCKETS, **kwargs
+            MODEL_TOKENS_PER_SECOND, "decode speed of model calls", ["model"], buckets=_TPS_BUCKETS, registry=registry
         )
         self.load_seconds = Histogram(
-            MODEL_LOAD_SECONDS, "time to load a model", ["model"], buckets=_LOAD_BUCKETS, **kwargs
+            MODEL_LOAD_SECONDS, "time to load a model", ["model"], buckets=_LOAD_BUCKETS, registry=registry
         )
 
     def observe_completion(self, task_type: str, completion: Completion) -> None:

@@ -68,15 +68,15 @@ def answer_text(answer: Any, keys: Sequence[str] = ANSWER_KEYS) -> str:
     if isinstance(answer, dict):
         for key in keys:
             if isinstance(answer.get(key), str):
-                return answer[key]
+                return str(answer[key])
         choices = answer.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             first = choices[0]
             if isinstance(first.get("text"), str):
-                return first["text"]
+                return str(first["text"])
             message = first.get("message")
             if isinstance(message, dict) and isinstance(message.get("content"), str):
-                return message["content"]
+                return str(message["content"])
     text = getattr(answer, "text", None)
     if isinstance(text, str):
         return text
