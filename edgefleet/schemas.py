@@ -231,7 +231,7 @@ class ErrorItem(BaseModel):
 
 
 class SchedulerWeightsChange(BaseModel):
-    """`PUT /v1/scheduler/weights`: change some release-scheduler weights (see `edgefleet.priority`)."""
+    """`PUT /v1/scheduler/weights`: change some release-scheduler weights (see `edgefleet.scheduling.priority`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -16,7 +16,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from edgefleet.priority import DEFAULT_WEIGHTS
+from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
 from edgefleet.schemas import ResourceClass
 
 CONFIG_FILE_ENV = "EDGEFLEET_CONFIG"
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     release_interval: float = 0.2
     scheduler_weights: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_WEIGHTS),
-        description="defaults of the release scheduler's weights (see edgefleet.priority); "
+        description="defaults of the release scheduler's weights (see edgefleet.scheduling.priority); "
         "the values in Redis, once there, win",
     )
     scheduler_lease_ttl: float = Field(

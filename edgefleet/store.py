@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 import redis
 
-from edgefleet import priority, store_lua
+from edgefleet import store_lua
 from edgefleet.keys import Keys
+from edgefleet.scheduling import priority
 from edgefleet.schemas import (
     JobPage,
     JobState,

@@ -6,7 +6,7 @@ from ARGV[1] (the prefix) inside the scripts: edgefleet targets one Redis, not
 a cluster. Timestamps come from Redis' TIME so that boxes with skewed clocks
 agree on leases and backoffs.
 
-The backlog score (effective priority) is `edgefleet.priority`'s formula (`LUA_SCORE`).
+The backlog score (effective priority) is `edgefleet.scheduling.priority`'s formula (`LUA_SCORE`).
 Per-tenant counters `<prefix>:tenant_active:<tenant>` count the subtasks of a tenant
 that are ready, queued, running or waiting for a retry: a subtask's hash field
 `active` is 1 while it is counted, so every transition counts it at most once.
@@ -28,7 +28,7 @@ Retention: `finish_job` adds each job that ends to `<prefix>:finished` (score: f
 `GC` deletes the jobs there that finished long enough ago, with all their keys.
 """
 
-from edgefleet.priority import LUA_SCORE
+from edgefleet.scheduling.priority import LUA_SCORE
 
 PRELUDE = r"""
 local P = ARGV[1]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from edgefleet.dispatch import Dispatcher
+from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from router.webhook_store import WebhookStore

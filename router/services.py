@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 
 from edgefleet.celery_app import create_celery
-from edgefleet.dispatch import Dispatcher
-from edgefleet.model_affinity import build_affinity
 from edgefleet.netguard import OutboundGuard
 from edgefleet.plugin_catalog import PluginCatalog
-from edgefleet.priority import DEFAULT_WEIGHTS
+from edgefleet.scheduling.affinity import build_affinity
+from edgefleet.scheduling.dispatch import Dispatcher
+from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from edgefleet.templates import TemplateCatalog

@@ -17,9 +17,9 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.dispatch import Dispatcher
 from edgefleet.models.errors import NoModelAvailable
 from edgefleet.netguard import OutboundGuard
+from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import JobRequest, JobStatus, NodeInfo, Plan, PlanPreview, StepSpec
 from edgefleet.store import JobStore
 from router.goal_planner import GoalPlan, GoalPlanError

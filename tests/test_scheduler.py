@@ -20,8 +20,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefleet import priority
-from edgefleet.priority import DEFAULT_WEIGHTS, EPOCH, LUA_SCORE, score
+from edgefleet.scheduling import priority
+from edgefleet.scheduling.priority import DEFAULT_WEIGHTS, EPOCH, LUA_SCORE, score
 from edgefleet.schemas import ResourceClass
 from edgefleet.store import JobStore
 from tests.conftest import Cluster, RedisServer, free_port, stop_process, wait_until

@@ -14,16 +14,16 @@ from typing import Any
 
 from celery import Celery
 
-from edgefleet.hardening import make_undumpable
 from edgefleet.celery_app import EXPRESS_SUFFIX, PROBE, RUN_SUBTASK, create_celery, worker_hostname
-from edgefleet.dispatch import Dispatcher
+from edgefleet.hardening import make_undumpable
 from edgefleet.logs import setup_logging
+from edgefleet.models.factory import build_model_router
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.scheduling.affinity import build_affinity
+from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from edgefleet.model_affinity import build_affinity
-from edgefleet.models.factory import build_model_router
 from workers.metrics import WorkerMetrics
 from workers.model_calls import ModelCallHandler
 from workers.runner import SubtaskRunner

@@ -26,9 +26,9 @@ from typing import Any
 
 import psutil
 
-from edgefleet.dispatch import Dispatcher
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, resolve_refs
+from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage

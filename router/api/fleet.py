@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from edgefleet.priority import validate_weights
+from edgefleet.scheduling.priority import validate_weights
 from edgefleet.schemas import NodeInfo, ResourceClass, SchedulerWeightsChange
 from router.auth import AdminPrincipal, ReadPrincipal
 from router.errors import ApiError, error_responses
@@ -21,7 +21,7 @@ router = APIRouter(tags=["fleet"])
 
 @router.get("/v1/scheduler")
 def scheduler(_: ReadPrincipal, services: Services) -> dict[str, Any]:
-    """The release scheduler as Redis holds it: weights (see `edgefleet.priority`),
+    """The release scheduler as Redis holds it: weights (see `edgefleet.scheduling.priority`),
     target depth, backlog and released-but-unclaimed depth per resource class, the
     router holding the release lease, and the last changes with their reasons."""
     store = services.store

@@ -7,7 +7,7 @@ import logging
 from celery import Celery
 
 from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, RUN_SUBTASK
-from edgefleet.model_affinity import ModelAffinity
+from edgefleet.scheduling.affinity import ModelAffinity
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore, Released
