@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=8701, description="node /metrics and /healthz; 0 picks a free port, -1 disables"
     )
+    worker_task_modules: list[str] = Field(
+        default_factory=list,
+        description="modules each class worker imports for extra Celery tasks (e.g. loadtests.bench_tasks, "
+        "the benchmarks' raw-Celery baseline); none in production",
+    )
     cpu_concurrency: int | None = None
     io_concurrency: int = 8
     gpu_concurrency: int | None = Field(default=None, description="defaults to one slot per GPU")

@@ -11,7 +11,7 @@ its express slot for interactive work, --express-slots); every scenario runs the
               `deadline_s`, one bearer token per tenant); they wait in the backlog and the
               release scheduler lets them into Celery under the class's target depth
 
-`edgefleet.bench_sleep(seconds, label, key)` (workers/class_worker.py) is the baseline task: it
+`edgefleet.bench_sleep(seconds, label, key)` (loadtests/bench_tasks.py) is the baseline task: it
 sleeps and appends its start/finish times to a Redis list. An edgefleet subtask additionally runs
 in a sandboxed child process, so each way's capacity (subtasks per second) is measured first and
 the loads of scenario 2 are set as fractions of it.
@@ -62,7 +62,7 @@ from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from loadtests.harness import healthy as _healthy, start, stop, wait_for
 
-BENCH_SLEEP = "edgefleet.bench_sleep"  # the baseline task, in workers/class_worker.py
+BENCH_SLEEP = "edgefleet.bench_sleep"  # the baseline task, loadtests/bench_tasks.py
 CPU = ResourceClass.cpu
 WAYS = ("fifo", "celery-prio", "celery-lane", "edgefleet")
 # celery-lane differs from celery-prio only in where interactive work goes.
@@ -639,6 +639,8 @@ def main() -> None:
         EDGEFLEET_INTERACTIVE_P95_OBJECTIVE=str(args.objective),
         EDGEFLEET_SANDBOX=args.sandbox,
         EDGEFLEET_LOG_LEVEL="WARNING",
+        # The raw-Celery baseline task runs on the same worker slots as edgefleet's subtasks.
+        EDGEFLEET_WORKER_TASK_MODULES=json.dumps(["loadtests.bench_tasks"]),
     )
     router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
     node = start([sys.executable, "-m", "edgefleet", "worker", "--node-name", "bench", "--classes", "cpu"], env, workdir / "node.log")

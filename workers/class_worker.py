@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 from celery import Celery
@@ -30,9 +28,6 @@ from workers.runner import SubtaskRunner
 from workers.store_retry import worker_client
 
 PR_SET_PDEATHSIG = 1
-# The raw-Celery baseline task of loadtests/bench_priorities.py (not used by the product).
-BENCH_SLEEP = "edgefleet.bench_sleep"
-BENCH_SLEEP_MAX_SECONDS = 3600.0
 # A warm model is advertised this long after its last use in some worker process.
 WARM_TTL_SECONDS = 600
 
@@ -71,6 +66,8 @@ class RuntimePerProcess:
 
 def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
     app = create_celery(settings, main=f"edgefleet-{resource_class.value}")
+    # Tasks an operator or a benchmark adds (loadtests/bench_tasks.py), imported at worker start.
+    app.conf.imports = tuple(settings.worker_task_modules)
     runtime = RuntimePerProcess(settings, app)
 
     @app.task(name=RUN_SUBTASK)
@@ -81,16 +78,6 @@ def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
     def probe(counter_key: str) -> None:
         """Counts one delivery: a liveness probe for operators and the raw-Celery baseline of loadtests."""
         runtime.get().store.redis.incr(counter_key)
-
-    @app.task(name=BENCH_SLEEP)
-    def bench_sleep(seconds: float, label: str, key: str) -> None:
-        """The benchmark's baseline task (loadtests/bench_priorities.py): raw Celery's stand-in
-        for a one-step `sleep` job. Sleeps `seconds`, then appends
-        `{"label", "start", "end"}` (wall-clock seconds) to the Redis list `key`."""
-        start = time.time()
-        time.sleep(min(max(float(seconds), 0.0), BENCH_SLEEP_MAX_SECONDS))
-        record = json.dumps({"label": label, "start": start, "end": time.time()})
-        runtime.get().store.redis.rpush(key, record)
 
     return app
 
