@@ -1,88 +1,171 @@
-"""Redis key names of the job store, in one place so that Python and Lua agree."""
+"""Redis key names of the job store, defined once: Python formats them, Lua gets them generated.
+
+`KEY_TEMPLATES` is the only place a key name is spelled. `Keys` formats them for the
+Python side; `lua_key_functions` turns the same templates into the `K` table of Lua
+functions that every store script starts with (the scripts get the prefix as ARGV[1]),
+so Python and Lua cannot disagree on a name.
+"""
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
+from typing import Final
 
 from edgefleet.schemas import ResourceClass
 
 # "|" never occurs in job ids (hex) or step ids (see STEP_ID_PATTERN).
 MEMBER_SEP = "|"
 
+# Name -> key after "<prefix>:", with {placeholders}. Kinds: h hash, z sorted set, l list, s set, x stream.
+KEY_TEMPLATES: Final[dict[str, str]] = {
+    # jobs
+    "job": "job:{job_id}",  # h: one job
+    "subtask": "st:{job_id}:{subtask_id}",  # h: one subtask
+    "events": "events:{job_id}",  # x: the job's events, for SSE
+    "jobs": "jobs",  # z: every job by creation time
+    "jobs_in_state": "jobs:s:{state}",  # z: jobs in one state, by creation time
+    "tenant_jobs": "jobs:t:{tenant}",  # z: a tenant's jobs
+    "tenant_jobs_in_state": "jobs:t:{tenant}:s:{state}",  # z
+    "finished": "finished",  # z: job id -> finished_at, of every job that ended (what retention deletes)
+    "idempotency": "idem:{tenant}:{key}",  # string: the job an Idempotency-Key made
+    "callbacks": "callbacks",  # l: ended jobs with a callback_url, for the webhook intake
+    "tenant_active": "tenant_active:{tenant}",  # string: the tenant's ready/queued/running subtasks
+    # attempts
+    "queued": "queued:{resource_class}",  # z: released, not yet claimed ("job|subtask" -> queued_at)
+    "dispatching": "dispatching",  # z: popped from a backlog, not yet sent ("job|subtask|attempt")
+    "delayed": "delayed",  # z: retries waiting for their backoff
+    "running": "running",  # z: "job|subtask" -> lease end
+    # the release scheduler
+    "backlog": "backlog:{resource_class}",  # z: ready subtasks by score
+    "backlog_of_priority": "backlog:{resource_class}:{priority}",  # z: the same, one priority class
+    "backlog_count": "backlog_count:{resource_class}",  # h: priority class -> members of the backlog
+    "weights": "scheduler:weights",  # h
+    "target_depth": "scheduler:target_depth",  # h: class -> depth
+    "changes": "scheduler:changes",  # l: newest first, 20 kept
+    "released": "scheduler:released:{resource_class}",  # h: decayed releases per priority class
+    "leader": "scheduler:leader",  # string: the router holding the release lease
+    "loop_released": "scheduler:loop_released",  # h: router id -> subtasks its release loop released
+    "feedback": "scheduler:feedback",  # h: the feedback loop's last round
+    # nodes
+    "node": "node:{name}",  # string: a node's heartbeat (NodeInfo JSON), with a TTL
+    "nodes": "nodes",  # s: node names (pruned of expired heartbeats on read)
+    "warm_models": "warm:{node}",  # s: models loaded in some worker process of the node
+    # webhooks
+    "webhooks_due": "webhooks:due",  # z: pending delivery id -> next attempt (or end of its claim)
+    "webhook": "webhook:{delivery_id}",  # h: one delivery's record
+    "webhook_secret": "webhook_secret:{tenant}",  # h: a tenant's signing secret (and the previous one)
+}
+
+_LITERAL = re.compile(r"[a-z_:]*")
+
 
 def member(job_id: str, subtask_id: str) -> str:
     return f"{job_id}{MEMBER_SEP}{subtask_id}"
+
+
+def _parts(template: str) -> list[tuple[str, str | None]]:
+    """(literal text, placeholder or None) pairs of a template."""
+    return [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+
+
+def lua_key_functions() -> str:
+    """The Lua table `K`: one function per key name, over the prefix `P` (ARGV[1] of every script)."""
+    lines = ["local K = {}"]
+    for name, template in KEY_TEMPLATES.items():
+        params: list[str] = []
+        pieces = ["P"]
+        for literal, placeholder in _parts(":" + template):
+            if not _LITERAL.fullmatch(literal):
+                raise ValueError(f"key template {name!r}: literal {literal!r} needs Lua quoting")
+            if literal:
+                pieces.append(f"'{literal}'")
+            if placeholder:
+                params.append(placeholder)
+                pieces.append(placeholder)
+        lines.append(f"function K.{name}({', '.join(params)}) return {' .. '.join(pieces)} end")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "ef"
 
+    def key(self, kind: str, /, **parts: str) -> str:
+        """The key `kind` of `KEY_TEMPLATES` with its placeholders filled in."""
+        return f"{self.prefix}:{KEY_TEMPLATES[kind].format(**parts)}"
+
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return self.key("job", job_id=job_id)
 
     def subtask(self, job_id: str, subtask_id: str) -> str:
-        return f"{self.prefix}:st:{job_id}:{subtask_id}"
+        return self.key("subtask", job_id=job_id, subtask_id=subtask_id)
 
     def events(self, job_id: str) -> str:
-        return f"{self.prefix}:events:{job_id}"
+        return self.key("events", job_id=job_id)
 
     def backlog(self, resource_class: ResourceClass | str) -> str:
-        return f"{self.prefix}:backlog:{_value(resource_class)}"
+        return self.key("backlog", resource_class=_value(resource_class))
+
+    def backlog_of_priority(self, resource_class: ResourceClass | str, priority: str) -> str:
+        return self.key("backlog_of_priority", resource_class=_value(resource_class), priority=priority)
 
     def backlog_count(self, resource_class: ResourceClass | str) -> str:
         """Hash: priority class -> number of that class's members in `backlog(resource_class)`."""
-        return f"{self.prefix}:backlog_count:{_value(resource_class)}"
+        return self.key("backlog_count", resource_class=_value(resource_class))
 
     def queued(self, resource_class: ResourceClass | str) -> str:
-        return f"{self.prefix}:queued:{_value(resource_class)}"
+        return self.key("queued", resource_class=_value(resource_class))
 
     def jobs_index(self, tenant: str | None = None, state: str | None = None) -> str:
-        key = f"{self.prefix}:jobs"
-        if tenant is not None:
-            key += f":t:{tenant}"
-        if state is not None:
-            key += f":s:{state}"
-        return key
+        if tenant is None:
+            return self.key("jobs") if state is None else self.key("jobs_in_state", state=state)
+        if state is None:
+            return self.key("tenant_jobs", tenant=tenant)
+        return self.key("tenant_jobs_in_state", tenant=tenant, state=state)
+
+    def tenant_active(self, tenant: str) -> str:
+        return self.key("tenant_active", tenant=tenant)
 
     def node(self, name: str) -> str:
-        return f"{self.prefix}:node:{name}"
+        return self.key("node", name=name)
 
     @property
     def nodes(self) -> str:
-        return f"{self.prefix}:nodes"
+        return self.key("nodes")
 
     @property
     def running(self) -> str:
-        return f"{self.prefix}:running"
+        return self.key("running")
 
     @property
     def finished(self) -> str:
         """Sorted set: job id -> finished_at, of every job that ended (what retention deletes)."""
-        return f"{self.prefix}:finished"
+        return self.key("finished")
 
     @property
     def callbacks(self) -> str:
-        return f"{self.prefix}:callbacks"
+        return self.key("callbacks")
 
     @property
     def webhooks_due(self) -> str:
         """Sorted set: pending webhook delivery id -> when it may next be attempted (or its claim ends)."""
-        return f"{self.prefix}:webhooks:due"
+        return self.key("webhooks_due")
 
     def webhook(self, delivery_id: str) -> str:
         """Hash: one webhook delivery's record (job, tenant, url, attempt, state, last status/error)."""
-        return f"{self.prefix}:webhook:{delivery_id}"
+        return self.key("webhook", delivery_id=delivery_id)
 
     def webhook_secret(self, tenant: str) -> str:
         """Hash: a tenant's webhook signing secret, and the previous one while it is still honoured."""
-        return f"{self.prefix}:webhook_secret:{tenant}"
+        return self.key("webhook_secret", tenant=tenant)
 
     def warm_models(self, node: str) -> str:
-        return f"{self.prefix}:warm:{node}"
+        return self.key("warm_models", node=node)
 
     def idempotency(self, tenant: str, key: str) -> str:
-        return f"{self.prefix}:idem:{tenant}:{key}"
+        return self.key("idempotency", tenant=tenant, key=key)
 
 
 def _value(resource_class: ResourceClass | str) -> str:

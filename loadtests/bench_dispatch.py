@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.celery_app import PROBE, create_celery  # noqa: E402
+from edgefleet.schemas import JobState  # noqa: E402
 from edgefleet.settings import Settings  # noqa: E402
-from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
+from edgefleet.store import JobStore  # noqa: E402
+from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes  # noqa: E402
+
 SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
 
 
@@ -49,10 +52,14 @@ def bench_raw_celery(settings: Settings, client: redis.Redis, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def bench_router(url: str, client: redis.Redis, n: int, threads: int) -> tuple[float, list[float]]:
+def bench_router(url: str, store: JobStore, n: int, threads: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     lock = threading.Lock()
-    base = client.zcard("ef:jobs:s:succeeded")
+
+    def succeeded() -> int:
+        return store.job_counts()[JobState.succeeded]
+
+    base = succeeded()
     local = threading.local()
 
     def submit(_: int) -> None:
@@ -68,7 +75,7 @@ def bench_router(url: str, client: redis.Redis, n: int, threads: int) -> tuple[f
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(submit, range(n)))
-    wait_for(lambda: client.zcard("ef:jobs:s:succeeded") - base >= n, 600, "router jobs")
+    wait_for(lambda: succeeded() - base >= n, 600, "router jobs")
     return n / (time.perf_counter() - started), latencies
 
 
@@ -83,15 +90,16 @@ def main() -> None:
     try:
         redis_url = stack.start_redis()
         client = redis.Redis.from_url(redis_url, decode_responses=True)
+        store = JobStore.from_url(redis_url)
         stack.start_router()
         stack.start_node("bench")
-        wait_for(lambda: client.exists("ef:node:bench"), 60, "worker node")
+        wait_nodes(store, "bench")
         settings = Settings(redis_url=redis_url)
         # Warm both paths (imports, pools, plugin loading) before measuring.
         bench_raw_celery(settings, client, 50)
-        bench_router(stack.url, client, 50, args.client_threads)
+        bench_router(stack.url, store, 50, args.client_threads)
         raw_rate = bench_raw_celery(settings, client, args.jobs)
-        router_rate, latencies = bench_router(stack.url, client, args.jobs, args.client_threads)
+        router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
         raw_rate_again = bench_raw_celery(settings, client, args.jobs)
     finally:
         stack.stop()

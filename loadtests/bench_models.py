@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import httpx
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.models.config import resolve_model_path  # noqa: E402
-from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
+from edgefleet.store import JobStore  # noqa: E402
+from loadtests.harness import TOKEN, BenchStack, wait_nodes  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm at sea."
 MAX_TOKENS = 128
@@ -82,10 +82,10 @@ def main() -> None:
 
     stack = BenchStack(Path(tempfile.mkdtemp(prefix="edgefleet-bench-models-")), EDGEFLEET_CPU_CONCURRENCY="1")
     try:
-        client = redis.Redis.from_url(stack.start_redis())
+        store = JobStore.from_url(stack.start_redis())
         stack.start_router()
         stack.start_node("bench")
-        wait_for(lambda: client.exists("ef:node:bench"), 60, "worker node")
+        wait_nodes(store, "bench")
         time.sleep(3)  # the class worker starts consuming after the supervisor's first heartbeat
         # Alternate so that both see the same machine load.
         bare, sub = [], []

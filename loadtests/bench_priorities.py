@@ -59,6 +59,7 @@ from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, create_celery
 from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
 from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.store import JobStore
 from loadtests.harness import healthy as _healthy, start, stop, wait_for
 
@@ -181,6 +182,7 @@ class EdgefleetWay:
     def __init__(self, url: str, store: JobStore, client: redis.Redis) -> None:
         self.url = url
         self.store = store
+        self.scheduler = SchedulerState.of(store)
         self.client = client
         self._local = threading.local()
 
@@ -234,9 +236,9 @@ class EdgefleetWay:
 
         def drained() -> bool:
             return (
-                self.store.backlog_size(CPU) == 0
-                and self.store.queued_size(CPU) == 0
-                and self.client.zcard(self.store.keys.running) == 0
+                self.scheduler.backlog_size(CPU) == 0
+                and self.scheduler.queued_size(CPU) == 0
+                and self.store.attempts.running_count() == 0
                 and sum(self.client.llen(k) for k in celery_queue_keys()) == 0
                 and self.client.hlen("unacked") == 0
             )
@@ -289,11 +291,12 @@ class Bench:
         self.args = args
         self.ways = ways
         self.store = store
+        self.scheduler = SchedulerState.of(store)
         self.capacity: dict[str, float] = {}
         self.unloaded: dict[str, dict[str, float | None]] = {}
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self.base_weights = store.weights()
+        self.base_weights = self.scheduler.weights()
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -302,7 +305,7 @@ class Bench:
         return "edgefleet" if way == "edgefleet" else "celery"
 
     def set_weights(self, changes: dict[str, float], reason: str) -> None:
-        self.store.set_weights({**self.base_weights, **changes}, f"bench_priorities: {reason}")
+        self.scheduler.set_weights({**self.base_weights, **changes}, f"bench_priorities: {reason}")
 
     def collect(self, way: Any, run: Run, items: list[Item] | None = None) -> None:
         if isinstance(way, EdgefleetWay):
@@ -441,7 +444,7 @@ class Bench:
         inter = run.of("interactive")
         self.wait_done(way, run, inter, a.drain)
         now = time.time()
-        weights_after = self.store.weights() if name == "edgefleet" else None
+        weights_after = self.scheduler.weights() if name == "edgefleet" else None
         way.purge(run)
         self.rows.append(
             {"scenario": "2 starve", "way": name, "int_p50": pct(inter, 0.5, now=now), "int_p95": pct(inter, 0.95, now=now),
@@ -512,7 +515,7 @@ class Bench:
         items = [way.submit(run, "normal", "s4-A", self.args.batch_seconds) for _ in range(self.args.reorder_jobs)]
         time.sleep(1.0)
         ranks_before = self._ranks(items)
-        backlog = self.store.backlog_size(CPU)
+        backlog = self.scheduler.backlog_size(CPU)
         changed_at = time.time()
         self.set_weights({"normal": 600.0}, "reorder: normal head start raised to 600")
         ranks_after = self._ranks(items)
@@ -525,7 +528,7 @@ class Bench:
         )
 
     def _ranks(self, items: list[Item]) -> list[int | None]:
-        order = [m.split("|", 1)[0] for m, _ in self.store.backlog_order(CPU, limit=100_000)]
+        order = [m.split("|", 1)[0] for m, _ in self.scheduler.backlog_order(CPU, limit=100_000)]
         pos = {job: n for n, job in enumerate(order)}
         return [pos.get(i.handle) for i in items]
 
@@ -649,10 +652,10 @@ def main() -> None:
     started = time.time()
     try:
         wait_for(lambda: _healthy(url), 60, "router")
-        wait_for(lambda: client.exists("ef:node:bench"), 60, "worker node")
+        store = JobStore.from_url(server.url)
+        wait_for(lambda: any(n.name == "bench" for n in store.nodes.live_nodes()), 60, "worker node")
         settings = Settings(redis_url=server.url)
         app = create_celery(settings, main="bench")
-        store = JobStore.from_url(server.url)
         ways = {
             "fifo": CeleryWay("fifo", app, client, use_priorities=False),
             "celery-prio": CeleryWay("celery-prio", app, client, use_priorities=True),
@@ -669,7 +672,7 @@ def main() -> None:
                     continue
                 getattr(bench, scenario)(way)
         scheduler = httpx.get(f"{url}/v1/scheduler", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
-        store.set_weights(bench.base_weights, "bench_priorities: restore")
+        bench.scheduler.set_weights(bench.base_weights, "bench_priorities: restore")
     finally:
         stop(node)
         stop(router)

@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 import httpx
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtests.harness import TOKEN, BenchStack, wait_for  # noqa: E402
+from edgefleet.store import JobStore  # noqa: E402
+from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes  # noqa: E402
 
 NODES = {"warm": "1", "cold": "0"}
 
@@ -58,11 +58,11 @@ def main() -> None:
     )
     times: dict[str, list[float]] = {name: [] for name in NODES}
     try:
-        client = redis.Redis.from_url(stack.start_redis(), decode_responses=True)
+        store = JobStore.from_url(stack.start_redis())
         stack.start_router()
         for name, warm in NODES.items():
             stack.start_node(name, EDGEFLEET_SANDBOX_WARM=warm)
-        wait_for(lambda: all(client.exists(f"ef:node:{name}") for name in NODES), 60, "worker nodes")
+        wait_nodes(store, *NODES)
         with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
             for name in NODES:  # the first runs import and start everything once
                 for _ in range(3):

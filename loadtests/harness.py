@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
+from edgefleet.store import JobStore
 
 TOKEN = "bench-token"
 
@@ -39,6 +40,11 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
             return
         time.sleep(0.05)
     raise SystemExit(f"timed out waiting for {what}")
+
+
+def wait_nodes(store: JobStore, *names: str, timeout: float = 60) -> None:
+    """Until every named worker node has a live heartbeat."""
+    wait_for(lambda: set(names) <= {n.name for n in store.nodes.live_nodes()}, timeout, "worker nodes")
 
 
 def healthy(url: str) -> bool:

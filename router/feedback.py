@@ -24,23 +24,23 @@ Interactive weight: raised 25 % per round (up to 4x its first value) while the
 interactive p95 exceeds `settings.interactive_p95_objective`, lowered back 10 %
 per round once it is under half the objective.
 
-The store's `set_target_depth` / `set_weights` (the release scheduler's) are
-called when the store has them; otherwise the decisions are only recorded.
+Both go through the release scheduler's state (`SchedulerState.set_target_depth`,
+`set_weights`), which logs each change with its reason.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -75,10 +75,6 @@ class PrometheusUnavailable(Exception):
     pass
 
 
-def feedback_key(store: JobStore) -> str:
-    return f"{store.keys.prefix}:scheduler:feedback"
-
-
 def target_for(slots: int, run: float | None, wait: float | None) -> int:
     if slots <= 0:
         return 0
@@ -91,6 +87,7 @@ class FeedbackLoop:
     def __init__(
         self,
         store: JobStore,
+        scheduler: SchedulerState,
         settings: Settings,
         metrics: RouterMetrics,
         watcher: FinishWatcher,
@@ -98,6 +95,7 @@ class FeedbackLoop:
     ) -> None:
         self.is_leader = is_leader
         self.store = store
+        self.scheduler = scheduler
         self.settings = settings
         self.metrics = metrics
         self.watcher = watcher
@@ -176,7 +174,7 @@ class FeedbackLoop:
 
     def _from_redis(self) -> dict[str, Any]:
         slots: dict[str, int] = {}
-        for node in self.store.live_nodes():
+        for node in self.store.nodes.live_nodes():
             for rc in node.classes:
                 if rc is ResourceClass.cpu:
                     n = self.settings.cpu_concurrency or node.cores
@@ -236,25 +234,15 @@ class FeedbackLoop:
         if changes:
             self.recent_changes = (self.recent_changes + changes)[-RECENT_CHANGES:]
             record["changes"] = json.dumps(self.recent_changes)
-        self.store.redis.hset(feedback_key(self.store), mapping=record)
+        self.scheduler.record_feedback(record)
         return {"source": source, "reason": reason, "figures": figures, "changes": changes}
 
     def _set_target(self, rc: ResourceClass, target: int, why: str) -> bool:
-        setter = getattr(self.store, "set_target_depth", None)
-        if setter is None:
-            return False
-        try:
-            setter(rc, target, why)
-        except TypeError:
-            setter(rc.value, target, why)
+        self.scheduler.set_target_depth(rc, target, why)
         return True
 
     def _adjust_interactive_weight(self, p95: float) -> dict[str, Any] | None:
-        setter = getattr(self.store, "set_weights", None)
-        getter = getattr(self.store, "get_weights", None) or getattr(self.store, "weights", None)
-        if setter is None or not callable(getter):
-            return None
-        current = (getter() or {}).get("interactive")
+        current = self.scheduler.weights().get("interactive")
         if not isinstance(current, (int, float)) or current <= 0:
             return None
         if self._weight_base is None:
@@ -271,18 +259,23 @@ class FeedbackLoop:
         new = round(new, 4)
         if new == current:
             return None
-        setter({"interactive": new}, why)
+        self.scheduler.set_weights({"interactive": new}, why)
         self.metrics.weight.labels(name="interactive").set(new)
         return {"kind": "weight", "name": "interactive", "from": current, "to": new, "reason": why, "applied": True}
 
 
 def start_feedback(
-    app: Any, store: JobStore, settings: Settings, metrics: RouterMetrics, is_leader: Callable[[], bool]
+    app: Any,
+    store: JobStore,
+    scheduler: SchedulerState,
+    settings: Settings,
+    metrics: RouterMetrics,
+    is_leader: Callable[[], bool],
 ) -> FeedbackLoop:
     """Start the finish watcher and the feedback loop, and time POST /v1/jobs (one call from the lifespan)."""
     if getattr(app, "middleware_stack", None) is not None:
         app.middleware_stack = SubmitTimer(app.middleware_stack, metrics.submit_seconds)
     metrics.watcher.start()
-    loop = FeedbackLoop(store, settings, metrics, metrics.watcher, is_leader)
+    loop = FeedbackLoop(store, scheduler, settings, metrics, metrics.watcher, is_leader)
     loop.start()
     return loop

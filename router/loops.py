@@ -17,9 +17,9 @@ from collections.abc import Callable
 from prometheus_client import Counter
 
 from edgefleet.scheduling.dispatch import Dispatcher
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from router.webhook_store import WebhookStore
 from router.webhooks import WebhookSender, build_guard
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class RouterLoops:
     def __init__(
         self,
         store: JobStore,
+        scheduler: SchedulerState,
         dispatcher: Dispatcher,
         settings: Settings,
         released: Counter,
@@ -42,6 +43,7 @@ class RouterLoops:
         self._leading = False
         self._renewed_at = 0.0
         self.store = store
+        self.scheduler = scheduler
         self.dispatcher = dispatcher
         self.settings = settings
         self._released = released
@@ -66,7 +68,7 @@ class RouterLoops:
             thread.join(timeout)
         if self._leading:
             try:
-                self.store.resign(self.router_id)
+                self.scheduler.resign(self.router_id)
             except Exception:  # noqa: BLE001 - the lease expires anyway
                 log.warning("could not give the release lease back")
             self._leading = False
@@ -81,11 +83,11 @@ class RouterLoops:
         now = time.monotonic()
         if self._leading and now - self._renewed_at < ttl / 3:
             return True
-        leading = self.store.lead(self.router_id, ttl)
+        leading = self.scheduler.lead(self.router_id, ttl)
         if leading != self._leading:
             log.info(
                 "release lease taken" if leading else "release lease lost",
-                extra={"router_id": self.router_id, "leader": self.store.leader()},
+                extra={"router_id": self.router_id, "leader": self.scheduler.leader()},
             )
         self._leading = leading
         if leading:
@@ -113,17 +115,17 @@ class RouterLoops:
             if not self._lead():
                 self._stop.wait(self.settings.release_interval)
                 continue
-            self.store.promote_delayed()
+            self.store.attempts.promote_delayed()
             count = self.dispatcher.release_all()
             if count:
                 self._released.inc(count)
-                self.store.count_loop_release(self.router_id, count)
+                self.scheduler.count_loop_release(self.router_id, count)
                 continue  # there may be more room or more work
             self._stop.wait(self.settings.release_interval)
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.settings.reap_interval):
-            requeued = self.store.reap(
+            requeued = self.store.attempts.reap(
                 max_lost=self.settings.max_lost_attempts,
                 dispatch_grace=DISPATCH_GRACE_SECONDS,
                 stranded_after=self.settings.stranded_after,
@@ -135,7 +137,7 @@ class RouterLoops:
     def _callback_loop(self) -> None:
         """Webhooks: durable in Redis, delivered concurrently (see router.webhooks); every router runs it."""
         sender = WebhookSender(
-            WebhookStore(self.store.redis, self.store.keys),
+            self.store.webhooks,
             self.store,
             self.settings,
             build_guard(self.settings),

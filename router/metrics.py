@@ -12,7 +12,6 @@ across router restarts.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -29,7 +28,8 @@ from prometheus_client.registry import Collector
 
 from edgefleet import metric_names
 from edgefleet.celery_app import node_queue
-from edgefleet.schemas import JobState, PriorityClass, ResourceClass
+from edgefleet.scheduling.state import SchedulerState
+from edgefleet.schemas import PriorityClass, ResourceClass
 from edgefleet.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -41,44 +41,42 @@ SUBMIT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 def celery_queue_length(store: JobStore, queue: str) -> int:
     """Messages waiting in a Celery queue on Redis: the list plus its priority lists."""
-    pipe = store.redis.pipeline(transaction=False)
-    for suffix in metric_names.PRIORITY_LIST_SUFFIXES:
-        pipe.llen(queue + suffix)
-    return sum(int(n) for n in pipe.execute())
+    return store.broker_queue_length(queue, metric_names.PRIORITY_LIST_SUFFIXES)
 
 
 def broker_queues(store: JobStore) -> list[str]:
     """The class queues and the direct queues of the live nodes."""
     queues = [rc.value for rc in ResourceClass]
-    for node in store.live_nodes():
+    for node in store.nodes.live_nodes():
         for rc in node.classes:
             queues.append(f"{node_queue(node.name)}.{rc.value}")
     return queues
 
 
 class FleetCollector(Collector):
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, scheduler: SchedulerState) -> None:
         self.store = store
+        self.scheduler = scheduler
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        store = self.store
+        store, scheduler = self.store, self.scheduler
         backlog = GaugeMetricFamily(
             metric_names.BACKLOG_DEPTH, "ready subtasks not yet released, by the priority class of their job",
             labels=["resource_class", "priority_class"],
         )
         queued = GaugeMetricFamily(metric_names.QUEUED_DEPTH, "released subtasks not yet claimed", labels=["resource_class"])
-        for rc, counts in store.backlog_counts().items():
+        for rc, counts in scheduler.backlog_counts().items():
             for priority_class, n in counts.items():
                 backlog.add_metric([rc.value, priority_class], n)
         for rc in ResourceClass:
-            queued.add_metric([rc.value], store.queued_size(rc))
+            queued.add_metric([rc.value], scheduler.queued_size(rc))
         running = GaugeMetricFamily(metric_names.RUNNING_SUBTASKS, "subtasks holding a lease")
-        running.add_metric([], store.redis.zcard(store.keys.running))
+        running.add_metric([], store.attempts.running_count())
         nodes = GaugeMetricFamily(metric_names.LIVE_NODES, "worker nodes with a live heartbeat")
-        nodes.add_metric([], len(store.live_nodes()))
+        nodes.add_metric([], len(store.nodes.live_nodes()))
         jobs = GaugeMetricFamily(metric_names.JOBS_BY_STATE, "jobs per state (Redis indexes)", labels=["state"])
-        for state in JobState:
-            jobs.add_metric([state.value], store.redis.zcard(store.keys.jobs_index(None, state.value)))
+        for state, count in store.job_counts().items():
+            jobs.add_metric([state.value], count)
         depth = GaugeMetricFamily(
             metric_names.BROKER_QUEUE_DEPTH, "released subtasks waiting in the Celery queue", labels=["queue_name"]
         )
@@ -145,16 +143,15 @@ class FinishWatcher:
 
     def scan(self) -> int:
         """One pass; returns how many newly finished jobs it saw (none on the first pass)."""
-        redis, keys = self.store.redis, self.store.keys
-        sec, usec = redis.time()  # job scores are Redis time
-        now = sec + usec / 1e6
-        oldest = redis.zrange(keys.jobs_index(None, JobState.running.value), 0, 0, withscores=True)
-        next_floor = min(oldest[0][1], now) if oldest else now
+        store = self.store
+        now = store.now()  # job scores are Redis time
+        oldest = store.oldest_running_created()
+        next_floor = min(oldest, now) if oldest is not None else now
         first = self._floor is None
         floor = next_floor if first else self._floor
         new: list[tuple[str, str, float]] = []
         for state in TERMINAL_STATES:
-            for job_id, score in redis.zrangebyscore(keys.jobs_index(None, state), floor, "+inf", withscores=True):
+            for job_id, score in store.jobs_created_since(state, floor):
                 if job_id not in self._seen:
                     self._seen[job_id] = score
                     if not first:
@@ -163,36 +160,29 @@ class FinishWatcher:
         self._seen = {j: s for j, s in self._seen.items() if s >= next_floor}
         # Every router watches every finish (its feedback figures need them all), but each finish
         # is counted by one router only, so that counters summed over routers are right.
-        pipe = redis.pipeline(transaction=False)
-        for job_id, _, _ in new:
-            pipe.hsetnx(keys.job(job_id), "counted_by", self.router_id)
-        claims = pipe.execute() if new else []
-        for (job_id, state, _), claimed in zip(new, claims):
+        claims = store.mark_counted([job_id for job_id, _, _ in new], self.router_id)
+        for (job_id, state, _), claimed in zip(new, claims, strict=True):
             self._observe(job_id, state, count=bool(claimed))
         return len(new)
 
     def _observe(self, job_id: str, state: str, *, count: bool) -> None:
-        redis, keys = self.store.redis, self.store.keys
-        priority, created, finished, order = redis.hmget(keys.job(job_id), ["priority", "created_at", "finished_at", "order"])
-        if not priority:
+        job = self.store.finished_job(job_id)
+        if job is None:
             return
+        priority, created, finished = job.priority, job.created_at, job.finished_at
         if count:
             self.metrics.finished.labels(priority=priority, state=state).inc()
         if created and finished and state == "succeeded":
-            latency = max(0.0, float(finished) - float(created))
+            latency = max(0.0, finished - created)
             if count:
                 self.metrics.job_seconds.labels(priority=priority).observe(latency)
             with self._lock:
                 self.observed.latencies.setdefault(priority, deque(maxlen=500)).append((time.time(), latency))
-        if not order:
-            return
-        pipe = redis.pipeline(transaction=False)
-        for sid in json.loads(order):
-            pipe.hmget(keys.subtask(job_id, sid), ["resource_class", "queued_at", "started_at", "finished_at", "state"])
-        for rc, queued, started, done, st_state in pipe.execute():
-            if not (rc and queued and started and done) or st_state != "succeeded":
+        for st in job.subtasks:
+            rc, queued, started, done = st.resource_class, st.queued_at, st.started_at, st.finished_at
+            if not (rc and queued and started and done) or st.state != "succeeded":
                 continue
-            run, wait = float(done) - float(started), max(0.0, float(started) - float(queued))
+            run, wait = done - started, max(0.0, started - queued)
             with self._lock:
                 obs = self.observed
                 obs.run_seconds[rc] = run if rc not in obs.run_seconds else (1 - self.ALPHA) * obs.run_seconds[rc] + self.ALPHA * run
@@ -229,7 +219,7 @@ class SubmitTimer:
 
 
 class RouterMetrics:
-    def __init__(self, store: JobStore, router_id: str) -> None:
+    def __init__(self, store: JobStore, scheduler: SchedulerState, router_id: str) -> None:
         self.registry = CollectorRegistry()
         self.submitted = Counter(
             metric_names.JOBS_SUBMITTED, "jobs accepted", ["priority"], registry=self.registry
@@ -273,7 +263,7 @@ class RouterMetrics:
             metric_names.FEEDBACK_INTERACTIVE_P95, "interactive job p95 latency the feedback loop saw",
             registry=self.registry,
         )
-        self.registry.register(FleetCollector(store))
+        self.registry.register(FleetCollector(store, scheduler))
         self.watcher = FinishWatcher(store, self, router_id)
 
     def render(self) -> tuple[bytes, str]:

@@ -1,7 +1,7 @@
 """The router's retention sweep: finished jobs older than the retention are deleted from Redis.
 
 A thread, like the other router loops, because the job store is a blocking client. Each
-batch is one Lua script (`store_lua.GC`), so several routers may sweep at once: a job is
+batch is one Lua script (`edgefleet/store/lua/gc.lua`), so several routers may sweep at once: a job is
 deleted by exactly one of them. Workspaces on worker boxes are swept by each node
 (`workers.workspace_gc`).
 """

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 
 from edgefleet.celery_app import create_celery
@@ -22,10 +21,11 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.scheduling.affinity import build_affinity
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.store.events import JobEventReader
 from edgefleet.templates import TemplateCatalog
-from router.events import SOCKET_TIMEOUT
 from router.feedback import FeedbackLoop, start_feedback
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
@@ -43,8 +43,9 @@ class RouterServices:
     settings: Settings
     router_id: str
     store: JobStore
+    scheduler: SchedulerState
     # The event streams (SSE) read Redis without holding a thread each.
-    aredis: aioredis.Redis
+    events: JobEventReader
     plugins: PluginCatalog
     templates: TemplateCatalog
     planner: Planner
@@ -68,10 +69,11 @@ class RouterServices:
         templates = TemplateCatalog.load(settings.plugin_folders)
         celery = create_celery(settings, main="edgefleet-router")
         router_id = settings.router_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        metrics = RouterMetrics(store, router_id)
-        dispatcher = Dispatcher(store, celery, settings, build_affinity(store, plugins, settings))
+        scheduler = SchedulerState.of(store)
+        metrics = RouterMetrics(store, scheduler, router_id)
+        dispatcher = Dispatcher(scheduler, celery, settings, build_affinity(store, plugins, settings))
         # Weights live in Redis; this router's settings only fill in what is not there yet.
-        store.seed_weights({**DEFAULT_WEIGHTS, **settings.scheduler_weights})
+        scheduler.seed_weights({**DEFAULT_WEIGHTS, **settings.scheduler_weights})
         planner = Planner(plugins, templates, settings)
         goal_planner = LazyGoalPlanner(settings, metrics.registry, planner, plugins)
         guard = build_guard(settings)
@@ -79,7 +81,8 @@ class RouterServices:
             settings=settings,
             router_id=router_id,
             store=store,
-            aredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT),
+            scheduler=scheduler,
+            events=JobEventReader.from_url(settings.redis_url, settings.key_prefix),
             plugins=plugins,
             templates=templates,
             planner=planner,
@@ -91,7 +94,7 @@ class RouterServices:
                 store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
             ),
             loops=RouterLoops(
-                store, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks,
+                store, scheduler, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks,
                 router_id=router_id,
             ),
             retention=RetentionSweeper(store, settings.gc_interval),
@@ -102,7 +105,7 @@ class RouterServices:
         self.loops.start()
         self.retention.start()
         loops = self.loops
-        self.feedback = start_feedback(app, self.store, self.settings, self.metrics, lambda: loops.leading)
+        self.feedback = start_feedback(app, self.store, self.scheduler, self.settings, self.metrics, lambda: loops.leading)
         log.info("router started", extra={"plugins": self.plugins.names(), "templates": self.templates.names()})
 
     async def close(self) -> None:
@@ -110,8 +113,8 @@ class RouterServices:
             self.feedback.stop()
         self.retention.stop()
         self.loops.stop()
-        await self.aredis.aclose()
-        self.store.redis.close()
+        await self.events.aclose()
+        self.store.close()
 
 
 def services(request: Request) -> RouterServices:

@@ -183,7 +183,7 @@ class Submitter:
         A resubmission with a known Idempotency-Key never gets here: it is answered
         with its existing job before planning, whatever the fleet looks like now.
         """
-        return self.store.live_nodes() if self.require_capable_worker else None
+        return self.store.nodes.live_nodes() if self.require_capable_worker else None
 
     async def plan(self, request: JobRequest) -> Planned:
         nodes = self.nodes_to_check()

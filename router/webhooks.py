@@ -37,7 +37,7 @@ from edgefleet import netguard
 from edgefleet.netguard import OutboundGuard, RefusedURL
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from router.webhook_store import Delivery, WebhookStore
+from edgefleet.store.webhooks import Delivery, WebhookStore
 
 log = logging.getLogger(__name__)
 

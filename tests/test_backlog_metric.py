@@ -15,10 +15,13 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.keys import Keys
+from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import Plan, PlannedSubtask, PriorityClass, ResourceClass
-from edgefleet.store import JobStore, Released
+from edgefleet.store import JobStore
 from tests.conftest import Cluster, RedisServer, wait_until
 
 CPU, IO = ResourceClass.cpu, ResourceClass.io
@@ -46,54 +49,58 @@ def create(store: JobStore, priority: str, *steps: PlannedSubtask) -> str:
     return job_id
 
 
+def behind(store: JobStore) -> tuple[redis.Redis, Keys]:
+    """The store's Redis and key names, to check what its scripts wrote without its read methods."""
+    return store.connection.client, store.connection.keys
+
+
 def counted_by_hand(store: JobStore) -> dict[str, dict[str, int]]:
     """The backlogs' members counted by their job's priority class, straight from Redis."""
+    client, keys = behind(store)
     out: dict[str, dict[str, int]] = {}
     for rc in ResourceClass:
         row = dict.fromkeys(PRIORITIES, 0)
-        for m in store.redis.zrange(store.keys.backlog(rc), 0, -1):
-            row[store.redis.hget(store.keys.job(m.split("|")[0]), "priority")] += 1
+        for m in client.zrange(keys.backlog(rc), 0, -1):
+            row[client.hget(keys.job(m.split("|")[0]), "priority")] += 1
         out[rc.value] = row
     return out
 
 
 def stored(store: JobStore) -> dict[str, dict[str, int]]:
     """The counts as the scripts keep them (no recount)."""
+    client, keys = behind(store)
     out = {}
     for rc in ResourceClass:
         row = dict.fromkeys(PRIORITIES, 0)
-        row.update({k: int(v) for k, v in store.redis.hgetall(store.keys.backlog_count(rc)).items()})
+        row.update({k: int(v) for k, v in client.hgetall(keys.backlog_count(rc)).items()})
         out[rc.value] = row
     return out
 
 
 def assert_mirrors(store: JobStore) -> None:
     """Each per-priority mirror holds exactly its priority's backlog members, with their scores."""
+    client, keys = behind(store)
     for rc in ResourceClass:
-        members = store.redis.zrange(store.keys.backlog(rc), 0, -1, withscores=True)
+        members = client.zrange(keys.backlog(rc), 0, -1, withscores=True)
         for prio in PRIORITIES:
-            want = [(m, s) for m, s in members if store.redis.hget(store.keys.job(m.split("|")[0]), "priority") == prio]
-            assert store.redis.zrange(f"{store.keys.backlog(rc)}:{prio}", 0, -1, withscores=True) == want
+            want = [(m, s) for m, s in members if client.hget(keys.job(m.split("|")[0]), "priority") == prio]
+            assert client.zrange(keys.backlog_of_priority(rc, prio), 0, -1, withscores=True) == want
 
 
 def assert_counts(store: JobStore, **expected: dict[str, int]) -> None:
+    scheduler = SchedulerState.of(store)
     by_hand = counted_by_hand(store)
     assert_mirrors(store)
     assert stored(store) == by_hand  # kept exact by the scripts themselves
-    assert {rc.value: row for rc, row in store.backlog_counts().items()} == by_hand
+    assert {rc.value: row for rc, row in scheduler.backlog_counts().items()} == by_hand
     for rc in ResourceClass:
         want = {**dict.fromkeys(PRIORITIES, 0), **expected.get(rc.value, {})}
         assert by_hand[rc.value] == want, (rc.value, by_hand[rc.value], want)
-        assert sum(want.values()) == store.backlog_size(rc)
+        assert sum(want.values()) == scheduler.backlog_size(rc)
 
 
 def claim(store: JobStore, item: Released, lease_ttl: float = 60.0) -> None:
-    assert store.claim(item.envelope, node="n1", pid=1, lease_ttl=lease_ttl).verdict == "run"
-
-
-def redis_now(store: JobStore) -> float:
-    seconds, micros = store.redis.time()
-    return seconds + micros / 1e6
+    assert store.attempts.claim(item.envelope, node="n1", pid=1, lease_ttl=lease_ttl).verdict == "run"
 
 
 # --- every path of the job store ----------------------------------------------------------
@@ -101,6 +108,7 @@ def redis_now(store: JobStore) -> float:
 
 def test_counts_follow_every_backlog_transition(redis_server: RedisServer) -> None:
     store = JobStore.from_url(redis_server.url)
+    scheduler = SchedulerState.of(store)
     inter = create(store, "interactive", step("a"), step("b"), step("f", IO))
     chain = create(store, "batch", step("a", dependents=("b",)), step("b", needs=("a",)))
     normal = create(store, "normal", step("s"))
@@ -108,14 +116,14 @@ def test_counts_follow_every_backlog_transition(redis_server: RedisServer) -> No
     assert_counts(store, cpu={"interactive": 2, "batch": 2, "normal": 1}, io={"interactive": 1})
 
     # A rescore moves scores, not members.
-    assert store.set_weights({"batch": 1000}, "test") == 6
+    assert scheduler.set_weights({"batch": 1000}, "test") == 6
     assert_counts(store, cpu={"interactive": 2, "batch": 2, "normal": 1}, io={"interactive": 1})
-    store.set_weights({"batch": 0}, "test")
+    scheduler.set_weights({"batch": 0}, "test")
 
     # Release takes the two interactive items first; cancelling takes the rest out of the backlog.
-    released = store.release(CPU, 2, 100)
+    released = scheduler.release(CPU, 2, 100)
     assert {(r.envelope.job_id, r.envelope.priority.value) for r in released} == {(inter, "interactive")}
-    store.mark_dispatched(released)
+    scheduler.mark_dispatched(released)
     assert_counts(store, cpu={"batch": 2, "normal": 1}, io={"interactive": 1})
     assert store.cancel_job(normal) == "cancelled"
     assert store.cancel_job(inter) == "cancelled"
@@ -124,60 +132,63 @@ def test_counts_follow_every_backlog_transition(redis_server: RedisServer) -> No
     assert_counts(store, cpu={"batch": 2})
 
     # A lease that expires puts its subtask back (REAP's lost-lease path).
-    first = {r.envelope.job_id: r for r in store.release(CPU, 10, 100)}
+    first = {r.envelope.job_id: r for r in scheduler.release(CPU, 10, 100)}
     assert set(first) == {chain, retry}
-    store.mark_dispatched(list(first.values()))
+    scheduler.mark_dispatched(list(first.values()))
     assert_counts(store)
     claim(store, first[chain], lease_ttl=0.05)
-    wait_until(lambda: store.reap(max_lost=5, dispatch_grace=3600, stranded_after=3600) == 1, 10, what="reap")
+    wait_until(lambda: store.attempts.reap(max_lost=5, dispatch_grace=3600, stranded_after=3600) == 1, 10, what="reap")
     assert_counts(store, cpu={"batch": 1})
 
     # A released subtask whose broker send was never confirmed (REAP's dispatching path).
-    again = store.release(CPU, 10, 100)
+    again = scheduler.release(CPU, 10, 100)
     assert [r.envelope.job_id for r in again] == [chain]
-    assert store.reap(max_lost=5, dispatch_grace=0, stranded_after=3600) == 1
+    assert store.attempts.reap(max_lost=5, dispatch_grace=0, stranded_after=3600) == 1
     assert_counts(store, cpu={"batch": 1})
     # A queued subtask whose broker queue is empty (REAP's stranded path): `retry`'s.
-    again = store.release(CPU, 10, 100)
-    store.mark_dispatched(again)
+    again = scheduler.release(CPU, 10, 100)
+    scheduler.mark_dispatched(again)
     assert_counts(store)
-    assert store.reap(max_lost=5, dispatch_grace=3600, stranded_after=0) == 2
+    assert store.attempts.reap(max_lost=5, dispatch_grace=3600, stranded_after=0) == 2
     assert_counts(store, cpu={"batch": 2})
 
     # A failed attempt waits in the delayed set, then comes back (PROMOTE_DELAYED).
-    items = {r.envelope.job_id: r for r in store.release(CPU, 10, 100)}
-    store.mark_dispatched(list(items.values()))
+    items = {r.envelope.job_id: r for r in scheduler.release(CPU, 10, 100)}
+    scheduler.mark_dispatched(list(items.values()))
     claim(store, items[retry])
-    done = store.complete(items[retry].envelope, node="n1", pid=1, outcome="failed", error="boom")
+    done = store.attempts.complete(items[retry].envelope, node="n1", pid=1, outcome="failed", error="boom")
     assert done.accepted and done.job_state == "running"
     assert_counts(store)
-    wait_until(lambda: store.promote_delayed() == 1, 10, what="the retry to be due")
+    wait_until(lambda: store.attempts.promote_delayed() == 1, 10, what="the retry to be due")
     assert_counts(store, cpu={"batch": 1})
 
     # A finished step readies its dependent (COMPLETE's make_ready).
     claim(store, items[chain])
-    done = store.complete(items[chain].envelope, node="n1", pid=1, outcome="succeeded", output={"ok": 1})
+    done = store.attempts.complete(items[chain].envelope, node="n1", pid=1, outcome="succeeded", output={"ok": 1})
     assert done.accepted and done.ready_classes == [CPU]
     assert_counts(store, cpu={"batch": 2})
 
     # Drained: the count hashes are gone with the last member.
-    store.mark_dispatched(store.release(CPU, 10, 100))
+    scheduler.mark_dispatched(scheduler.release(CPU, 10, 100))
     assert_counts(store)
-    assert all(not store.redis.exists(store.keys.backlog_count(rc)) for rc in ResourceClass)
+    client, keys = behind(store)
+    assert all(not client.exists(keys.backlog_count(rc)) for rc in ResourceClass)
 
 
 def test_counts_are_rebuilt_when_they_do_not_add_up(redis_server: RedisServer) -> None:
     """Backlogs written before the counts existed, or counts changed by hand, are recounted on read."""
     store = JobStore.from_url(redis_server.url)
+    scheduler = SchedulerState.of(store)
+    client, keys = behind(store)
     create(store, "interactive", step("a"), step("b"))
     create(store, "batch", step("a"), step("b", IO))
     expected = {"cpu": {"interactive": 2, "batch": 1}, "io": {"batch": 1}}
-    store.redis.delete(store.keys.backlog_count(CPU), store.keys.backlog_count(IO))  # as before an upgrade
-    read = {rc.value: row for rc, row in store.backlog_counts().items()}
+    client.delete(keys.backlog_count(CPU), keys.backlog_count(IO))  # as before an upgrade
+    read = {rc.value: row for rc, row in scheduler.backlog_counts().items()}
     assert read == counted_by_hand(store) and stored(store) == read  # recounted and written back
     assert_counts(store, **expected)
-    store.redis.hset(store.keys.backlog_count(CPU), mapping={"interactive": 4, "batch": -1})  # sums right, still wrong
-    read = {rc.value: row for rc, row in store.backlog_counts().items()}
+    client.hset(keys.backlog_count(CPU), mapping={"interactive": 4, "batch": -1})  # sums right, still wrong
+    read = {rc.value: row for rc, row in scheduler.backlog_counts().items()}
     assert read == counted_by_hand(store) and stored(store) == read
     assert_counts(store, **expected)
 
@@ -208,7 +219,7 @@ def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[
         EDGEFLEET_TARGET_DEPTH=json.dumps({"cpu": 1, "gpu": 1, "io": 1}), EDGEFLEET_FEEDBACK_INTERVAL="3600"
     )
     cluster.start_router()
-    store = JobStore.from_url(cluster.redis.url)
+    scheduler = SchedulerState.of(JobStore.from_url(cluster.redis.url))
     assert backlog_gauge(cluster) == expect()
 
     def submit(priority: str, rc: str = "cpu") -> str:
@@ -218,7 +229,9 @@ def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[
 
     submit("batch")
     submit("batch", "io")
-    wait_until(lambda: store.queued_size(CPU) == 1 and store.queued_size(IO) == 1, 10, what="the released slots")
+    wait_until(
+        lambda: scheduler.queued_size(CPU) == 1 and scheduler.queued_size(IO) == 1, 10, what="the released slots"
+    )
     batch = [submit("batch") for _ in range(3)]
     interactive = [submit("interactive") for _ in range(2)]
     normal = submit("normal")
@@ -230,7 +243,7 @@ def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[
             assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
     assert backlog_gauge(cluster) == expect(cpu={"batch": 2, "interactive": 1})
     # The old single-label view is the sum over priority classes.
-    assert sum(v for (rc, _), v in backlog_gauge(cluster).items() if rc == "cpu") == store.backlog_size(CPU) == 3
+    assert sum(v for (rc, _), v in backlog_gauge(cluster).items() if rc == "cpu") == scheduler.backlog_size(CPU) == 3
     with cluster.client("reader-token") as http:
         assert http.get("/v1/scheduler").json()["backlog"]["cpu"] == 3
     assert httpx.get(f"{cluster.url}/metrics", timeout=5).status_code == 401

@@ -20,10 +20,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.keys import Keys
 from edgefleet.scheduling import priority
-from edgefleet.scheduling.priority import DEFAULT_WEIGHTS, EPOCH, LUA_SCORE, score
+from edgefleet.scheduling.priority import DEFAULT_WEIGHTS, EPOCH
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.store import JobStore
+from edgefleet.store.scripts import compose
 from tests.conftest import Cluster, RedisServer, free_port, stop_process, wait_until
 
 ONE_SLOT = {
@@ -38,9 +41,46 @@ ONE_SLOT = {
 
 
 # --- the formula ------------------------------------------------------------------------
+# The formula exists once, in Lua (edgefleet/scheduling/lua/score.lua): these tests run it in
+# a real Redis, composed and loaded the way the store loads every script, with the weights
+# read from Redis as the release script reads them.
+
+Score = Callable[..., float]
+
+SCORE_OF = """
+local deadline = nil
+if ARGV[5] ~= '' then deadline = tonumber(ARGV[5]) end
+local s = effective_score(load_weights(), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), deadline)
+return string.format('%.17g', s)
+"""
 
 
-def test_class_weight_is_a_head_start_that_waiting_overcomes() -> None:
+@pytest.fixture
+def score(redis_server: RedisServer) -> Score:
+    """score(priority=, ready_at=, tenant_load=0, deadline_at=None, weights=None): the backlog
+    score Redis computes, with `weights` (over the defaults) in the store's weights hash."""
+    client = redis_server.client()
+    script = client.register_script(compose(SCORE_OF))
+    keys = Keys("score-test")
+
+    def score(
+        *,
+        priority: str,
+        ready_at: float,
+        tenant_load: int = 0,
+        deadline_at: float | None = None,
+        weights: dict[str, float] | None = None,
+    ) -> float:
+        client.delete(keys.key("weights"))
+        if weights:
+            client.hset(keys.key("weights"), mapping=weights)
+        deadline = "" if deadline_at is None else repr(deadline_at)
+        return float(script(keys=[], args=[keys.prefix, priority, repr(ready_at), tenant_load, deadline]))
+
+    return score
+
+
+def test_class_weight_is_a_head_start_that_waiting_overcomes(score: Score) -> None:
     t = EPOCH + 1000.0
     assert score(priority="interactive", ready_at=t) < score(priority="batch", ready_at=t)
     # A batch item that waited longer than the gap (600 s) goes first; a shorter wait does not.
@@ -52,7 +92,7 @@ def test_class_weight_is_a_head_start_that_waiting_overcomes() -> None:
     assert score(priority="batch", ready_at=t - 59, weights=w) > score(priority="interactive", ready_at=t, weights=w)
 
 
-def test_fairness_sinks_a_flooding_tenants_tail() -> None:
+def test_fairness_sinks_a_flooding_tenants_tail(score: Score) -> None:
     t = EPOCH + 1000.0
     flood_tail = score(priority="batch", ready_at=t, tenant_load=100)
     light = score(priority="batch", ready_at=t + 10, tenant_load=0)
@@ -60,7 +100,7 @@ def test_fairness_sinks_a_flooding_tenants_tail() -> None:
     assert score(priority="batch", ready_at=t, tenant_load=100, weights={"fairness": 0}) < light
 
 
-def test_deadline_caps_the_score_at_the_latest_start_time() -> None:
+def test_deadline_caps_the_score_at_the_latest_start_time(score: Score) -> None:
     t = EPOCH + 1000.0
     near = score(priority="batch", ready_at=t, deadline_at=t + 30)
     assert near < score(priority="batch", ready_at=t - 500)  # ahead of older batch work
@@ -80,27 +120,34 @@ def test_weights_are_validated() -> None:
             priority.validate_weights(bad)
 
 
-def test_lua_formula_matches_python(redis_server: RedisServer) -> None:
-    client = redis_server.client()
-    body = "local P = ARGV[1]\n" + LUA_SCORE + (
-        "\nlocal d = nil\nif ARGV[5] ~= '' then d = tonumber(ARGV[5]) end\n"
-        "return tostring(effective_score(load_weights(), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), d))"
-    )
-    client.hset("ef:scheduler:weights", mapping={"aging": 2, "fairness": 3})
+def test_the_score_follows_the_weights_in_redis(score: Score) -> None:
+    """Far from the epoch (sub-millisecond resolution kept), with aging 2 and fairness 3 stored:
+    aging x waited - class weight + fairness x load, capped by a near deadline only."""
     weights = {"aging": 2.0, "fairness": 3.0}
     t = EPOCH + 95_000_000.25
-    for prio, load, deadline in (("batch", 0, None), ("interactive", 4, None), ("normal", 2, t + 40), ("batch", 1, t + 1e6)):
-        lua = float(client.eval(body, 0, "ef", prio, t, load, "" if deadline is None else deadline))
-        assert lua == pytest.approx(
-            score(priority=prio, ready_at=t, tenant_load=load, deadline_at=deadline, weights=weights), abs=1e-3
-        )
+    aged = 2 * (t - EPOCH)
+    assert score(priority="batch", ready_at=t, weights=weights) == pytest.approx(aged, abs=1e-3)
+    assert score(priority="interactive", ready_at=t, tenant_load=4, weights=weights) == pytest.approx(
+        aged - 600 + 3 * 4, abs=1e-3
+    )
+    # The latest start is 40 - expected_run_s (5) seconds on: ranked like top-class work ready then.
+    near = 2 * (t + 40 - 5 - EPOCH) - 600
+    assert score(priority="normal", ready_at=t, tenant_load=2, deadline_at=t + 40, weights=weights) == pytest.approx(
+        near, abs=1e-3
+    )
+    assert score(priority="batch", ready_at=t, tenant_load=1, deadline_at=t + 1e6, weights=weights) == pytest.approx(
+        aged + 3, abs=1e-3
+    )
+    # A stored weight that is not a number is ignored: the default stands.
+    junk: dict[str, Any] = {"aging": "fast"}
+    assert score(priority="batch", ready_at=t, weights=junk) == score(priority="batch", ready_at=t)
 
 
-def _released_priorities(store: JobStore, count: int) -> list[str]:
+def _released_priorities(scheduler: SchedulerState, count: int) -> list[str]:
     out = []
     for _ in range(count):
-        [item] = store.release(ResourceClass.cpu, 1, 10_000)
-        out.append(store.redis.hget(store.keys.job(item.envelope.job_id), "priority"))
+        [item] = scheduler.release(ResourceClass.cpu, 1, 10_000)
+        out.append(item.envelope.priority.value)
     return out
 
 
@@ -111,12 +158,13 @@ def test_batch_keeps_its_minimum_share_of_releases(redis_server: RedisServer, sh
     from tests.test_backlog_metric import create, step
 
     store = JobStore.from_url(redis_server.url)
-    store.seed_weights(dict(DEFAULT_WEIGHTS))
-    store.set_weights({"batch_min_share": share}, reason="test")
+    scheduler = SchedulerState.of(store)
+    scheduler.seed_weights(dict(DEFAULT_WEIGHTS))
+    scheduler.set_weights({"batch_min_share": share}, reason="test")
     batch = [create(store, "batch", step("s")) for _ in range(20)]
     interactive = [create(store, "interactive", step("s")) for _ in range(60)]
-    assert len(batch) + len(interactive) == store.backlog_size(ResourceClass.cpu)
-    released = _released_priorities(store, 40)
+    assert len(batch) + len(interactive) == scheduler.backlog_size(ResourceClass.cpu)
+    released = _released_priorities(scheduler, 40)
     batch_share = released.count("batch") / len(released)
     if share == 0:
         assert released == ["interactive"] * 40
@@ -124,10 +172,10 @@ def test_batch_keeps_its_minimum_share_of_releases(redis_server: RedisServer, sh
         assert share <= batch_share <= share + 0.1, released
         assert released[0] == "interactive"  # nothing released yet: the score decides
     # The share is a floor while batch waits, not a quota: alone, interactive work takes every slot.
-    store.set_weights({"batch_min_share": 0.5}, reason="test")
+    scheduler.set_weights({"batch_min_share": 0.5}, reason="test")
     for job_id in batch:
         store.cancel_job(job_id)
-    rest = _released_priorities(store, store.backlog_size(ResourceClass.cpu))
+    rest = _released_priorities(scheduler, scheduler.backlog_size(ResourceClass.cpu))
     assert rest and set(rest) == {"interactive"}
 
 
@@ -148,8 +196,8 @@ def one_slot_cluster(cluster_factory: Callable[..., Cluster], **env: str) -> Clu
     return cluster
 
 
-def store_of(cluster: Cluster) -> JobStore:
-    return JobStore.from_url(cluster.redis.url)
+def scheduler_of(cluster: Cluster) -> SchedulerState:
+    return SchedulerState.of(JobStore.from_url(cluster.redis.url))
 
 
 def start_blocker(cluster: Cluster) -> str:
@@ -165,8 +213,8 @@ def cancel(cluster: Cluster, job_id: str) -> None:
 
 
 def wait_queued_full(cluster: Cluster) -> None:
-    store = store_of(cluster)
-    wait_until(lambda: store.queued_size(ResourceClass.cpu) == 1, 10, what="the queued slot taken")
+    scheduler = scheduler_of(cluster)
+    wait_until(lambda: scheduler.queued_size(ResourceClass.cpu) == 1, 10, what="the queued slot taken")
 
 
 def start_order(cluster: Cluster, job_ids: list[str]) -> list[str]:
@@ -180,7 +228,7 @@ def start_order(cluster: Cluster, job_ids: list[str]) -> list[str]:
 
 
 def backlog_jobs(cluster: Cluster) -> list[str]:
-    return [m.split("|")[0] for m, _ in store_of(cluster).backlog_order(ResourceClass.cpu)]
+    return [m.split("|")[0] for m, _ in scheduler_of(cluster).backlog_order(ResourceClass.cpu)]
 
 
 def redis_now(cluster: Cluster) -> float:
@@ -212,26 +260,26 @@ def test_flooding_tenant_does_not_starve_another(cluster_factory: Callable[..., 
     blocker = start_blocker(cluster)
     alice = [cluster.submit(sleep_body(0.1), token="alice-token")["id"] for _ in range(30)]
     bob = [cluster.submit(sleep_body(0.1), token="bob-token")["id"] for _ in range(3)]
-    assert store_of(cluster).tenant_active("alice") == 30
+    assert scheduler_of(cluster).tenant_active("alice") == 30
     cancel(cluster, blocker)
     order = start_order(cluster, alice + bob)
     for job_id in bob:
         alice_after = [j for j in order[order.index(job_id):] if j in alice]
         assert len(alice_after) >= 20, order
     # Every counted subtask was settled when it finished.
-    store = store_of(cluster)
-    assert store.tenant_active("alice") == 0 and store.tenant_active("bob") == 0
+    scheduler = scheduler_of(cluster)
+    assert scheduler.tenant_active("alice") == 0 and scheduler.tenant_active("bob") == 0
 
 
 def test_aging_lets_old_batch_work_through(cluster_factory: Callable[..., Cluster]) -> None:
     cluster = one_slot_cluster(cluster_factory)
-    store = store_of(cluster)
-    store.set_weights({"interactive": 1.5, "normal": 0.5, "batch": 0, "fairness": 0}, "test: small class gap")
+    scheduler = scheduler_of(cluster)
+    scheduler.set_weights({"interactive": 1.5, "normal": 0.5, "batch": 0, "fairness": 0}, "test: small class gap")
     blocker = start_blocker(cluster)
     filler = cluster.submit(sleep_body(0.1))["id"]
     wait_queued_full(cluster)
     old_batch = cluster.submit(sleep_body(0.1))["id"]
-    ready_at = float(store.redis.hget(store.keys.subtask(old_batch, "s"), "ready_at"))
+    ready_at = float(cluster.redis.client().hget(f"ef:st:{old_batch}:s", "ready_at"))
     wait_until(lambda: redis_now(cluster) > ready_at + 2.0, 10, what="the old batch item to age past the gap")
     young_batch = cluster.submit(sleep_body(0.1))["id"]
     interactive = cluster.submit(sleep_body(0.1, "interactive"))["id"]
@@ -264,8 +312,8 @@ def test_rescore_after_a_weight_change_reorders_the_backlog(cluster_factory: Cal
     batch = [cluster.submit(sleep_body(0.1))["id"] for _ in range(5)]
     waiting_normal = normal[1:]  # the first one was released into the free queued slot
     assert backlog_jobs(cluster) == waiting_normal + batch
-    store = store_of(cluster)
-    rescored = store.set_weights({"batch": 1000}, "test: batch objective missed")
+    scheduler = scheduler_of(cluster)
+    rescored = scheduler.set_weights({"batch": 1000}, "test: batch objective missed")
     assert rescored == 9
     assert backlog_jobs(cluster) == batch + waiting_normal
     with cluster.client("reader-token") as http:
@@ -280,9 +328,9 @@ def test_rescore_after_a_weight_change_reorders_the_backlog(cluster_factory: Cal
 
 def test_router_restart_keeps_backlog_and_weights(cluster_factory: Callable[..., Cluster]) -> None:
     cluster = one_slot_cluster(cluster_factory)
-    store = store_of(cluster)
-    store.set_weights({"interactive": 300, "fairness": 2}, "test")
-    store.set_target_depth(ResourceClass.cpu, 1, "test: one slot")
+    scheduler = scheduler_of(cluster)
+    scheduler.set_weights({"interactive": 300, "fairness": 2}, "test")
+    scheduler.set_target_depth(ResourceClass.cpu, 1, "test: one slot")
     blocker = start_blocker(cluster)
     jobs = [cluster.submit(sleep_body(0.1))["id"] for _ in range(5)]
     with cluster.client() as http:
@@ -305,8 +353,8 @@ def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[.
         EDGEFLEET_ROUTER_ID="router-a", EDGEFLEET_SCHEDULER_LEASE_TTL="2", EDGEFLEET_FEEDBACK_INTERVAL="3600"
     )
     cluster.start_router()
-    store = store_of(cluster)
-    wait_until(lambda: store.leader() == "router-a", 10, what="router-a leads")
+    scheduler = scheduler_of(cluster)
+    wait_until(lambda: scheduler.leader() == "router-a", 10, what="router-a leads")
     port_b = free_port()
     url_b = f"http://127.0.0.1:{port_b}"
     router_b = subprocess.Popen(
@@ -331,7 +379,7 @@ def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[.
         for job_id in ids:
             done = cluster.wait_job(job_id)
             assert done["state"] == "succeeded" and done["subtasks"][0]["attempt"] == 2, done
-        released = store.loop_released()
+        released = scheduler.loop_released()
         assert released.get("router-a", 0) >= 4 and "router-b" not in released
         # Both routers watch the finishes; each is counted by one of them.
         admin = {"Authorization": "Bearer test-admin-token"}
@@ -355,10 +403,10 @@ def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[.
         # The leader dies: its lease expires and the other router takes over.
         cluster.stop_router(signal.SIGKILL)
         cluster.router_port = port_b  # the cluster's helpers talk to router-b from now on
-        wait_until(lambda: store.leader() == "router-b", 15, what="router-b takes the lease")
+        wait_until(lambda: scheduler.leader() == "router-b", 15, what="router-b takes the lease")
         response = httpx.post(f"{url_b}/v1/jobs", json=retrying, headers=headers, timeout=30)
         done = cluster.wait_job(response.json()["id"])
-        assert done["state"] == "succeeded" and store.loop_released().get("router-b", 0) >= 1
+        assert done["state"] == "succeeded" and scheduler.loop_released().get("router-b", 0) >= 1
     finally:
         stop_process(router_b)
 
@@ -371,7 +419,7 @@ def _healthy(url: str) -> bool:
 
 
 def test_an_admin_changes_weights_over_http_and_bad_values_name_the_weight(router_only: Cluster) -> None:
-    store = store_of(router_only)
+    scheduler = scheduler_of(router_only)
     with router_only.client() as http:
         changed = http.put("/v1/scheduler/weights", json={"weights": {"batch_min_share": 0.2}, "reason": "nightly batch"})
         assert changed.status_code == 200, changed.text
@@ -389,7 +437,7 @@ def test_an_admin_changes_weights_over_http_and_bad_values_name_the_weight(route
             bad = http.put("/v1/scheduler/weights", json=body)
             assert bad.status_code == 422, bad.text
             assert field in [d["field"] for d in bad.json()["detail"]], bad.json()
-    assert store.weights()["batch"] == 0.0  # a refused change changes nothing
+    assert scheduler.weights()["batch"] == 0.0  # a refused change changes nothing
     with router_only.client("alice-token") as reader:
         assert reader.put("/v1/scheduler/weights", json={"weights": {"batch": 1}, "reason": "x"}).status_code == 403
 

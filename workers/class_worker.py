@@ -19,6 +19,7 @@ from edgefleet.models.factory import build_model_router
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.scheduling.affinity import build_affinity
 from edgefleet.scheduling.dispatch import Dispatcher
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -50,13 +51,13 @@ class RuntimePerProcess:
                 settings = self.settings
                 models = ModelCallHandler(
                     lambda: build_model_router(settings),
-                    lambda warm: store.mark_warm(settings.node_name, warm, ttl=WARM_TTL_SECONDS),
+                    lambda warm: store.nodes.mark_warm(settings.node_name, warm, ttl=WARM_TTL_SECONDS),
                 )
                 self._runner = SubtaskRunner(
                     settings,
                     store,
                     catalog,
-                    Dispatcher(store, self.app, settings, build_affinity(store, catalog, settings)),
+                    Dispatcher(SchedulerState.of(store), self.app, settings, build_affinity(store, catalog, settings)),
                     WorkerMetrics(),
                     models,
                 )
@@ -77,7 +78,7 @@ def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
     @app.task(name=PROBE)
     def probe(counter_key: str) -> None:
         """Counts one delivery: a liveness probe for operators and the raw-Celery baseline of loadtests."""
-        runtime.get().store.redis.incr(counter_key)
+        runtime.get().store.count_probe(counter_key)
 
     return app
 

@@ -163,7 +163,7 @@ class NodeSupervisor:
             return
         pids = sorted(self._dead_pids)
         try:
-            ready = self.store.lose_processes(self.settings.node_name, pids, self.settings.max_lost_attempts)
+            ready = self.store.attempts.lose_processes(self.settings.node_name, pids, self.settings.max_lost_attempts)
         except Exception as exc:  # noqa: BLE001 - Redis may be restarting; try again next round
             log.warning("could not release the leases of dead processes", extra={"error": type(exc).__name__})
             return
@@ -199,7 +199,7 @@ class NodeSupervisor:
                     worker.process.kill()
                     worker.process.wait()
         try:
-            self.store.remove_node(self.settings.node_name)
+            self.store.nodes.remove_node(self.settings.node_name)
         except Exception:  # noqa: BLE001 - the heartbeat TTL removes it anyway
             log.warning("could not remove node record")
         if self._http:
@@ -224,7 +224,7 @@ class NodeSupervisor:
             gpus=self.gpus,
             gpu_usage=probe.gpu_usage() if self.gpus else [],
             models_available=self.models_available,
-            models_loaded=self.store.warm_models(self.settings.node_name),
+            models_loaded=self.store.nodes.warm_models(self.settings.node_name),
             started_at=self.started_at,
             heartbeat_at=time.time(),
             version=__version__,
@@ -234,7 +234,7 @@ class NodeSupervisor:
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.store.heartbeat(self.node_info(), self.settings.heartbeat_ttl)
+                self.store.nodes.heartbeat(self.node_info(), self.settings.heartbeat_ttl)
             except Exception as exc:  # noqa: BLE001 - Redis may be restarting; keep trying
                 log.warning("heartbeat failed", extra={"error": type(exc).__name__})
             self._stop.wait(self.settings.heartbeat_interval)

@@ -108,7 +108,7 @@ class SubtaskRunner:
 
         def claim_once(dead_pid: int | None = None) -> Any:
             attempt.leased_at = time.monotonic()
-            return self.store.claim(
+            return self.store.attempts.claim(
                 env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, dead_pid=dead_pid,
                 max_lost=self.max_lost, token=token,
             )
@@ -140,10 +140,7 @@ class SubtaskRunner:
     def _queued_and_started(self, env: SubtaskEnvelope) -> tuple[float | None, float | None]:
         """The store's queued_at and started_at of this attempt, for the queue-wait metric."""
         try:
-            queued, started = self.store.redis.hmget(
-                self.store.keys.subtask(env.job_id, env.subtask_id), ["queued_at", "started_at"]
-            )
-            return (float(queued) if queued else None, float(started) if started else None)
+            return self.store.attempts.queued_and_started(env)
         except Exception:  # noqa: BLE001 - a metric never fails a subtask
             return None, None
 
@@ -259,7 +256,7 @@ class SubtaskRunner:
     def _save_checkpoint(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, state: Any) -> None:
         """On the sandbox's reader thread: it must not raise, nor wait out an outage."""
         try:
-            saved = self.store.save_checkpoint(env, node=self.node, pid=pid, state=state)
+            saved = self.store.attempts.save_checkpoint(env, node=self.node, pid=pid, state=state)
         except TRANSIENT:
             attempt.pending_checkpoint = (state,)  # the lease loop saves it once Redis is back
             return
@@ -290,7 +287,7 @@ class SubtaskRunner:
             progress = attempt.progress if attempt.progress != attempt.progress_sent else None
             sent = time.monotonic()
             try:
-                renewal = self.store.renew(
+                renewal = self.store.attempts.renew(
                     env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, progress=progress
                 )
             except TRANSIENT as exc:
@@ -339,7 +336,7 @@ class SubtaskRunner:
         usage: Usage | None = None,
     ) -> str:
         def write() -> Completion:
-            return self.store.complete(
+            return self.store.attempts.complete(
                 env,
                 node=self.node,
                 pid=pid,
@@ -384,7 +381,7 @@ class SubtaskRunner:
         until the subtask has been lost `max_lost_attempts` times."""
         try:
             lost, _ = retry_transient(
-                lambda: self.store.lost(env, node=self.node, pid=pid, max_lost=self.max_lost, why=why),
+                lambda: self.store.attempts.lost(env, node=self.node, pid=pid, max_lost=self.max_lost, why=why),
                 patience=self.patience,
                 what="lost attempt",
             )

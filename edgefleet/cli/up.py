@@ -344,11 +344,11 @@ class LocalCluster:
 
         store = JobStore.from_url(self.redis_url, self.settings.key_prefix)
         try:
-            return any(n.name == self.settings.node_name for n in store.live_nodes())
+            return any(n.name == self.settings.node_name for n in store.nodes.live_nodes())
         except Exception:  # noqa: BLE001 - Redis not ready: not seen yet
             return False
         finally:
-            store.redis.close()
+            store.close()
 
     def _check_alive(self, child: Child) -> None:
         if not child.alive():

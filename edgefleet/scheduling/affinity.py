@@ -18,6 +18,7 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.schemas import NodeInfo, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.store.nodes import NodeStore
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ NODES_REFRESH_SECONDS = 1.0
 
 
 class ModelAffinity:
-    def __init__(self, store: JobStore, catalog: PluginCatalog, config: ModelsConfig) -> None:
-        self.store = store
+    def __init__(self, nodes: NodeStore, catalog: PluginCatalog, config: ModelsConfig) -> None:
+        self.nodes = nodes
         self.catalog = catalog
         self.config = config
         self._lock = threading.Lock()
@@ -45,7 +46,7 @@ class ModelAffinity:
     def _live_nodes(self) -> list[NodeInfo]:
         with self._lock:
             if time.monotonic() - self._fetched > NODES_REFRESH_SECONDS:
-                self._nodes = self.store.live_nodes()
+                self._nodes = self.nodes.live_nodes()
                 self._fetched = time.monotonic()
             return self._nodes
 
@@ -77,4 +78,4 @@ def build_affinity(store: JobStore, catalog: PluginCatalog, settings: Settings) 
     except (ModelsConfigError, OSError) as exc:
         log.error("models config not loaded; no model affinity", extra={"error": str(exc)})
         return None
-    return ModelAffinity(store, catalog, config) if config.routes else None
+    return ModelAffinity(store.nodes, catalog, config) if config.routes else None

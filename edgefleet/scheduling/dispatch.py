@@ -8,9 +8,9 @@ from celery import Celery
 
 from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, RUN_SUBTASK
 from edgefleet.scheduling.affinity import ModelAffinity
+from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
-from edgefleet.store import JobStore, Released
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +28,22 @@ class Dispatcher:
     releases; the fast paths only save the loop's latency."""
 
     def __init__(
-        self, store: JobStore, celery: Celery, settings: Settings, affinity: ModelAffinity | None = None
+        self, scheduler: SchedulerState, celery: Celery, settings: Settings, affinity: ModelAffinity | None = None
     ) -> None:
-        self.store = store
+        self.scheduler = scheduler
         self.celery = celery
         self.settings = settings
         self.affinity = affinity
 
     def release(self, resource_class: ResourceClass, max_count: int = 256) -> int:
         target = self.settings.target_depth.get(resource_class, 16)
-        released = self.store.release(resource_class, max_count, target)
+        released = self.scheduler.release(resource_class, max_count, target)
         if not released:
             return 0
         if self.affinity is not None:
             released = [self._with_affinity(item) for item in released]
         self._send(released)
-        self.store.mark_dispatched(released)
+        self.scheduler.mark_dispatched(released)
         return len(released)
 
     def release_all(self, max_count: int = 256) -> int:
@@ -59,7 +59,7 @@ class Dispatcher:
             return item
         if express:
             queue += EXPRESS_SUFFIX
-        self.store.set_queue(item.envelope, queue)
+        self.scheduler.set_queue(item.envelope, queue)
         return Released(envelope=item.envelope, queue=queue)
 
     def _send(self, released: list[Released]) -> None:

@@ -1,4 +1,4 @@
-"""Effective priority of a ready subtask: the one formula of the release scheduler.
+"""Effective priority of a ready subtask: what the release scheduler's one formula means.
 
 Ready subtasks wait in a Redis sorted set per resource class (`<prefix>:backlog:<class>`)
 and the scheduler releases the LOWEST score first. The score is a *virtual time*:
@@ -43,13 +43,18 @@ and the scheduler releases the LOWEST score first. The score is a *virtual time*
    score overall. Batch then keeps at least s of the slots and interactive work the
    rest, in score order; with s = 0 only the score decides.
 
+The formula exists once: `effective_score` in `lua/score.lua`, which every job store
+script that makes a subtask ready (and the release and rescoring scripts) runs inside
+Redis. This module holds what the Lua is given: `EPOCH` and `DEFAULT_WEIGHTS` go into
+the header of every script (`edgefleet.store.scripts`), and `validate_weights` guards
+every change. The tests evaluate the Lua itself (tests/test_scheduler.py).
+
 Weights live in the Redis hash `<prefix>:scheduler:weights` (fields = `WEIGHT_NAMES`)
 so that they survive router restarts and every router and worker scores alike. A
 router seeds missing fields from its settings (`scheduler_weights`, defaulting to
 `DEFAULT_WEIGHTS`) at start; the values in Redis win from then on and change through
-`JobStore.set_weights`, which rescores every waiting item at once (in the same script): unlike
-Celery's send-time priorities, already-waiting work is reordered. The Lua scripts
-of the job store use `LUA_SCORE` below, the same formula as `score()`.
+`SchedulerState.set_weights`, which rescores every waiting item at once (in the same script):
+unlike Celery's send-time priorities, already-waiting work is reordered.
 """
 
 from __future__ import annotations
@@ -73,7 +78,6 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "share_window_s": 10.0,  # seconds over which those releases are counted (exponential decay)
 }
 WEIGHT_NAMES = tuple(DEFAULT_WEIGHTS)
-CLASS_WEIGHTS = ("interactive", "normal", "batch")
 
 
 def validate_weights(changes: Mapping[str, float]) -> dict[str, float]:
@@ -96,59 +100,3 @@ def validate_weights(changes: Mapping[str, float]) -> dict[str, float]:
             raise ValueError("weight 'share_window_s' must be positive")
         out[name] = number
     return out
-
-
-def score(
-    *,
-    priority: str,
-    ready_at: float,
-    tenant_load: int = 0,
-    deadline_at: float | None = None,
-    weights: Mapping[str, float] | None = None,
-) -> float:
-    """The backlog score (lower is released first); mirrors `LUA_SCORE`."""
-    w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    value = w["aging"] * (ready_at - EPOCH) - w.get(priority, w["normal"]) + w["fairness"] * tenant_load
-    if deadline_at is not None:
-        top = max(w[c] for c in CLASS_WEIGHTS)
-        cap = w["aging"] * (deadline_at - w["expected_run_s"] - EPOCH) - top - w["deadline_slack"]
-        value = min(value, cap)
-    return value
-
-
-def _lua_defaults() -> str:
-    return "{" + ", ".join(f"{k} = {v!r}" for k, v in DEFAULT_WEIGHTS.items()) + "}"
-
-
-# Needs `P` (the key prefix) in scope; see store_lua.PRELUDE.
-LUA_SCORE = (
-    r"""
-local SCORE_EPOCH = """
-    + repr(EPOCH)
-    + r"""
-local WEIGHT_DEFAULTS = """
-    + _lua_defaults()
-    + r"""
-local function load_weights()
-  local w = {}
-  for k, v in pairs(WEIGHT_DEFAULTS) do w[k] = v end
-  local raw = redis.call('HGETALL', P .. ':scheduler:weights')
-  for i = 1, #raw, 2 do
-    local n = tonumber(raw[i + 1])
-    if n then w[raw[i]] = n end
-  end
-  return w
-end
-
--- priority: class name; ready_at, deadline_at (or nil): seconds; load: the tenant's other subtasks
-local function effective_score(w, priority, ready_at, load, deadline_at)
-  local s = w.aging * (ready_at - SCORE_EPOCH) - (w[priority] or w.normal) + w.fairness * load
-  if deadline_at then
-    local top = math.max(w.interactive, w.normal, w.batch)
-    local cap = w.aging * (deadline_at - w.expected_run_s - SCORE_EPOCH) - top - w.deadline_slack
-    if cap < s then s = cap end
-  end
-  return s
-end
-"""
-)

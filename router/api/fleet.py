@@ -24,17 +24,17 @@ def scheduler(_: ReadPrincipal, services: Services) -> dict[str, Any]:
     """The release scheduler as Redis holds it: weights (see `edgefleet.scheduling.priority`),
     target depth, backlog and released-but-unclaimed depth per resource class, the
     router holding the release lease, and the last changes with their reasons."""
-    store = services.store
-    depths = store.target_depths(services.settings.target_depth)
+    scheduler = services.scheduler
+    depths = scheduler.target_depths(services.settings.target_depth)
     return {
         "router_id": services.router_id,
-        "leader": store.leader(),
-        "weights": store.weights(),
+        "leader": scheduler.leader(),
+        "weights": scheduler.weights(),
         "target_depth": {rc.value: n for rc, n in depths.items()},
-        "backlog": {rc.value: store.backlog_size(rc) for rc in ResourceClass},
-        "queued": {rc.value: store.queued_size(rc) for rc in ResourceClass},
-        "loop_released": store.loop_released(),
-        "last_changes": store.scheduler_changes(),
+        "backlog": {rc.value: scheduler.backlog_size(rc) for rc in ResourceClass},
+        "queued": {rc.value: scheduler.queued_size(rc) for rc in ResourceClass},
+        "loop_released": scheduler.loop_released(),
+        "last_changes": scheduler.changes(),
     }
 
 
@@ -52,15 +52,15 @@ def set_scheduler_weights(
             problems.append((f"weights.{name}", str(exc)))
     if problems:
         raise ApiError(422, "invalid_request", problems)
-    store = services.store
-    rescored = store.set_weights(change.weights, reason=change.reason)
+    scheduler = services.scheduler
+    rescored = scheduler.set_weights(change.weights, reason=change.reason)
     log.info("scheduler weights changed", extra={"changes": change.weights, "reason": change.reason})
-    return {"weights": store.weights(), "rescored": rescored}
+    return {"weights": scheduler.weights(), "rescored": rescored}
 
 
 @router.get("/v1/workers", response_model=list[NodeInfo])
 def workers(_: ReadPrincipal, services: Services) -> list[NodeInfo]:
-    return services.store.live_nodes()
+    return services.store.nodes.live_nodes()
 
 
 @router.get("/v1/plugins")
@@ -73,7 +73,7 @@ def plugins(_: ReadPrincipal, services: Services) -> dict[str, Any]:
     `errors`: the rejected manifests, each with file, field and reason.
     """
     catalog = services.plugins
-    nodes = services.store.live_nodes()
+    nodes = services.store.nodes.live_nodes()
     described = catalog.describe()
     for entry in described:
         advertising = [n for n in nodes if entry["name"] in n.plugins]

@@ -119,6 +119,5 @@ async def job_events(
     _visible_job(services, principal, job_id)
     if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
         raise ApiError(422, "invalid_request", [("Last-Event-ID", "must be an event id like '1712345678901-0'")])
-    keys = services.store.keys
-    stream = job_event_stream(services.aredis, keys.events(job_id), last_event_id or "0", keys.job(job_id))
+    stream = job_event_stream(services.events, job_id, last_event_id or "0")
     return EventSourceResponse(stream, ping=15)

@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from edgefleet.schemas import ErrorBody
+from edgefleet.store.webhooks import WebhookStore
 from router.auth import Principal, SubmitPrincipal
 from router.services import RouterServices, Services
-from router.webhook_store import WebhookStore
 
 TenantParam = Annotated[
     str | None, Query(min_length=1, max_length=200, description="another tenant's secret (admin only)")
@@ -46,8 +46,7 @@ def _answer(store: WebhookStore, tenant: str) -> JSONResponse:
 
 
 def _store(services: RouterServices) -> WebhookStore:
-    jobs = services.store
-    return WebhookStore(jobs.redis, jobs.keys)
+    return services.store.webhooks
 
 
 @router.get("/secret", response_model=WebhookSecret, responses={403: {"model": ErrorBody}})

@@ -1,0 +1,185 @@
+"""Attempts: a worker owns a delivered subtask, renews its lease, checkpoints and ends it.
+
+Every call is one Lua script (`lua/claim.lua`, `renew.lua`, ...), so an attempt that lost
+its ownership (reaped, taken over) is refused, never half-applied.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from edgefleet.schemas import ResourceClass, SubtaskEnvelope
+from edgefleet.store.connection import StoreConnection
+
+Outcome = Literal["succeeded", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it tries to own a delivered subtask."""
+
+    verdict: Literal["run", "drop", "owned"]
+    reason: str = ""
+    args: dict[str, Any] | None = None
+    needs_outputs: dict[str, Any] | None = None
+    owner_pid: int | None = None
+    checkpoint: Any = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one attempt used, and how it was isolated: informative, not a state transition."""
+
+    isolation: str
+    cpu_seconds: float
+    max_rss_mb: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    accepted: bool
+    job_state: str
+    ready_classes: list[ResourceClass]
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What became of an attempt reported lost: requeued, cancelled, failed, or stale."""
+
+    verdict: str
+    ready_classes: list[ResourceClass]
+
+
+@dataclass(frozen=True)
+class Renewal:
+    still_owner: bool
+    job_state: str
+
+
+class AttemptStore:
+    def __init__(self, connection: StoreConnection) -> None:
+        self._conn = connection
+
+    def claim(
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        lease_ttl: float,
+        dead_pid: int | None = None,
+        max_lost: int = 5,
+        token: str = "",
+    ) -> Claim:
+        """Own a delivered attempt. `token` names this delivery: the same claim sent again
+        (its first reply lost to a connection error) is answered "run" again, not "owned"."""
+        result = self._conn.run(
+            "claim",
+            env.job_id,
+            env.subtask_id,
+            env.attempt,
+            node,
+            pid,
+            lease_ttl,
+            dead_pid if dead_pid is not None else "",
+            max_lost,
+            token,
+        )
+        verdict = result[0]
+        if verdict == "run":
+            outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
+            checkpoint = json.loads(result[3]) if result[3] else None
+            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs, checkpoint=checkpoint)
+        if verdict == "owned":
+            return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
+        return Claim("drop", reason=result[1])
+
+    def renew(
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        lease_ttl: float,
+        progress: tuple[float, str] | None = None,
+    ) -> Renewal:
+        fraction, message = progress if progress else ("", "")
+        result = self._conn.run(
+            "renew", env.job_id, env.subtask_id, env.attempt, node, pid, lease_ttl, fraction, message
+        )
+        return Renewal(still_owner=result[0] == "ok", job_state=result[1])
+
+    def save_checkpoint(self, env: SubtaskEnvelope, *, node: str, pid: int, state: Any) -> bool:
+        """Store a running attempt's checkpoint; refused (False) if the attempt lost ownership."""
+        return bool(
+            self._conn.run("checkpoint", env.job_id, env.subtask_id, env.attempt, node, pid, json.dumps(state))
+        )
+
+    def complete(
+        self,
+        env: SubtaskEnvelope,
+        *,
+        node: str,
+        pid: int,
+        outcome: Outcome,
+        output: Any = None,
+        error: str = "",
+        retryable: bool = True,
+        usage: Usage | None = None,
+    ) -> Completion:
+        """Record an attempt's end (and what it used). A stale attempt (reaped, taken over) is not accepted."""
+        result = self._conn.run(
+            "complete",
+            env.job_id,
+            env.subtask_id,
+            env.attempt,
+            node,
+            pid,
+            outcome,
+            json.dumps(output),
+            error,
+            "1" if retryable else "0",
+            json.dumps(asdict(usage)) if usage else "",
+        )
+        if result[0] == "stale":
+            return Completion(accepted=False, job_state=result[1], ready_classes=[])
+        ready = [ResourceClass(c) for c in result[2].split(",") if c]
+        return Completion(accepted=True, job_state=result[1], ready_classes=ready)
+
+    def lost(self, env: SubtaskEnvelope, *, node: str, pid: int, max_lost: int, why: str) -> Lost:
+        """The attempt's plugin process was killed by something outside it: a new attempt
+        (resuming from its checkpoint) whatever its retries, until it is lost `max_lost` times."""
+        verdict, detail = self._conn.run(
+            "lost", env.job_id, env.subtask_id, env.attempt, node, pid, max_lost, why
+        )
+        ready = [ResourceClass(detail)] if verdict == "requeued" else []
+        return Lost(verdict=verdict, ready_classes=ready)
+
+    def lose_processes(self, node: str, pids: list[int], max_lost: int) -> list[ResourceClass]:
+        """Processes of `node` that died: their running attempts are lost now (requeued, or
+        failed past `max_lost`), not when their leases expire. Returns the classes with work ready."""
+        if not pids:
+            return []
+        raw = self._conn.run("lose_processes", node, json.dumps([str(p) for p in pids]), max_lost)
+        return [ResourceClass(c) for c in raw or []]
+
+    def reap(self, *, max_lost: int, dispatch_grace: float, stranded_after: float, batch: int = 200) -> int:
+        """New attempts for expired leases, releases that died before the send, and stranded messages."""
+        return int(self._conn.run("reap", max_lost, dispatch_grace, batch, stranded_after))
+
+    def promote_delayed(self, max_count: int = 500) -> int:
+        """Retries whose backoff is over become ready again."""
+        return int(self._conn.run("promote_delayed", max_count))
+
+    def queued_and_started(self, env: SubtaskEnvelope) -> tuple[float | None, float | None]:
+        """When the attempt was released and when it was claimed, for the queue-wait metric."""
+        queued, started = self._conn.client.hmget(
+            self._conn.keys.subtask(env.job_id, env.subtask_id), ["queued_at", "started_at"]
+        )
+        return (float(queued) if queued else None, float(started) if started else None)
+
+    def running_count(self) -> int:
+        """Subtasks holding a lease."""
+        return int(self._conn.client.zcard(self._conn.keys.running))

@@ -1,0 +1,49 @@
+"""Worker nodes: heartbeats with a TTL, the live set, and the models warm on each box."""
+
+from __future__ import annotations
+
+from edgefleet.schemas import NodeInfo
+from edgefleet.store.connection import StoreConnection
+
+
+class NodeStore:
+    def __init__(self, connection: StoreConnection) -> None:
+        self._conn = connection
+
+    def heartbeat(self, info: NodeInfo, ttl: float) -> None:
+        keys = self._conn.keys
+        pipe = self._conn.client.pipeline(transaction=True)
+        pipe.set(keys.node(info.name), info.model_dump_json(), px=int(ttl * 1000))
+        pipe.sadd(keys.nodes, info.name)
+        pipe.execute()
+
+    def remove_node(self, name: str) -> None:
+        keys = self._conn.keys
+        pipe = self._conn.client.pipeline(transaction=True)
+        pipe.delete(keys.node(name))
+        pipe.srem(keys.nodes, name)
+        pipe.execute()
+
+    def live_nodes(self) -> list[NodeInfo]:
+        client, keys = self._conn.client, self._conn.keys
+        names: list[str] = sorted(client.smembers(keys.nodes))
+        if not names:
+            return []
+        values: list[str | None] = client.mget([keys.node(n) for n in names])
+        gone = [n for n, v in zip(names, values, strict=True) if v is None]
+        if gone:
+            client.srem(keys.nodes, *gone)
+        return [NodeInfo.model_validate_json(v) for v in values if v is not None]
+
+    def mark_warm(self, node: str, models: list[str], ttl: float) -> None:
+        """Models loaded in some worker process of `node`; read back into the node's heartbeat."""
+        if not models:
+            return
+        key = self._conn.keys.warm_models(node)
+        pipe = self._conn.client.pipeline(transaction=True)
+        pipe.sadd(key, *models)
+        pipe.expire(key, int(ttl))
+        pipe.execute()
+
+    def warm_models(self, node: str) -> list[str]:
+        return sorted(self._conn.client.smembers(self._conn.keys.warm_models(node)))
