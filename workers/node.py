@@ -139,6 +139,11 @@ class NodeSupervisor:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
         env["EDGEFLEET_NODE_NAME"] = self.settings.node_name
+        # `edgefleet worker --broker URL` sets only this process's settings: the class workers
+        # must use the same broker (through the environment, never their command line).
+        env["EDGEFLEET_REDIS_URL"] = self.settings.redis_url
+        if self.settings.broker_url:
+            env["EDGEFLEET_BROKER_URL"] = self.settings.broker_url
         cmd = [
             sys.executable, "-m", "workers.class_worker",
             f"--resource-class={worker.resource_class.value}",

@@ -134,6 +134,7 @@ class SandboxPolicy:
     switch_uid: bool
     landlock_abi: int
     why_same_uid: str = ""
+    seccomp: bool = True  # libseccomp present: without it, process creation and sockets stay allowed
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SandboxPolicy:
@@ -160,7 +161,14 @@ class SandboxPolicy:
             from workers.landlock import abi_version
 
             abi = abi_version()
-        return cls(settings=settings, bwrap=bwrap, switch_uid=switch_uid, landlock_abi=abi, why_same_uid=why)
+        from workers.seccomp_filter import available
+
+        seccomp = available()
+        if not seccomp:
+            log.warning("libseccomp is missing: plugins run without the seccomp filter (see `isolation`)")
+        return cls(
+            settings=settings, bwrap=bwrap, switch_uid=switch_uid, landlock_abi=abi, why_same_uid=why, seccomp=seccomp
+        )
 
     def uid_of(self, plugin: str) -> int | None:
         """A stable uid per plugin: files it keeps in a granted folder stay its own across runs."""
@@ -186,6 +194,7 @@ class SandboxPolicy:
             max_output_bytes=self.max_output_bytes,
             landlock=self.bwrap is None and self.landlock_abi > 0,
             lan=Permission.network_lan in permissions and manifest.name in self.settings.sandbox_lan_plugins,
+            seccomp=self.seccomp,
         )
 
     def isolation(self, image: PluginImage) -> str:
@@ -194,7 +203,7 @@ class SandboxPolicy:
             parts.append(f"uid={image.uid}")
         else:
             parts.append("uid=root-nocaps" if os.geteuid() == 0 and not self.bwrap else "uid=worker")
-        parts += ["seccomp", "rlimits"]
+        parts += ["seccomp" if self.seccomp else "no-seccomp", "rlimits"]
         return "+".join(parts)
 
 
@@ -213,6 +222,7 @@ class PluginImage:
     max_output_bytes: int = 1024 * 1024
     landlock: bool = False
     lan: bool = False  # `network_lan`, allowed by the operator: private addresses stay reachable
+    seccomp: bool = True
 
     def prepare_message(self) -> protocol.Prepare:
         return {
@@ -223,6 +233,7 @@ class PluginImage:
             "permissions": sorted(p.value for p in self.permissions),
             "limits": self.limits.model_dump(),
             "max_output_bytes": self.max_output_bytes,
+            "seccomp": self.seccomp,
         }
 
     @classmethod

@@ -165,10 +165,11 @@ def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
     permissions = set(image["permissions"])
     _set_limits(image["limits"], "subprocess" in permissions)
     _confine_files(image.get("landlock"))
-    from workers.seccomp_filter import install
+    if image.get("seccomp", True):
+        from workers.seccomp_filter import install
 
-    networked = bool({"network", "network_lan"} & permissions)
-    install(allow_subprocess="subprocess" in permissions, allow_network=networked)
+        networked = bool({"network", "network_lan"} & permissions)
+        install(allow_subprocess="subprocess" in permissions, allow_network=networked)
     from edgefleet.plugin_context import PluginContext  # noqa: F401 - imported now, not on the subtask's time
     from edgefleet.plugin_loader import load_entry_point
 

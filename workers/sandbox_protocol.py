@@ -28,6 +28,7 @@ class Prepare(TypedDict):
     permissions: list[str]
     limits: dict[str, Any]
     max_output_bytes: int
+    seccomp: bool  # false where the box has no libseccomp: the launcher runs without the filter
     landlock: NotRequired[LandlockRules]
 
 

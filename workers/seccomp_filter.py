@@ -63,6 +63,16 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def available() -> bool:
+    """Whether this box has libseccomp (macOS and minimal images may not): the worker's policy asks
+    once, and its launchers then skip the filter instead of failing every plugin."""
+    try:
+        _library()
+    except SeccompUnavailable:
+        return False
+    return True
+
+
 def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
     """Install the filter in this process; returns what it denies (for the status report)."""
     denied: list[str] = []
