@@ -148,7 +148,7 @@ class FinishWatcher:
         oldest = store.oldest_running_created()
         next_floor = min(oldest, now) if oldest is not None else now
         first = self._floor is None
-        floor = next_floor if first else self._floor
+        floor = next_floor if self._floor is None else self._floor
         new: list[tuple[str, str, float]] = []
         for state in TERMINAL_STATES:
             for job_id, score in store.jobs_created_since(state, floor):

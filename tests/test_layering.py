@@ -214,3 +214,147 @@ def test_the_check_catches_each_way_of_importing(tmp_path: Path) -> None:
     message = "\n".join(map(str, check_tree(tmp_path)))
     assert "edgefleet/bad.py:4: imports router.app: the core (edgefleet/ minus edgefleet/cli/)" in message
     assert "workers/node.py:2: imports router.app: workers import the core only, never router" in message
+
+
+# --- the sealed store -----------------------------------------------------------------------
+# Only the store reads Redis and spells key names: edgefleet/store/ (JobStore and its parts,
+# the Lua scripts) and the release scheduler's own store class, edgefleet/scheduling/state.py.
+# Elsewhere (the rest of edgefleet/, router/, workers/, plugins/, loadtests/) a module may not
+#   - import the store's internals: edgefleet.keys (key names), edgefleet.store.connection and
+#     edgefleet.store.scripts (the client and the scripts);
+#   - reach into a store: `.redis`, `._redis`, `.connection`, `._conn` or `.keys` of something
+#     named `store` / `*_store` (a JobStore is called that everywhere in this code);
+#   - spell a key: a string that starts with the default prefix `ef:`, or a `:<kind>` part of a
+#     key template (`f"{prefix}:job:{id}"`, `prefix + ":scheduler:feedback"`).
+# Tests are not checked: they read Redis behind the store's back on purpose, as a witness.
+
+SEALED_SCAN = ("edgefleet", "router", "workers", "plugins", "loadtests")
+STORE_MODULES = ("edgefleet/store/", "edgefleet/scheduling/state.py", "edgefleet/keys.py")
+STORE_INTERNALS = ("edgefleet.keys", "edgefleet.store.connection", "edgefleet.store.scripts")
+STORE_INSIDES = {"redis", "_redis", "connection", "_conn", "keys", "_keys"}
+DEFAULT_PREFIX = "ef:"
+
+
+def _key_heads() -> tuple[str, ...]:
+    """`:job`, `:st`, `:scheduler`, ...: the first part of every key name after the prefix."""
+    from edgefleet.keys import KEY_TEMPLATES
+
+    return tuple(sorted({":" + t.split(":")[0].split("{")[0] for t in KEY_TEMPLATES.values()}))
+
+
+def _spells_a_key(text: str, heads: tuple[str, ...]) -> bool:
+    if text.startswith(DEFAULT_PREFIX):
+        return True
+    return any(text == head or text.startswith(head + ":") for head in heads)
+
+
+def _last_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Call):
+        return _last_name(node.func)
+    return ""
+
+
+@dataclass(frozen=True)
+class Leak:
+    file: str
+    line: int
+    imported: str  # what leaks: the import, the attribute or the string
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.imported}: {self.why}"
+
+
+def seal_violations(root: Path, path: Path, heads: tuple[str, ...]) -> list[Leak]:
+    relative = path.relative_to(root)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(relative))
+    _, package = module_name(relative)
+    found: list[Leak] = []
+
+    def flag(node: ast.AST, what: str, why: str) -> None:
+        found.append(Leak(str(relative), getattr(node, "lineno", 0), what, why))
+
+    for line, name in imported_names(tree, package):
+        if _under(name, STORE_INTERNALS):
+            found.append(Leak(str(relative), line, name, "only the store imports its key names, client, scripts"))
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in STORE_INSIDES and id(node) not in called:
+            owner = _last_name(node.value).lower()
+            if owner.endswith("store"):
+                flag(node, f"{owner}.{node.attr}", "reaches into the job store; add a store method instead")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _spells_a_key(node.value, heads):
+            flag(node, repr(node.value), "spells a Redis key of the store; key names live in edgefleet/keys.py")
+    # `from edgefleet.keys import Keys` is one violation, not two.
+    flagged = {(v.line, v.imported) for v in found}
+    return [v for v in found if not any((v.line, p) in flagged for p in _parents(v.imported))]
+
+
+def sealed_files(root: Path) -> list[Path]:
+    files = (p for top in SEALED_SCAN for p in (root / top).rglob("*.py") if "__pycache__" not in p.parts)
+    return sorted(p for p in files if not p.relative_to(root).as_posix().startswith(STORE_MODULES))
+
+
+def test_nothing_outside_the_store_reads_redis_or_spells_a_key() -> None:
+    heads = _key_heads()
+    files = sealed_files(ROOT)
+    assert any(p.relative_to(ROOT).parts[0] == "loadtests" for p in files)
+    violations = [v for path in files for v in seal_violations(ROOT, path, heads)]
+    assert not violations, "the store's seal is broken:\n" + "\n".join(map(str, violations))
+
+
+def test_the_seal_check_catches_each_way_in(tmp_path: Path) -> None:
+    def write(relative: str, text: str) -> None:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    write(
+        "router/metrics.py",
+        "from edgefleet.keys import Keys\n"                                 # 1
+        "from edgefleet.store.connection import StoreConnection\n"          # 2
+        "def scan(store, self_store):\n"                                    # 3
+        "    store.redis.zcard(store.keys.running)\n"                       # 4: both
+        "    self_store.connection.client.get('x')\n"                       # 5
+        "    return store.keys\n"                                           # 6
+        "def fine(settings, cluster, d):\n"                                 # 7
+        "    d.keys(); cluster.redis; settings.redis_url; store.nodes.live_nodes()\n"  # 8: allowed
+        "    return 'prefix: job done'\n",                                  # 9: allowed
+    )
+    write(
+        "workers/runner.py",
+        "class R:\n"
+        "    def m(self, env, p):\n"
+        "        self.store.redis.hmget(f'{p}:st:{env.job_id}:{env.subtask_id}', ['x'])\n"  # 3: both
+        "        key = f'{self._prefix}:tenant_active:{env.tenant}'\n"      # 4
+        "        return p + ':scheduler:feedback', 'ef:node:n1'\n",         # 5: both
+    )
+    write("loadtests/bench.py", "import edgefleet.store.scripts\nlive = 'ef:nodes'\n")
+    write("edgefleet/store/jobs.py", "def f(store):\n    return store.redis, 'ef:job:1'\n")  # the store itself
+    write("edgefleet/scheduling/state.py", "def f(store):\n    return store.connection\n")
+
+    heads = _key_heads()
+    found = {
+        (v.file, v.line, v.imported) for path in sealed_files(tmp_path) for v in seal_violations(tmp_path, path, heads)
+    }
+    assert found == {
+        ("router/metrics.py", 1, "edgefleet.keys"),
+        ("router/metrics.py", 2, "edgefleet.store.connection"),
+        ("router/metrics.py", 4, "store.redis"),
+        ("router/metrics.py", 4, "store.keys"),
+        ("router/metrics.py", 5, "self_store.connection"),
+        ("router/metrics.py", 6, "store.keys"),
+        ("workers/runner.py", 3, "store.redis"),
+        ("workers/runner.py", 3, "':st:'"),
+        ("workers/runner.py", 4, "':tenant_active:'"),
+        ("workers/runner.py", 5, "':scheduler:feedback'"),
+        ("workers/runner.py", 5, "'ef:node:n1'"),
+        ("loadtests/bench.py", 1, "edgefleet.store.scripts"),
+        ("loadtests/bench.py", 2, "'ef:nodes'"),
+    }
+    message = "\n".join(str(v) for path in sealed_files(tmp_path) for v in seal_violations(tmp_path, path, heads))
+    assert "router/metrics.py:4: store.redis: reaches into the job store; add a store method instead" in message

@@ -113,9 +113,7 @@ class AttemptStore:
 
     def save_checkpoint(self, env: SubtaskEnvelope, *, node: str, pid: int, state: Any) -> bool:
         """Store a running attempt's checkpoint; refused (False) if the attempt lost ownership."""
-        return bool(
-            self._conn.run("checkpoint", env.job_id, env.subtask_id, env.attempt, node, pid, json.dumps(state))
-        )
+        return bool(self._conn.run("checkpoint", env.job_id, env.subtask_id, env.attempt, node, pid, json.dumps(state)))
 
     def complete(
         self,
@@ -151,9 +149,7 @@ class AttemptStore:
     def lost(self, env: SubtaskEnvelope, *, node: str, pid: int, max_lost: int, why: str) -> Lost:
         """The attempt's plugin process was killed by something outside it: a new attempt
         (resuming from its checkpoint) whatever its retries, until it is lost `max_lost` times."""
-        verdict, detail = self._conn.run(
-            "lost", env.job_id, env.subtask_id, env.attempt, node, pid, max_lost, why
-        )
+        verdict, detail = self._conn.run("lost", env.job_id, env.subtask_id, env.attempt, node, pid, max_lost, why)
         ready = [ResourceClass(detail)] if verdict == "requeued" else []
         return Lost(verdict=verdict, ready_classes=ready)
 

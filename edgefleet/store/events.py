@@ -7,6 +7,7 @@ stream holds no thread while it waits for the next event.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -17,6 +18,8 @@ BLOCK_MS = 5000
 # The client's socket timeout must outlast a blocking XREAD, else every quiet spell of
 # BLOCK_MS ends the stream with a TimeoutError (redis-py's default socket timeout is 5 s).
 SOCKET_TIMEOUT = BLOCK_MS / 1000 + 10
+
+Batches = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
 class JobEventReader:
@@ -38,7 +41,10 @@ class JobEventReader:
         stream, job = self._keys.events(job_id), self._keys.job(job_id)
         while True:
             finished = await self._client.hget(job, "state") in TERMINAL
-            batches = await self._client.xread({stream: last_id}, count=200, block=None if finished else BLOCK_MS)
+            # [(stream, [(entry id, fields), ...])], text: the client decodes responses
+            batches = cast(
+                Batches, await self._client.xread({stream: last_id}, count=200, block=None if finished else BLOCK_MS)
+            )
             if finished and not batches:
                 return
             for _, entries in batches or []:

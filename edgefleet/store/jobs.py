@@ -94,7 +94,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "ef") -> None:
         self.connection = StoreConnection(client, prefix)
         self._conn = self.connection
-        self._redis = client
+        self._redis = self.connection.client
         self._keys = self.connection.keys
         self.attempts = AttemptStore(self.connection)
         self.nodes = NodeStore(self.connection)
@@ -242,9 +242,7 @@ class JobStore:
             score_text, _, last_id = cursor.partition("_")
             last_score = float(score_text)
             # Equal scores come in descending id order; skip up to and including the last id.
-            rows = self._redis.zrevrangebyscore(
-                index, last_score, "-inf", start=0, num=limit + 1 + 64, withscores=True
-            )
+            rows = self._redis.zrevrangebyscore(index, last_score, "-inf", start=0, num=limit + 1 + 64, withscores=True)
             rows = [(i, sc) for i, sc in rows if sc < last_score or (sc == last_score and i < last_id)]
         else:
             rows = self._redis.zrevrange(index, 0, limit, withscores=True)

@@ -71,8 +71,12 @@ class WebhookStore:
             return None
         rec = self._redis.hmget(self._keys.webhook(delivery_id), "job_id", "tenant", "url", "created_at")
         return Delivery(
-            id=delivery_id, job_id=rec[0] or "", tenant=rec[1] or "", url=rec[2] or "",
-            attempt=int(attempt), created_at=float(rec[3] or time.time()),
+            id=delivery_id,
+            job_id=rec[0] or "",
+            tenant=rec[1] or "",
+            url=rec[2] or "",
+            attempt=int(attempt),
+            created_at=float(rec[3] or time.time()),
         )
 
     def retry(self, delivery: Delivery, delay: float, status: int | None, error: str) -> bool:
