@@ -82,6 +82,27 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeo
         proc.wait(5)
 
 
+# Markers (pyproject.toml): what each test needs, so `pytest -m "not cluster and not model"` runs
+# the fast ones. Modules that are all cluster tests say so with `pytestmark`; elsewhere a test
+# is a cluster test when it takes one of these fixtures, and a bwrap test when its node is "boxed".
+CLUSTER_FIXTURES = {
+    "cluster_factory", "shared_cluster", "module_router", "router_only", "redis_server",
+    "sandbox_cluster", "lab", "lost_cluster",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if "fake_internet" in names:
+            item.add_marker(pytest.mark.netns)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("node") == "boxed" or "bwrap" in params.values() or "bwrap" in item.name:
+            item.add_marker(pytest.mark.bwrap)
+
+
 @dataclass
 class RedisServer:
     port: int

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, Cluster
 
+pytestmark = pytest.mark.cluster
+
 JOB = {"name": "auth probe", "steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "hi"}}]}
 
 

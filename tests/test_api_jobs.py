@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, Cluster, wait_until
 
+pytestmark = pytest.mark.cluster
+
 
 def _count(text: str = "a b c") -> dict[str, Any]:
     return {"id": "count", "plugin": "text", "action": "count", "args": {"text": text}}

@@ -34,6 +34,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port  # noqa: E402
 
+pytestmark = pytest.mark.cluster
+
 EXAMPLES_PER_OPERATION = 25
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -5,14 +5,15 @@ Runs against a real router process on a real redis-server, without workers.
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, Cluster
+
+pytestmark = pytest.mark.cluster
 
 # Keys that exist whatever the API does: node heartbeats.
 BACKGROUND_PREFIXES = ("ef:node", "ef:nodes")

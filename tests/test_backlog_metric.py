@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +24,8 @@ from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import Plan, PlannedSubtask, PriorityClass, ResourceClass
 from edgefleet.store import JobStore
 from tests.conftest import Cluster, RedisServer, wait_until
+
+pytestmark = pytest.mark.cluster
 
 CPU, IO = ResourceClass.cpu, ResourceClass.io
 PRIORITIES = [p.value for p in PriorityClass]

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import serving
-
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_context import PathOutsideWorkspace, PluginContext, SubtaskCancelled
+from tests.conftest import serving
 
 HELLO = "Hello world.\nhello EDGE, hello fleet!\n"
 

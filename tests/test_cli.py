@@ -23,9 +23,11 @@ import pytest
 import redis
 import yaml
 
-from edgefleet.client import ApiError, Client, _parse_sse
 from edgefleet.cli.embedded_redis import EmbeddedRedis
+from edgefleet.client import ApiError, Client, _parse_sse
 from tests.conftest import ROOT, free_port, wait_until
+
+pytestmark = pytest.mark.cluster
 
 SUBCOMMANDS = ["router", "worker", "up", "submit", "status", "jobs", "cancel", "plugins", "workers"]
 

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.conftest import new_marker, Cluster, wait_until
+from tests.conftest import Cluster, new_marker, wait_until
+
+pytestmark = pytest.mark.cluster
 
 
 def events(cluster: Cluster, job_id: str) -> list[dict]:

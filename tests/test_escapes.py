@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import Cluster, RedisServer, free_port
 from workers.landlock import abi_version
 
+pytestmark = pytest.mark.cluster
+
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
 HAVE_BWRAP = shutil.which("bwrap") is not None
 AS_ROOT = os.geteuid() == 0

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import Cluster, RedisServer, free_port, new_marker, wait_until
 from tests.test_crash import events, marker_lines, ready_cluster, subtask_events
 
+pytestmark = pytest.mark.cluster
+
 
 def class_worker_pids(cluster: Cluster, node: str) -> dict[str, int]:
     """The node's Celery worker processes (one per class and lane), by command line."""

@@ -15,9 +15,12 @@ import pytest
 
 from tests.conftest import ROOT, Cluster, free_port, stop_process, wait_until
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("flower") is None, reason="flower is not installed (pip install 'edgefleet[flower]')"
-)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(
+        importlib.util.find_spec("flower") is None, reason="flower is not installed (pip install 'edgefleet[flower]')"
+    ),
+]
 
 
 def _get(url: str) -> Any:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import new_marker, ADMIN_TOKEN, Cluster
+from tests.conftest import ADMIN_TOKEN, Cluster, new_marker
+
+pytestmark = pytest.mark.cluster
 
 
 def test_three_step_dag_across_io_and_cpu(shared_cluster: Cluster, http_site: str) -> None:

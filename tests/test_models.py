@@ -36,6 +36,8 @@ from edgefleet.models.metrics import MODEL_CALLS, MODEL_FALLBACKS, MODEL_LOAD_SE
 from edgefleet.settings import Settings
 from tests.model_fixtures import LlamaServer, llama_server_importable, smollm2_path, tiny_gguf
 
+pytestmark = pytest.mark.model
+
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(
     not HAVE_LLAMA, reason="llama_cpp cannot be imported: build it with deploy/install_llama.sh"

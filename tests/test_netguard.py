@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
 import httpx
 import pytest
 

@@ -19,6 +19,8 @@ import pytest
 from edgefleet.cli.side_services import host_port, prometheus_config
 from tests.conftest import ADMIN_TOKEN, Cluster, free_port, stop_process, wait_until
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None,

@@ -16,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from edgefleet.store import JobStore
 from tests.conftest import ADMIN_TOKEN, ROOT, Cluster, wait_until
+
+pytestmark = pytest.mark.cluster
 
 RETENTION = 3  # seconds: short, so that the test sees jobs expire
 COUNT = {"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "a b a"}}]}

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Cluster, RedisServer, free_port, wait_until
 
+pytestmark = pytest.mark.cluster
+
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
 HAVE_BWRAP = shutil.which("bwrap") is not None
 # Node "boxed" uses bubblewrap when the machine has it; node "plain" never does.

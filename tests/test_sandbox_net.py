@@ -45,6 +45,8 @@ from workers.sandbox_net import (  # noqa: E402
 NOBODY = 65534
 BANNER = "ef-inet"
 INET_PORT = 8080  # in its own namespace: no clash possible
+pytestmark = [pytest.mark.netns, pytest.mark.bwrap]
+
 # The probe needs only the standard library; a venv's interpreter may live where uid 65534 cannot go.
 PYTHON = next(p for p in ("/usr/bin/python3", sys.executable) if os.path.exists(p))
 

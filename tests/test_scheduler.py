@@ -29,6 +29,8 @@ from edgefleet.store import JobStore
 from edgefleet.store.scripts import compose
 from tests.conftest import Cluster, RedisServer, free_port, stop_process, wait_until
 
+pytestmark = pytest.mark.cluster
+
 ONE_SLOT = {
     "EDGEFLEET_TARGET_DEPTH": json.dumps({"cpu": 1, "gpu": 1, "io": 1}),
     "EDGEFLEET_CPU_CONCURRENCY": "1",

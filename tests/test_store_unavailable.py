@@ -10,8 +10,11 @@ import os
 import signal
 
 import httpx
+import pytest
 
 from tests.conftest import Cluster, RedisServer, wait_until
+
+pytestmark = pytest.mark.cluster
 
 JOB = {"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "a b"}}]}
 

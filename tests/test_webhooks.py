@@ -17,11 +17,12 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from standardwebhooks import Webhook
 
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, serving, wait_until
+
+pytestmark = pytest.mark.cluster
 
 ALLOW_LOOPBACK = {
     "EDGEFLEET_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.1/32"]',
