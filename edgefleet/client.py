@@ -200,6 +200,10 @@ class Client:
     def workers(self) -> builtins.list[NodeInfo]:  # `list` is a method name in this class
         return [NodeInfo.model_validate(item) for item in self._request("GET", "/v1/workers").json()]
 
+    def bench_workers(self) -> dict[str, Any]:
+        """Ask every node to benchmark again (admin): `{request, nodes}`; see NodeInfo.bench.request."""
+        return cast(dict[str, Any], self._request("POST", "/v1/workers/bench").json())
+
     def gc(self, older_than: float | None = None, limit: int | None = None) -> dict[str, Any]:
         """Remove finished jobs past their retention now (admin): one batch, `{removed, remaining}`."""
         body = {k: v for k, v in (("older_than", older_than), ("limit", limit)) if v is not None}

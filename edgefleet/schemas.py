@@ -165,6 +165,9 @@ class SubtaskStatus(BaseModel):
     isolation: str | None = Field(default=None, description="how the last attempt was sandboxed")
     cpu_seconds: float | None = Field(default=None, description="CPU time of the last attempt's processes")
     max_rss_mb: float | None = Field(default=None, description="peak resident memory of the last attempt")
+    placement: str | None = Field(
+        default=None, description="why the dispatcher sent it to its queue (model steps: warm box, fastest box...)"
+    )
 
 
 class JobStatus(BaseModel):
@@ -202,6 +205,23 @@ class JobPage(BaseModel):
     next_cursor: str | None = None
 
 
+class NodeBench(BaseModel):
+    """A node's benchmark (workers/bench.py): how fast this box is, measured on the box itself."""
+
+    cpu_score: float | None = Field(
+        default=None, description="single core: units/s of a fixed hashlib + pure-Python workload (higher is faster)"
+    )
+    tokens_per_s: dict[str, float] = Field(
+        default_factory=dict, description="per local model: generation speed of 64 tokens, as the workers load it"
+    )
+    errors: dict[str, str] = Field(default_factory=dict, description="per model (or `cpu`): why there is no figure")
+    measured_at: float = Field(description="when the benchmark finished (the node's clock)")
+    seconds: float = Field(description="how long the whole benchmark took")
+    request: int = Field(
+        default=0, description="the bench request (POST /v1/workers/bench) it answers; 0: the one at start"
+    )
+
+
 class NodeInfo(BaseModel):
     """What a worker node advertises in its heartbeat."""
 
@@ -222,7 +242,11 @@ class NodeInfo(BaseModel):
     started_at: float
     heartbeat_at: float
     version: str
-    metrics_url: str | None = None
+    metrics_url: str | None = Field(default=None, description="where other boxes scrape this node (never 0.0.0.0)")
+    bench: NodeBench | None = Field(default=None, description="the last benchmark; null until the first one ends")
+    bench_running: bool = Field(default=False, description="a benchmark is running now")
+    slots: dict[str, int] = Field(default_factory=dict, description="per class: slots for all work (express excluded)")
+    busy: dict[str, int] = Field(default_factory=dict, description="per class: subtasks running at this heartbeat")
 
 
 class ErrorItem(BaseModel):

@@ -147,6 +147,22 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=8701, description="node /metrics and /healthz; 0 picks a free port, -1 disables"
     )
+    # --- what a node tells the fleet about itself (workers/advertise.py, workers/bench.py) ---
+    worker_metrics_url: str | None = Field(
+        default=None,
+        description="the metrics URL this node advertises, as other boxes reach it (behind NAT or a proxy); "
+        "default: its address on the route to the broker",
+    )
+    worker_advertise_host: str | None = Field(
+        default=None, description="host or address other boxes reach this node at; default: found from the route"
+    )
+    node_bench: bool = Field(
+        default=True,
+        description="run the node benchmark (CPU score, tokens/s) at start; `edgefleet workers --bench` runs it anyway",
+    )
+    node_bench_timeout: float = Field(
+        default=300.0, gt=0, description="seconds the whole node benchmark may take before it is abandoned"
+    )
     worker_task_modules: list[str] = Field(
         default_factory=list,
         description="modules each class worker imports for extra Celery tasks (e.g. loadtests.bench_tasks, "

@@ -64,7 +64,11 @@ def test_benchmark_in_workers_and_again_on_request(cluster_factory: Callable[...
     env = cluster.env()
     done = subprocess.run(
         [sys.executable, "-m", "edgefleet", "workers", "--bench", "--url", cluster.url, "--token", ADMIN_TOKEN],
-        env={**env, "COLUMNS": "250"}, capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+        env={**env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     again = _benched(cluster, "bench-a", request=1)
@@ -108,8 +112,9 @@ def test_model_steps_go_to_the_fastest_box_and_warm_beats_cold(
     cluster.start_node("box2", classes="cpu", EDGEFLEET_MODELS_FILE=str(one_thread))
     cluster.wait_nodes_ready("box1", "box2")
     figures = {
-        name: wait_until(lambda n=name: _benched(cluster, n, models=("sa", "sb")), 120, interval=0.3,
-                         what=f"{name}'s benchmark")["tokens_per_s"]
+        name: wait_until(
+            lambda n=name: _benched(cluster, n, models=("sa", "sb")), 120, interval=0.3, what=f"{name}'s benchmark"
+        )["tokens_per_s"]
         for name in ("box1", "box2")
     }
 
@@ -126,8 +131,13 @@ def test_model_steps_go_to_the_fastest_box_and_warm_beats_cold(
     prompt = {"prompt": "Say hello.", "max_tokens": 4}
     pinned = _run(cluster, {"id": "g", "plugin": "llm", "action": "generate", "args": prompt, "node": slowest})
     assert pinned["node"] == slowest and pinned["placement"] is None  # the step chose its box itself
-    wait_until(lambda: "sb" in _nodes(cluster)[slowest]["models_loaded"]
-               and "sb" not in _nodes(cluster)[other]["models_loaded"], 30, what=f"sb warm on {slowest} only")
+    wait_until(
+        lambda: (
+            "sb" in _nodes(cluster)[slowest]["models_loaded"] and "sb" not in _nodes(cluster)[other]["models_loaded"]
+        ),
+        30,
+        what=f"sb warm on {slowest} only",
+    )
     st = _run(cluster, {"id": "g", "plugin": "llm", "action": "generate", "args": prompt})
     assert st["node"] == slowest and st["queue"] == f"node.{slowest}.cpu", (figures, st)
     assert st["placement"].startswith(f"warm: sb loaded on {slowest}"), st

@@ -85,10 +85,16 @@ def test_the_route_to_a_remote_broker_names_the_interface_towards_it(fake_intern
 def test_generated_and_shipped_configs_discover_nodes_through_the_router(tmp_path: Path) -> None:
     token_file = tmp_path / "router.token"
     token_file.write_text("t")
-    generated = yaml.safe_load(prometheus_config(
-        "127.0.0.1:8700", token_file, [], "127.0.0.1:5555",
-        discovery_url=f"http://127.0.0.1:8700{SD_PATH}", discovery_refresh="2s",
-    ))
+    generated = yaml.safe_load(
+        prometheus_config(
+            "127.0.0.1:8700",
+            token_file,
+            [],
+            "127.0.0.1:5555",
+            discovery_url=f"http://127.0.0.1:8700{SD_PATH}",
+            discovery_refresh="2s",
+        )
+    )
     shipped = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     for config in (generated, shipped):
         jobs = {j["job_name"]: j for j in config["scrape_configs"]}
@@ -147,17 +153,30 @@ def test_prometheus_scrapes_a_node_that_joins_later_and_drops_one_that_left(
     token_file = tmp_path / "reader.token"
     token_file.write_text(READER_TOKEN + "\n")
     config = tmp_path / "prometheus.yml"
-    config.write_text(prometheus_config(
-        host_port(cluster.url), token_file, [], scrape_interval="1s",
-        discovery_url=f"{cluster.url}{SD_PATH}", discovery_refresh="1s",
-    ))
+    config.write_text(
+        prometheus_config(
+            host_port(cluster.url),
+            token_file,
+            [],
+            scrape_interval="1s",
+            discovery_url=f"{cluster.url}{SD_PATH}",
+            discovery_refresh="1s",
+        )
+    )
     with open(tmp_path / "prometheus.log", "ab") as prom_log:
         proc = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=prom_log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
+
         def up(*names: str) -> dict[str, dict[str, Any]] | None:
             targets = _node_targets(prom)
             return targets if all(targets.get(n, {}).get("health") == "up" for n in names) else None
@@ -181,8 +200,12 @@ def test_prometheus_scrapes_a_node_that_joins_later_and_drops_one_that_left(
 
         # A box that dies (no goodbye): gone from discovery once its heartbeat expires, then from Prometheus.
         cluster.kill_node("sd-b")
-        wait_until(lambda: "sd-b" not in _node_targets(prom) and _node_targets(prom), 60, interval=0.5,
-                   what="Prometheus dropping sd-b")
+        wait_until(
+            lambda: "sd-b" not in _node_targets(prom) and _node_targets(prom),
+            60,
+            interval=0.5,
+            what="Prometheus dropping sd-b",
+        )
         assert [g["labels"]["node"] for g in _sd(cluster).json()] == ["sd-a"]
         assert _node_targets(prom)["sd-a"]["health"] == "up"
     finally:

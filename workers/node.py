@@ -25,6 +25,8 @@ from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from workers import probe
+from workers.advertise import advertised_metrics_url
+from workers.bench import NodeBenchmark, local_models
 from workers.process_watch import ProcessWatch
 from workers.workspace_gc import start_workspace_gc
 
@@ -105,6 +107,9 @@ class NodeSupervisor:
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="edgefleet-metrics-"))
         self._http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None
+        self.metrics_url: str | None = None
+        self.bench = NodeBenchmark(settings, local_models(settings))
+        self._bench_answered = 0  # the last bench request number this node has started a run for
         # Dead processes whose leases could not be released yet (Redis unreachable).
         self._dead_pids: set[int] = set()
 
@@ -117,13 +122,14 @@ class NodeSupervisor:
         self._start_http()
         for worker in self._workers:
             self._spawn(worker)
+        self._start_bench()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         start_workspace_gc(self.settings, self.store, self._stop)  # retention of finished jobs' workspaces
         log.info(
             "node started",
             extra={"node": self.settings.node_name, "classes": [c.value for c in self.classes],
-                   "metrics_port": self.metrics_port},
+                   "metrics_url": self.metrics_url},
         )
         while not self._stop.wait(0.5):
             self._release_dead_leases()
@@ -233,16 +239,62 @@ class NodeSupervisor:
             started_at=self.started_at,
             heartbeat_at=time.time(),
             version=__version__,
-            metrics_url=f"http://{self.settings.worker_metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else None,
+            metrics_url=self.metrics_url,
+            bench=self.bench.last,
+            bench_running=self.bench.running,
+            slots={w.resource_class.value: w.concurrency for w in self._workers if not w.express},
+            busy=self._busy(),
         )
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.store.nodes.heartbeat(self.node_info(), self.settings.heartbeat_ttl)
+                self._check_bench_request()
             except Exception as exc:  # noqa: BLE001 - Redis may be restarting; keep trying
                 log.warning("heartbeat failed", extra={"error": type(exc).__name__})
             self._stop.wait(self.settings.heartbeat_interval)
+
+    # --- the node benchmark (workers/bench.py) ----------------------------------------------
+
+    def _start_bench(self) -> None:
+        """Measure once at start, in the background: the node serves before the figures exist.
+        With EDGEFLEET_NODE_BENCH=false only requests (`edgefleet workers --bench`) run it."""
+        try:
+            # Requests made before this node started are answered by this first run.
+            self._bench_answered = self.store.nodes.bench_requested()
+        except Exception:  # Redis not up yet: the first heartbeat round reads it
+            self._bench_answered = 0
+        if self.settings.node_bench:
+            self.bench.request(self._bench_answered)
+
+    def _check_bench_request(self) -> None:
+        """`edgefleet workers --bench` raised the request number: measure again."""
+        wanted = self.store.nodes.bench_requested()
+        if wanted > self._bench_answered:
+            self._bench_answered = wanted
+            log.info("benchmark requested", extra={"request": wanted})
+            self.bench.request(wanted)
+
+    def _busy(self) -> dict[str, int]:
+        """Subtasks running now per class, from the class workers' in-flight gauges."""
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        from edgefleet.metric_names import IN_FLIGHT
+
+        busy: dict[str, int] = {}
+        try:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=str(self._metrics_dir))
+            for family in registry.collect():
+                if family.name != IN_FLIGHT:
+                    continue
+                for sample in family.samples:
+                    rc = sample.labels.get("resource_class", "")
+                    busy[rc] = busy.get(rc, 0) + max(0, int(sample.value))
+        except (OSError, ValueError) as exc:  # a class worker writing its file right now
+            log.debug("in-flight gauges not read", extra={"error": str(exc)})
+        return busy
 
     # --- /metrics and /healthz --------------------------------------------------------
 
@@ -297,4 +349,8 @@ class NodeSupervisor:
             return
         self._http = ThreadingHTTPServer((self.settings.worker_metrics_host, self.settings.worker_metrics_port), Handler)
         self.metrics_port = self._http.server_address[1]
+        self.metrics_url = advertised_metrics_url(
+            self.settings.worker_metrics_url, self.settings.worker_metrics_host,
+            self.settings.worker_advertise_host, self.settings.redis_url, self.metrics_port,
+        )
         threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()

@@ -190,7 +190,8 @@ def _status_table(status: JobStatus) -> Any:
             st.resource_class.value,
             f"[{STATE_STYLE.get(st.state.value, '')}]{state}[/]",
             f"{st.attempt}/{st.max_attempts}",
-            escape(st.node or "-"),
+            # Why it went there (model steps): warm box, fastest box, or the class queue.
+            escape(st.node or "-") + (f"\n[dim]{escape(st.placement)}[/dim]" if st.placement else ""),
             _clock(st.queued_at),
             _duration(st.queued_at, st.started_at) if st.started_at else "-",
             _duration(st.started_at, st.finished_at),
@@ -351,39 +352,92 @@ def gc(
 
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    bench: Annotated[
+        bool, typer.Option("--bench", help="ask every node to run its benchmark again (admin) and wait for it")
+    ] = False,
+    bench_timeout: Annotated[float, typer.Option(help="seconds --bench waits for the nodes")] = 300.0,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """List the live worker nodes: classes, cores, memory, load, plugins, last heartbeat.
+    """List the live worker nodes: classes, cores, memory, load, benchmark, last heartbeat.
 
-    Example:
+    Each node benchmarks itself at start: a single-core CPU score (higher is faster) and
+    the tokens/s of each local model; the dispatcher sends model steps to the fastest box.
+    `--bench` measures again (e.g. once a box is idle) and exits 1 if a node did not finish.
+
+    Examples:
 
         edgefleet workers
+        edgefleet workers --bench
     """
-    from rich.markup import escape
-    from rich.table import Table
-
     with api_errors(), make_client(url, token) as client:
+        pending: list[str] = []
+        if bench:
+            pending = _bench_and_wait(client, bench_timeout)
         nodes = client.workers()
     if as_json:
         print(json.dumps([n.model_dump(mode="json") for n in nodes], indent=2))
-        return
+    else:
+        _print_workers(nodes)
+    if pending:
+        err_console().print(f"benchmark not finished after {bench_timeout:g}s on: {', '.join(pending)}")
+        raise typer.Exit(1)
+
+
+def _bench_and_wait(client: Client, timeout: float) -> list[str]:
+    """POST /v1/workers/bench, then poll until every node listed has answered; returns those that have not."""
+    answer = client.bench_workers()
+    request: int = answer["request"]
+    asked = set(answer["nodes"])
+    deadline = time.monotonic() + timeout
+    console = err_console()
+    with console.status(f"benchmarking {len(asked)} node(s)"):
+        while True:
+            # A node that left (stopped, heartbeat expired) is not waited for.
+            pending = sorted(n.name for n in client.workers()
+                             if n.name in asked and (n.bench is None or n.bench.request < request))
+            if not pending or time.monotonic() > deadline:
+                return pending
+            time.sleep(0.5)
+
+
+def _print_workers(nodes: list[NodeInfo]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="worker nodes")
     table.add_column("node", no_wrap=True)
-    for column in ("classes", "cores", "memory free", "cpu", "gpus", "plugins", "heartbeat", "metrics"):
+    for column in ("classes", "cores", "memory free", "cpu", "gpus", "cpu score", "tokens/s", "plugins",
+                   "heartbeat", "metrics"):
         table.add_column(column, overflow="fold")
     now = time.time()
     for node in nodes:
         table.add_row(
             escape(node.name), _classes_cell(node), str(node.cores),
             f"{node.memory_available / 2**30:.1f}/{node.memory_total / 2**30:.1f} GiB",
-            f"{node.cpu_percent:.0f}%", escape(", ".join(node.gpus) or "-"), escape(", ".join(node.plugins)),
-            f"{max(0.0, now - node.heartbeat_at):.1f}s ago", escape(node.metrics_url or "-"),
+            f"{node.cpu_percent:.0f}%", escape(", ".join(node.gpus) or "-"), *_bench_cells(node),
+            escape(", ".join(node.plugins)), f"{max(0.0, now - node.heartbeat_at):.1f}s ago",
+            escape(node.metrics_url or "-"),
         )
     console = out_console()
     console.print(table)
     if not nodes:
         console.print("no live nodes: start one with `edgefleet worker --broker redis://...`")
+
+
+def _bench_cells(node: NodeInfo) -> tuple[str, str]:
+    """`41966`, `smollm2 37.2`: the benchmark's figures, or why there are none."""
+    from rich.markup import escape
+
+    bench = node.bench
+    if bench is None:
+        return ("measuring…" if node.bench_running else "-"), "-"
+    score = f"{bench.cpu_score:.0f}" if bench.cpu_score is not None else "-"
+    speeds = [f"{escape(name)} {tps:.1f}" for name, tps in sorted(bench.tokens_per_s.items())]
+    speeds += [f"{escape(name)}: {escape(why)}" for name, why in sorted(bench.errors.items()) if name != "cpu"]
+    if node.bench_running:
+        score += " (measuring…)"
+    return score, "\n".join(speeds) or "-"
 
 
 def _classes_cell(node: NodeInfo) -> str:

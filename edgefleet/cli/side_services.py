@@ -16,14 +16,24 @@ def free_local_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SD_PATH = "/v1/prometheus/targets"
+SD_REFRESH = "5s"
+
+
 def prometheus_config(
     router_target: str,
     token_file: Path | None,
     worker_targets: list[str],
     flower_target: str | None = None,
     scrape_interval: str = "5s",
+    *,
+    discovery_url: str | None = None,
+    discovery_refresh: str = SD_REFRESH,
 ) -> str:
-    """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower)."""
+    """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower).
+
+    Nodes come from the router's HTTP service discovery when `discovery_url` is given (a box
+    that joins later is scraped after one `discovery_refresh`), plus any static `worker_targets`."""
     import yaml
 
     router_job: dict[str, Any] = {
@@ -34,11 +44,20 @@ def prometheus_config(
     if token_file is not None:
         router_job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
     jobs = [router_job]
+    workers_job: dict[str, Any] = {"job_name": "edgefleet-workers", "metrics_path": "/metrics"}
+    if discovery_url:
+        # The token authenticates the discovery request only; nodes' /metrics get no token.
+        sd: dict[str, Any] = {"url": discovery_url, "refresh_interval": discovery_refresh}
+        if token_file is not None:
+            sd["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
+        workers_job["http_sd_configs"] = [sd]
     if worker_targets:
-        jobs.append({"job_name": "edgefleet-workers", "metrics_path": "/metrics",
-                     "static_configs": [{"targets": list(worker_targets)}]})
+        workers_job["static_configs"] = [{"targets": list(worker_targets)}]
+    if discovery_url or worker_targets:
+        jobs.append(workers_job)
     if flower_target:
-        jobs.append({"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]})
+        jobs.append({"job_name": "flower", "metrics_path": "/metrics",
+                     "static_configs": [{"targets": [flower_target]}]})
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": jobs,
@@ -55,7 +74,9 @@ def host_port(url: str) -> str:
 def write_prometheus_files(
     prom_dir: Path, router_url: str, token: str | None, worker_targets: list[str], flower_url: str | None,
 ) -> Path:
-    """prometheus.yml (and the router's token in a 0600 file it names) in `prom_dir`; returns the config path."""
+    """prometheus.yml (and the router's token in a 0600 file it names) in `prom_dir`; returns the config path.
+
+    Nodes are found through the router's service discovery, so boxes that join later are scraped too."""
     prom_dir.mkdir(exist_ok=True)
     token_file: Path | None = None
     if token:
@@ -65,6 +86,7 @@ def write_prometheus_files(
     config.write_text(prometheus_config(
         host_port(router_url), token_file, worker_targets,
         host_port(flower_url) if flower_url else None,
+        discovery_url=router_url.rstrip("/") + SD_PATH,
     ))
     return config
 

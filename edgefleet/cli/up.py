@@ -8,7 +8,8 @@ order):
 2. the router (`python -m edgefleet router`), awaited on /healthz;
 3. one worker node (`python -m edgefleet worker`), awaited on its heartbeat;
 4. with `--with-prometheus`, a Prometheus server (the `prometheus` binary, e.g. the
-   Debian package) scraping the router and the node, storage in `<data_dir>/prometheus`;
+   Debian package) scraping the router and every live node (found through the router's
+   HTTP service discovery, so boxes that join later too), storage in `<data_dir>/prometheus`;
    the router's feedback loop reads it;
 5. with `--with-flower`, Flower (`python -m celery -A edgefleet.flower_app --broker <redis> flower`) on
    127.0.0.1, its API open without auth there; workers then send task events.
@@ -44,7 +45,7 @@ from edgefleet.cli.processes import (
     Child, popen_kwargs, port_in_use, project_root, spawn, sweep_group, write_secret_file,
 )
 from edgefleet.cli.side_services import (
-    flower_command, free_local_port, host_port, prometheus_command, write_prometheus_files,
+    flower_command, free_local_port, prometheus_command, write_prometheus_files,
 )
 from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
 from edgefleet.schemas import JobStatus, ResourceClass
@@ -220,14 +221,9 @@ class LocalCluster:
 
     def _start_prometheus(self) -> None:
         assert self.prometheus_url is not None
-        workers: list[str] = []
-        try:
-            with self.client(timeout=5.0) as client:
-                workers = [host_port(n.metrics_url) for n in client.workers() if n.metrics_url]
-        except ClientError:
-            pass
         prom_dir = self.data_dir / "prometheus"
-        config = write_prometheus_files(prom_dir, self.url, self.token, workers, self.flower_url)
+        # No static node targets: Prometheus asks the router for the live nodes (HTTP SD).
+        config = write_prometheus_files(prom_dir, self.url, self.token, [], self.flower_url)
         cmd = prometheus_command(config, prom_dir, self.prometheus_url)
         self.prometheus = self._spawn_cmd("prometheus", cmd, dict(os.environ))
         self._await_http(self.prometheus, f"{self.prometheus_url}/-/ready", timeout=60.0)

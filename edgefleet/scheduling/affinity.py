@@ -1,9 +1,16 @@
-"""Sends a subtask that needs a model to a box that has that model warm.
+"""Sends a subtask that needs a model to the box best placed to run it.
 
 A plugin action declares the model task it uses (`model_task` in its manifest);
 the models config routes that task to a primary model; nodes advertise the
-models warm in their worker processes. A match goes to that node's direct
-queue, anything else to the class queue.
+models warm in their worker processes and the speed their benchmark measured
+for each local model (workers/bench.py). Order: a box with the model warm (a
+load costs more than a short wait, so warm beats cold even when busy), one
+with a free slot first, the fastest first; else the fastest box with a free
+slot that has the model benchmarked; else the class queue. The reason is
+recorded with the subtask (`placement` in its status).
+
+"Free slot" is the node's last heartbeat (`slots` - `busy`) less what this
+router sent it since it last read the nodes: approximate, never a reservation.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from edgefleet.celery_app import node_queue
 from edgefleet.models.config import ModelsConfig
@@ -25,6 +33,12 @@ log = logging.getLogger(__name__)
 NODES_REFRESH_SECONDS = 1.0
 
 
+@dataclass(frozen=True)
+class Placement:
+    queue: str | None  # a node's direct queue; None: the class queue
+    reason: str
+
+
 class ModelAffinity:
     def __init__(self, nodes: NodeStore, catalog: PluginCatalog, config: ModelsConfig) -> None:
         self.nodes = nodes
@@ -34,6 +48,7 @@ class ModelAffinity:
         self._nodes: list[NodeInfo] = []
         self._fetched = 0.0
         self._turn = 0
+        self._sent: dict[str, int] = {}  # node -> subtasks sent to it since the nodes were read
 
     def wanted_model(self, env: SubtaskEnvelope) -> str | None:
         plugin = self.catalog.get(env.plugin)
@@ -48,24 +63,62 @@ class ModelAffinity:
             if time.monotonic() - self._fetched > NODES_REFRESH_SECONDS:
                 self._nodes = self.nodes.live_nodes()
                 self._fetched = time.monotonic()
+                self._sent.clear()
             return self._nodes
 
     def queue_for(self, env: SubtaskEnvelope) -> str | None:
-        """The direct queue of a node with the subtask's model warm, or None for the class queue."""
+        """The direct queue `place` chose, or None for the class queue."""
+        placement = self.place(env)
+        return placement.queue if placement else None
+
+    def place(self, env: SubtaskEnvelope) -> Placement | None:
+        """Where a model step goes and why; None for a step that needs no model."""
         model = self.wanted_model(env)
         if model is None:
             return None
-        warm = [
-            node
-            for node in self._live_nodes()
-            if model in node.models_loaded and env.resource_class in node.classes and env.plugin in node.plugins
-        ]
-        if not warm:
-            return None
+        rc = env.resource_class.value
+        able = [n for n in self._live_nodes() if env.resource_class in n.classes and env.plugin in n.plugins]
+        warm = [n for n in able if model in n.models_loaded]
+        measured = [n for n in able if model not in n.models_loaded and _speed(n, model) > 0]
         with self._lock:
-            self._turn += 1
-            node = warm[self._turn % len(warm)]
-        return f"{node_queue(node.name)}.{env.resource_class.value}"
+            if warm:
+                node = self._pick(warm, model, rc)
+                why = f"warm: {model} loaded on {node.name}"
+            else:
+                roomy = [n for n in measured if self._room(n, rc) > 0]
+                if not roomy:
+                    return Placement(None, f"class queue: {model} warm nowhere, no benchmarked box with a free slot")
+                node = self._pick(roomy, model, rc)
+                why = f"fastest for {model} (none warm)"
+            free = max(0, self._room(node, rc))
+            self._sent[node.name] = self._sent.get(node.name, 0) + 1
+        others = sorted((n for n in (warm or measured) if n.name != node.name), key=lambda n: -_speed(n, model))
+        compared = "".join(f"; {n.name} {_speed(n, model):g} tok/s" for n in others[:3])
+        return Placement(
+            f"{node_queue(node.name)}.{rc}",
+            f"{why}; {node.name} {_speed(node, model):g} tok/s, {free} free slot(s){compared}",
+        )
+
+    def _room(self, node: NodeInfo, rc: str) -> int:
+        """Free slots of the class as last seen, less what was sent since; unknown (an older node): 1."""
+        if rc not in node.slots:
+            return 1 - self._sent.get(node.name, 0)
+        return node.slots[rc] - node.busy.get(rc, 0) - self._sent.get(node.name, 0)
+
+    def _pick(self, nodes: list[NodeInfo], model: str, rc: str) -> NodeInfo:
+        """A free slot first, then the fastest; equals take turns (as warm boxes always did)."""
+        def key(n: NodeInfo) -> tuple[bool, float]:
+            return (self._room(n, rc) > 0, _speed(n, model))
+
+        best = max(key(n) for n in nodes)
+        tied = sorted((n for n in nodes if key(n) == best), key=lambda n: n.name)
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+def _speed(node: NodeInfo, model: str) -> float:
+    """The node's benchmarked tokens/s for the model; 0 when not measured."""
+    return node.bench.tokens_per_s.get(model, 0.0) if node.bench else 0.0
 
 
 def build_affinity(store: JobStore, catalog: PluginCatalog, settings: Settings) -> ModelAffinity | None:

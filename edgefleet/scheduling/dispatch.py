@@ -54,12 +54,14 @@ class Dispatcher:
         if item.queue.removesuffix(EXPRESS_SUFFIX) != item.envelope.resource_class.value:
             return item  # pinned to a node by the step itself
         assert self.affinity is not None
-        queue = self.affinity.queue_for(item.envelope)
-        if queue is None:
+        placement = self.affinity.place(item.envelope)
+        if placement is None:
             return item
-        if express:
-            queue += EXPRESS_SUFFIX
-        self.scheduler.set_queue(item.envelope, queue)
+        if placement.queue is None:
+            self.scheduler.set_queue(item.envelope, item.queue, placement=placement.reason)
+            return item
+        queue = placement.queue + (EXPRESS_SUFFIX if express else "")
+        self.scheduler.set_queue(item.envelope, queue, placement=placement.reason)
         return Released(envelope=item.envelope, queue=queue)
 
     def _send(self, released: list[Released]) -> None:

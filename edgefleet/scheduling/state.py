@@ -66,9 +66,10 @@ class SchedulerState:
             for item in items
         ]
 
-    def set_queue(self, env: SubtaskEnvelope, queue: str) -> None:
-        """The queue a released subtask was actually sent to (the reaper looks there)."""
-        self._redis.hset(self._keys.subtask(env.job_id, env.subtask_id), "queue", queue)
+    def set_queue(self, env: SubtaskEnvelope, queue: str, placement: str | None = None) -> None:
+        """The queue a released subtask was actually sent to (the reaper looks there), and why."""
+        fields = {"queue": queue} if placement is None else {"queue": queue, "placement": placement}
+        self._redis.hset(self._keys.subtask(env.job_id, env.subtask_id), mapping=fields)
 
     def mark_dispatched(self, released: list[Released]) -> None:
         if released:

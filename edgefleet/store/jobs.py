@@ -225,6 +225,7 @@ class JobStore:
             isolation=_opt_str(raw.get("isolation")),
             cpu_seconds=_opt_float(raw.get("cpu_seconds")),
             max_rss_mb=_opt_float(raw.get("max_rss_mb")),
+            placement=_opt_str(raw.get("placement")),
         )
 
     def list_jobs(

@@ -47,3 +47,11 @@ class NodeStore:
 
     def warm_models(self, node: str) -> list[str]:
         return sorted(self._conn.client.smembers(self._conn.keys.warm_models(node)))
+
+    def request_bench(self) -> int:
+        """Ask every node to run its benchmark again (workers/bench.py); returns the request number."""
+        return int(self._conn.client.incr(self._conn.keys.key("bench_request")))
+
+    def bench_requested(self) -> int:
+        """The latest bench request number (0: none yet); a node compares it with the last it answered."""
+        return int(self._conn.client.get(self._conn.keys.key("bench_request")) or 0)

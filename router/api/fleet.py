@@ -63,6 +63,14 @@ def workers(_: ReadPrincipal, services: Services) -> list[NodeInfo]:
     return services.store.nodes.live_nodes()
 
 
+@router.post("/v1/workers/bench", status_code=202)
+def bench_workers(_: AdminPrincipal, services: Services) -> dict[str, Any]:
+    """Ask every node to run its benchmark again (admin); each starts within one heartbeat and
+    reports `bench.request` >= `request` in `GET /v1/workers` once done (workers/bench.py)."""
+    request = services.store.nodes.request_bench()
+    return {"request": request, "nodes": [n.name for n in services.store.nodes.live_nodes()]}
+
+
 @router.get("/v1/plugins")
 def plugins(_: ReadPrincipal, services: Services) -> dict[str, Any]:
     """The plugin catalogue: each plugin's manifest and the live nodes that can run it.
