@@ -30,8 +30,7 @@ Resolver = Callable[[str, int], AddrInfo]
 
 DEFAULT_MAX_URL_LENGTH = 2048
 _PRIVATE = tuple(
-    ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -256,9 +255,7 @@ class OutboundGuard:
         target = self.parse(url)
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.run_in_executor(None, self.resolver, target.host, target.port), timeout
-            )
+            infos = await asyncio.wait_for(loop.run_in_executor(None, self.resolver, target.host, target.port), timeout)
         except (OSError, UnicodeError, TimeoutError):
             return
         self._pin(target, infos)

@@ -73,7 +73,9 @@ class PluginCatalog:
     # How long a dependency verdict is reused: a package installed meanwhile is noticed this late.
     DEPENDENCY_CACHE_S = 30.0
 
-    def __init__(self, plugins: dict[str, LoadedPlugin] | None = None, errors: list[ManifestError] | None = None) -> None:
+    def __init__(
+        self, plugins: dict[str, LoadedPlugin] | None = None, errors: list[ManifestError] | None = None
+    ) -> None:
         self._plugins: dict[str, LoadedPlugin] = dict(plugins or {})
         self.errors: list[ManifestError] = list(errors or [])
         # Rejected plugins by name (when the name is known): parse errors and resolution errors.

@@ -161,9 +161,7 @@ class Requires(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     edgefleet: VersionRange | None = None
-    plugins: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], VersionRange] = Field(
-        default_factory=dict
-    )
+    plugins: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], VersionRange] = Field(default_factory=dict)
 
 
 class Limits(BaseModel):
@@ -207,7 +205,7 @@ class PluginManifest(BaseModel):
     def _version(cls, value: Any) -> Any:
         # YAML reads `version: 1.10` as the float 1.1; say so instead of guessing.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise ValueError(f"write the version as a quoted string, e.g. version: \"{value}\"")
+            raise ValueError(f'write the version as a quoted string, e.g. version: "{value}"')
         if isinstance(value, str):
             try:
                 Version(value)

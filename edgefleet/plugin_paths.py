@@ -74,9 +74,7 @@ def grants_for(settings: Settings, plugin: str, permissions: set[Permission] | f
         # A grant inside a protected folder, or holding one, would undo the protection: it is dropped
         # (Landlock, unlike a mount namespace, cannot hide a folder inside one it allows).
         kept = [_normalise(p) for p in paths]
-        return tuple(
-            dict.fromkeys(p for p in kept if not any(is_within(p, q) or is_within(q, p) for q in protected))
-        )
+        return tuple(dict.fromkeys(p for p in kept if not any(is_within(p, q) or is_within(q, p) for q in protected)))
 
     read = usable(_named(settings.plugin_read_paths, plugin)) if Permission.file_system_read in permissions else ()
     write = usable(_named(settings.plugin_write_paths, plugin)) if Permission.file_system_write in permissions else ()

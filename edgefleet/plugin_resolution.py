@@ -152,7 +152,9 @@ def resolve(
                         (field, f"requires plugin {other!r}, which was rejected ({bad.field}: {bad.reason})")
                     )
                 else:
-                    problems[name].append((field, f"requires plugin {other!r} ({_shown(spec)}), which is not installed"))
+                    problems[name].append(
+                        (field, f"requires plugin {other!r} ({_shown(spec)}), which is not installed")
+                    )
             elif not _in_range(target.manifest.version, spec):
                 problems[name].append(
                     (

@@ -30,7 +30,9 @@ class _BoundedLoader(yaml.SafeLoader):
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         event = self.peek_event()  # type: ignore[no-untyped-call]  # PyYAML's own parser API
         if isinstance(event, AliasEvent):
-            raise YamlRefused(f"YAML aliases (*{event.anchor}) are not allowed (line {event.start_mark.line + 1 if event.start_mark else '?'})")
+            raise YamlRefused(
+                f"YAML aliases (*{event.anchor}) are not allowed (line {event.start_mark.line + 1 if event.start_mark else '?'})"
+            )
         nested = isinstance(event, CollectionStartEvent)
         if nested:
             self._depth += 1

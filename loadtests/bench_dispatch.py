@@ -26,11 +26,11 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.celery_app import PROBE, create_celery  # noqa: E402
-from edgefleet.schemas import JobState  # noqa: E402
-from edgefleet.settings import Settings  # noqa: E402
-from edgefleet.store import JobStore  # noqa: E402
-from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes  # noqa: E402
+from edgefleet.celery_app import PROBE, create_celery
+from edgefleet.schemas import JobState
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes
 
 SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
 
@@ -86,7 +86,9 @@ def main() -> None:
     parser.add_argument("--cpu-concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    stack = BenchStack(Path(tempfile.mkdtemp(prefix="edgefleet-bench-")), EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency))
+    stack = BenchStack(
+        Path(tempfile.mkdtemp(prefix="edgefleet-bench-")), EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency)
+    )
     try:
         redis_url = stack.start_redis()
         client = redis.Redis.from_url(redis_url, decode_responses=True)

@@ -24,9 +24,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.models.config import resolve_model_path  # noqa: E402
-from edgefleet.store import JobStore  # noqa: E402
-from loadtests.harness import TOKEN, BenchStack, wait_nodes  # noqa: E402
+from edgefleet.models.config import resolve_model_path
+from edgefleet.store import JobStore
+from loadtests.harness import TOKEN, BenchStack, wait_nodes
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm at sea."
 MAX_TOKENS = 128
@@ -53,8 +53,11 @@ def bare_runs(model_path: Path, runs: int) -> list[tuple[float, float]]:
 
 
 def subtask_runs(url: str, runs: int) -> list[dict]:
-    body = {"steps": [{"id": "gen", "plugin": "llm", "action": "generate",
-                       "args": {"prompt": PROMPT, "max_tokens": MAX_TOKENS}}]}
+    body = {
+        "steps": [
+            {"id": "gen", "plugin": "llm", "action": "generate", "args": {"prompt": PROMPT, "max_tokens": MAX_TOKENS}}
+        ]
+    }
     outputs = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as http:
         for _ in range(runs + 1):

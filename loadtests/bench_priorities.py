@@ -57,11 +57,12 @@ sys.path.insert(0, str(ROOT))
 
 from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, create_celery
 from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import JobState, PriorityClass, ResourceClass
 from edgefleet.settings import Settings
-from edgefleet.scheduling.state import SchedulerState
 from edgefleet.store import JobStore
-from loadtests.harness import healthy as _healthy, start, stop, wait_for
+from loadtests.harness import healthy as _healthy
+from loadtests.harness import start, stop, wait_for
 
 BENCH_SLEEP = "edgefleet.bench_sleep"  # the baseline task, loadtests/bench_tasks.py
 CPU = ResourceClass.cpu
@@ -114,7 +115,9 @@ class Run:
 
     def of(self, kind: str | None = None, tenant: str | None = None) -> list[Item]:
         with self.lock:
-            return [i for i in self.items if (kind is None or i.kind == kind) and (tenant is None or i.tenant == tenant)]
+            return [
+                i for i in self.items if (kind is None or i.kind == kind) and (tenant is None or i.tenant == tenant)
+            ]
 
 
 # --- the ways ------------------------------------------------------------------------------
@@ -313,7 +316,9 @@ class Bench:
         else:
             way.refresh(run)
 
-    def paced(self, way: Any, run: Run, every: float, until: float, kind: str, tenant: str, seconds: float) -> threading.Thread:
+    def paced(
+        self, way: Any, run: Run, every: float, until: float, kind: str, tenant: str, seconds: float
+    ) -> threading.Thread:
         """Submit one `kind` job every `every` seconds until `until` (time.time()), in a thread."""
 
         def loop() -> None:
@@ -380,13 +385,21 @@ class Bench:
                 f"capacity {capacity:.1f} batch subtasks/s ({a.batch_seconds:g} s each)"
             )
             self.rows.append(
-                {"scenario": "unloaded", "way": path, "int_p50": pct(inter, 0.5), "int_p95": pct(inter, 0.95),
-                 "batch_tput": f"{capacity:.2f}", "batch_share": "-", "b_wait": "-", "deadline": "-"}
+                {
+                    "scenario": "unloaded",
+                    "way": path,
+                    "int_p50": pct(inter, 0.5),
+                    "int_p95": pct(inter, 0.95),
+                    "batch_tput": f"{capacity:.2f}",
+                    "batch_share": "-",
+                    "b_wait": "-",
+                    "deadline": "-",
+                }
             )
 
     # --- scenario 1: interactive under a batch flood ---------------------------------------
 
-    def _begin(self, name: str) -> tuple[argparse.Namespace, Any, float, "Run"]:
+    def _begin(self, name: str) -> tuple[argparse.Namespace, Any, float, Run]:
         """A scenario's start on one way: its options, the way, that path's capacity, a fresh run."""
         way = self.ways[name]
         way.begin()
@@ -412,11 +425,24 @@ class Bench:
         done_in_window = sum(1 for i in batch if i.finished is not None and w0 <= i.finished <= w1)
         tput = done_in_window / (w1 - w0)
         self.rows.append(
-            {"scenario": "1 flood", "way": name, "int_p50": pct(inter, 0.5, now=now), "int_p95": pct(inter, 0.95, now=now),
-             "batch_tput": f"{tput:.2f}", "batch_share": "-", "b_wait": "-", "deadline": "-",
-             "_p95": pct_value(inter, 0.95, now=now), "_tput": tput, "_n": n, "_inter": len(inter)}
+            {
+                "scenario": "1 flood",
+                "way": name,
+                "int_p50": pct(inter, 0.5, now=now),
+                "int_p95": pct(inter, 0.95, now=now),
+                "batch_tput": f"{tput:.2f}",
+                "batch_share": "-",
+                "b_wait": "-",
+                "deadline": "-",
+                "_p95": pct_value(inter, 0.95, now=now),
+                "_tput": tput,
+                "_n": n,
+                "_inter": len(inter),
+            }
         )
-        self.log(f"flood/{name}: {n} batch, {len(inter)} interactive; p95 {pct(inter, 0.95, now=now)} s, batch {tput:.2f}/s")
+        self.log(
+            f"flood/{name}: {n} batch, {len(inter)} interactive; p95 {pct(inter, 0.95, now=now)} s, batch {tput:.2f}/s"
+        )
 
     # --- scenario 2: starvation ------------------------------------------------------------
 
@@ -447,12 +473,23 @@ class Bench:
         weights_after = self.scheduler.weights() if name == "edgefleet" else None
         way.purge(run)
         self.rows.append(
-            {"scenario": "2 starve", "way": name, "int_p50": pct(inter, 0.5, now=now), "int_p95": pct(inter, 0.95, now=now),
-             "batch_tput": f"{batch_done / a.window:.2f}", "batch_share": f"{share:.0%}", "b_wait": "-", "deadline": "-",
-             "_share": share, "_p95": pct_value(inter, 0.95, now=now)}
+            {
+                "scenario": "2 starve",
+                "way": name,
+                "int_p50": pct(inter, 0.5, now=now),
+                "int_p95": pct(inter, 0.95, now=now),
+                "batch_tput": f"{batch_done / a.window:.2f}",
+                "batch_share": f"{share:.0%}",
+                "b_wait": "-",
+                "deadline": "-",
+                "_share": share,
+                "_p95": pct_value(inter, 0.95, now=now),
+            }
         )
         if weights_after is not None:
-            self.notes.append(f"starve/edgefleet weights at the end of the window (feedback loop): interactive {weights_after['interactive']:g}")
+            self.notes.append(
+                f"starve/edgefleet weights at the end of the window (feedback loop): interactive {weights_after['interactive']:g}"
+            )
             self.set_weights({}, "starve: restore")
         self.log(f"starve/{name}: interactive {rate:.1f}/s; batch share {share:.0%}; p95 {pct(inter, 0.95, now=now)} s")
 
@@ -476,8 +513,17 @@ class Bench:
         way.purge(run)
         med = pct(b_items, 0.5, "wait", now=now)
         self.rows.append(
-            {"scenario": "3 fair", "way": name, "int_p50": "-", "int_p95": "-", "batch_tput": "-", "batch_share": "-",
-             "b_wait": med, "deadline": "-", "_bwait": pct_value(b_items, 0.5, "wait", now=now)}
+            {
+                "scenario": "3 fair",
+                "way": name,
+                "int_p50": "-",
+                "int_p95": "-",
+                "batch_tput": "-",
+                "batch_share": "-",
+                "b_wait": med,
+                "deadline": "-",
+                "_bwait": pct_value(b_items, 0.5, "wait", now=now),
+            }
         )
         self.log(f"fair/{name}: A {a.fair_flood} (submitted in {flood_s:.1f} s), B {a.fair_b}; B median wait {med} s")
 
@@ -495,13 +541,26 @@ class Bench:
         now = time.time()
         latency = item.latency
         met = latency is not None and latency <= a.deadline
-        text = f"{'met' if met else 'missed'} ({latency:.2f} s)" if latency is not None else f"missed (≥{now - item.submitted:.1f} s)"
+        text = (
+            f"{'met' if met else 'missed'} ({latency:.2f} s)"
+            if latency is not None
+            else f"missed (≥{now - item.submitted:.1f} s)"
+        )
         if name == "edgefleet":
             self.reorder(way, run)
         way.purge(run)
         self.rows.append(
-            {"scenario": "4 deadline", "way": name, "int_p50": "-", "int_p95": "-", "batch_tput": "-",
-             "batch_share": "-", "b_wait": "-", "deadline": f"{text}, D={a.deadline:g} s, backlog {n}", "_met": met}
+            {
+                "scenario": "4 deadline",
+                "way": name,
+                "int_p50": "-",
+                "int_p95": "-",
+                "batch_tput": "-",
+                "batch_share": "-",
+                "b_wait": "-",
+                "deadline": f"{text}, D={a.deadline:g} s, backlog {n}",
+                "_met": met,
+            }
         )
         self.log(f"deadline/{name}: backlog {n}; deadline job {text}")
 
@@ -524,7 +583,8 @@ class Bench:
         self.notes.append(
             f"reorder/edgefleet: {len(items)} waiting normal jobs ranked {ranks_before} of {backlog} in the backlog; "
             f"after the weight change {ranks_after}; they started {min(waits):.2f}–{max(waits):.2f} s after it"
-            if waits else f"reorder/edgefleet: ranks {ranks_before} -> {ranks_after}; not started within 60 s"
+            if waits
+            else f"reorder/edgefleet: ranks {ranks_before} -> {ranks_after}; not started within 60 s"
         )
 
     def _ranks(self, items: list[Item]) -> list[int | None]:
@@ -535,7 +595,16 @@ class Bench:
     # --- report -----------------------------------------------------------------------------
 
     def table(self) -> str:
-        head = ["scenario", "way", "interactive p50 s", "interactive p95 s", "batch /s", "batch share", "B median wait s", "deadline"]
+        head = [
+            "scenario",
+            "way",
+            "interactive p50 s",
+            "interactive p95 s",
+            "batch /s",
+            "batch share",
+            "B median wait s",
+            "deadline",
+        ]
         keys = ["scenario", "way", "int_p50", "int_p95", "batch_tput", "batch_share", "b_wait", "deadline"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
@@ -574,7 +643,8 @@ class Bench:
         if share is not None:
             p95 = r("2 starve", "edgefleet", "_p95")
             others = "; ".join(
-                f"{w} {r('2 starve', w, '_share'):.0%}" for w in ("celery-prio", "celery-lane")
+                f"{w} {r('2 starve', w, '_share'):.0%}"
+                for w in ("celery-prio", "celery-lane")
                 if r("2 starve", w, "_share") is not None
             )
             out.append(
@@ -592,27 +662,49 @@ class Bench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS)
+    )
     parser.add_argument("--cpu-concurrency", type=int, default=2, help="worker slots (prefork children)")
-    parser.add_argument("--express-slots", type=int, default=1,
-                        help="the node's express slots (interactive only); celery-lane sends interactive tasks there")
-    parser.add_argument("--batch-seconds", type=float, default=0.2, help="run time of a batch subtask (the issue's size)")
+    parser.add_argument(
+        "--express-slots",
+        type=int,
+        default=1,
+        help="the node's express slots (interactive only); celery-lane sends interactive tasks there",
+    )
+    parser.add_argument(
+        "--batch-seconds", type=float, default=0.2, help="run time of a batch subtask (the issue's size)"
+    )
     parser.add_argument("--interactive-seconds", type=float, default=0.05, help="run time of an interactive subtask")
     parser.add_argument("--interactive-every", type=float, default=0.5, help="scenario 1: interactive arrival period")
     parser.add_argument("--window", type=float, default=20.0, help="scenarios 1, 2: seconds of interactive load")
-    parser.add_argument("--flood", type=int, default=None,
-                        help="scenario 1: batch flood size (default: 1.3 x what the way can run in the window; issue: 2000)")
+    parser.add_argument(
+        "--flood",
+        type=int,
+        default=None,
+        help="scenario 1: batch flood size (default: 1.3 x what the way can run in the window; issue: 2000)",
+    )
     parser.add_argument("--starve-load", type=float, default=0.9, help="scenario 2: interactive demand / capacity")
-    parser.add_argument("--min-batch-share", type=float, default=0.15,
-                        help="scenario 2: edgefleet's batch_min_share; with --starve-load L, interactive gets 1 - share, "
-                             "so L + share > 1 makes its queue grow for the whole window")
+    parser.add_argument(
+        "--min-batch-share",
+        type=float,
+        default=0.15,
+        help="scenario 2: edgefleet's batch_min_share; with --starve-load L, interactive gets 1 - share, "
+        "so L + share > 1 makes its queue grow for the whole window",
+    )
     parser.add_argument("--fair-flood", type=int, default=400, help="scenario 3: tenant A's batch jobs (issue: 5000)")
     parser.add_argument("--fair-b", type=int, default=8, help="scenario 3: tenant B's batch jobs (issue: 50)")
     parser.add_argument("--deadline", type=float, default=5.0, help="scenario 4: deadline_s of the deadline job")
-    parser.add_argument("--reorder-jobs", type=int, default=4, help="scenario 4: waiting jobs reordered by a weight change")
-    parser.add_argument("--unloaded-probes", type=int, default=12, help="calibration: interactive jobs on an idle fleet")
+    parser.add_argument(
+        "--reorder-jobs", type=int, default=4, help="scenario 4: waiting jobs reordered by a weight change"
+    )
+    parser.add_argument(
+        "--unloaded-probes", type=int, default=12, help="calibration: interactive jobs on an idle fleet"
+    )
     parser.add_argument("--calibrate-batch", type=int, default=60, help="calibration: batch subtasks for the capacity")
-    parser.add_argument("--drain", type=float, default=20.0, help="seconds to let interactive work finish after a window")
+    parser.add_argument(
+        "--drain", type=float, default=20.0, help="seconds to let interactive work finish after a window"
+    )
     parser.add_argument("--max-wait", type=float, default=120.0, help="scenario 3: longest wait for tenant B")
     parser.add_argument("--objective", type=float, default=2.0, help="interactive p95 objective, s (router setting)")
     parser.add_argument("--sandbox", choices=["auto", "process"], default="auto", help="edgefleet worker sandbox")
@@ -646,7 +738,11 @@ def main() -> None:
         EDGEFLEET_WORKER_TASK_MODULES=json.dumps(["loadtests.bench_tasks"]),
     )
     router = start([sys.executable, "-m", "edgefleet", "router"], env, workdir / "router.log")
-    node = start([sys.executable, "-m", "edgefleet", "worker", "--node-name", "bench", "--classes", "cpu"], env, workdir / "node.log")
+    node = start(
+        [sys.executable, "-m", "edgefleet", "worker", "--node-name", "bench", "--classes", "cpu"],
+        env,
+        workdir / "node.log",
+    )
     url = f"http://127.0.0.1:{port}"
     client = redis.Redis.from_url(server.url, decode_responses=True)
     started = time.time()
@@ -678,10 +774,12 @@ def main() -> None:
         stop(router)
         server.stop()
     print()
-    print(f"sizes: {args.cpu_concurrency} cpu slots; batch {args.batch_seconds:g} s, interactive {args.interactive_seconds:g} s; "
-          f"window {args.window:g} s; fair {args.fair_flood}+{args.fair_b}; deadline {args.deadline:g} s; "
-          f"capacity celery {bench.capacity.get('celery', 0):.1f}/s, edgefleet {bench.capacity.get('edgefleet', 0):.1f}/s; "
-          f"total {time.time() - started:.0f} s")
+    print(
+        f"sizes: {args.cpu_concurrency} cpu slots; batch {args.batch_seconds:g} s, interactive {args.interactive_seconds:g} s; "
+        f"window {args.window:g} s; fair {args.fair_flood}+{args.fair_b}; deadline {args.deadline:g} s; "
+        f"capacity celery {bench.capacity.get('celery', 0):.1f}/s, edgefleet {bench.capacity.get('edgefleet', 0):.1f}/s; "
+        f"total {time.time() - started:.0f} s"
+    )
     print(f"edgefleet target depth at the end: {scheduler.get('target_depth')}")
     print()
     print(bench.table())
@@ -689,9 +787,19 @@ def main() -> None:
     for line in bench.ratios() + bench.notes:
         print("- " + line)
     if args.json:
-        args.json.write_text(json.dumps({"rows": bench.rows, "notes": bench.notes, "capacity": bench.capacity,
-                                         "unloaded": bench.unloaded, "args": vars(args) | {"json": str(args.json)}},
-                                        indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": bench.rows,
+                    "notes": bench.notes,
+                    "capacity": bench.capacity,
+                    "unloaded": bench.unloaded,
+                    "args": vars(args) | {"json": str(args.json)},
+                },
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.store import JobStore  # noqa: E402
-from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes  # noqa: E402
+from edgefleet.store import JobStore
+from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes
 
 NODES = {"warm": "1", "cold": "0"}
 
@@ -54,7 +54,9 @@ def main() -> None:
     args = parser.parse_args()
 
     stack = BenchStack(
-        Path(tempfile.mkdtemp(prefix="edgefleet-bench-sandbox-")), EDGEFLEET_CPU_CONCURRENCY="1", EDGEFLEET_EXPRESS_SLOTS="0"
+        Path(tempfile.mkdtemp(prefix="edgefleet-bench-sandbox-")),
+        EDGEFLEET_CPU_CONCURRENCY="1",
+        EDGEFLEET_EXPRESS_SLOTS="0",
     )
     times: dict[str, list[float]] = {name: [] for name in NODES}
     try:

@@ -33,8 +33,15 @@ Problem = tuple[str, str]
 # Seconds a client should wait before retrying while Redis is unreachable (a restart takes a few).
 STORE_RETRY_AFTER = 2
 ERROR_NAMES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
 }
 # Status and error name of each way a submission is refused.
 SUBMISSION_ERRORS: dict[type[SubmissionError], tuple[int, str]] = {
@@ -91,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # A body field is named as it is written in the body ("weights.batch"), like the job API's.
         problems = [
-            (".".join(str(p) for p in err["loc"][1 if err["loc"][:1] == ("body",) else 0:]) or "body", err["msg"])
+            (".".join(str(p) for p in err["loc"][1 if err["loc"][:1] == ("body",) else 0 :]) or "body", err["msg"])
             for err in exc.errors()
         ]
         if any(err.get("type") == "json_invalid" for err in exc.errors()):

@@ -36,7 +36,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -120,7 +120,7 @@ class FeedbackLoop:
                 continue  # one router steers: the one that holds the release lease
             try:
                 self.round()
-            except Exception:  # noqa: BLE001 - the loop outlives Redis restarts
+            except Exception:
                 log.exception("feedback round failed")
 
     # --- figures ----------------------------------------------------------------------
@@ -140,13 +140,15 @@ class FeedbackLoop:
         try:
             response = client.get(url, params={"query": expr})
         except httpx.HTTPError as exc:
-            raise PrometheusUnavailable(f"Prometheus unreachable at {self.settings.prometheus_url} ({type(exc).__name__})") from exc
+            raise PrometheusUnavailable(
+                f"Prometheus unreachable at {self.settings.prometheus_url} ({type(exc).__name__})"
+            ) from exc
         if response.status_code != 200:
             raise PrometheusUnavailable(f"Prometheus answered HTTP {response.status_code}")
         body = response.json()
         if body.get("status") != "success":
             raise PrometheusUnavailable(f"Prometheus query failed: {body.get('error', body)}")
-        return body["data"]["result"]
+        return cast(list[dict[str, Any]], body["data"]["result"])
 
     @staticmethod
     def _by_class(result: list[dict[str, Any]]) -> dict[str, float]:
@@ -161,7 +163,9 @@ class FeedbackLoop:
         with httpx.Client(timeout=min(5.0, max(1.0, self.settings.feedback_interval))) as client:
             slots = self._by_class(self._query(client, PROM_QUERIES["slots"]))
             if not slots:
-                raise PrometheusUnavailable("Prometheus has no edgefleet_node_slots series (no worker node scraped yet)")
+                raise PrometheusUnavailable(
+                    "Prometheus has no edgefleet_node_slots series (no worker node scraped yet)"
+                )
             run = self._by_class(self._query(client, PROM_QUERIES["run_seconds"]))
             wait = self._by_class(self._query(client, PROM_QUERIES["wait_seconds"]))
             p95_result = self._by_class(self._query(client, PROM_QUERIES["interactive_p95"]))
@@ -204,11 +208,21 @@ class FeedbackLoop:
             run, wait = figures["run_seconds"].get(rc.value), figures["wait_seconds"].get(rc.value)
             target = target_for(slots, run, wait)
             if target != self.targets.get(rc.value):
-                why = (f"{source}: {slots} slots, run {run if run is not None else '?'} s, "
-                       f"wait {wait if wait is not None else '?'} s -> target {target}")
+                why = (
+                    f"{source}: {slots} slots, run {run if run is not None else '?'} s, "
+                    f"wait {wait if wait is not None else '?'} s -> target {target}"
+                )
                 applied = self._set_target(rc, target, why)
-                changes.append({"kind": "target_depth", "resource_class": rc.value,
-                                "from": self.targets.get(rc.value), "to": target, "reason": why, "applied": applied})
+                changes.append(
+                    {
+                        "kind": "target_depth",
+                        "resource_class": rc.value,
+                        "from": self.targets.get(rc.value),
+                        "to": target,
+                        "reason": why,
+                        "applied": applied,
+                    }
+                )
                 self.targets[rc.value] = target
             self.metrics.target_depth.labels(resource_class=rc.value).set(self.targets[rc.value])
         p95 = figures.get("interactive_p95")
@@ -223,7 +237,9 @@ class FeedbackLoop:
         for change in changes:
             change["at"] = time.time()
             self.metrics.feedback_changes.labels(kind=change["kind"]).inc()
-            log.info("feedback change", extra={k: v for k, v in change.items() if k != "kind"} | {"change": change["kind"]})
+            log.info(
+                "feedback change", extra={k: v for k, v in change.items() if k != "kind"} | {"change": change["kind"]}
+            )
         record = {
             "source": source,
             "reason": reason,

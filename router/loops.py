@@ -69,7 +69,7 @@ class RouterLoops:
         if self._leading:
             try:
                 self.scheduler.resign(self.router_id)
-            except Exception:  # noqa: BLE001 - the lease expires anyway
+            except Exception:
                 log.warning("could not give the release lease back")
             self._leading = False
 
@@ -101,7 +101,7 @@ class RouterLoops:
             while not self._stop.is_set():
                 try:
                     body()
-                except Exception:  # noqa: BLE001 - a loop must outlive any one failure
+                except Exception:
                     log.exception("router loop failed; retrying", extra={"loop": name})
                     self._stop.wait(1.0)
 

@@ -61,10 +61,13 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         store, scheduler = self.store, self.scheduler
         backlog = GaugeMetricFamily(
-            metric_names.BACKLOG_DEPTH, "ready subtasks not yet released, by the priority class of their job",
+            metric_names.BACKLOG_DEPTH,
+            "ready subtasks not yet released, by the priority class of their job",
             labels=["resource_class", "priority_class"],
         )
-        queued = GaugeMetricFamily(metric_names.QUEUED_DEPTH, "released subtasks not yet claimed", labels=["resource_class"])
+        queued = GaugeMetricFamily(
+            metric_names.QUEUED_DEPTH, "released subtasks not yet claimed", labels=["resource_class"]
+        )
         for rc, counts in scheduler.backlog_counts().items():
             for priority_class, n in counts.items():
                 backlog.add_metric([rc.value, priority_class], n)
@@ -81,7 +84,9 @@ class FleetCollector(Collector):
             metric_names.BROKER_QUEUE_DEPTH, "released subtasks waiting in the Celery queue", labels=["queue_name"]
         )
         celery_len = GaugeMetricFamily(
-            metric_names.CELERY_QUEUE_LENGTH, "messages in the Celery queue (celery-exporter name)", labels=["queue_name"]
+            metric_names.CELERY_QUEUE_LENGTH,
+            "messages in the Celery queue (celery-exporter name)",
+            labels=["queue_name"],
         )
         for queue in broker_queues(store):
             n = celery_queue_length(store, queue)
@@ -114,7 +119,7 @@ class FinishWatcher:
 
     ALPHA = 0.3
 
-    def __init__(self, store: JobStore, metrics: "RouterMetrics", router_id: str, interval: float = 1.0) -> None:
+    def __init__(self, store: JobStore, metrics: RouterMetrics, router_id: str, interval: float = 1.0) -> None:
         self.store = store
         self.metrics = metrics
         self.router_id = router_id
@@ -137,7 +142,7 @@ class FinishWatcher:
         while not self._stop.is_set():
             try:
                 self.scan()
-            except Exception:  # noqa: BLE001 - Redis may restart; try again next turn
+            except Exception:
                 log.debug("finish scan failed", exc_info=True)
             self._stop.wait(self.interval)
 
@@ -185,8 +190,12 @@ class FinishWatcher:
             run, wait = done - started, max(0.0, started - queued)
             with self._lock:
                 obs = self.observed
-                obs.run_seconds[rc] = run if rc not in obs.run_seconds else (1 - self.ALPHA) * obs.run_seconds[rc] + self.ALPHA * run
-                obs.wait_seconds[rc] = wait if rc not in obs.wait_seconds else (1 - self.ALPHA) * obs.wait_seconds[rc] + self.ALPHA * wait
+                obs.run_seconds[rc] = (
+                    run if rc not in obs.run_seconds else (1 - self.ALPHA) * obs.run_seconds[rc] + self.ALPHA * run
+                )
+                obs.wait_seconds[rc] = (
+                    wait if rc not in obs.wait_seconds else (1 - self.ALPHA) * obs.wait_seconds[rc] + self.ALPHA * wait
+                )
                 obs.finished[rc] = obs.finished.get(rc, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -221,15 +230,16 @@ class SubmitTimer:
 class RouterMetrics:
     def __init__(self, store: JobStore, scheduler: SchedulerState, router_id: str) -> None:
         self.registry = CollectorRegistry()
-        self.submitted = Counter(
-            metric_names.JOBS_SUBMITTED, "jobs accepted", ["priority"], registry=self.registry
-        )
+        self.submitted = Counter(metric_names.JOBS_SUBMITTED, "jobs accepted", ["priority"], registry=self.registry)
         self.finished = Counter(
             metric_names.JOBS_FINISHED, "jobs this router saw finish", ["priority", "state"], registry=self.registry
         )
         self.job_seconds = Histogram(
-            metric_names.JOB_SECONDS, "job latency, creation to finish (succeeded jobs)", ["priority"],
-            buckets=JOB_BUCKETS, registry=self.registry,
+            metric_names.JOB_SECONDS,
+            "job latency, creation to finish (succeeded jobs)",
+            ["priority"],
+            buckets=JOB_BUCKETS,
+            registry=self.registry,
         )
         self.submit_seconds = Histogram(
             metric_names.SUBMIT_SECONDS, "time to answer POST /v1/jobs", buckets=SUBMIT_BUCKETS, registry=self.registry
@@ -238,29 +248,35 @@ class RouterMetrics:
         self.requeued = Counter(
             metric_names.REQUEUED, "subtasks given a new attempt after a lost lease", registry=self.registry
         )
-        self.callbacks = Counter(
-            metric_names.CALLBACKS, "completion callbacks", ["outcome"], registry=self.registry
-        )
+        self.callbacks = Counter(metric_names.CALLBACKS, "completion callbacks", ["outcome"], registry=self.registry)
         # The feedback loop's decisions.
         self.target_depth = Gauge(
             metric_names.TARGET_DEPTH, "target depth the feedback loop set", ["resource_class"], registry=self.registry
         )
-        self.weight = Gauge(metric_names.SCHEDULER_WEIGHT, "priority weights the feedback loop set", ["name"],
-                            registry=self.registry)
+        self.weight = Gauge(
+            metric_names.SCHEDULER_WEIGHT, "priority weights the feedback loop set", ["name"], registry=self.registry
+        )
         self.feedback_source = Gauge(
-            metric_names.FEEDBACK_SOURCE, "1 for where the last feedback round read its figures", ["source"],
+            metric_names.FEEDBACK_SOURCE,
+            "1 for where the last feedback round read its figures",
+            ["source"],
             registry=self.registry,
         )
-        self.feedback_rounds = Counter(metric_names.FEEDBACK_ROUNDS, "feedback rounds", ["source"], registry=self.registry)
+        self.feedback_rounds = Counter(
+            metric_names.FEEDBACK_ROUNDS, "feedback rounds", ["source"], registry=self.registry
+        )
         self.feedback_changes = Counter(
             metric_names.FEEDBACK_CHANGES, "changes the feedback loop made", ["kind"], registry=self.registry
         )
         self.feedback_slots = Gauge(
-            metric_names.FEEDBACK_SLOTS, "live worker slots per class, as the feedback loop saw them",
-            ["resource_class"], registry=self.registry,
+            metric_names.FEEDBACK_SLOTS,
+            "live worker slots per class, as the feedback loop saw them",
+            ["resource_class"],
+            registry=self.registry,
         )
         self.feedback_p95 = Gauge(
-            metric_names.FEEDBACK_INTERACTIVE_P95, "interactive job p95 latency the feedback loop saw",
+            metric_names.FEEDBACK_INTERACTIVE_P95,
+            "interactive job p95 latency the feedback loop saw",
             registry=self.registry,
         )
         self.registry.register(FleetCollector(store, scheduler))

@@ -68,9 +68,7 @@ class Planner:
         cycle = _find_cycle(needs)
         if cycle:
             first = cycle[0]
-            raise PlanError(
-                [(f"steps.{index_of[first]}.needs", "cycle in needs: " + " -> ".join(cycle))]
-            )
+            raise PlanError([(f"steps.{index_of[first]}.needs", "cycle in needs: " + " -> ".join(cycle))])
 
         dependents: dict[str, list[str]] = defaultdict(list)
         for step in steps:
@@ -85,8 +83,7 @@ class Planner:
                     args=step.args,
                     needs=needs[step.id],
                     dependents=dependents[step.id],
-                    resource_class=step.resource_class
-                    or self.plugins.get(step.plugin).manifest.resource_class,  # type: ignore[union-attr]
+                    resource_class=step.resource_class or self.plugins.get(step.plugin).manifest.resource_class,  # type: ignore[union-attr]
                     node=step.node,
                     timeout=step.timeout,
                     retries=step.retries,
@@ -127,9 +124,7 @@ class Planner:
             raise PlanError(problems)
         return steps
 
-    def _needs_of(
-        self, i: int, step: StepSpec, index_of: dict[str, int], problems: list[Problem]
-    ) -> list[str]:
+    def _needs_of(self, i: int, step: StepSpec, index_of: dict[str, int], problems: list[Problem]) -> list[str]:
         result: list[str] = []
         for dep in step.needs:
             if dep == step.id:
@@ -166,9 +161,7 @@ class Planner:
             )
             return
         if step.timeout > self.settings.max_subtask_timeout:
-            problems.append(
-                (f"steps.{i}.timeout", f"at most {self.settings.max_subtask_timeout:g} seconds")
-            )
+            problems.append((f"steps.{i}.timeout", f"at most {self.settings.max_subtask_timeout:g} seconds"))
         try:
             unresolved = top_level_keys_with_refs(step.args)
         except RefError:
@@ -267,7 +260,7 @@ def _find_cycle(needs: dict[str, list[str]]) -> list[str] | None:
                 stack.append((node, child_index + 1))
                 child = children[child_index]
                 if color[child] == grey:
-                    return path[path.index(child):] + [child]
+                    return [*path[path.index(child) :], child]
                 if color[child] == white:
                     stack.append((child, 0))
             else:

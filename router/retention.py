@@ -55,6 +55,6 @@ class RetentionSweeper:
                 removed = self.sweep()
                 if removed:
                     log.info("expired finished jobs", extra={"count": removed})
-            except Exception:  # noqa: BLE001 - Redis may be restarting; the next turn retries
+            except Exception:
                 log.warning("retention sweep failed; retrying", exc_info=True)
             self._stop.wait(self.interval)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import httpx
@@ -91,7 +91,7 @@ def retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
 
 
@@ -131,7 +131,7 @@ class WebhookSender:
                 try:
                     await asyncio.to_thread(self.store.intake)
                     started = await self._start_due()
-                except Exception:  # noqa: BLE001 - Redis down: attempts in flight go on, we retry
+                except Exception:
                     log.exception("webhook round failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
@@ -184,7 +184,7 @@ class WebhookSender:
             # The router is stopping: give the delivery back now rather than when the lease ends.
             await asyncio.shield(asyncio.to_thread(self.store.retry, delivery, 0.0, None, "router stopped"))
             raise
-        except Exception:  # noqa: BLE001 - e.g. Redis down; the claim's lease ends and it is tried again
+        except Exception:
             log.exception("webhook attempt failed", extra={"delivery_id": delivery.id, "job_id": delivery.job_id})
         finally:
             self._by_destination[destination] -= 1
@@ -202,7 +202,7 @@ class WebhookSender:
             return
         payload = json.dumps(status.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False)
         secrets = await asyncio.to_thread(self.store.signing_secrets, delivery.tenant)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
@@ -213,11 +213,13 @@ class WebhookSender:
         answer: httpx.Response | None = None
         error = ""
         try:
-            async with asyncio.timeout(self.settings.webhook_timeout):
-                async with netguard.async_client(self.guard, self.settings.webhook_timeout) as http:
-                    # Streamed and never read: only the status and headers matter, whatever the body's size.
-                    async with http.stream("POST", delivery.url, content=payload.encode(), headers=headers) as answer:
-                        pass
+            # Streamed and never read: only the status and headers matter, whatever the body's size.
+            async with (
+                asyncio.timeout(self.settings.webhook_timeout),
+                netguard.async_client(self.guard, self.settings.webhook_timeout) as http,
+                http.stream("POST", delivery.url, content=payload.encode(), headers=headers) as answer,
+            ):
+                pass
         except RefusedURL as exc:
             log.warning(
                 "webhook refused", extra={"delivery_id": delivery.id, "job_id": delivery.job_id, "reason": str(exc)}
@@ -229,8 +231,13 @@ class WebhookSender:
         except (httpx.HTTPError, OSError) as exc:
             answer, error = None, type(exc).__name__
         code = answer.status_code if answer is not None else None
-        extra = {"delivery_id": delivery.id, "job_id": delivery.job_id, "attempt": delivery.attempt,
-                 "status": code, "destination": destination}
+        extra = {
+            "delivery_id": delivery.id,
+            "job_id": delivery.job_id,
+            "attempt": delivery.attempt,
+            "status": code,
+            "destination": destination,
+        }
         if code is not None and 200 <= code < 300:
             if await asyncio.to_thread(self.store.finish, delivery, "delivered", code, "", self.settings.webhook_keep):
                 self.outcomes.labels(outcome="delivered").inc()
@@ -256,7 +263,7 @@ class WebhookSender:
             return None
         now = time.time()
         wait = min(self.settings.webhook_backoff * 2 ** (delivery.attempt - 1), self.settings.webhook_backoff_max)
-        wait *= random.uniform(1.0, 1.2)  # noqa: S311 - jitter, so retries of many jobs spread out
+        wait *= random.uniform(1.0, 1.2)
         asked = retry_after(answer.headers.get("retry-after"), now) if answer is not None else None
         if asked is not None:
             wait = max(wait, asked)

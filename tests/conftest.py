@@ -37,6 +37,8 @@ def new_marker(name: str) -> Path:
     MARKER_DIR.mkdir(exist_ok=True)
     MARKER_DIR.chmod(0o1777)
     return MARKER_DIR / f"{uuid.uuid4().hex}-{name}"
+
+
 ADMIN_TOKEN = "test-admin-token"
 TOKENS = {
     ADMIN_TOKEN: {"scopes": ["admin"], "tenant": "ops"},
@@ -86,8 +88,14 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeo
 # the fast ones. Modules that are all cluster tests say so with `pytestmark`; elsewhere a test
 # is a cluster test when it takes one of these fixtures, and a bwrap test when its node is "boxed".
 CLUSTER_FIXTURES = {
-    "cluster_factory", "shared_cluster", "module_router", "router_only", "redis_server",
-    "sandbox_cluster", "lab", "lost_cluster",
+    "cluster_factory",
+    "shared_cluster",
+    "module_router",
+    "router_only",
+    "redis_server",
+    "sandbox_cluster",
+    "lab",
+    "lost_cluster",
 }
 
 
@@ -117,9 +125,19 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes",
-                "--appendfsync", "always",
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -275,8 +293,7 @@ class Cluster:
             return wait_until(finished, timeout, interval=0.1, what=f"job {job_id}")
         except AssertionError:
             raise AssertionError(
-                f"job {job_id} unfinished: {json.dumps(self.job(job_id), indent=1)}\n"
-                f"router: {self.log_tail('router')}"
+                f"job {job_id} unfinished: {json.dumps(self.job(job_id), indent=1)}\nrouter: {self.log_tail('router')}"
             ) from None
 
     def stop(self) -> None:
@@ -416,7 +433,7 @@ def server_in(internet: FakeInternet | None, handler: Callable[..., Any]) -> Any
                 made.append(ThreadingHTTPServer((internet.address, 0), handler))
             finally:
                 libc.setns(home, 0x40000000)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as exc:
             made.append(exc)
         finally:
             os.close(home)

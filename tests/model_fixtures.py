@@ -34,8 +34,27 @@ CHATML_TEMPLATE = (
 
 # Words that become whole tokens; everything else is spelled in byte tokens.
 _WORDS = [
-    "the", "a", "and", "of", "to", "is", "in", "it", "you", "that", "summary", "text",
-    "model", "yes", "no", "hello", "world", "json", "true", "false", "null",
+    "the",
+    "a",
+    "and",
+    "of",
+    "to",
+    "is",
+    "in",
+    "it",
+    "you",
+    "that",
+    "summary",
+    "text",
+    "model",
+    "yes",
+    "no",
+    "hello",
+    "world",
+    "json",
+    "true",
+    "false",
+    "null",
 ]
 
 
@@ -79,7 +98,7 @@ def tiny_gguf(
             tokens.append(piece)
             types.append(gguf.TokenType.NORMAL)
     # Longer pieces score higher so the SentencePiece merge prefers them.
-    scores = [0.0 if t != gguf.TokenType.NORMAL else -1000.0 + len(tok) for tok, t in zip(tokens, types)]
+    scores = [0.0 if t != gguf.TokenType.NORMAL else -1000.0 + len(tok) for tok, t in zip(tokens, types, strict=True)]
     n_vocab = len(tokens)
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -106,7 +125,7 @@ def tiny_gguf(
 
     rng = np.random.default_rng(seed)
 
-    def weight(*shape: int) -> "np.ndarray":
+    def weight(*shape: int) -> np.ndarray:
         # numpy shape is ggml's ne reversed: (rows=out, cols=in)
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
@@ -136,7 +155,7 @@ def smollm2_path() -> Path | None:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     return path if path.is_file() else None
 
 
@@ -171,14 +190,21 @@ class LlamaServer:
     def start(self, timeout: float = 60.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the server process holds it
         try:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "llama_cpp.server",
-                    "--model", str(self.model),
-                    "--host", "127.0.0.1", "--port", str(self.port),
-                    "--n_ctx", str(self.n_ctx),
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    str(self.model),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--n_ctx",
+                    str(self.n_ctx),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

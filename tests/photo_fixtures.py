@@ -89,8 +89,9 @@ def scene(size: tuple[int, int], colour: tuple[int, int, int], kind: str, rng: r
     draw = ImageDraw.Draw(img)
     for _ in range(6):  # a few crisp shapes, so sharp photos have real edges
         x, y = rng.randrange(w), rng.randrange(h)
-        draw.rectangle([x, y, x + rng.randrange(8, 30), y + rng.randrange(8, 30)],
-                       fill=tuple(rng.randrange(256) for _ in range(3)))
+        draw.rectangle(
+            [x, y, x + rng.randrange(8, 30), y + rng.randrange(8, 30)], fill=tuple(rng.randrange(256) for _ in range(3))
+        )
     if kind == "dark":
         img = img.point(lambda v: v * 18 // 100)
     elif kind == "bright":
@@ -140,8 +141,15 @@ def make_photos(folder: Path, count: int, *, size: tuple[int, int] = (160, 120),
         img.save(path, "JPEG", quality=90, exif=exif_for(make, model, taken, orientation))
         specs.append(
             PhotoSpec(
-                name=path.relative_to(folder).as_posix(), path=path, make=make, model=model, taken=taken,
-                orientation=orientation, kind=kind, stored_size=stored, displayed_size=displayed,
+                name=path.relative_to(folder).as_posix(),
+                path=path,
+                make=make,
+                model=model,
+                taken=taken,
+                orientation=orientation,
+                kind=kind,
+                stored_size=stored,
+                displayed_size=displayed,
             )
         )
     return specs

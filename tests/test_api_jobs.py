@@ -63,7 +63,9 @@ def test_same_idempotency_key_and_body_returns_the_same_job(shared_cluster: Clus
 
     # Only one job was ever made with this name for alice.
     with shared_cluster.client("alice-token") as alice:
-        names = [j["id"] for j in alice.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["name"] == "idempotent"]
+        names = [
+            j["id"] for j in alice.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["name"] == "idempotent"
+        ]
     assert names == [done["id"]]
 
 
@@ -77,9 +79,7 @@ def test_same_idempotency_key_with_another_body_is_a_conflict(shared_cluster: Cl
         assert other.status_code == 422, other.text
         body = other.json()
         assert body["error"] == "idempotency_conflict"
-        assert body["detail"] == [
-            {"field": "Idempotency-Key", "reason": "already used for a different request body"}
-        ]
+        assert body["detail"] == [{"field": "Idempotency-Key", "reason": "already used for a different request body"}]
         assert set(shared_cluster.redis.client().keys("ef:job:*")) == before
     shared_cluster.wait_job(first.json()["id"])
 
@@ -192,18 +192,14 @@ def test_cancel_stops_the_running_subtask_and_its_dependents(shared_cluster: Clu
         ],
     }
     job_id = shared_cluster.submit(body, token="alice-token")["id"]
-    wait_until(
-        lambda: _subtask(shared_cluster.job(job_id), "nap")["state"] == "running", 20, what="nap running"
-    )
+    wait_until(lambda: _subtask(shared_cluster.job(job_id), "nap")["state"] == "running", 20, what="nap running")
     with shared_cluster.client("alice-token") as alice:
         started = time.monotonic()
         response = alice.delete(f"/v1/jobs/{job_id}")
         assert response.status_code == 202, response.text
         assert response.json()["id"] == job_id
 
-    job = wait_until(
-        lambda: (j := shared_cluster.job(job_id))["state"] == "cancelled" and j, 10, what="job cancelled"
-    )
+    job = wait_until(lambda: (j := shared_cluster.job(job_id))["state"] == "cancelled" and j, 10, what="job cancelled")
     assert time.monotonic() - started < 10
     assert job["error"] == "cancelled by request" and job["finished_at"] is not None
 
@@ -263,9 +259,7 @@ def _stream_id(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def _read_events(
-    cluster: Cluster, job_id: str, last_event_id: str | None = None, timeout: float = 30
-) -> list[Event]:
+def _read_events(cluster: Cluster, job_id: str, last_event_id: str | None = None, timeout: float = 30) -> list[Event]:
     """Read the whole stream; fails if it does not end by itself within `timeout`."""
     headers = {"Accept": "text/event-stream"}
     if last_event_id is not None:
@@ -273,21 +267,23 @@ def _read_events(
     events: list[Event] = []
     fields: dict[str, str] = {}
     deadline = time.monotonic() + timeout
-    with cluster.client("alice-token") as http:
-        with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
-            assert response.status_code == 200, response.read()
-            assert response.headers["content-type"].startswith("text/event-stream")
-            for line in response.iter_lines():
-                assert time.monotonic() < deadline, f"stream still open after {timeout}s: {events}"
-                if line.startswith(":"):
-                    continue  # a comment (ping)
-                if line == "":
-                    if "data" in fields:
-                        events.append(Event(fields["id"], fields["event"], json.loads(fields["data"])))
-                    fields = {}
-                    continue
-                name, _, value = line.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
+    with (
+        cluster.client("alice-token") as http,
+        http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response,
+    ):
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            assert time.monotonic() < deadline, f"stream still open after {timeout}s: {events}"
+            if line.startswith(":"):
+                continue  # a comment (ping)
+            if line == "":
+                if "data" in fields:
+                    events.append(Event(fields["id"], fields["event"], json.loads(fields["data"])))
+                fields = {}
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
     return events
 
 
@@ -295,8 +291,13 @@ def test_events_stream_follows_the_job_and_ends_by_itself(shared_cluster: Cluste
     body = {
         "steps": [
             _count("stream me please"),
-            {"id": "shout", "plugin": "text", "action": "transform", "args": {"text": "hey", "op": "upper"},
-             "needs": ["count"]},
+            {
+                "id": "shout",
+                "plugin": "text",
+                "action": "transform",
+                "args": {"text": "hey", "op": "upper"},
+                "needs": ["count"],
+            },
         ]
     }
     job_id = shared_cluster.submit(body, token="alice-token")["id"]

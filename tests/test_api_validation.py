@@ -36,7 +36,13 @@ GOOD_STEPS = [_step("a")]
 
 # (case id, request kwargs for httpx, expected status, expected field, reason substring)
 BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
-    ("unknown-plugin", {"json": {"steps": [_step("a", "nope", "run")]}}, 422, "steps.0.plugin", "unknown plugin 'nope'"),
+    (
+        "unknown-plugin",
+        {"json": {"steps": [_step("a", "nope", "run")]}},
+        422,
+        "steps.0.plugin",
+        "unknown plugin 'nope'",
+    ),
     ("unknown-action", {"json": {"steps": [_step("a", "text", "shred")]}}, 422, "steps.0.action", "no action 'shred'"),
     (
         "two-cycle",
@@ -89,8 +95,20 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
         "body",
         "larger than 1000000 bytes",
     ),
-    ("arg-wrong-type", {"json": {"steps": [_sleep("a", seconds="5")]}}, 422, "steps.0.args.seconds", "not of type 'number'"),
-    ("arg-out-of-range", {"json": {"steps": [_sleep("a", seconds=-1)]}}, 422, "steps.0.args.seconds", "less than the minimum"),
+    (
+        "arg-wrong-type",
+        {"json": {"steps": [_sleep("a", seconds="5")]}},
+        422,
+        "steps.0.args.seconds",
+        "not of type 'number'",
+    ),
+    (
+        "arg-out-of-range",
+        {"json": {"steps": [_sleep("a", seconds=-1)]}},
+        422,
+        "steps.0.args.seconds",
+        "less than the minimum",
+    ),
     (
         "missing-required-arg",
         {"json": {"steps": [_step("a", "sleep", "sleep", args={"fail": True})]}},
@@ -106,7 +124,13 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
         "unknown argument",
     ),
     ("empty-steps", {"json": {"steps": []}}, 422, "steps", "at least one step"),
-    ("neither-steps-nor-template", {"json": {"name": "nothing"}}, 422, "steps", "exactly one of 'steps', 'template' or 'goal'"),
+    (
+        "neither-steps-nor-template",
+        {"json": {"name": "nothing"}},
+        422,
+        "steps",
+        "exactly one of 'steps', 'template' or 'goal'",
+    ),
     (
         "steps-and-template",
         {"json": {"steps": GOOD_STEPS, "template": "text-report", "inputs": {"text": "x"}}},
@@ -123,8 +147,20 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
         "inputs.text",
         "must be of type string",
     ),
-    ("bad-priority", {"json": {"steps": GOOD_STEPS, "priority": "urgent"}}, 422, "priority", "'interactive', 'normal' or 'batch'"),
-    ("bad-callback-url", {"json": {"steps": GOOD_STEPS, "callback_url": "not a url"}}, 422, "callback_url", "valid URL"),
+    (
+        "bad-priority",
+        {"json": {"steps": GOOD_STEPS, "priority": "urgent"}},
+        422,
+        "priority",
+        "'interactive', 'normal' or 'batch'",
+    ),
+    (
+        "bad-callback-url",
+        {"json": {"steps": GOOD_STEPS, "callback_url": "not a url"}},
+        422,
+        "callback_url",
+        "valid URL",
+    ),
     (
         "malformed-json",
         {"content": b'{"steps": [', "headers": {"Content-Type": "application/json"}},
@@ -134,8 +170,10 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
     ),
     (
         "nan-is-not-json",
-        {"content": b'{"steps": [{"id": "a", "plugin": "sleep", "action": "sleep", "args": {"seconds": NaN}}]}',
-         "headers": {"Content-Type": "application/json"}},
+        {
+            "content": b'{"steps": [{"id": "a", "plugin": "sleep", "action": "sleep", "args": {"seconds": NaN}}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
         400,
         "body",
         "NaN is not allowed",
@@ -148,15 +186,41 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
         "nested deeper than",
     ),
     ("json-array-body", {"json": [{"steps": GOOD_STEPS}]}, 422, "body", "must be a JSON object"),
-    ("unknown-top-level-field", {"json": {"steps": GOOD_STEPS, "colour": "red"}}, 422, "colour", "Extra inputs are not permitted"),
-    ("unknown-step-field", {"json": {"steps": [_step("a", colour="red")]}}, 422, "steps.0.colour", "Extra inputs are not permitted"),
-    ("timeout-above-max", {"json": {"steps": [_sleep("a", timeout=4000)]}}, 422, "steps.0.timeout", "at most 3600 seconds"),
-    ("inputs-with-steps", {"json": {"steps": GOOD_STEPS, "inputs": {"text": "x"}}}, 422, "inputs", "belong to a template"),
+    (
+        "unknown-top-level-field",
+        {"json": {"steps": GOOD_STEPS, "colour": "red"}},
+        422,
+        "colour",
+        "Extra inputs are not permitted",
+    ),
+    (
+        "unknown-step-field",
+        {"json": {"steps": [_step("a", colour="red")]}},
+        422,
+        "steps.0.colour",
+        "Extra inputs are not permitted",
+    ),
+    (
+        "timeout-above-max",
+        {"json": {"steps": [_sleep("a", timeout=4000)]}},
+        422,
+        "steps.0.timeout",
+        "at most 3600 seconds",
+    ),
+    (
+        "inputs-with-steps",
+        {"json": {"steps": GOOD_STEPS, "inputs": {"text": "x"}}},
+        422,
+        "inputs",
+        "belong to a template",
+    ),
     # The body's type: JSON only, said so by its Content-Type (item 12 of issue 9).
     (
         "text-plain-body",
-        {"content": b'{"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x"}}]}',
-         "headers": {"Content-Type": "text/plain"}},
+        {
+            "content": b'{"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x"}}]}',
+            "headers": {"Content-Type": "text/plain"},
+        },
         415,
         "Content-Type",
         "'text/plain' is not accepted",
@@ -176,11 +240,23 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str, str]] = [
     ("retries-true", {"json": {"steps": [_sleep("a", retries=True)]}}, 422, "steps.0.retries", "valid integer"),
     ("retries-fraction", {"json": {"steps": [_sleep("a", retries=1.5)]}}, 422, "steps.0.retries", "valid integer"),
     ("retries-string", {"json": {"steps": [_sleep("a", retries="2")]}}, 422, "steps.0.retries", "valid integer"),
-    ("backoff-string", {"json": {"steps": [_sleep("a", retry_backoff="1")]}}, 422, "steps.0.retry_backoff", "valid number"),
+    (
+        "backoff-string",
+        {"json": {"steps": [_sleep("a", retry_backoff="1")]}},
+        422,
+        "steps.0.retry_backoff",
+        "valid number",
+    ),
     ("deadline-true", {"json": {"steps": GOOD_STEPS, "deadline_s": True}}, 422, "deadline_s", "valid number"),
     ("dry-run-string", {"json": {"steps": GOOD_STEPS, "dry_run": "true"}}, 422, "dry_run", "valid boolean"),
     ("dry-run-number", {"json": {"steps": GOOD_STEPS, "dry_run": 1}}, 422, "dry_run", "valid boolean"),
-    ("priority-number", {"json": {"steps": GOOD_STEPS, "priority": 1}}, 422, "priority", "'interactive', 'normal' or 'batch'"),
+    (
+        "priority-number",
+        {"json": {"steps": GOOD_STEPS, "priority": 1}},
+        422,
+        "priority",
+        "'interactive', 'normal' or 'batch'",
+    ),
     # Two ways to say what to run: a 422 naming both, before any model is asked to plan the goal.
     (
         "goal-and-steps",
@@ -311,14 +387,34 @@ def test_missing_token_is_401_before_the_media_type_is_looked_at(module_router: 
 @pytest.mark.parametrize(
     ("kwargs", "status", "field", "reason"),
     [
-        pytest.param({"content": b'{"weights": {"aging": 1}, "reason": "x"}', "headers": {"Content-Type": "text/plain"}},
-                     415, "Content-Type", "'text/plain' is not accepted", id="text-plain"),
-        pytest.param({"json": {"weights": {"aging": True}, "reason": "x"}}, 422, "weights.aging", "valid number",
-                     id="weight-true"),
-        pytest.param({"json": {"weights": {"aging": "1"}, "reason": "x"}}, 422, "weights.aging", "valid number",
-                     id="weight-string"),
-        pytest.param({"content": b'{"weights": ', "headers": {"Content-Type": "application/json"}},
-                     400, "body", "not valid JSON", id="malformed"),
+        pytest.param(
+            {"content": b'{"weights": {"aging": 1}, "reason": "x"}', "headers": {"Content-Type": "text/plain"}},
+            415,
+            "Content-Type",
+            "'text/plain' is not accepted",
+            id="text-plain",
+        ),
+        pytest.param(
+            {"json": {"weights": {"aging": True}, "reason": "x"}},
+            422,
+            "weights.aging",
+            "valid number",
+            id="weight-true",
+        ),
+        pytest.param(
+            {"json": {"weights": {"aging": "1"}, "reason": "x"}},
+            422,
+            "weights.aging",
+            "valid number",
+            id="weight-string",
+        ),
+        pytest.param(
+            {"content": b'{"weights": ', "headers": {"Content-Type": "application/json"}},
+            400,
+            "body",
+            "not valid JSON",
+            id="malformed",
+        ),
     ],
 )
 def test_other_json_endpoints_have_the_same_contract(

@@ -34,19 +34,35 @@ PRIORITIES = [p.value for p in PriorityClass]
 # --- helpers ----------------------------------------------------------------------------
 
 
-def step(sid: str, rc: ResourceClass = CPU, needs: tuple[str, ...] = (), dependents: tuple[str, ...] = (),
-         retries: int = 0) -> PlannedSubtask:
+def step(
+    sid: str, rc: ResourceClass = CPU, needs: tuple[str, ...] = (), dependents: tuple[str, ...] = (), retries: int = 0
+) -> PlannedSubtask:
     return PlannedSubtask(
-        id=sid, plugin="sleep", action="sleep", args={"seconds": 0}, needs=list(needs), dependents=list(dependents),
-        resource_class=rc, timeout=60, retries=retries, retry_backoff=0.01,
+        id=sid,
+        plugin="sleep",
+        action="sleep",
+        args={"seconds": 0},
+        needs=list(needs),
+        dependents=list(dependents),
+        resource_class=rc,
+        timeout=60,
+        retries=retries,
+        retry_backoff=0.01,
     )
 
 
 def create(store: JobStore, priority: str, *steps: PlannedSubtask) -> str:
     job_id = uuid.uuid4().hex
     result = store.create_job(
-        job_id=job_id, tenant="t", priority=PriorityClass(priority), name=None, callback_url=None,
-        plan=Plan(subtasks=list(steps)), request_json="{}", request_hash="h", idempotency_key=None,
+        job_id=job_id,
+        tenant="t",
+        priority=PriorityClass(priority),
+        name=None,
+        callback_url=None,
+        plan=Plan(subtasks=list(steps)),
+        request_json="{}",
+        request_hash="h",
+        idempotency_key=None,
     )
     assert result.created
     return job_id
@@ -211,9 +227,7 @@ def backlog_gauge(cluster: Cluster) -> dict[tuple[str, str], float]:
 
 
 def expect(**by_class: dict[str, int]) -> dict[tuple[str, str], float]:
-    return {
-        (rc.value, p): float(by_class.get(rc.value, {}).get(p, 0)) for rc in ResourceClass for p in PRIORITIES
-    }
+    return {(rc.value, p): float(by_class.get(rc.value, {}).get(p, 0)) for rc in ResourceClass for p in PRIORITIES}
 
 
 def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[..., Cluster]) -> None:
@@ -226,8 +240,10 @@ def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[
     assert backlog_gauge(cluster) == expect()
 
     def submit(priority: str, rc: str = "cpu") -> str:
-        body = {"priority": priority, "steps": [
-            {"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 1}, "resource_class": rc}]}
+        body = {
+            "priority": priority,
+            "steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 1}, "resource_class": rc}],
+        }
         return cluster.submit(body)["id"]
 
     submit("batch")

@@ -82,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         try:
             self._route()
         except (BrokenPipeError, ConnectionResetError):
@@ -198,7 +198,7 @@ def test_text_count_file_relative_and_absolute(catalog: PluginCatalog, ctx: Plug
 
 def test_text_count_errors(catalog: PluginCatalog, ctx: PluginContext) -> None:
     count = plugin_fn(catalog, "text")
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         count(ctx, "count", {"path": "nope.txt"})
     with pytest.raises(ValueError, match="exactly one"):
         count(ctx, "count", {"text": "a", "path": "b"})
@@ -351,7 +351,7 @@ def test_sleep_deadline(catalog: PluginCatalog, tmp_path: Path, rec: Recorder) -
 def test_sleep_fail_and_fail_times(catalog: PluginCatalog, tmp_path: Path, rec: Recorder) -> None:
     sleep = plugin_fn(catalog, "sleep")
     marker = tmp_path / "runs.log"
-    with pytest.raises(RuntimeError, match="^asked to fail$"):
+    with pytest.raises(RuntimeError, match=r"^asked to fail$"):
         sleep(make_ctx(tmp_path, rec), "sleep", {"seconds": 0, "fail": True})
     args = {"seconds": 0, "fail_times": 2, "marker": str(marker)}
     for attempt in (1, 2):

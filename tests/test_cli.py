@@ -94,8 +94,17 @@ class Up:
         )
         assert "EDGEFLEET_REDIS_URL" not in env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "up", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "edgefleet",
+                "up",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra_args,
+            ],
             env=env,
             stdout=open(self.log_path, "ab"),  # noqa: SIM115 - the child holds it
             stderr=subprocess.STDOUT,
@@ -105,8 +114,12 @@ class Up:
         wait_until(self._healthy, 90, interval=0.2, what="edgefleet up: router /healthz")
         # `up` announces itself once the worker node's heartbeat has arrived: a heading, the table
         # (with the token), then the "Try:" line, each its own write; wait for the last one.
-        wait_until(lambda: self._check_running() and "edgefleet submit --demo" in self.output(), 90, interval=0.2,
-                   what="edgefleet up: worker node")
+        wait_until(
+            lambda: self._check_running() and "edgefleet submit --demo" in self.output(),
+            90,
+            interval=0.2,
+            what="edgefleet up: worker node",
+        )
 
     def _check_running(self) -> bool:
         assert self.proc is not None
@@ -165,8 +178,12 @@ def up_factory(tmp_path: Path) -> Iterator[callable]:
     made: list[Up] = []
 
     def make(data_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> Up:
-        up = Up(data_dir=data_dir or tmp_path / "data", port=free_port(), log_path=tmp_path / f"up-{len(made)}.out",
-                extra_args=extra_args)
+        up = Up(
+            data_dir=data_dir or tmp_path / "data",
+            port=free_port(),
+            log_path=tmp_path / f"up-{len(made)}.out",
+            extra_args=extra_args,
+        )
         made.append(up)
         up.start()
         return up
@@ -189,7 +206,7 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
     assert done.returncode == 0, done.stdout + done.stderr + up.logs()
     job_id = done.stdout.splitlines()[0].strip()
     assert len(job_id) == 32
-    outputs = json.loads(done.stdout[done.stdout.index("{"):])
+    outputs = json.loads(done.stdout[done.stdout.index("{") :])
     assert outputs["shout"]["text"] == "A B A"
     assert outputs["count"]["words"] == 3
 
@@ -201,15 +218,19 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
                 "name": "ref chain",
                 "steps": [
                     {"id": "up", "plugin": "text", "action": "transform", "args": {"text": "x y", "op": "upper"}},
-                    {"id": "rev", "plugin": "text", "action": "transform",
-                     "args": {"text": {"$ref": "steps.up.output.text"}, "op": "reverse_words"}},
+                    {
+                        "id": "rev",
+                        "plugin": "text",
+                        "action": "transform",
+                        "args": {"text": {"$ref": "steps.up.output.text"}, "op": "reverse_words"},
+                    },
                 ],
             }
         )
     )
     chained = run_cli("submit", str(job_yaml), "--priority", "interactive", "--wait", *auth)
     assert chained.returncode == 0, chained.stdout + chained.stderr
-    assert json.loads(chained.stdout[chained.stdout.index("{"):])["rev"]["text"] == "Y X"
+    assert json.loads(chained.stdout[chained.stdout.index("{") :])["rev"]["text"] == "Y X"
 
     status = run_cli("status", job_id, *auth)
     assert status.returncode == 0, status.stderr
@@ -294,8 +315,16 @@ def _json(url: str, **params: str) -> object:
 def test_up_with_prometheus_and_flower(up_factory: callable) -> None:
     prom_port, flower_port = free_port(), free_port()
     prom, flower = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{flower_port}"
-    up = up_factory(extra_args=("--with-prometheus", "--prometheus-port", str(prom_port),
-                                "--with-flower", "--flower-port", str(flower_port)))
+    up = up_factory(
+        extra_args=(
+            "--with-prometheus",
+            "--prometheus-port",
+            str(prom_port),
+            "--with-flower",
+            "--flower-port",
+            str(flower_port),
+        )
+    )
     assert prom in up.output() and flower in up.output()  # the summary names both
     nodes = httpx.get(f"{up.url}/v1/workers", headers={"Authorization": f"Bearer {up.token}"}, timeout=10).json()
     assert [n["name"] for n in nodes] == ["cli-test-node"] and nodes[0]["metrics_url"]
@@ -373,9 +402,16 @@ def test_api_error_is_one_line() -> None:
 
 def test_sse_parser() -> None:
     lines = [
-        ": ping", "",
-        "id: 1-0", "event: subtask", 'data: {"type": "subtask", "subtask": "a", "state": "running"}', "",
-        "event: job", 'data: {"type": "job",', 'data:  "state": "succeeded"}', "",
+        ": ping",
+        "",
+        "id: 1-0",
+        "event: subtask",
+        'data: {"type": "subtask", "subtask": "a", "state": "running"}',
+        "",
+        "event: job",
+        'data: {"type": "job",',
+        'data:  "state": "succeeded"}',
+        "",
     ]
     events = list(_parse_sse(iter(lines)))
     assert events == [

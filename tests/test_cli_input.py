@@ -17,7 +17,7 @@ from tests.conftest import ROOT, free_port
 
 # Each level is a list of nine aliases of the one before: 9^9 (387 million) strings once expanded.
 BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f"{cur}: &{cur} [{','.join(['*' + prev] * 9)}]\n" for prev, cur in zip("abcdefgh", "bcdefghi")
+    f"{cur}: &{cur} [{','.join(['*' + prev] * 9)}]\n" for prev, cur in zip("abcdefgh", "bcdefghi", strict=True)
 )
 
 
@@ -25,9 +25,23 @@ def _submit(path: Path | str, stdin: str | None = None) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "edgefleet", "submit", str(path), "--url", f"http://127.0.0.1:{free_port()}",
-         "--token", "x"],
-        env=env, input=stdin, capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "edgefleet",
+            "submit",
+            str(path),
+            "--url",
+            f"http://127.0.0.1:{free_port()}",
+            "--token",
+            "x",
+        ],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
     )
 
 

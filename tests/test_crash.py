@@ -55,8 +55,13 @@ def pool_process_running(cluster: Cluster, job_id: str, subtask_id: str) -> psut
 def sleep_job(marker: Path, seconds: float, **step: object) -> dict:
     return {
         "steps": [
-            {"id": "slow", "plugin": "sleep", "action": "sleep",
-             "args": {"seconds": seconds, "marker": str(marker)}, **step},
+            {
+                "id": "slow",
+                "plugin": "sleep",
+                "action": "sleep",
+                "args": {"seconds": seconds, "marker": str(marker)},
+                **step,
+            },
             {"id": "after", "plugin": "text", "action": "count", "args": {"text": "done"}, "needs": ["slow"]},
         ]
     }
@@ -89,7 +94,9 @@ def assert_succeeded_exactly_once(cluster: Cluster, job_id: str) -> dict:
     return done
 
 
-def test_killed_pool_child_reruns_at_once_on_either_node(cluster_factory: Callable[..., Cluster], tmp_path: Path) -> None:
+def test_killed_pool_child_reruns_at_once_on_either_node(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
     # Two nodes and a lease far longer than the rerun takes: the subtask must come back through
     # the dead process's own supervisor (a new attempt, at once) or through the redelivered
     # message taking the attempt over, whichever node that message reaches (an idle node used
@@ -148,9 +155,12 @@ def test_subtask_longer_than_visibility_timeout_never_runs_twice_at_once(
     # Only this node runs with a tiny visibility timeout and fast restore sweeps, so that
     # Redis redelivers the message several times while the first run is still going.
     cluster.start_node(
-        "n1", classes="cpu",
-        EDGEFLEET_VISIBILITY_TIMEOUT="1.5", EDGEFLEET_MAX_SUBTASK_TIMEOUT="1",
-        EDGEFLEET_BROKER_RESTORE_INTERVAL="1", EDGEFLEET_BROKER_RESTORE_THROTTLE="1",
+        "n1",
+        classes="cpu",
+        EDGEFLEET_VISIBILITY_TIMEOUT="1.5",
+        EDGEFLEET_MAX_SUBTASK_TIMEOUT="1",
+        EDGEFLEET_BROKER_RESTORE_INTERVAL="1",
+        EDGEFLEET_BROKER_RESTORE_THROTTLE="1",
         EDGEFLEET_CPU_CONCURRENCY="3",
     )
     cluster.wait_nodes_ready("n1")
@@ -217,8 +227,16 @@ def test_node_killed_mid_subtask_resumes_from_its_checkpoint(
     cluster = ready_cluster(cluster_factory, "a", "b", classes="cpu")
     marker = new_marker("ticks.txt")
     job = cluster.submit(
-        {"steps": [{"id": "count", "plugin": "sleep", "action": "tick",
-                    "args": {"ticks": 30, "interval": 0.2, "marker": str(marker)}}]}
+        {
+            "steps": [
+                {
+                    "id": "count",
+                    "plugin": "sleep",
+                    "action": "tick",
+                    "args": {"ticks": 30, "interval": 0.2, "marker": str(marker)},
+                }
+            ]
+        }
     )
     wait_until(lambda: len(marker_lines(marker)) >= 5, 30, what="some ticks")
     cluster.kill_node(cluster.job(job["id"])["subtasks"][0]["node"])

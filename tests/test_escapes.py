@@ -171,11 +171,19 @@ def test_path_arguments_are_checked_at_submit(lab: tuple[Cluster, Path]) -> None
         ("text", "count", "../../token"),
     ):
         with cluster.client() as http:
-            response = http.post("/v1/jobs", json={"steps": [{"id": "a", "plugin": plugin, "action": action, "args": {"path": path}}]})
+            response = http.post(
+                "/v1/jobs", json={"steps": [{"id": "a", "plugin": plugin, "action": action, "args": {"path": path}}]}
+            )
         assert response.status_code == 422, response.text
         fields = [d["field"] for d in response.json()["detail"]]
         assert "steps.0.args.path" in fields, response.json()
-    ok = cluster.submit({"steps": [{"id": "a", "plugin": "snoop", "action": "checked_read", "args": {"path": str(granted / "photo.txt")}}]})
+    ok = cluster.submit(
+        {
+            "steps": [
+                {"id": "a", "plugin": "snoop", "action": "checked_read", "args": {"path": str(granted / "photo.txt")}}
+            ]
+        }
+    )
     assert cluster.wait_job(ok["id"], timeout=60)["state"] == "succeeded"
 
 

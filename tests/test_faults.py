@@ -63,7 +63,8 @@ def lost_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     server = RedisServer(port=free_port(), data_dir=workdir / "redis")
     server.start()
     cluster = Cluster(
-        redis=server, workdir=workdir,
+        redis=server,
+        workdir=workdir,
         env_overrides={"EDGEFLEET_LEASE_TTL": "60", "EDGEFLEET_MAX_LOST_ATTEMPTS": "2"},
     )
     try:
@@ -77,7 +78,13 @@ def lost_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def sleep_step(marker: Path, seconds: float, **extra: object) -> dict:
-    return {"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": seconds, "marker": str(marker)}, **extra}
+    return {
+        "id": "s",
+        "plugin": "sleep",
+        "action": "sleep",
+        "args": {"seconds": seconds, "marker": str(marker)},
+        **extra,
+    }
 
 
 def test_redis_killed_and_restarted_under_running_subtasks(
@@ -163,8 +170,17 @@ def test_killed_plugin_process_resumes_from_its_checkpoint_without_retries(lost_
     cluster = lost_cluster
     marker = new_marker("ticks.txt")
     job = cluster.submit(
-        {"steps": [{"id": "count", "plugin": "sleep", "action": "tick", "retries": 0,
-                    "args": {"ticks": 20, "interval": 0.2, "marker": str(marker)}}]}
+        {
+            "steps": [
+                {
+                    "id": "count",
+                    "plugin": "sleep",
+                    "action": "tick",
+                    "retries": 0,
+                    "args": {"ticks": 20, "interval": 0.2, "marker": str(marker)},
+                }
+            ]
+        }
     )
     wait_until(lambda: len(marker_lines(marker)) >= 4, 30, what="some ticks")
     workspace = (cluster.workdir / "data" / "workspaces" / job["id"] / "count").resolve()

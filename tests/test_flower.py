@@ -43,20 +43,42 @@ def test_flower_lists_workers_and_named_subtasks(cluster_factory: Callable[..., 
     flower = f"http://127.0.0.1:{port}"
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "edgefleet.flower_app", "--broker", cluster.redis.url, "flower", f"--port={port}",
-         "--address=127.0.0.1"],
-        env=env, stdout=open(tmp_path / "flower.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "edgefleet.flower_app",
+            "--broker",
+            cluster.redis.url,
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env=env,
+        stdout=open(tmp_path / "flower.log", "ab"),  # noqa: SIM115 - the process holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_until(lambda: _get(f"{flower}/healthcheck") is not None or None, 60, interval=0.3, what="flower")
         cluster.start_node("flowernode")
         cluster.wait_nodes_ready("flowernode")
         for i in range(2):
-            job = cluster.submit({"steps": [
-                {"id": "count", "plugin": "text", "action": "count", "args": {"text": f"x y {i}"}},
-                {"id": "shout", "plugin": "text", "action": "transform",
-                 "args": {"text": "hello", "op": "upper"}, "needs": ["count"]},
-            ]})
+            job = cluster.submit(
+                {
+                    "steps": [
+                        {"id": "count", "plugin": "text", "action": "count", "args": {"text": f"x y {i}"}},
+                        {
+                            "id": "shout",
+                            "plugin": "text",
+                            "action": "transform",
+                            "args": {"text": "hello", "op": "upper"},
+                            "needs": ["count"],
+                        },
+                    ]
+                }
+            )
             assert cluster.wait_job(job["id"])["state"] == "succeeded"
 
         def workers() -> dict[str, Any] | None:
@@ -80,8 +102,15 @@ def test_flower_lists_workers_and_named_subtasks(cluster_factory: Callable[..., 
         listed_tasks = wait_until(tasks, 60, interval=0.5, what="flower's task list")
         succeeded = [t for t in listed_tasks.values() if t.get("name") == "text.count"]
         assert all(t["state"] == "SUCCESS" for t in succeeded) or wait_until(
-            lambda: all(t["state"] == "SUCCESS" for t in (_get(f"{flower}/api/tasks") or {}).values()
-                        if t.get("name") == "text.count"), 30, interval=0.5, what="tasks succeeded")
+            lambda: all(
+                t["state"] == "SUCCESS"
+                for t in (_get(f"{flower}/api/tasks") or {}).values()
+                if t.get("name") == "text.count"
+            ),
+            30,
+            interval=0.5,
+            what="tasks succeeded",
+        )
         assert {t["worker"] for t in succeeded} <= {"cpu@flowernode"}
     finally:
         stop_process(proc)

@@ -61,10 +61,23 @@ def test_failing_step_retries_with_backoff_then_fails_the_job(shared_cluster: Cl
     marker = new_marker("runs.txt")
     body = {
         "steps": [
-            {"id": "flaky", "plugin": "sleep", "action": "sleep", "retries": 2, "retry_backoff": 0.2,
-             "args": {"seconds": 0, "fail_times": 1, "marker": str(marker)}},
-            {"id": "broken", "plugin": "sleep", "action": "sleep", "retries": 1, "retry_backoff": 0.1,
-             "args": {"seconds": 0, "fail": True}, "needs": ["flaky"]},
+            {
+                "id": "flaky",
+                "plugin": "sleep",
+                "action": "sleep",
+                "retries": 2,
+                "retry_backoff": 0.2,
+                "args": {"seconds": 0, "fail_times": 1, "marker": str(marker)},
+            },
+            {
+                "id": "broken",
+                "plugin": "sleep",
+                "action": "sleep",
+                "retries": 1,
+                "retry_backoff": 0.1,
+                "args": {"seconds": 0, "fail": True},
+                "needs": ["flaky"],
+            },
             {"id": "never", "plugin": "text", "action": "count", "args": {"text": "x"}, "needs": ["broken"]},
         ]
     }
@@ -84,10 +97,13 @@ def test_a_callback_to_the_routers_own_host_is_refused(shared_cluster: Cluster) 
     # Delivery itself (signed, retried, durable) is tests/test_webhooks.py's, with an admin's allowance
     # for its receiver on 127.0.0.1; without one, a loopback callback is an SSRF attempt.
     with shared_cluster.client() as http:
-        response = http.post("/v1/jobs", json={
-            "steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x y"}}],
-            "callback_url": "http://127.0.0.1:9/hook",
-        })
+        response = http.post(
+            "/v1/jobs",
+            json={
+                "steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x y"}}],
+                "callback_url": "http://127.0.0.1:9/hook",
+            },
+        )
     assert response.status_code == 422, response.text
     assert [d["field"] for d in response.json()["detail"]] == ["callback_url"]
 

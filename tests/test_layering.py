@@ -17,6 +17,7 @@ Nothing is imported or run, so the check takes well under a second.
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,13 @@ def imported_names(tree: ast.AST, package: str) -> Iterator[tuple[int, str]]:
                 yield node.lineno, first.value
         elif isinstance(node, (ast.List, ast.Tuple)):
             items = node.elts
-            for flag, target in zip(items, items[1:]):
-                if (isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(target, ast.Constant)
-                        and isinstance(target.value, str)):
+            for flag, target in itertools.pairwise(items):
+                if (
+                    isinstance(flag, ast.Constant)
+                    and flag.value == "-m"
+                    and isinstance(target, ast.Constant)
+                    and isinstance(target.value, str)
+                ):
                     yield target.lineno, target.value
 
 
@@ -162,19 +167,19 @@ def test_the_check_catches_each_way_of_importing(tmp_path: Path) -> None:
     write("edgefleet/__main__.py", "from edgefleet.cli import main\n")
     write(
         "edgefleet/bad.py",
-        "from __future__ import annotations\n"                      # 1
-        "import importlib\n"                                        # 2
-        "from typing import TYPE_CHECKING\n"                        # 3
-        "import router.app\n"                                       # 4
-        "if TYPE_CHECKING:\n"                                       # 5
-        "    from plugins import text\n"                            # 6
-        "def later() -> None:\n"                                    # 7
-        "    from workers import node\n"                            # 8
-        "    importlib.import_module('workers.probe')\n"            # 9
-        "    __import__('router')\n"                                # 10
-        "from edgefleet import cli\n"                               # 11
-        "CMD = ['python', '-m', 'workers.class_worker']\n"          # 12
-        "from edgefleet import schemas\n",                          # 13: allowed
+        "from __future__ import annotations\n"  # 1
+        "import importlib\n"  # 2
+        "from typing import TYPE_CHECKING\n"  # 3
+        "import router.app\n"  # 4
+        "if TYPE_CHECKING:\n"  # 5
+        "    from plugins import text\n"  # 6
+        "def later() -> None:\n"  # 7
+        "    from workers import node\n"  # 8
+        "    importlib.import_module('workers.probe')\n"  # 9
+        "    __import__('router')\n"  # 10
+        "from edgefleet import cli\n"  # 11
+        "CMD = ['python', '-m', 'workers.class_worker']\n"  # 12
+        "from edgefleet import schemas\n",  # 13: allowed
     )
     write("edgefleet/models/__init__.py", "from .. import cli\nfrom . import registry\n")
     write("edgefleet/models/deep.py", "from ..cli.up import run_up\nfrom ..settings import Settings\n")
@@ -315,23 +320,23 @@ def test_the_seal_check_catches_each_way_in(tmp_path: Path) -> None:
 
     write(
         "router/metrics.py",
-        "from edgefleet.keys import Keys\n"                                 # 1
-        "from edgefleet.store.connection import StoreConnection\n"          # 2
-        "def scan(store, self_store):\n"                                    # 3
-        "    store.redis.zcard(store.keys.running)\n"                       # 4: both
-        "    self_store.connection.client.get('x')\n"                       # 5
-        "    return store.keys\n"                                           # 6
-        "def fine(settings, cluster, d):\n"                                 # 7
+        "from edgefleet.keys import Keys\n"  # 1
+        "from edgefleet.store.connection import StoreConnection\n"  # 2
+        "def scan(store, self_store):\n"  # 3
+        "    store.redis.zcard(store.keys.running)\n"  # 4: both
+        "    self_store.connection.client.get('x')\n"  # 5
+        "    return store.keys\n"  # 6
+        "def fine(settings, cluster, d):\n"  # 7
         "    d.keys(); cluster.redis; settings.redis_url; store.nodes.live_nodes()\n"  # 8: allowed
-        "    return 'prefix: job done'\n",                                  # 9: allowed
+        "    return 'prefix: job done'\n",  # 9: allowed
     )
     write(
         "workers/runner.py",
         "class R:\n"
         "    def m(self, env, p):\n"
         "        self.store.redis.hmget(f'{p}:st:{env.job_id}:{env.subtask_id}', ['x'])\n"  # 3: both
-        "        key = f'{self._prefix}:tenant_active:{env.tenant}'\n"      # 4
-        "        return p + ':scheduler:feedback', 'ef:node:n1'\n",         # 5: both
+        "        key = f'{self._prefix}:tenant_active:{env.tenant}'\n"  # 4
+        "        return p + ':scheduler:feedback', 'ef:node:n1'\n",  # 5: both
     )
     write("loadtests/bench.py", "import edgefleet.store.scripts\nlive = 'ef:nodes'\n")
     write("edgefleet/store/jobs.py", "def f(store):\n    return store.redis, 'ef:job:1'\n")  # the store itself

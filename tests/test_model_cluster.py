@@ -49,8 +49,11 @@ def test_smollm2_summarizes_and_stays_warm(cluster_factory: Callable[..., Cluste
     again = second["subtasks"][0]["output"]
     assert again["load_seconds"] == 0  # loaded nothing
     assert again["summary"] == out["summary"]  # greedy decoding is deterministic
-    wait_until(lambda: "smollm2" in cluster.client().get("/v1/workers").json()[0]["models_loaded"], 10,
-               what="the node to advertise the warm model")
+    wait_until(
+        lambda: "smollm2" in cluster.client().get("/v1/workers").json()[0]["models_loaded"],
+        10,
+        what="the node to advertise the warm model",
+    )
 
 
 def test_goal_is_planned_validated_and_run(cluster_factory: Callable[..., Cluster]) -> None:

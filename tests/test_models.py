@@ -102,7 +102,9 @@ def registry_config(smollm2: Path, tiny: tuple[Path, Path], server: LlamaServer 
         "hasty": {"backend": "llama_cpp", "path": str(smollm2), "timeout": 0.01},
         "broken": {"backend": "llama_cpp", "path": str(tiny[0].parent / "broken.gguf")},
         "nokey": {
-            "backend": "openai", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1",
+            "backend": "openai",
+            "model": "gpt-x",
+            "base_url": "http://127.0.0.1:9/v1",
             "api_key_env": ABSENT_KEY_ENV,
         },
     }
@@ -151,14 +153,24 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 def test_config_errors_name_the_field() -> None:
     cases = [
-        ({"models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}}, "routes": {"summarize": {"primary": "x"}}},
-         "routes.summarize.primary: unknown model 'x'"),
-        ({"models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}},
-          "routes": {"classify": {"primary": "a", "fallback": "b"}}},
-         "routes.classify.fallback: unknown model 'b'"),
-        ({"models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}},
-          "routes": {"classify": {"primary": "a", "fallbacks": ["a", "zz"]}}},
-         "routes.classify.fallbacks.1: unknown model 'zz'"),
+        (
+            {"models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}}, "routes": {"summarize": {"primary": "x"}}},
+            "routes.summarize.primary: unknown model 'x'",
+        ),
+        (
+            {
+                "models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}},
+                "routes": {"classify": {"primary": "a", "fallback": "b"}},
+            },
+            "routes.classify.fallback: unknown model 'b'",
+        ),
+        (
+            {
+                "models": {"a": {"backend": "llama_cpp", "path": "/x.gguf"}},
+                "routes": {"classify": {"primary": "a", "fallbacks": ["a", "zz"]}},
+            },
+            "routes.classify.fallbacks.1: unknown model 'zz'",
+        ),
         ({"models": {"a": {"backend": "llama_cpp"}}}, "models.a.path: required when backend is 'llama_cpp'"),
         ({"models": {"c": {"backend": "openai", "base_url": "http://h/v1"}}}, "models.c.model: required"),
         ({"models": {"c": {"backend": "openai", "model": "m"}}}, "models.c.base_url: required"),
@@ -189,8 +201,9 @@ def test_a_key_pasted_into_api_key_env_is_never_echoed() -> None:
 
 
 def test_missing_api_key_env_var_names_the_variable_not_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = ModelSpec(name="cloud", backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
-                     api_key_env=ABSENT_KEY_ENV)
+    spec = ModelSpec(
+        name="cloud", backend="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=ABSENT_KEY_ENV
+    )
     monkeypatch.delenv(ABSENT_KEY_ENV, raising=False)
     with pytest.raises(ModelConfigError, match=ABSENT_KEY_ENV) as info:
         OpenAIBackend(spec)
@@ -279,8 +292,7 @@ def test_json_schema_constrains_the_answer(pool: ModelPool) -> None:
     jsonschema.validate(value, SENTIMENT_SCHEMA)
     assert value["sentiment"] == "positive"
     # Even a random-weight model is held to the schema by the grammar.
-    garbage = pool.complete("tiny_a", [{"role": "user", "content": "x"}], max_tokens=64,
-                            json_schema=SENTIMENT_SCHEMA)
+    garbage = pool.complete("tiny_a", [{"role": "user", "content": "x"}], max_tokens=64, json_schema=SENTIMENT_SCHEMA)
     jsonschema.validate(json.loads(garbage.text), SENTIMENT_SCHEMA)
 
 
@@ -425,7 +437,9 @@ def test_cloud_primary_local_fallback_circuit_opens_and_closes(
     pool: ModelPool, server: LlamaServer, smollm2: Path, tiny_models: tuple[Path, Path]
 ) -> None:
     data = registry_config(
-        smollm2, tiny_models, server,
+        smollm2,
+        tiny_models,
+        server,
         routes={"summarize": {"primary": "cloud", "fallback": "local"}},
         circuit={"failures": 2, "reset_after": 5.0},
     )
@@ -479,7 +493,9 @@ def test_token_budget_sends_the_next_call_to_the_fallback(
     pool: ModelPool, server: LlamaServer, smollm2: Path, tiny_models: tuple[Path, Path]
 ) -> None:
     data = registry_config(
-        smollm2, tiny_models, server,
+        smollm2,
+        tiny_models,
+        server,
         routes={"classify": {"primary": "cloud", "fallback": "local"}},
         token_budget={"cloud": 10},
     )

@@ -105,8 +105,13 @@ def test_the_clusters_own_endpoints_are_refused_even_when_allowed() -> None:
     guard = OutboundGuard.build(
         allow_private=True, allowed_networks=["127.0.0.0/8"], own_endpoints=[("127.0.0.1", 6379), ("0.0.0.0", 8700)]
     )
-    for url in ("http://127.0.0.1:6379/", "http://localhost:6379/", "http://127.0.0.1:8700/v1/jobs",
-                "http://2130706433:8700/", "http://0x7f.1:6379/"):
+    for url in (
+        "http://127.0.0.1:6379/",
+        "http://localhost:6379/",
+        "http://127.0.0.1:8700/v1/jobs",
+        "http://2130706433:8700/",
+        "http://0x7f.1:6379/",
+    ):
         with pytest.raises(RefusedURL, match="cluster's own"):
             guard.resolve(url)
     # A wildcard-bound router is reachable on this host's other addresses too.
@@ -138,7 +143,7 @@ def test_submit_time_check_skips_names_that_do_not_resolve_yet() -> None:
 
 
 class _Echo(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = f"{self.headers['Host']}|{self.server.server_address[0]}".encode()  # type: ignore[index]
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -183,7 +188,7 @@ def test_the_connection_goes_to_the_checked_address_with_the_original_host_heade
 
 def test_redirects_and_environment_proxies_are_not_followed(monkeypatch: pytest.MonkeyPatch) -> None:
     class Redirect(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
             self.send_header("Content-Length", "0")
@@ -194,9 +199,11 @@ def test_redirects_and_environment_proxies_are_not_followed(monkeypatch: pytest.
 
     # A proxy from the environment would make the connection instead of us; it must be ignored.
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    with serving(Redirect) as base:
-        with client(OutboundGuard.build(allowed_networks=["127.0.0.1/32"]), timeout=10) as http:
-            response = http.get(f"{base}/start")
+    with (
+        serving(Redirect) as base,
+        client(OutboundGuard.build(allowed_networks=["127.0.0.1/32"]), timeout=10) as http,
+    ):
+        response = http.get(f"{base}/start")
     assert response.status_code == 302
 
 
@@ -207,9 +214,26 @@ def tls_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=hook.test",
-         "-addext", "subjectAltName=DNS:hook.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hook.test",
+            "-addext",
+            "subjectAltName=DNS:hook.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     names: list[str | None] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -50,8 +50,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster.start_router()
         hide = f'mount --bind /dev/null "{library}" && exec "$@"'
         cluster.nodes["bare"] = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh",
-             sys.executable, "-m", "edgefleet", "worker", "--node-name", "bare", "--classes", "cpu"],
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                hide,
+                "sh",
+                sys.executable,
+                "-m",
+                "edgefleet",
+                "worker",
+                "--node-name",
+                "bare",
+                "--classes",
+                "cpu",
+            ],
             env=cluster.env(EDGEFLEET_SANDBOX="process"),
             stdout=open(workdir / "node-bare.log", "ab"),  # noqa: SIM115 - the process holds it
             stderr=subprocess.STDOUT,

@@ -233,7 +233,7 @@ def test_load_callable_reports_broken_modules(tmp_path: Path) -> None:
     write_plugin(tmp_path, "nofunc", GOOD_MANIFEST.format(name="nofunc"), {"echo_mod.py": "x = 1\n"})
     catalog = PluginCatalog.load([tmp_path])
     assert catalog.errors == []
-    with pytest.raises(PluginLoadError, match="importing .* failed: ImportError: nope"):
+    with pytest.raises(PluginLoadError, match=r"importing .* failed: ImportError: nope"):
         catalog.get("boom").load_callable()  # type: ignore[union-attr]
     with pytest.raises(PluginLoadError, match="has no attribute 'run'"):
         catalog.get("nofunc").load_callable()  # type: ignore[union-attr]
@@ -276,7 +276,10 @@ def test_unresolved_refs_skip_required_and_value_checks() -> None:
     assert validate_action_args(sleep, {"seconds": ref}, unresolved={"seconds"}) == []
     # The schema passed in is not modified.
     assert count["properties"]["path"] == {
-        "x-path": "read", "type": "string", "minLength": 1, "description": "a UTF-8 text file to read",
+        "x-path": "read",
+        "type": "string",
+        "minLength": 1,
+        "description": "a UTF-8 text file to read",
     }
     # Resolved args are still checked, and an undeclared key is still unknown.
     errors = dict(validate_action_args(sleep, {"seconds": ref, "fail": 3, "typo": ref}, unresolved={"seconds", "typo"}))

@@ -42,8 +42,18 @@ def test_new_scaffold_is_accepted_by_check_and_its_test_passes(tmp_path: Path) -
     raw = (folder / "plugin.yaml").read_text()
     data = yaml.safe_load(raw)
     # Every manifest field is present and documented by a comment.
-    for field in ("name", "version", "description", "entry_point", "resource_class", "dependencies",
-                  "requires", "permissions", "limits", "actions"):
+    for field in (
+        "name",
+        "version",
+        "description",
+        "entry_point",
+        "resource_class",
+        "dependencies",
+        "requires",
+        "permissions",
+        "limits",
+        "actions",
+    ):
         assert field in data, field
     assert data["resource_class"] == "io" and data["entry_point"] == "shout_plugin:run"
     for word in ("file_system_read", "file_system_write", "network", "gpu_access", "subprocess", "PEP 508"):
@@ -73,7 +83,11 @@ def test_new_scaffold_is_accepted_by_check_and_its_test_passes(tmp_path: Path) -
     # The generated test, run by pytest on its own, passes.
     tested = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
-        env=cli_env(), capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "5 passed" in tested.stdout
@@ -83,9 +97,12 @@ def test_new_scaffold_is_accepted_by_check_and_its_test_passes(tmp_path: Path) -
     bad_name = run_cli("plugins", "new", "Shout-It", "--dir", "my-plugins", cwd=tmp_path)
     builtin = run_cli("plugins", "new", "text", "--dir", "my-plugins", cwd=tmp_path)
     bad_class = run_cli("plugins", "new", "ok_name", "--dir", "my-plugins", "--resource-class", "tpu", cwd=tmp_path)
-    for result, start in ((again, "error: NAME: "), (bad_name, "error: NAME: 'Shout-It' is not a valid plugin name"),
-                          (builtin, "error: NAME: 'text' is the name of a built-in plugin"),
-                          (bad_class, "error: --resource-class: 'tpu'")):
+    for result, start in (
+        (again, "error: NAME: "),
+        (bad_name, "error: NAME: 'Shout-It' is not a valid plugin name"),
+        (builtin, "error: NAME: 'text' is the name of a built-in plugin"),
+        (bad_class, "error: --resource-class: 'tpu'"),
+    ):
         assert result.returncode == 2, result.stdout + result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(start), lines
@@ -138,8 +155,9 @@ def test_check_reports_broken_manifests_with_file_field_reason(tmp_path: Path) -
     )
     assert f"{flow}: steps.1.action: plugin 'text' has no action 'nope'" in result.stdout
     # Unmet dependencies are a warning, not a catalogue problem.
-    assert (f"warning: {base / 'needs_deps' / 'plugin.yaml'}: dependencies: binary 'no-such-binary-xyz': "
-            "not found on PATH") in lines
+    assert (
+        f"warning: {base / 'needs_deps' / 'plugin.yaml'}: dependencies: binary 'no-such-binary-xyz': not found on PATH"
+    ) in lines
     assert "problem" in result.stderr
 
     missing = run_cli("plugins", "check", str(tmp_path / "nope"), cwd=tmp_path)
@@ -152,8 +170,12 @@ def test_check_reports_broken_manifests_with_file_field_reason(tmp_path: Path) -
 
 
 def test_plugins_group_help_and_remote_list_without_router(tmp_path: Path) -> None:
-    for args in (["plugins", "--help"], ["plugins", "list", "--help"], ["plugins", "check", "--help"],
-                 ["plugins", "new", "--help"]):
+    for args in (
+        ["plugins", "--help"],
+        ["plugins", "list", "--help"],
+        ["plugins", "check", "--help"],
+        ["plugins", "new", "--help"],
+    ):
         result = run_cli(*args, cwd=ROOT)
         assert result.returncode == 0 and "Usage" in result.stdout, (args, result.stderr)
     # Without a subcommand (as before) and with `list --remote`, the router is asked.

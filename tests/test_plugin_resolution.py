@@ -67,7 +67,13 @@ def broken_dir(tmp_path: Path) -> Path:
     """One good plugin, one with unmet dependencies, and many broken or incompatible ones."""
     base = tmp_path / "extra"
     # Good: requires a built-in plugin and this edgefleet; its dependencies are met everywhere.
-    write_plugin(base, "echo", manifest("echo", resource_class="io", extra=f"""\
+    write_plugin(
+        base,
+        "echo",
+        manifest(
+            "echo",
+            resource_class="io",
+            extra=f"""\
         requires:
           edgefleet: ">={__version__},<1000"
           plugins: {{text: ">=1,<2"}}
@@ -76,13 +82,22 @@ def broken_dir(tmp_path: Path) -> Path:
           binaries: [sh]
         permissions: [network]
         limits: {{timeout: 30, memory_mb: 256}}
-        """))
+        """,
+        ),
+    )
     # Loads, but no box here can run it.
-    write_plugin(base, "unmet", manifest("unmet", extra="""\
+    write_plugin(
+        base,
+        "unmet",
+        manifest(
+            "unmet",
+            extra="""\
         dependencies:
           python: ["definitely-not-installed-pkg>=1", "PyYAML>=999"]
           binaries: [no-such-binary-xyz]
-        """))
+        """,
+        ),
+    )
     # Requiring a plugin with unmet dependencies is fine: dependencies are per box.
     write_plugin(base, "uses_unmet", manifest("uses_unmet", extra="requires: {plugins: {unmet: '>=1'}}\n"))
     # 1. bad YAML
@@ -114,28 +129,44 @@ def broken_dir(tmp_path: Path) -> Path:
     # 12. entry module file that does not exist
     write_plugin(base, "no_module", manifest("no_module", entry_point="missing_mod:run"))
     # 13. action with an invalid input schema
-    write_plugin(base, "bad_schema", manifest(
-        "bad_schema", actions="  go:\n    input_schema: {type: object, properties: {n: {type: 12}}}\n"))
+    write_plugin(
+        base,
+        "bad_schema",
+        manifest("bad_schema", actions="  go:\n    input_schema: {type: object, properties: {n: {type: 12}}}\n"),
+    )
     # 14. unknown top-level field (a typo)
     write_plugin(base, "typo", manifest("typo", extra="permisions: [network]\n"))
     return base
 
 
-def test_bad_plugins_are_rejected_with_file_field_reason_and_good_ones_load(
-    broken_dir: Path, tmp_path: Path
-) -> None:
+def test_bad_plugins_are_rejected_with_file_field_reason_and_good_ones_load(broken_dir: Path, tmp_path: Path) -> None:
     # 15. the same plugin name in a later dir
     later = tmp_path / "later"
     write_plugin(later, "echo", manifest("echo"))
     catalog = PluginCatalog.load([builtin_plugin_dir(), broken_dir, later])
 
-    assert BUILTINS <= set(catalog.names())
+    assert set(catalog.names()) >= BUILTINS
     assert {"echo", "unmet", "uses_unmet"} <= set(catalog.names())
     assert catalog.get("echo").folder == broken_dir / "echo"  # type: ignore[union-attr]
     rejected = {
-        "bad_yaml", "no_entry", "bad_version", "bad_permission", "bad_dep", "bad_range", "future_core",
-        "needs_ghost", "conflict", "cycle_a", "cycle_b", "self_loop", "on_rejected", "on_on_rejected",
-        "on_bad_yaml", "no_module", "bad_schema", "typo",
+        "bad_yaml",
+        "no_entry",
+        "bad_version",
+        "bad_permission",
+        "bad_dep",
+        "bad_range",
+        "future_core",
+        "needs_ghost",
+        "conflict",
+        "cycle_a",
+        "cycle_b",
+        "self_loop",
+        "on_rejected",
+        "on_on_rejected",
+        "on_bad_yaml",
+        "no_module",
+        "bad_schema",
+        "typo",
     }
     assert not rejected & set(catalog.names())
     assert rejected <= set(catalog.rejected)
@@ -252,16 +283,35 @@ def test_plugin_dirs_from_env_json_list(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def _node(name: str, classes: list[str], plugins: list[str]) -> NodeInfo:
     now = time.time()
     return NodeInfo(
-        name=name, classes=[ResourceClass(c) for c in classes], cores=2, memory_total=1, memory_available=1,
-        cpu_percent=0.0, plugins=plugins, started_at=now, heartbeat_at=now, version=__version__,
+        name=name,
+        classes=[ResourceClass(c) for c in classes],
+        cores=2,
+        memory_total=1,
+        memory_available=1,
+        cpu_percent=0.0,
+        plugins=plugins,
+        started_at=now,
+        heartbeat_at=now,
+        version=__version__,
     )
 
 
 def _plan(*steps: tuple[str, str, str | None]) -> Plan:
     return Plan(
         subtasks=[
-            PlannedSubtask(id=f"s{i}", plugin=plugin, action="go", args={}, needs=[], dependents=[],
-                           resource_class=ResourceClass(rc), node=node, timeout=10, retries=0, retry_backoff=1)
+            PlannedSubtask(
+                id=f"s{i}",
+                plugin=plugin,
+                action="go",
+                args={},
+                needs=[],
+                dependents=[],
+                resource_class=ResourceClass(rc),
+                node=node,
+                timeout=10,
+                retries=0,
+                retry_backoff=1,
+            )
             for i, (plugin, rc, node) in enumerate(steps)
         ]
     )
@@ -270,24 +320,32 @@ def _plan(*steps: tuple[str, str, str | None]) -> Plan:
 def test_capability_problems() -> None:
     a = _node("a", ["cpu", "io"], ["text", "http_fetch"])
     b = _node("b", ["cpu"], ["text"])
-    plan = _plan(("text", "cpu", None), ("http_fetch", "io", None), ("text", "gpu", None),
-                 ("photo", "cpu", None), ("text", "cpu", "b"), ("http_fetch", "io", "b"),
-                 ("text", "cpu", "ghost"), ("http_fetch", "cpu", "b"))
+    plan = _plan(
+        ("text", "cpu", None),
+        ("http_fetch", "io", None),
+        ("text", "gpu", None),
+        ("photo", "cpu", None),
+        ("text", "cpu", "b"),
+        ("http_fetch", "io", "b"),
+        ("text", "cpu", "ghost"),
+        ("http_fetch", "cpu", "b"),
+    )
     assert capability_problems(plan, []) == []  # nobody up yet: everything waits
     problems = capability_problems(plan, [a, b], explicit_class={2})
     assert problems == [
         ("steps.2.resource_class", "no live worker serves class gpu with plugin 'text' (nodes: a[cpu,io], b[cpu])"),
-        ("steps.3.plugin", "no live worker serves class cpu with plugin 'photo' "
-                           "(nodes: a[cpu,io] without 'photo', b[cpu] without 'photo')"),
+        (
+            "steps.3.plugin",
+            "no live worker serves class cpu with plugin 'photo' "
+            "(nodes: a[cpu,io] without 'photo', b[cpu] without 'photo')",
+        ),
         ("steps.5.plugin", "node 'b' does not serve class io (it serves cpu)"),
         ("steps.6.node", "node 'ghost' is not live (live nodes: a, b)"),
         ("steps.7.plugin", "node 'b' does not advertise plugin 'http_fetch' (its dependencies are not met there)"),
     ]
 
 
-def test_router_refuses_steps_no_live_worker_can_run(
-    cluster_factory: Callable[..., Cluster], broken_dir: Path
-) -> None:
+def test_router_refuses_steps_no_live_worker_can_run(cluster_factory: Callable[..., Cluster], broken_dir: Path) -> None:
     cluster = cluster_factory(EDGEFLEET_PLUGIN_DIRS=json.dumps([str(broken_dir)]))
     cluster.start_router()
     fetch = {"steps": [{"id": "f", "plugin": "http_fetch", "action": "get", "args": {"url": "http://127.0.0.1:9/x"}}]}
@@ -309,12 +367,21 @@ def test_router_refuses_steps_no_live_worker_can_run(
         body = refused.json()
         assert body["error"] == "invalid_plan"
         assert body["detail"] == [
-            {"field": "steps.0.plugin", "reason": "no live worker serves class io with plugin 'http_fetch' (nodes: n1[cpu])"}
+            {
+                "field": "steps.0.plugin",
+                "reason": "no live worker serves class io with plugin 'http_fetch' (nodes: n1[cpu])",
+            }
         ]
 
         # The step chose its class: that field is named.
-        explicit = http.post("/v1/jobs", json={"steps": [
-            {"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}, "resource_class": "gpu"}]})
+        explicit = http.post(
+            "/v1/jobs",
+            json={
+                "steps": [
+                    {"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}, "resource_class": "gpu"}
+                ]
+            },
+        )
         assert explicit.status_code == 422
         assert explicit.json()["detail"][0]["field"] == "steps.0.resource_class"
 
@@ -322,20 +389,32 @@ def test_router_refuses_steps_no_live_worker_can_run(
         unmet = http.post("/v1/jobs", json={"steps": [{"id": "u", "plugin": "unmet", "action": "go"}]})
         assert unmet.status_code == 422
         assert unmet.json()["detail"] == [
-            {"field": "steps.0.plugin",
-             "reason": "no live worker serves class cpu with plugin 'unmet' (nodes: n1[cpu] without 'unmet')"}
+            {
+                "field": "steps.0.plugin",
+                "reason": "no live worker serves class cpu with plugin 'unmet' (nodes: n1[cpu] without 'unmet')",
+            }
         ]
 
-        pinned = http.post("/v1/jobs", json={"steps": [
-            {"id": "t", "plugin": "text", "action": "count", "args": {"text": "a"}, "node": "ghost"}]})
+        pinned = http.post(
+            "/v1/jobs",
+            json={"steps": [{"id": "t", "plugin": "text", "action": "count", "args": {"text": "a"}, "node": "ghost"}]},
+        )
         assert pinned.status_code == 422
-        assert pinned.json()["detail"][0] == {"field": "steps.0.node", "reason": "node 'ghost' is not live (live nodes: n1)"}
+        assert pinned.json()["detail"][0] == {
+            "field": "steps.0.node",
+            "reason": "node 'ghost' is not live (live nodes: n1)",
+        }
 
         # What the node can run is accepted and runs, a plugin from the extra dir included.
-        ok = http.post("/v1/jobs", json={"steps": [
-            {"id": "t", "plugin": "text", "action": "count", "args": {"text": "a b"}},
-            {"id": "u", "plugin": "uses_unmet", "action": "go", "args": {"word": "hi"}},
-        ]})
+        ok = http.post(
+            "/v1/jobs",
+            json={
+                "steps": [
+                    {"id": "t", "plugin": "text", "action": "count", "args": {"text": "a b"}},
+                    {"id": "u", "plugin": "uses_unmet", "action": "go", "args": {"word": "hi"}},
+                ]
+            },
+        )
         assert ok.status_code == 201, ok.text
 
         listing = http.get("/v1/plugins").json()

@@ -32,8 +32,12 @@ from edgefleet.pluginkit.text import (
 def make_ctx(workspace: Path, *, timeout: float = 30.0, cancel: threading.Event | None = None) -> PluginContext:
     workspace.mkdir(parents=True, exist_ok=True)
     return PluginContext(
-        job_id="job-kit", subtask_id=workspace.name, attempt=1, workspace=workspace,
-        deadline=time.monotonic() + timeout, is_cancelled=(cancel or threading.Event()).is_set,
+        job_id="job-kit",
+        subtask_id=workspace.name,
+        attempt=1,
+        workspace=workspace,
+        deadline=time.monotonic() + timeout,
+        is_cancelled=(cancel or threading.Event()).is_set,
     )
 
 
@@ -115,8 +119,13 @@ def test_run_in_group_returns_output_and_exit_code(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path)
     code = "import os, sys; print(os.getcwd()); print(os.environ.get('ONLY')); sys.stderr.write('err'); sys.exit(3)"
     outcome = run_in_group(
-        ctx, [sys.executable, "-c", code], limit=30, env={"ONLY": "this"}, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ctx,
+        [sys.executable, "-c", code],
+        limit=30,
+        env={"ONLY": "this"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert outcome.returncode == 3 and not outcome.timed_out
     assert outcome.stdout is not None and outcome.stdout.decode().split() == [str(tmp_path), "this"]

@@ -72,8 +72,9 @@ def test_feedback_loop_reads_prometheus_and_falls_back_to_redis(
     prom = f"http://127.0.0.1:{prom_port}"
     # The router believes in 5 cpu slots per node (its own cpu_concurrency, what it falls back to
     # without Prometheus); the node really runs 2, which only its metrics tell.
-    cluster = cluster_factory(EDGEFLEET_PROMETHEUS_URL=prom, EDGEFLEET_FEEDBACK_INTERVAL="0.5",
-                              EDGEFLEET_CPU_CONCURRENCY="5")
+    cluster = cluster_factory(
+        EDGEFLEET_PROMETHEUS_URL=prom, EDGEFLEET_FEEDBACK_INTERVAL="0.5", EDGEFLEET_CPU_CONCURRENCY="5"
+    )
     cluster.start_router()
     cluster.env_overrides["EDGEFLEET_CPU_CONCURRENCY"] = "2"
     cluster.start_node("promnode")
@@ -83,8 +84,11 @@ def test_feedback_loop_reads_prometheus_and_falls_back_to_redis(
     assert node["metrics_url"]
 
     # Before Prometheus runs, the loop says it fell back and why.
-    wait_until(lambda: json.loads(_feedback(cluster).get("figures") or "{}").get("slots"), 30,
-               what="feedback round without Prometheus")
+    wait_until(
+        lambda: json.loads(_feedback(cluster).get("figures") or "{}").get("slots"),
+        30,
+        what="feedback round without Prometheus",
+    )
     before = _feedback(cluster)
     assert before["source"] == "redis" and "unreachable" in before["reason"]
     assert json.loads(before["targets"])["cpu"] > 4  # from the 5 slots it assumes
@@ -92,29 +96,47 @@ def test_feedback_loop_reads_prometheus_and_falls_back_to_redis(
     token_file = tmp_path / "router.token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     config = tmp_path / "prometheus.yml"
-    config.write_text(prometheus_config(
-        host_port(cluster.url), token_file, [host_port(node["metrics_url"])], scrape_interval="1s"
-    ))
+    config.write_text(
+        prometheus_config(host_port(cluster.url), token_file, [host_port(node["metrics_url"])], scrape_interval="1s")
+    )
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=open(tmp_path / "prometheus.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=open(tmp_path / "prometheus.log", "ab"),  # noqa: SIM115 - the process holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         for i in range(3):
-            job = cluster.submit({"priority": "interactive", "steps": [
-                {"id": "count", "plugin": "text", "action": "count", "args": {"text": f"a b c {i}"}}]})
+            job = cluster.submit(
+                {
+                    "priority": "interactive",
+                    "steps": [{"id": "count", "plugin": "text", "action": "count", "args": {"text": f"a b c {i}"}}],
+                }
+            )
             assert cluster.wait_job(job["id"])["state"] == "succeeded"
 
         targets = wait_until(lambda: _targets_up(prom), 60, interval=0.5, what="both targets up")
         assert {t["labels"]["job"] for t in targets} == {"edgefleet-router", "edgefleet-workers"}
-        wait_until(lambda: _query(prom, 'edgefleet_jobs_submitted_total{priority="interactive"}'), 30,
-                   interval=0.5, what="router series")
+        wait_until(
+            lambda: _query(prom, 'edgefleet_jobs_submitted_total{priority="interactive"}'),
+            30,
+            interval=0.5,
+            what="router series",
+        )
         wait_until(lambda: _query(prom, "edgefleet_worker_subtasks_total"), 30, interval=0.5, what="worker series")
         wait_until(lambda: _query(prom, "edgefleet_node_slots"), 30, interval=0.5, what="node gauges")
         names = {s["metric"]["__name__"] for s in _query(prom, '{__name__=~"edgefleet_.+|celery_.+"}')}
-        assert {"edgefleet_backlog_depth", "edgefleet_node_memory_total_bytes", "celery_queue_length",
-                "celery_task_succeeded_total"} <= names
+        assert {
+            "edgefleet_backlog_depth",
+            "edgefleet_node_memory_total_bytes",
+            "celery_queue_length",
+            "celery_task_succeeded_total",
+        } <= names
 
         # The loop now reads Prometheus and sets the cpu target from the node's 2 slots (default 16).
         wait_until(lambda: _feedback(cluster).get("source") == "prometheus", 30, what="feedback from Prometheus")
@@ -124,12 +146,19 @@ def test_feedback_loop_reads_prometheus_and_falls_back_to_redis(
         assert 2 <= json.loads(feedback["targets"])["cpu"] <= 4
         changes = json.loads(feedback.get("changes") or "[]")
         assert any(
-            c["kind"] == "target_depth" and c["resource_class"] == "cpu" and c["reason"].startswith("prometheus")
-            and c["from"] > 4 and c["to"] <= 4
+            c["kind"] == "target_depth"
+            and c["resource_class"] == "cpu"
+            and c["reason"].startswith("prometheus")
+            and c["from"] > 4
+            and c["to"] <= 4
             for c in changes
         ), changes
-        wait_until(lambda: _query(prom, 'edgefleet_scheduler_target_depth{resource_class="cpu"}'), 30,
-                   interval=0.5, what="decision metric")
+        wait_until(
+            lambda: _query(prom, 'edgefleet_scheduler_target_depth{resource_class="cpu"}'),
+            30,
+            interval=0.5,
+            what="decision metric",
+        )
     finally:
         stop_process(proc, signal.SIGKILL)
 

@@ -35,7 +35,9 @@ def _job_keys(cluster: Cluster, job_id: str) -> list[str]:
 def _indexed(cluster: Cluster, job_id: str) -> list[str]:
     """The sorted-set indexes (lists by tenant/state, the finished index) that still name the job."""
     client = cluster.redis.client()
-    return sorted(k for k in client.keys("ef:jobs*") + client.keys("ef:finished") if client.zscore(k, job_id) is not None)
+    return sorted(
+        k for k in client.keys("ef:jobs*") + client.keys("ef:finished") if client.zscore(k, job_id) is not None
+    )
 
 
 def _gone(http: httpx.Client, job_id: str) -> bool:
@@ -61,8 +63,12 @@ def test_finished_jobs_expire_running_ones_stay(cluster_factory: Callable[..., C
         assert (workspaces / done["id"]).is_dir()
         assert _job_keys(cluster, done["id"]) and _indexed(cluster, done["id"])
 
-        wait_until(lambda: _gone(http, done["id"]) and _gone(http, keyed["id"]), 60, interval=0.2,
-                   what="finished jobs to expire")
+        wait_until(
+            lambda: _gone(http, done["id"]) and _gone(http, keyed["id"]),
+            60,
+            interval=0.2,
+            what="finished jobs to expire",
+        )
         for job_id in (done["id"], keyed["id"]):
             assert _job_keys(cluster, job_id) == [], "job, subtask and event keys are deleted"
             assert _indexed(cluster, job_id) == [], "no list index names it any more"
@@ -94,7 +100,11 @@ def _gc(router: Cluster, *args: str, token: str = ADMIN_TOKEN) -> subprocess.Com
     env = {k: v for k, v in router.env().items() if k != "EDGEFLEET_TOKENS"}
     return subprocess.run(
         [sys.executable, "-m", "edgefleet", "gc", "--url", router.url, "--token", token, *args],
-        env=env, capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
     )
 
 

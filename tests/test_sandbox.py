@@ -188,8 +188,9 @@ def sandbox_processes(cluster: Cluster, job_id: str) -> list[psutil.Process]:
 def test_isolation_is_reported(sandbox_cluster: Cluster) -> None:
     plain = run_step(sandbox_cluster, "plain", "text", "count", {"text": "a b"})
     # What confined the file system (Landlock, or nothing on an old kernel), as which uid.
-    assert re.fullmatch(r"(landlock|fs-unconfined)\+uid=(\d+|root-nocaps|worker)\+seccomp\+rlimits",
-                        plain["subtasks"][0]["isolation"])
+    assert re.fullmatch(
+        r"(landlock|fs-unconfined)\+uid=(\d+|root-nocaps|worker)\+seccomp\+rlimits", plain["subtasks"][0]["isolation"]
+    )
     boxed = run_step(sandbox_cluster, "boxed", "text", "count", {"text": "a b"})
     expected = r"bwrap\+uid=(\d+|worker)\+seccomp\+rlimits" if HAVE_BWRAP else r"(landlock|fs-unconfined)\+.*"
     assert re.fullmatch(expected, boxed["subtasks"][0]["isolation"])
@@ -218,8 +219,14 @@ def test_steps_in_warm_launchers_pass_files_to_later_steps(sandbox_cluster: Clus
             {
                 "steps": [
                     {"id": "write", "plugin": "files", "action": "write", "args": {"text": text}, "node": node},
-                    {"id": "read", "plugin": "files", "action": "read", "needs": ["write"], "node": node,
-                     "args": {"path": {"$ref": "steps.write.output.path"}}},
+                    {
+                        "id": "read",
+                        "plugin": "files",
+                        "action": "read",
+                        "needs": ["write"],
+                        "node": node,
+                        "args": {"path": {"$ref": "steps.write.output.path"}},
+                    },
                 ]
             }
         )

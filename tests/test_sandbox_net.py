@@ -251,7 +251,7 @@ def test_blocked_networks_cover_host_and_keep_dns() -> None:
     assert "10.1.2.3/32" not in closed  # inside 10/8 already
     assert not any(ipaddress.ip_address(DNS) in ipaddress.ip_network(net) and net != "10.0.0.0/8" for net in closed)
     assert not any(ipaddress.ip_network(net).is_loopback for net in closed | lan)
-    assert RESOLV_CONF == f"nameserver {DNS}\n"
+    assert f"nameserver {DNS}\n" == RESOLV_CONF
 
 
 def test_network_reaches_internet_not_host_nor_lan(

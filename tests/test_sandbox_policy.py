@@ -17,7 +17,14 @@ ACTION = {"input_schema": {"type": "object", "properties": {"path": {"type": "st
 
 def plugin(name: str, permissions: list[str], folder: Path) -> LoadedPlugin:
     manifest = PluginManifest.model_validate(
-        {"name": name, "version": "1.0.0", "entry_point": "m:run", "resource_class": "cpu", "permissions": permissions, "actions": {"a": ACTION}}
+        {
+            "name": name,
+            "version": "1.0.0",
+            "entry_point": "m:run",
+            "resource_class": "cpu",
+            "permissions": permissions,
+            "actions": {"a": ACTION},
+        }
     )
     return LoadedPlugin(manifest=manifest, folder=folder)
 
@@ -51,7 +58,9 @@ def test_path_arguments_are_named_and_judged(settings: Settings, tmp_path: Path)
     found = list(path_arguments(ACTION["input_schema"], {"path": "/etc/shadow", "other": "/x"}))
     assert found == [("args.path", "/etc/shadow", "read")]
     assert list(path_arguments(ACTION["input_schema"], {"path": {"$ref": "steps.a.output.path"}})) == []
-    assert "outside the folders plugin 'photo' may read" in (check_path_argument("photo", "/etc/shadow", "read", grants) or "")
+    assert "outside the folders plugin 'photo' may read" in (
+        check_path_argument("photo", "/etc/shadow", "read", grants) or ""
+    )
     assert "'..'" in (check_path_argument("photo", "../../etc/passwd", "read", grants) or "")
     assert check_path_argument("photo", "in/workspace.txt", "read", grants) is None
     assert check_path_argument("photo", str(tmp_path / "photos" / "x.jpg"), "read", grants) is None
@@ -65,9 +74,12 @@ def test_uid_is_stable_per_plugin_and_lan_needs_the_operator(settings: Settings,
     assert first.lan and first.networked
     other = policy.image_of(plugin("web", ["network_lan"], tmp_path))  # asks, but the operator did not allow
     assert other.networked and not other.lan
-    assert SandboxPolicy(settings=settings, bwrap=None, switch_uid=False, landlock_abi=0).image_of(
-        plugin("nas", [], tmp_path)
-    ).uid is None
+    assert (
+        SandboxPolicy(settings=settings, bwrap=None, switch_uid=False, landlock_abi=0)
+        .image_of(plugin("nas", [], tmp_path))
+        .uid
+        is None
+    )
 
 
 def test_the_bwrap_view_hides_secrets_and_drops_capabilities(settings: Settings, tmp_path: Path) -> None:

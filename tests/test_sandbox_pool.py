@@ -40,7 +40,9 @@ def pool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WarmLaunche
     launchers.close()
 
 
-def run_in(launcher: LauncherProcess, workspace: Path, action: str, args: dict[str, Any] | None = None) -> SandboxOutcome:
+def run_in(
+    launcher: LauncherProcess, workspace: Path, action: str, args: dict[str, Any] | None = None
+) -> SandboxOutcome:
     workspace.mkdir(parents=True, exist_ok=True)
     run = SandboxedRun(
         LaunchSpec(

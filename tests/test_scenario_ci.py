@@ -35,16 +35,16 @@ CI_PLUGINS = ("repo_watch", "ci_tests", "ci_lint", "ci_report", "ci_alert")
 
 # --- a generated repository ------------------------------------------------------------------
 
-CALC_V1 = '''\
+CALC_V1 = """\
 def add(a, b):
     return a + b
 
 
 def sub(a, b):
     return a - b
-'''
+"""
 
-TESTS_V1 = '''\
+TESTS_V1 = """\
 from calc import add, sub
 
 
@@ -54,10 +54,10 @@ def test_add():
 
 def test_sub():
     assert sub(5, 3) == 2
-'''
+"""
 
 # Commit 2 brings a lint error (unused import) and a function whose test fails.
-CALC_V2 = '''\
+CALC_V2 = """\
 import os
 
 
@@ -71,27 +71,30 @@ def sub(a, b):
 
 def mul(a, b):
     return a * b + 1  # the bug the failing test finds
-'''
+"""
 
-TESTS_V2 = TESTS_V1.replace("from calc import add, sub", "from calc import add, mul, sub") + '''
+TESTS_V2 = (
+    TESTS_V1.replace("from calc import add, sub", "from calc import add, mul, sub")
+    + """
 
 def test_mul():
     assert mul(3, 4) == 12
-'''
+"""
+)
 
 # Commit 3 adds a passing test and a second lint error (an undefined name).
-UTIL_V3 = '''\
+UTIL_V3 = """\
 def describe(value):
     return f"{value} ({kind})"
-'''
+"""
 
-TESTS_UTIL_V3 = '''\
+TESTS_UTIL_V3 = """\
 from calc import add
 
 
 def test_add_negative():
     assert add(-1, -1) == -2
-'''
+"""
 
 
 def git(repo: Path, *args: str) -> str:
@@ -103,9 +106,22 @@ def git(repo: Path, *args: str) -> str:
         "LC_ALL": "C",
     }
     out = subprocess.run(
-        ["git", "-c", "user.name=Ada Dev", "-c", "user.email=ada@example.org", "-c", "commit.gpgsign=false",
-         "-C", str(repo), *args],
-        env=env, check=True, capture_output=True, text=True,
+        [
+            "git",
+            "-c",
+            "user.name=Ada Dev",
+            "-c",
+            "user.email=ada@example.org",
+            "-c",
+            "commit.gpgsign=false",
+            "-C",
+            str(repo),
+            *args,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip()
 
@@ -183,9 +199,7 @@ def webhook(fake_internet: FakeInternet | None) -> Iterator[Webhook]:
 # --- end to end through a real cluster -------------------------------------------------------
 
 
-def test_ci_pipeline_end_to_end(
-    cluster_factory: Callable[..., Cluster], git_repo: GitRepo, webhook: Webhook
-) -> None:
+def test_ci_pipeline_end_to_end(cluster_factory: Callable[..., Cluster], git_repo: GitRepo, webhook: Webhook) -> None:
     cluster = cluster_factory(EDGEFLEET_PLUGIN_READ_PATHS=json.dumps({"repo_watch": [str(git_repo.path)]}))
     cluster.start_router()
     cluster.start_node("n1", classes="cpu,io")
@@ -220,8 +234,14 @@ def test_ci_pipeline_end_to_end(
     assert report["failure_rate"] == 0.25
     text = Path(report["path"]).read_text()
     for expected in (
-        git_repo.shas[2][:12], git_repo.subjects[1], git_repo.subjects[2], "tests.test_calc::test_mul",
-        "'os' imported but unused", "undefined name 'kind'", "25.0%", "above the alert threshold",
+        git_repo.shas[2][:12],
+        git_repo.subjects[1],
+        git_repo.subjects[2],
+        "tests.test_calc::test_mul",
+        "'os' imported but unused",
+        "undefined name 'kind'",
+        "25.0%",
+        "above the alert threshold",
     ):
         assert expected in text, f"{expected!r} missing from the report:\n{text}"
 
@@ -341,7 +361,8 @@ def test_detect_first_run_lists_history_and_exports_the_head(
     # A branch other than HEAD, and a commit list cut at max_commits.
     git(git_repo.path, "branch", "old", git_repo.shas[1])
     older = plugin(catalog, "repo_watch")(
-        make_ctx(tmp_path / "detect-old"), "detect",
+        make_ctx(tmp_path / "detect-old"),
+        "detect",
         {"repo": str(git_repo.path), "branch": "old", "max_commits": 1, "archive": False},
     )
     assert older["head"] == git_repo.shas[1] and older["count"] == 2
@@ -388,7 +409,9 @@ def test_pytest_step_stops_a_hanging_suite_at_its_timeout(catalog: PluginCatalog
 
 
 def test_pytest_step_is_cancellable(catalog: PluginCatalog, tmp_path: Path) -> None:
-    archive = make_tar(tmp_path / "src.tar", {"test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(120)\n"})
+    archive = make_tar(
+        tmp_path / "src.tar", {"test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(120)\n"}
+    )
     cancel = threading.Event()
     threading.Timer(1.5, cancel.set).start()
     started = time.monotonic()
@@ -413,7 +436,7 @@ def test_pytest_step_counts_collection_errors_and_skips(catalog: PluginCatalog, 
 
     none = plugin(catalog, "ci_tests")(make_ctx(tmp_path / "none"), "pytest", {"archive": None})
     assert none["skipped"] is True and none["total"] == 0
-    with pytest.raises(ValueError, match="archive: .* does not exist"):
+    with pytest.raises(ValueError, match=r"archive: .* does not exist"):
         plugin(catalog, "ci_tests")(make_ctx(tmp_path / "bad"), "pytest", {"archive": str(tmp_path / "nope.tar")})
 
 
@@ -437,9 +460,15 @@ def test_lint_counts_syntax_errors_and_honours_excludes(catalog: PluginCatalog, 
 
 def test_report_failure_rates(catalog: PluginCatalog, tmp_path: Path) -> None:
     report = plugin(catalog, "ci_report")
-    detect = {"repo": "/r", "head": "a" * 40, "changed": True, "count": 1, "commits": [
-        {"sha": "a" * 40, "author": "Ada | Dev", "subject": "fix | things\nmore", "date": "2024-01-01"},
-    ]}
+    detect = {
+        "repo": "/r",
+        "head": "a" * 40,
+        "changed": True,
+        "count": 1,
+        "commits": [
+            {"sha": "a" * 40, "author": "Ada | Dev", "subject": "fix | things\nmore", "date": "2024-01-01"},
+        ],
+    }
     lint = {"linter": "pyflakes", "issue_count": 0, "issues": [], "files": 3}
     timed_out = {"completed": False, "timed_out": True, "passed": 5, "failed": 0, "errors": 0, "message": "slow"}
     out = report(make_ctx(tmp_path / "r1"), "markdown", {"detect": detect, "tests": timed_out, "lint": lint})
@@ -448,8 +477,9 @@ def test_report_failure_rates(catalog: PluginCatalog, tmp_path: Path) -> None:
     assert "Timed out" in text and "Ada \\| Dev" in text and "fix \\| things more" in text
 
     no_tests = {"completed": True, "passed": 0, "failed": 0, "errors": 0}
-    out = report(make_ctx(tmp_path / "r2"), "markdown",
-                 {"detect": detect, "tests": no_tests, "lint": lint, "threshold": 0.0})
+    out = report(
+        make_ctx(tmp_path / "r2"), "markdown", {"detect": detect, "tests": no_tests, "lint": lint, "threshold": 0.0}
+    )
     assert out["failure_rate"] == 0.0 and out["above_threshold"] is False
 
 

@@ -77,14 +77,16 @@ PAGES = {
         ],
     ),
 }
-KRAKATOA = ("In 1883 the eruption of Krakatoa destroyed most of the island and its sound was heard "
-            "nearly five thousand kilometres away.")
+KRAKATOA = (
+    "In 1883 the eruption of Krakatoa destroyed most of the island and its sound was heard "
+    "nearly five thousand kilometres away."
+)
 
 
 def page_html(title: str, paragraphs: list[str]) -> str:
     body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
     return (
-        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title}</title>{BOILERPLATE_HEAD}</head>"
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title>{BOILERPLATE_HEAD}</head>'
         f"<body>{BOILERPLATE_NAV}<main><h1>{title}</h1>\n{body}</main>{BOILERPLATE_FOOTER}</body></html>"
     )
 
@@ -108,8 +110,9 @@ def plugin_fn(catalog: PluginCatalog, name: str) -> Callable[[PluginContext, str
 
 def make_ctx(workspace: Path, ctx_class: type[PluginContext] = PluginContext) -> PluginContext:
     workspace.mkdir(parents=True, exist_ok=True)
-    return ctx_class(job_id="job-k", subtask_id=workspace.name, attempt=1, workspace=workspace,
-                     deadline=time.monotonic() + 60)
+    return ctx_class(
+        job_id="job-k", subtask_id=workspace.name, attempt=1, workspace=workspace, deadline=time.monotonic() + 60
+    )
 
 
 @pytest.fixture()
@@ -192,8 +195,13 @@ def test_extract_tricky_html(catalog: PluginCatalog, tmp_path: Path) -> None:
     (fetch_ws / "pages").mkdir(parents=True)
     body = fetch_ws / "pages" / "0000-cafe.html"
     body.write_bytes(TRICKY.encode("iso-8859-1"))  # the charset only the <meta> tag names
-    page = {"url": "http://example.test/cafe", "state": "fetched", "path": str(body),
-            "content_type": "text/html", "content_hash": "sha256:x"}
+    page = {
+        "url": "http://example.test/cafe",
+        "state": "fetched",
+        "path": str(body),
+        "content_type": "text/html",
+        "content_hash": "sha256:x",
+    }
     unchanged = {"url": "http://example.test/old", "state": "not_modified", "path": None}
     ctx = make_ctx(tmp_path / "job" / "extract")
 
@@ -206,15 +214,42 @@ def test_extract_tricky_html(catalog: PluginCatalog, tmp_path: Path) -> None:
     text_path = Path(got["text_path"])
     assert text_path.is_relative_to(ctx.workspace) and text_path.is_file()
     text = text_path.read_text(encoding="utf-8")
-    for kept in ("# Café culture", "# Brewing", "The first paragraph has bold, italic and a link, all inline.",
-                 "café <noir> & crème brûlée.",
-                 "Grind the beans.", "Heat the water to 94 degrees.", "line two", "Espresso 2.10",
-                 "A steaming cup", "Closing thoughts after the embedded bits.", "Site logo"):
+    for kept in (
+        "# Café culture",
+        "# Brewing",
+        "The first paragraph has bold, italic and a link, all inline.",
+        "café <noir> & crème brûlée.",
+        "Grind the beans.",
+        "Heat the water to 94 degrees.",
+        "line two",
+        "Espresso 2.10",
+        "A steaming cup",
+        "Closing thoughts after the embedded bits.",
+        "Site logo",
+    ):
         assert kept in text, (kept, text)
-    for dropped in ("SCRIPT-TEXT", "STYLE-TEXT", "NAV-HOME", "NAV-MENU", "COMMENT-TEXT", "commented out",
-                    "HIDDEN-TEXT", "ARIA-HIDDEN-TEXT", "DISPLAY-NONE-TEXT", "ASIDE-TEXT", "FORM-TEXT",
-                    "BUTTON-TEXT", "NOSCRIPT-TEXT", "SVG-TITLE", "SVG-TEXT", "ROLE-NAV-TEXT", "FOOTER-TEXT",
-                    "<b>", "&amp;", "</p>"):
+    for dropped in (
+        "SCRIPT-TEXT",
+        "STYLE-TEXT",
+        "NAV-HOME",
+        "NAV-MENU",
+        "COMMENT-TEXT",
+        "commented out",
+        "HIDDEN-TEXT",
+        "ARIA-HIDDEN-TEXT",
+        "DISPLAY-NONE-TEXT",
+        "ASIDE-TEXT",
+        "FORM-TEXT",
+        "BUTTON-TEXT",
+        "NOSCRIPT-TEXT",
+        "SVG-TITLE",
+        "SVG-TEXT",
+        "ROLE-NAV-TEXT",
+        "FOOTER-TEXT",
+        "<b>",
+        "&amp;",
+        "</p>",
+    ):
         assert dropped not in text, (dropped, text)
     # Block structure: each paragraph, heading and list item is its own block, in order.
     blocks = text.strip().split("\n\n")
@@ -228,10 +263,18 @@ def test_extract_plain_text_and_unsupported(catalog: PluginCatalog, tmp_path: Pa
     (src / "notes.txt").write_text("Release notes\n\nVersion two adds search.\nIt also fixes bugs.\n")
     (src / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     pages = [
-        {"url": "http://x.test/notes.txt", "state": "fetched", "path": str(src / "notes.txt"),
-         "content_type": "text/plain; charset=utf-8"},
-        {"url": "http://x.test/photo.png", "state": "fetched", "path": str(src / "photo.png"),
-         "content_type": "image/png"},
+        {
+            "url": "http://x.test/notes.txt",
+            "state": "fetched",
+            "path": str(src / "notes.txt"),
+            "content_type": "text/plain; charset=utf-8",
+        },
+        {
+            "url": "http://x.test/photo.png",
+            "state": "fetched",
+            "path": str(src / "photo.png"),
+            "content_type": "image/png",
+        },
     ]
     out = plugin_fn(catalog, "knowledge")(make_ctx(tmp_path / "job" / "extract"), "extract", {"pages": pages})
     notes, photo = out["pages"]
@@ -271,8 +314,15 @@ def _extracted_pages(catalog: PluginCatalog, tmp_path: Path) -> list[dict[str, A
     pages = []
     for n, (name, (title, paragraphs)) in enumerate(PAGES.items()):
         (src / name).write_text(page_html(title, paragraphs), encoding="utf-8")
-        pages.append({"url": f"http://x.test/{name}", "state": "fetched", "path": str(src / name),
-                      "content_type": "text/html", "content_hash": f"sha256:{n}"})
+        pages.append(
+            {
+                "url": f"http://x.test/{name}",
+                "state": "fetched",
+                "path": str(src / name),
+                "content_type": "text/html",
+                "content_hash": f"sha256:{n}",
+            }
+        )
     return plugin_fn(catalog, "knowledge")(make_ctx(tmp_path / "job" / "extract"), "extract", {"pages": pages})["pages"]
 
 
@@ -355,8 +405,7 @@ def test_fetch_conditional_requests_and_hashes(catalog: PluginCatalog, tmp_path:
         assert gone["status"] == 404 and "HTTP 404" in gone["error"] and gone["path"] is None
         assert (first["fetched"], first["failed"]) == (2, 1)
 
-        validators = {p["url"]: {k: p[k] for k in ("etag", "last_modified", "content_hash")}
-                      for p in (etag, plain)}
+        validators = {p["url"]: {k: p[k] for k in ("etag", "last_modified", "content_hash")} for p in (etag, plain)}
         _ValidatorHandler.seen.clear()
         second = fetch(make_ctx(tmp_path / "f2"), "fetch_pages", {"urls": urls[:2], "validators": validators})
         etag2, plain2 = second["pages"]
@@ -369,8 +418,14 @@ def test_fetch_conditional_requests_and_hashes(catalog: PluginCatalog, tmp_path:
 
         # A redelivered attempt resumes: what its checkpoint holds (file still there) is not fetched again.
         _ValidatorHandler.seen.clear()
-        resumed = PluginContext(job_id="job-k", subtask_id="f1", attempt=2, workspace=tmp_path / "f1",
-                                deadline=time.monotonic() + 60, checkpoint={"pages": {etag["url"]: etag}})
+        resumed = PluginContext(
+            job_id="job-k",
+            subtask_id="f1",
+            attempt=2,
+            workspace=tmp_path / "f1",
+            deadline=time.monotonic() + 60,
+            checkpoint={"pages": {etag["url"]: etag}},
+        )
         third = fetch(resumed, "fetch_pages", {"urls": urls[:2]})
         assert [s["path"] for s in _ValidatorHandler.seen] == ["/plain"]
         assert third["pages"][0] == etag and third["fetched"] == 2
@@ -406,8 +461,9 @@ def test_fts_query_sanitizes_questions(catalog: PluginCatalog) -> None:
 
 def test_index_updates_only_what_changed(catalog: PluginCatalog, tmp_path: Path) -> None:
     pages = _extracted_pages(catalog, tmp_path)
-    summarized = plugin_fn(catalog, "knowledge")(make_ctx(tmp_path / "job" / "sum"), "summarize",
-                                                 {"pages": pages})["pages"]
+    summarized = plugin_fn(catalog, "knowledge")(make_ctx(tmp_path / "job" / "sum"), "summarize", {"pages": pages})[
+        "pages"
+    ]
     index, query = plugin_fn(catalog, "knowledge_index"), plugin_fn(catalog, "knowledge_query")
     index_dir = tmp_path / "kb"
 
@@ -421,32 +477,44 @@ def test_index_updates_only_what_changed(catalog: PluginCatalog, tmp_path: Path)
     # One page changed, one failed (its old version stays), one dropped from the list (kept).
     changed = dict(summarized[1], content_hash="sha256:new", summary="New volcano summary.")
     failed = {"url": summarized[2]["url"], "state": "failed", "error": "HTTP 500"}
-    third = index(make_ctx(tmp_path / "i3"), "update",
-                  {"index_dir": str(index_dir), "pages": [summarized[0], changed, failed]})
+    third = index(
+        make_ctx(tmp_path / "i3"), "update", {"index_dir": str(index_dir), "pages": [summarized[0], changed, failed]}
+    )
     assert (third["inserted"], third["updated"], third["unchanged"], third["failed"], third["removed"]) == (
-        0, 1, 1, 1, 0)
+        0,
+        1,
+        1,
+        1,
+        0,
+    )
     assert third["documents"] == 4
 
     validators = query(make_ctx(tmp_path / "q0"), "validators", {"index_dir": str(index_dir)})
     assert validators["documents"] == 4 and validators["validators"][changed["url"]]["content_hash"] == "sha256:new"
     assert query(make_ctx(tmp_path / "q1"), "validators", {"index_dir": str(tmp_path / "none")}) == {
-        "exists": False, "documents": 0, "validators": {}}
+        "exists": False,
+        "documents": 0,
+        "validators": {},
+    }
 
-    answer = query(make_ctx(tmp_path / "q2"), "ask",
-                   {"index_dir": str(index_dir), "question": "Why does bread dough taste sour?"})
+    answer = query(
+        make_ctx(tmp_path / "q2"), "ask", {"index_dir": str(index_dir), "question": "Why does bread dough taste sour?"}
+    )
     assert answer["found"] and answer["method"] == "extractive"
     assert answer["source"]["url"].endswith("/sourdough.html")
     assert answer["passages"][0]["url"].endswith("/sourdough.html") and "sour" in answer["answer"]
     assert "sour flavour" in answer["answer"]
 
     # prune removes what the run's list no longer names.
-    pruned = index(make_ctx(tmp_path / "i4"), "update",
-                   {"index_dir": str(index_dir), "pages": [summarized[0]], "prune": True})
+    pruned = index(
+        make_ctx(tmp_path / "i4"), "update", {"index_dir": str(index_dir), "pages": [summarized[0]], "prune": True}
+    )
     assert (pruned["unchanged"], pruned["removed"], pruned["documents"]) == (1, 3, 1)
     con = sqlite3.connect(index_dir / "knowledge.sqlite3")
     assert con.execute("SELECT count(*) FROM documents_fts").fetchone()[0] == 1
     assert {r[0] // 10_000 for r in con.execute("SELECT rowid FROM passages")} == {
-        con.execute("SELECT id FROM documents").fetchone()[0]}
+        con.execute("SELECT id FROM documents").fetchone()[0]
+    }
     con.close()
 
     nothing = query(make_ctx(tmp_path / "q3"), "ask", {"index_dir": str(index_dir), "question": "zeppelin airship"})
@@ -489,9 +557,16 @@ def test_knowledge_refresh_and_ask_on_a_cluster(
     cluster.wait_nodes_ready("n1")
 
     # First run: everything is new.
-    job = cluster.submit({"template": "knowledge-refresh", "inputs": {
-        "urls": urls, "index_dir": str(index_dir),
-        "question": "How do plants turn sunlight into chemical energy?"}})
+    job = cluster.submit(
+        {
+            "template": "knowledge-refresh",
+            "inputs": {
+                "urls": urls,
+                "index_dir": str(index_dir),
+                "question": "How do plants turn sunlight into chemical energy?",
+            },
+        }
+    )
     done = cluster.wait_job(job["id"], timeout=60)
     assert done["state"] == "succeeded", done
     out = _outputs(done)
@@ -526,8 +601,12 @@ def test_knowledge_refresh_and_ask_on_a_cluster(
     assert out["answer"]["found"] is False and out["answer"]["reason"] == "no question given"
 
     # knowledge-ask answers from the index alone, with the updated content.
-    job = cluster.submit({"template": "knowledge-ask", "inputs": {
-        "index_dir": str(index_dir), "question": 'What happened when "Krakatoa" erupted in 1883?'}})
+    job = cluster.submit(
+        {
+            "template": "knowledge-ask",
+            "inputs": {"index_dir": str(index_dir), "question": 'What happened when "Krakatoa" erupted in 1883?'},
+        }
+    )
     done = cluster.wait_job(job["id"], timeout=30)
     assert done["state"] == "succeeded", done
     answer = _outputs(done)["answer"]

@@ -34,10 +34,22 @@ def steps_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def ffprobe(path: Path) -> dict[str, Any]:
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0",
-         "-show_entries", "format=duration,format_name:stream=codec_name,width,height,nb_frames",
-         "-of", "json", str(path)],
-        capture_output=True, text=True, check=True, timeout=30,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "format=duration,format_name:stream=codec_name,width,height,nb_frames",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     return json.loads(out)
 
@@ -51,7 +63,7 @@ def corner_colour(path: Path, fraction: float = 0.08) -> tuple[float, ...]:
 
 
 def is_marker(colour: tuple[float, ...]) -> bool:
-    return all(abs(c - m) < 70 for c, m in zip(colour, MARKER))
+    return all(abs(c - m) < 70 for c, m in zip(colour, MARKER, strict=False))
 
 
 def start_cluster(cluster_factory: Callable[..., Cluster], *nodes: str, classes: str) -> Cluster:
@@ -78,8 +90,10 @@ def test_photo_pipeline_end_to_end(cluster_factory: Callable[..., Cluster], tmp_
 
     cluster = start_cluster(cluster_factory, "n1", classes="cpu,io")
     job = cluster.submit(
-        {"template": "photo-pipeline",
-         "inputs": {"source": str(folder), "group_by": "camera", "max_edge": 100, "best": 10}}
+        {
+            "template": "photo-pipeline",
+            "inputs": {"source": str(folder), "group_by": "camera", "max_edge": 100, "best": 10},
+        }
     )
     done = cluster.wait_job(job["id"], timeout=120)
     assert done["state"] == "succeeded", json.dumps(done, indent=1)
@@ -162,9 +176,16 @@ def test_node_killed_mid_classify_resumes_from_checkpoint(
     specs = make_photos(folder, 200)
     cluster = start_cluster(cluster_factory, "a", "b", classes="cpu")
     job = cluster.submit(
-        {"template": "photo-pipeline",
-         "inputs": {"source": str(folder), "checkpoint_every": 20, "delay_per_image": 0.02,
-                    "max_edge": 64, "best": 5}}
+        {
+            "template": "photo-pipeline",
+            "inputs": {
+                "source": str(folder),
+                "checkpoint_every": 20,
+                "delay_per_image": 0.02,
+                "max_edge": 64,
+                "best": 5,
+            },
+        }
     )
 
     def classify_midway() -> dict[str, Any] | None:
@@ -230,9 +251,14 @@ class FakeStore:
     def ctx(self, workspace: Path, attempt: int) -> PluginContext:
         workspace.mkdir(parents=True, exist_ok=True)
         return PluginContext(
-            job_id="job", subtask_id=workspace.name, attempt=attempt, workspace=workspace,
-            deadline=time.monotonic() + 60, is_cancelled=self.is_cancelled,
-            save_checkpoint=self.save, checkpoint=self.checkpoint,
+            job_id="job",
+            subtask_id=workspace.name,
+            attempt=attempt,
+            workspace=workspace,
+            deadline=time.monotonic() + 60,
+            is_cancelled=self.is_cancelled,
+            save_checkpoint=self.save,
+            checkpoint=self.checkpoint,
         )
 
 

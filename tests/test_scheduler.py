@@ -116,8 +116,14 @@ def test_deadline_caps_the_score_at_the_latest_start_time(score: Score) -> None:
 
 def test_weights_are_validated() -> None:
     assert priority.validate_weights({"batch": 5}) == {"batch": 5.0}
-    for bad in ({"nope": 1}, {"aging": 0}, {"batch": -1}, {"fairness": float("nan")},
-                {"batch_min_share": 1.5}, {"share_window_s": 0}):
+    for bad in (
+        {"nope": 1},
+        {"aging": 0},
+        {"batch": -1},
+        {"fairness": float("nan")},
+        {"batch_min_share": 1.5},
+        {"share_window_s": 0},
+    ):
         with pytest.raises(ValueError):
             priority.validate_weights(bad)
 
@@ -266,7 +272,7 @@ def test_flooding_tenant_does_not_starve_another(cluster_factory: Callable[..., 
     cancel(cluster, blocker)
     order = start_order(cluster, alice + bob)
     for job_id in bob:
-        alice_after = [j for j in order[order.index(job_id):] if j in alice]
+        alice_after = [j for j in order[order.index(job_id) :] if j in alice]
         assert len(alice_after) >= 20, order
     # Every counted subtask was settled when it finished.
     scheduler = scheduler_of(cluster)
@@ -289,7 +295,10 @@ def test_aging_lets_old_batch_work_through(cluster_factory: Callable[..., Cluste
     assert backlog_jobs(cluster) == [old_batch, interactive, young_batch]
     cancel(cluster, blocker)
     assert start_order(cluster, [filler, old_batch, young_batch, interactive]) == [
-        filler, old_batch, interactive, young_batch,
+        filler,
+        old_batch,
+        interactive,
+        young_batch,
     ]
 
 
@@ -303,7 +312,7 @@ def test_a_deadline_job_jumps_ahead(cluster_factory: Callable[..., Cluster]) -> 
     backlog = backlog_jobs(cluster)
     assert backlog[0] == near and backlog[-1] == far
     cancel(cluster, blocker)
-    order = start_order(cluster, batch + [far, near])
+    order = start_order(cluster, [*batch, far, near])
     assert order.index(near) <= 1 and order[-1] == far, order
 
 
@@ -371,7 +380,9 @@ def test_only_the_lease_holder_runs_the_release_loop(cluster_factory: Callable[.
         cluster.start_node("n1", classes="cpu")
         cluster.wait_nodes_ready("n1")
         # A retry waits in the delayed set, which only the release loop drains.
-        retrying = sleep_body(0.05, step={"args": {"seconds": 0.05, "fail_times": 1}, "retries": 1, "retry_backoff": 0.1})
+        retrying = sleep_body(
+            0.05, step={"args": {"seconds": 0.05, "fail_times": 1}, "retries": 1, "retry_backoff": 0.1}
+        )
         headers = {"Authorization": "Bearer alice-token"}
         ids = []
         for base in (cluster.url, url_b) * 2:
@@ -423,7 +434,9 @@ def _healthy(url: str) -> bool:
 def test_an_admin_changes_weights_over_http_and_bad_values_name_the_weight(router_only: Cluster) -> None:
     scheduler = scheduler_of(router_only)
     with router_only.client() as http:
-        changed = http.put("/v1/scheduler/weights", json={"weights": {"batch_min_share": 0.2}, "reason": "nightly batch"})
+        changed = http.put(
+            "/v1/scheduler/weights", json={"weights": {"batch_min_share": 0.2}, "reason": "nightly batch"}
+        )
         assert changed.status_code == 200, changed.text
         assert changed.json()["weights"]["batch_min_share"] == 0.2
         shown = http.get("/v1/scheduler").json()

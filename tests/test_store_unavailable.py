@@ -35,9 +35,7 @@ def _assert_store_unavailable(response: httpx.Response) -> None:
     assert "Traceback" not in response.text and "redis.exceptions" not in response.text
 
 
-def test_api_answers_503_while_redis_is_down_and_recovers(
-    router_only: Cluster, redis_server: RedisServer
-) -> None:
+def test_api_answers_503_while_redis_is_down_and_recovers(router_only: Cluster, redis_server: RedisServer) -> None:
     with router_only.client() as http:
         before = http.post("/v1/jobs", json=JOB)
         assert before.status_code == 201, before.text

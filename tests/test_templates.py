@@ -112,7 +112,11 @@ def test_substitution_keeps_types_and_is_deep(tmp_path: Path) -> None:
     step["args"]["nested"]["obj"]["k"] = "changed"
     assert catalog.expand("params", {"s": "x"})[0]["args"]["nested"]["obj"] == {"k": "v"}
 
-    for inputs, field in [({"s": "x", "i": 1.5}, "inputs.i"), ({"s": "x", "b": 1}, "inputs.b"), ({"s": "x", "n": True}, "inputs.n")]:
+    for inputs, field in [
+        ({"s": "x", "i": 1.5}, "inputs.i"),
+        ({"s": "x", "b": 1}, "inputs.b"),
+        ({"s": "x", "n": True}, "inputs.n"),
+    ]:
         with pytest.raises(TemplateError) as info:
             catalog.expand("params", inputs)
         assert info.value.field == field
@@ -126,14 +130,23 @@ def test_bad_template_files_are_recorded(tmp_path: Path) -> None:
     write(wf, "badtype.yaml", "name: badtype\ninputs: {x: {type: str}}\nsteps:\n  - {id: a}\n")
     write(wf, "dupid.yaml", "name: dupid\nsteps:\n  - {id: a}\n  - {id: a}\n")
     write(wf, "other.yaml", "name: misnamed\nsteps:\n  - {id: a}\n")
-    write(wf, "baddefault.yaml", "name: baddefault\ninputs: {x: {type: integer, default: 'one'}}\nsteps:\n  - {id: a}\n")
+    write(
+        wf, "baddefault.yaml", "name: baddefault\ninputs: {x: {type: integer, default: 'one'}}\nsteps:\n  - {id: a}\n"
+    )
     write(tmp_path / "second" / "workflows", "good.yaml", "name: good\nsteps:\n  - {id: b}\n")
 
     catalog = TemplateCatalog.load([tmp_path, tmp_path / "second", tmp_path / "no-such-dir"])
     assert catalog.names() == ["good"]
     assert catalog.expand("good", {})[0]["id"] == "a"  # the first dir wins
     by_file = {Path(e.file).name: e for e in catalog.errors if Path(e.file).parent == wf}
-    assert set(by_file) == {"broken.yaml", "undeclared.yaml", "badtype.yaml", "dupid.yaml", "other.yaml", "baddefault.yaml"}
+    assert set(by_file) == {
+        "broken.yaml",
+        "undeclared.yaml",
+        "badtype.yaml",
+        "dupid.yaml",
+        "other.yaml",
+        "baddefault.yaml",
+    }
     assert by_file["broken.yaml"].field == "(yaml)"
     assert "who" in by_file["undeclared.yaml"].reason
     assert by_file["badtype.yaml"].field == "inputs.x.type"

@@ -34,8 +34,10 @@ HANG = 0  # a scripted status meaning: hold the request until released
 
 
 def quick_job(callback_url: str) -> dict[str, Any]:
-    return {"steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x y"}}],
-            "callback_url": callback_url}
+    return {
+        "steps": [{"id": "a", "plugin": "text", "action": "count", "args": {"text": "x y"}}],
+        "callback_url": callback_url,
+    }
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver.lock:
                     script = receiver.scripts.get(self.path, [(200, {})])
@@ -102,7 +104,8 @@ class Stack:
 
     def wait_record(self, job_id: str, state: str, timeout: float = 30) -> dict[str, str]:
         return wait_until(
-            lambda: (r := self.record(job_id)).get("state") == state and r, timeout,
+            lambda: (r := self.record(job_id)).get("state") == state and r,
+            timeout,
             what=f"webhook of {job_id} {state}; router: {self.cluster.log_tail('router', 1500)}",
         )
 
@@ -210,7 +213,7 @@ def test_hanging_receivers_of_one_tenant_do_not_delay_another(stack: Stack) -> N
     receiver = stack.receiver
     with contextlib.ExitStack() as servers:
         dead = [servers.enter_context(serving(receiver.handler())) for _ in range(3)]
-        for i, base in enumerate(dead):
+        for i, _base in enumerate(dead):
             receiver.scripts[f"/dead{i}"] = [(HANG, {})]
         alice_jobs = [
             stack.cluster.submit(quick_job(f"{base}/dead{i}"), token="alice-token") for i, base in enumerate(dead)
@@ -274,8 +277,10 @@ def test_router_killed_during_backoff_delivers_exactly_once_after_restart(stack:
 def test_loopback_is_refused_at_submit_and_at_delivery_without_the_allowance(stack: Stack) -> None:
     cluster = stack.cluster
     # Accepted while loopback is allowed; the job waits (a long step) so it ends after the policy changes.
-    slow = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 60}}],
-            "callback_url": f"{stack.url}/late"}
+    slow = {
+        "steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 60}}],
+        "callback_url": f"{stack.url}/late",
+    }
     job = cluster.submit(slow, token="alice-token")
     cluster.stop_router()
     for name in ALLOW_LOOPBACK:
@@ -283,8 +288,14 @@ def test_loopback_is_refused_at_submit_and_at_delivery_without_the_allowance(sta
             cluster.env_overrides.pop(name)
     cluster.start_router()
 
-    targets = [f"{stack.url}/x", "http://localhost/x", "http://[::1]/x", "http://2130706433/x",
-               "http://0x7f.1/x", "http://169.254.169.254/latest/meta-data/"]
+    targets = [
+        f"{stack.url}/x",
+        "http://localhost/x",
+        "http://[::1]/x",
+        "http://2130706433/x",
+        "http://0x7f.1/x",
+        "http://169.254.169.254/latest/meta-data/",
+    ]
     with cluster.client("alice-token") as http:
         for url in targets:
             answer = http.post("/v1/jobs", json=quick_job(url))

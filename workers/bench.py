@@ -108,7 +108,10 @@ def measure(request: BenchInput) -> NodeBench:
         except Exception as exc:
             errors[spec.name] = f"{type(exc).__name__}: {exc}"[:300]
     return NodeBench(
-        cpu_score=score, tokens_per_s=speeds, errors=errors, measured_at=time.time(),
+        cpu_score=score,
+        tokens_per_s=speeds,
+        errors=errors,
+        measured_at=time.time(),
         seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -166,16 +169,25 @@ class NodeBenchmark:
             if result is None:
                 # The figures measured before stay; the error says why they were not renewed.
                 before = self.last or NodeBench(measured_at=0.0, seconds=0.0)
-                result = before.model_copy(update={
-                    "errors": {**before.errors, "bench": failure}, "measured_at": time.time(),
-                    "seconds": round(time.perf_counter() - started, 3),
-                })
+                result = before.model_copy(
+                    update={
+                        "errors": {**before.errors, "bench": failure},
+                        "measured_at": time.time(),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                )
             result = result.model_copy(update={"request": number})
             self.last = result
-            log.info("node benchmark", extra={
-                "cpu_score": result.cpu_score, "tokens_per_s": result.tokens_per_s,
-                "errors": result.errors, "seconds": result.seconds, "request": number,
-            })
+            log.info(
+                "node benchmark",
+                extra={
+                    "cpu_score": result.cpu_score,
+                    "tokens_per_s": result.tokens_per_s,
+                    "errors": result.errors,
+                    "seconds": result.seconds,
+                    "request": number,
+                },
+            )
             with self._lock:
                 self._done = max(self._done, number)
 
@@ -188,17 +200,25 @@ class NodeBenchmark:
         ).model_dump_json()
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "workers.bench"], input=payload.encode(), capture_output=True,
-                timeout=timeout, env=dict(os.environ), check=False,
+                [sys.executable, "-m", "workers.bench"],
+                input=payload.encode(),
+                capture_output=True,
+                timeout=timeout,
+                env=dict(os.environ),
+                check=False,
             )
         except subprocess.TimeoutExpired:
             return None, f"took longer than {timeout:g}s (EDGEFLEET_NODE_BENCH_TIMEOUT)"
         except OSError as exc:
             return None, f"did not start: {exc}"
         if done.returncode != 0:
-            log.warning("node benchmark failed", extra={
-                "code": done.returncode, "stderr": done.stderr.decode(errors="replace")[-2000:],
-            })
+            log.warning(
+                "node benchmark failed",
+                extra={
+                    "code": done.returncode,
+                    "stderr": done.stderr.decode(errors="replace")[-2000:],
+                },
+            )
             return None, f"exited with code {done.returncode} (see the node's log)"
         try:
             return NodeBench.model_validate_json(done.stdout.decode(errors="replace").strip().splitlines()[-1]), ""

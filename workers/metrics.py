@@ -72,12 +72,17 @@ class WorkerMetrics:
             **kwargs,
         )
         self.failures = Counter(
-            metric_names.SUBTASK_FAILURES, "failed subtask attempts by reason",
-            ["plugin", "resource_class", "reason"], **kwargs,
+            metric_names.SUBTASK_FAILURES,
+            "failed subtask attempts by reason",
+            ["plugin", "resource_class", "reason"],
+            **kwargs,
         )
         self.in_flight = Gauge(
-            metric_names.IN_FLIGHT, "subtasks running on this node", ["resource_class"],
-            multiprocess_mode="livesum", **kwargs,
+            metric_names.IN_FLIGHT,
+            "subtasks running on this node",
+            ["resource_class"],
+            multiprocess_mode="livesum",
+            **kwargs,
         )
         self.retries = Counter(
             metric_names.RETRIES, "attempts after a subtask's first", ["plugin", "resource_class"], **kwargs
@@ -97,7 +102,9 @@ class WorkerMetrics:
             **kwargs,
         )
         # celery-exporter compatible
-        self.celery_received = Counter(metric_names.CELERY_TASK_RECEIVED, "tasks received", ["name", "hostname"], **kwargs)
+        self.celery_received = Counter(
+            metric_names.CELERY_TASK_RECEIVED, "tasks received", ["name", "hostname"], **kwargs
+        )
         self.celery_started = Counter(metric_names.CELERY_TASK_STARTED, "tasks started", ["name", "hostname"], **kwargs)
         self.celery_succeeded = Counter(
             metric_names.CELERY_TASK_SUCCEEDED, "tasks succeeded", ["name", "hostname"], **kwargs
@@ -188,7 +195,7 @@ class NodeCollector(Collector):
         mem_avail.add_metric([node], vm.available)
         load = GaugeMetricFamily(metric_names.NODE_LOAD, "load average", labels=["node", "period"])
         try:
-            for period, value in zip(("1m", "5m", "15m"), os.getloadavg()):
+            for period, value in zip(("1m", "5m", "15m"), os.getloadavg(), strict=True):
                 load.add_metric([node, period], value)
         except OSError:
             pass

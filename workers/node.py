@@ -61,7 +61,7 @@ def _models_available(settings: Settings) -> list[str]:
     return ModelPool(config, settings).available()
 
 
-def express_workers(classes: list[ResourceClass], settings: Settings) -> list["_ClassWorker"]:
+def express_workers(classes: list[ResourceClass], settings: Settings) -> list[_ClassWorker]:
     """The express lane: per cpu and io class, `express_slots` slots that take only interactive
     work, so it never waits behind batch work for a slot. None for gpu, whose memory is the limit."""
     if settings.express_slots <= 0:
@@ -97,8 +97,7 @@ class NodeSupervisor:
         for name in self.catalog.names():
             unmet = self.catalog.unmet_dependencies(name)
             if unmet:
-                log.warning("plugin not advertised: dependencies unmet here",
-                            extra={"plugin": name, "unmet": unmet})
+                log.warning("plugin not advertised: dependencies unmet here", extra={"plugin": name, "unmet": unmet})
         self.started_at = time.time()
         self.models_available = _models_available(settings)
         self._stop = threading.Event()
@@ -128,8 +127,11 @@ class NodeSupervisor:
         start_workspace_gc(self.settings, self.store, self._stop)  # retention of finished jobs' workspaces
         log.info(
             "node started",
-            extra={"node": self.settings.node_name, "classes": [c.value for c in self.classes],
-                   "metrics_url": self.metrics_url},
+            extra={
+                "node": self.settings.node_name,
+                "classes": [c.value for c in self.classes],
+                "metrics_url": self.metrics_url,
+            },
         )
         while not self._stop.wait(0.5):
             self._release_dead_leases()
@@ -151,7 +153,9 @@ class NodeSupervisor:
         if self.settings.broker_url:
             env["EDGEFLEET_BROKER_URL"] = self.settings.broker_url
         cmd = [
-            sys.executable, "-m", "workers.class_worker",
+            sys.executable,
+            "-m",
+            "workers.class_worker",
             f"--resource-class={worker.resource_class.value}",
             f"--pool={worker.pool}",
             f"--concurrency={worker.concurrency}",
@@ -160,8 +164,13 @@ class NodeSupervisor:
         worker.process = subprocess.Popen(cmd, env=env)
         log.info(
             "class worker started",
-            extra={"resource_class": worker.resource_class.value, "pool": worker.pool,
-                   "concurrency": worker.concurrency, "express": worker.express, "pid": worker.process.pid},
+            extra={
+                "resource_class": worker.resource_class.value,
+                "pool": worker.pool,
+                "concurrency": worker.concurrency,
+                "express": worker.express,
+                "pid": worker.process.pid,
+            },
         )
 
     def _release_dead_leases(self) -> None:
@@ -175,7 +184,7 @@ class NodeSupervisor:
         pids = sorted(self._dead_pids)
         try:
             ready = self.store.attempts.lose_processes(self.settings.node_name, pids, self.settings.max_lost_attempts)
-        except Exception as exc:  # noqa: BLE001 - Redis may be restarting; try again next round
+        except Exception as exc:
             log.warning("could not release the leases of dead processes", extra={"error": type(exc).__name__})
             return
         self._dead_pids.clear()
@@ -211,7 +220,7 @@ class NodeSupervisor:
                     worker.process.wait()
         try:
             self.store.nodes.remove_node(self.settings.node_name)
-        except Exception:  # noqa: BLE001 - the heartbeat TTL removes it anyway
+        except Exception:
             log.warning("could not remove node record")
         if self._http:
             self._http.shutdown()
@@ -251,7 +260,7 @@ class NodeSupervisor:
             try:
                 self.store.nodes.heartbeat(self.node_info(), self.settings.heartbeat_ttl)
                 self._check_bench_request()
-            except Exception as exc:  # noqa: BLE001 - Redis may be restarting; keep trying
+            except Exception as exc:
                 log.warning("heartbeat failed", extra={"error": type(exc).__name__})
             self._stop.wait(self.settings.heartbeat_interval)
 
@@ -298,7 +307,7 @@ class NodeSupervisor:
 
     # --- /metrics and /healthz --------------------------------------------------------
 
-    def node_collector(self) -> "NodeCollector":
+    def node_collector(self) -> NodeCollector:
         """The node's own gauges (CPU, memory, load, GPUs, slots, class workers up)."""
         from workers.metrics import NodeCollector
 
@@ -319,10 +328,12 @@ class NodeSupervisor:
         supervisor = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 if self.path == "/healthz":
                     alive = all(w.process is not None and w.process.poll() is None for w in supervisor._workers)
-                    body = json.dumps({"status": "ok" if alive else "degraded", "node": supervisor.settings.node_name}).encode()
+                    body = json.dumps(
+                        {"status": "ok" if alive else "degraded", "node": supervisor.settings.node_name}
+                    ).encode()
                     self._reply(200 if alive else 503, "application/json", body)
                 elif self.path == "/metrics":
                     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -347,10 +358,15 @@ class NodeSupervisor:
 
         if self.settings.worker_metrics_port < 0:
             return
-        self._http = ThreadingHTTPServer((self.settings.worker_metrics_host, self.settings.worker_metrics_port), Handler)
+        self._http = ThreadingHTTPServer(
+            (self.settings.worker_metrics_host, self.settings.worker_metrics_port), Handler
+        )
         self.metrics_port = self._http.server_address[1]
         self.metrics_url = advertised_metrics_url(
-            self.settings.worker_metrics_url, self.settings.worker_metrics_host,
-            self.settings.worker_advertise_host, self.settings.redis_url, self.metrics_port,
+            self.settings.worker_metrics_url,
+            self.settings.worker_metrics_host,
+            self.settings.worker_advertise_host,
+            self.settings.redis_url,
+            self.metrics_port,
         )
         threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()

@@ -18,7 +18,10 @@ def detect_gpus() -> list[str]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
             ).stdout
             return [line.strip() for line in out.splitlines() if line.strip()]
         except (subprocess.SubprocessError, OSError):
@@ -39,7 +42,10 @@ def gpu_usage() -> list[dict[str, float | str]]:
                 "--query-gpu=name,utilization.gpu,memory.used,memory.total",
                 "--format=csv,noheader,nounits",
             ],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
@@ -50,8 +56,12 @@ def gpu_usage() -> list[dict[str, float | str]]:
             continue
         try:
             usage.append(
-                {"name": parts[0], "utilization_percent": float(parts[1]),
-                 "memory_used_mb": float(parts[2]), "memory_total_mb": float(parts[3])}
+                {
+                    "name": parts[0],
+                    "utilization_percent": float(parts[1]),
+                    "memory_used_mb": float(parts[2]),
+                    "memory_total_mb": float(parts[3]),
+                }
             )
         except ValueError:
             continue

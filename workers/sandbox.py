@@ -27,15 +27,15 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import stat
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -67,8 +67,20 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 # What of the host's /etc a plugin sees: libraries, certificates, time zone and name
 # service configuration; never shadow, ssh keys, /etc/edgefleet or anything else.
 ETC_ENTRIES = (
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "ssl", "ca-certificates", "pki",
-    "alternatives", "mime.types", "fonts", "gai.conf", "host.conf", "protocols", "services",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "ssl",
+    "ca-certificates",
+    "pki",
+    "alternatives",
+    "mime.types",
+    "fonts",
+    "gai.conf",
+    "host.conf",
+    "protocols",
+    "services",
 )
 ETC_WITH_NETWORK = ("resolv.conf",)
 # What a scrubbed environment keeps: enough for Python, locale and tools to work.
@@ -217,7 +229,7 @@ class PluginImage:
     entry_point: str
     permissions: tuple[Permission, ...]
     limits: Limits
-    grants: PathGrants = PathGrants((), (), ())
+    grants: PathGrants = field(default_factory=lambda: PathGrants((), (), ()))
     uid: int | None = None
     max_output_bytes: int = 1024 * 1024
     landlock: bool = False
@@ -278,8 +290,13 @@ class SandboxView:
         if image.networked:
             etc += [Path("/etc") / name for name in ETC_WITH_NETWORK]
         read = [
-            *(Path(d) for d in SYSTEM_DIRS), *etc, *_python_roots(), *_code_packages(),
-            image.folder.resolve(), *readable, *image.grants.read,
+            *(Path(d) for d in SYSTEM_DIRS),
+            *etc,
+            *_python_roots(),
+            *_code_packages(),
+            image.folder.resolve(),
+            *readable,
+            *image.grants.read,
         ]
         visible = [*read, *_code_roots()]
         protected = image.grants.protected
@@ -407,8 +424,15 @@ def bwrap_command(
     """The namespace view (see SandboxView): no user namespace when we are root, so the launcher
     itself can drop to its uid; every capability but setuid/setgid dropped for that step."""
     perms = set(image.permissions)
-    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-uts",
-           "--unshare-cgroup-try"]
+    cmd = [
+        bwrap,
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
     if os.geteuid() != 0:
         cmd.append("--unshare-user")
     # Always a network namespace of its own; with `network`, slirp4netns connects it to the
@@ -441,7 +465,7 @@ def bwrap_command(
         for name in names:
             cmd += ["--ro-bind", str(generated / name), f"/etc/{name}"]
     if Permission.gpu_access in perms:
-        for device in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri")]:
+        for device in [*sorted(Path("/dev").glob("nvidia*")), Path("/dev/dri")]:
             if device.exists():
                 cmd += ["--dev-bind", str(device), str(device)]
     cmd += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
@@ -783,7 +807,11 @@ class SandboxedRun:
         if name == "SIGXCPU" or (name == "SIGKILL" and self._cpu >= limits.cpu_seconds):
             return "failed", f"sandboxed plugin exceeded its CPU time limit ({limits.cpu_seconds} s){suffix}", False
         if name == "SIGXFSZ":
-            return "failed", f"sandboxed plugin wrote a file over its size limit ({limits.max_file_mb} MB){suffix}", False
+            return (
+                "failed",
+                f"sandboxed plugin wrote a file over its size limit ({limits.max_file_mb} MB){suffix}",
+                False,
+            )
         if name == "SIGKILL":
             return "lost", f"sandboxed plugin was killed from outside (not by one of its limits){suffix}", True
         return "failed", f"sandboxed plugin died of {name}{suffix}", True

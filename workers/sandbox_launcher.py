@@ -22,9 +22,9 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
-from collections.abc import Callable
 
 from workers import sandbox_protocol as protocol
 
@@ -196,7 +196,7 @@ def main() -> None:
     setup_error = ""
     try:
         function = _prepare(image)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the subtask
+    except BaseException as exc:
         setup_error = f"{type(exc).__name__}: {exc}"
     line = sys.stdin.readline()
     if not line:
@@ -243,7 +243,7 @@ def main() -> None:
                 f"output is {size // 1024} KiB, over the {int(image['max_output_bytes']) // 1024} KiB limit; "
                 "write large results to files in the workspace and return their names"
             )
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes the subtask's error
+    except BaseException as exc:
         import traceback
 
         from edgefleet.plugin_context import SubtaskCancelled

@@ -75,7 +75,7 @@ _CLONE_NEWNET = 0x40000000
 # the namespace's owning user namespace, where it has every capability, then keep
 # CAP_NET_ADMIN across exec as an ambient capability (exec drops a non-root uid's
 # capabilities otherwise) and run `ip -batch -` on the routes from stdin.
-_ENTER_AND_EXEC = """
+_ENTER_AND_EXEC = f"""
 import ctypes, os, sys
 ip, user_fd, net_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -83,8 +83,8 @@ def ok(result):
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-ok(libc.setns(user_fd, %d))
-ok(libc.setns(net_fd, %d))
+ok(libc.setns(user_fd, {_CLONE_NEWUSER}))
+ok(libc.setns(net_fd, {_CLONE_NEWNET}))
 header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
 data = (ctypes.c_uint32 * 6)()
 ok(libc.capget(header, data))
@@ -94,7 +94,7 @@ ok(libc.prctl(47, 2, 12, 0, 0))  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET
 os.close(user_fd)
 os.close(net_fd)
 os.execv(ip, [ip, "-batch", "-"])
-""" % (_CLONE_NEWUSER, _CLONE_NEWNET)
+"""
 
 
 class SandboxNetworkError(RuntimeError):
@@ -260,7 +260,7 @@ class SandboxNetwork:
         ready_r, ready_w = os.pipe()
         # slirp4netns exits when this pipe's write end closes: with close(), or when this process dies.
         exit_r, exit_w = os.pipe()
-        stderr = tempfile.TemporaryFile(prefix="slirp4netns-")
+        stderr = tempfile.TemporaryFile(prefix="slirp4netns-")  # noqa: SIM115 - kept for slirp's lifetime
         cmd = [slirp, "--disable-host-loopback", "--mtu", str(MTU), "--ready-fd", str(ready_w)]
         cmd += ["--exit-fd", str(exit_r), "--enable-seccomp"]
         fds = [ready_w, exit_r, net_fd]
@@ -342,7 +342,9 @@ def _run_ip_batch(ip: str, net_fd: int, user_fd: int | None, batch: str, timeout
     except subprocess.TimeoutExpired as exc:
         raise SandboxNetworkError(f"configuring the sandbox's routes took over {timeout}s") from exc
     if done.returncode != 0:
-        raise SandboxNetworkError(f"configuring the sandbox's routes failed: {done.stderr.decode(errors='replace')[-2000:].strip()}")
+        raise SandboxNetworkError(
+            f"configuring the sandbox's routes failed: {done.stderr.decode(errors='replace')[-2000:].strip()}"
+        )
 
 
 def _any_python() -> str:

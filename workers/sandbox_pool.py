@@ -58,7 +58,12 @@ class WarmLaunchers:
         """A launcher started now for a subtask whose workspace and inputs are known."""
         isolation = self.policy.isolation(image) if self.policy else None
         return LauncherProcess(
-            image, bwrap=self.bwrap, home=home, readable=readable, isolation=isolation, etc_root=self.workspace_root / ETC_DIR
+            image,
+            bwrap=self.bwrap,
+            home=home,
+            readable=readable,
+            isolation=isolation,
+            etc_root=self.workspace_root / ETC_DIR,
         )
 
     def _confined(self, image: PluginImage) -> bool:

@@ -43,8 +43,11 @@ def sweep_workspaces(root: Path, store: JobStore, retention: float, now: float |
     now = time.time() if now is None else now
     slot_root = (root / SLOT_DIR).resolve()
     old = [
-        entry for entry in root.iterdir()
-        if JOB_DIR.fullmatch(entry.name) and not entry.is_symlink() and entry.is_dir()
+        entry
+        for entry in root.iterdir()
+        if JOB_DIR.fullmatch(entry.name)
+        and not entry.is_symlink()
+        and entry.is_dir()
         and now - entry.stat().st_mtime >= retention
     ]
     if not old:
@@ -71,7 +74,7 @@ def start_workspace_gc(settings: Settings, store: JobStore, stop: threading.Even
         while not stop.wait(settings.gc_interval):
             try:
                 removed = sweep_workspaces(settings.effective_workspace_dir, store, settings.job_retention)
-            except Exception:  # noqa: BLE001 - Redis may be restarting; the next turn retries
+            except Exception:
                 log.warning("workspace sweep failed; retrying", exc_info=True)
                 continue
             if removed:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -17,11 +17,11 @@ if TYPE_CHECKING:
     from edgefleet.client import Client
 
 UrlOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--url", help="router URL (env: EDGEFLEET_ROUTER_URL)", show_default=False),
 ]
 TokenOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--token", help="bearer token (env: EDGEFLEET_TOKEN; default: <data dir>/token)", show_default=False),
 ]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -20,9 +20,12 @@ plugins_app = typer.Typer(
 )
 
 DirsArgument = Annotated[
-    Optional[list[Path]],
-    typer.Argument(metavar="[DIR...]", help="extra plugin folders, after the built-in one and settings' plugin_dirs",
-                   show_default=False),
+    list[Path] | None,
+    typer.Argument(
+        metavar="[DIR...]",
+        help="extra plugin folders, after the built-in one and settings' plugin_dirs",
+        show_default=False,
+    ),
 ]
 
 
@@ -111,12 +114,18 @@ def plugins_list(
     for column in ("name", "version", "class", "permissions", "actions", "status"):
         table.add_column(column, overflow="fold")
     for entry in rows:
-        status_text = "[green]ok[/green]" if entry["status"] == "ok" else (
-            "[yellow]unmet deps here:[/yellow] " + escape("; ".join(entry["unmet_dependencies"]))
+        status_text = (
+            "[green]ok[/green]"
+            if entry["status"] == "ok"
+            else ("[yellow]unmet deps here:[/yellow] " + escape("; ".join(entry["unmet_dependencies"])))
         )
         table.add_row(
-            escape(entry["name"]), escape(entry["version"]), entry["resource_class"],
-            escape(", ".join(entry["permissions"]) or "-"), escape(", ".join(entry["actions"])), status_text,
+            escape(entry["name"]),
+            escape(entry["version"]),
+            entry["resource_class"],
+            escape(", ".join(entry["permissions"]) or "-"),
+            escape(", ".join(entry["actions"])),
+            status_text,
         )
     console.print(table)
     for error in catalog.errors:
@@ -181,8 +190,11 @@ def _template_step_problems(templates: Any, catalog: Any, dirs: list[Path]) -> l
             plugin = catalog.get(plugin_name)
             if plugin is None:
                 why = catalog.rejected.get(plugin_name)
-                reason = f"plugin {plugin_name!r} was rejected ({why.field}: {why.reason})" if why else (
-                    f"unknown plugin {plugin_name!r}")
+                reason = (
+                    f"plugin {plugin_name!r} was rejected ({why.field}: {why.reason})"
+                    if why
+                    else (f"unknown plugin {plugin_name!r}")
+                )
                 out.append(f"{where}: steps.{i}.plugin: {' '.join(reason.split())}")
             elif isinstance(action, str) and "${" not in action and action not in plugin.manifest.actions:
                 known = ", ".join(sorted(plugin.manifest.actions))
@@ -193,9 +205,7 @@ def _template_step_problems(templates: Any, catalog: Any, dirs: list[Path]) -> l
 @plugins_app.command("new")
 def plugins_new(
     name: Annotated[str, typer.Argument(metavar="NAME", help="the plugin name: lowercase letters, digits, '_'")],
-    directory: Annotated[
-        Path, typer.Option("--dir", help="the plugin folder to create it in")
-    ] = Path("plugins"),
+    directory: Annotated[Path, typer.Option("--dir", help="the plugin folder to create it in")] = Path("plugins"),
     resource_class: Annotated[
         str, typer.Option("--resource-class", help="cpu, gpu or io: the queue that runs it")
     ] = "cpu",
@@ -245,9 +255,12 @@ def _remote_plugins(as_json: bool, url: str | None, token: str | None) -> None:
         table.add_column(column, overflow="fold")
     for plugin in data.get("plugins", []):
         table.add_row(
-            escape(plugin["name"]), escape(str(plugin.get("version", ""))), plugin.get("resource_class", ""),
+            escape(plugin["name"]),
+            escape(str(plugin.get("version", ""))),
+            plugin.get("resource_class", ""),
             escape(", ".join(plugin.get("permissions", [])) or "-"),
-            escape(", ".join(plugin.get("actions", {}))), escape(", ".join(plugin.get("nodes", [])) or "-"),
+            escape(", ".join(plugin.get("actions", {}))),
+            escape(", ".join(plugin.get("nodes", [])) or "-"),
             escape(plugin.get("description", "")),
         )
     console.print(table)
@@ -265,5 +278,9 @@ def _remote_plugins(as_json: bool, url: str | None, token: str | None) -> None:
         console.print(ttable)
     for problem in data.get("errors", []):
         # A dict (file, field, reason) from this router; a plain string from an older one.
-        text = problem if isinstance(problem, str) else f"{problem.get('file')}: {problem.get('field')}: {problem.get('reason')}"
+        text = (
+            problem
+            if isinstance(problem, str)
+            else f"{problem.get('file')}: {problem.get('field')}: {problem.get('reason')}"
+        )
         console.print(f"[yellow]not loaded:[/yellow] {escape(text)}")

@@ -105,7 +105,12 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, log_dir: Pa
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - closed when the child is stopped
     proc = subprocess.Popen(
-        cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        cwd=str(cwd), **popen_kwargs(),
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=str(cwd),
+        **popen_kwargs(),
     )
     return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)

@@ -67,7 +67,7 @@ class Completion:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Completion":
+    def from_dict(cls, data: Mapping[str, Any]) -> Completion:
         values = dict(data)
         values["fallbacks"] = [Attempt(**a) for a in values.get("fallbacks") or []]
         return cls(**values)
@@ -175,7 +175,9 @@ class LlamaCppBackend:
         try:
             import llama_cpp
         except ImportError as exc:
-            raise ModelMissing(name, f"llama-cpp-python is not installed ({exc}); see deploy/install_llama.sh") from None
+            raise ModelMissing(
+                name, f"llama-cpp-python is not installed ({exc}); see deploy/install_llama.sh"
+            ) from None
         started = time.perf_counter()
         kwargs: dict[str, Any] = {
             "model_path": str(self._path),
@@ -322,9 +324,7 @@ class OpenAIBackend:
         if env is None:
             return "none"
         if env not in os.environ:
-            raise ModelConfigError(
-                self.spec.name, f"environment variable {env} (its api_key_env) is not set"
-            )
+            raise ModelConfigError(self.spec.name, f"environment variable {env} (its api_key_env) is not set")
         return os.environ[env] or "none"
 
     @property
@@ -423,7 +423,9 @@ class OpenAIBackend:
         except openai.APIConnectionError as exc:
             raise ModelConnectionError(name, f"cannot reach {self.spec.base_url}: {exc}") from exc
         except openai.APIStatusError as exc:
-            raise ModelCallError(name, f"HTTP {exc.status_code} from {self.spec.base_url}: {_short(exc.message)}") from exc
+            raise ModelCallError(
+                name, f"HTTP {exc.status_code} from {self.spec.base_url}: {_short(exc.message)}"
+            ) from exc
         except openai.OpenAIError as exc:
             raise ModelCallError(name, f"{type(exc).__name__}: {_short(str(exc))}") from exc
         finally:

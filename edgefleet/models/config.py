@@ -63,7 +63,7 @@ def resolve_model_path(path: str) -> Path | None:
     Returns None when the package is not installed. The file itself may still be missing.
     """
     if path.startswith(PACKAGE_PREFIX):
-        rest = path[len(PACKAGE_PREFIX):]
+        rest = path[len(PACKAGE_PREFIX) :]
         package, _, relative = rest.partition("/")
         if not package or not relative:
             return None
@@ -74,7 +74,7 @@ def resolve_model_path(path: str) -> Path | None:
         if spec is None:
             return None
         if spec.submodule_search_locations:
-            base = Path(list(spec.submodule_search_locations)[0])
+            base = Path(next(iter(spec.submodule_search_locations)))
         elif spec.origin:
             base = Path(spec.origin).parent
         else:
@@ -118,7 +118,7 @@ class ModelSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_backend_fields(self) -> "ModelSpec":
+    def _check_backend_fields(self) -> ModelSpec:
         if self.backend == "llama_cpp":
             if not self.path:
                 raise FieldError("path", "required when backend is 'llama_cpp'")
@@ -201,7 +201,7 @@ class ModelsConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check_references(self) -> "ModelsConfig":
+    def _check_references(self) -> ModelsConfig:
         for key, spec in self.models.items():
             if not NAME_RE.match(key):
                 raise FieldError(f"models.{key}", "a model name uses letters, digits and _ . : -")
@@ -226,7 +226,7 @@ class ModelsConfig(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, data: Any, *, source: str | None = None) -> "ModelsConfig":
+    def parse(cls, data: Any, *, source: str | None = None) -> ModelsConfig:
         """Validate `data`; raise `ModelsConfigError` whose lines start with the field's dotted path."""
         if data is None:
             data = {}
@@ -255,7 +255,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
             loc.append(cause.field)
             message = cause.message
         elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         lines.append(f"{'.'.join(loc) or '(top level)'}: {message}")
     return lines
 
@@ -300,7 +300,7 @@ def load_models_file(path: Path | str) -> ModelsConfig:
     return ModelsConfig.parse(data, source=source)
 
 
-def load_models_config(settings: "Settings") -> ModelsConfig:
+def load_models_config(settings: Settings) -> ModelsConfig:
     """The registry for this process: `settings.models_file` when set, else the built-in default."""
     models_file = getattr(settings, "models_file", None)
     if models_file:

@@ -109,9 +109,7 @@ class NoModelAvailable(ModelUnavailable):
         self.task_type = task_type
         self.attempts = list(attempts)
         if self.attempts:
-            tried = "; ".join(
-                f"{a.model}: {a.reason}" + (f" ({a.detail})" if a.detail else "") for a in self.attempts
-            )
+            tried = "; ".join(f"{a.model}: {a.reason}" + (f" ({a.detail})" if a.detail else "") for a in self.attempts)
         else:
             tried = "nothing tried"
         super().__init__(f"no model available for task type {task_type!r}: {tried}")

@@ -6,7 +6,7 @@ prefork children in prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from edgefleet.models.backends import Completion
 from edgefleet.models.errors import Attempt
@@ -49,7 +49,11 @@ class ModelMetrics:
             MODEL_LATENCY, "wall time of successful model calls", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
         )
         self.first_token = Histogram(
-            MODEL_FIRST_TOKEN, "time to the first streamed token", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
+            MODEL_FIRST_TOKEN,
+            "time to the first streamed token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.tokens_in = Counter(MODEL_TOKENS_IN, "prompt tokens", ["model"], registry=registry)
         self.tokens_out = Counter(MODEL_TOKENS_OUT, "generated tokens", ["model"], registry=registry)

@@ -166,9 +166,7 @@ class ModelRouter:
         messages = validate_messages(messages)  # a bad request is the caller's error, never a fallback
         chain = self.route(task_type)
         if not chain:
-            raise NoModelAvailable(
-                task_type, [Attempt("", REASON_NO_ROUTE, f"task type {task_type!r} has no route")]
-            )
+            raise NoModelAvailable(task_type, [Attempt("", REASON_NO_ROUTE, f"task type {task_type!r} has no route")])
         attempts: list[Attempt] = []
         for model in chain:
             skipped = self._admit(model)

@@ -35,7 +35,7 @@ class ModelPool:
     def __init__(
         self,
         config: ModelsConfig,
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         *,
         memory_budget_bytes: int | None = None,
     ) -> None:
@@ -68,9 +68,7 @@ class ModelPool:
     def available(self) -> list[str]:
         """Models this process could serve: llama_cpp ones whose file exists, every openai one."""
         return sorted(
-            name
-            for name, spec in self.config.models.items()
-            if spec.backend == "openai" or spec.file_exists()
+            name for name, spec in self.config.models.items() if spec.backend == "openai" or spec.file_exists()
         )
 
     def memory_used(self) -> int:
@@ -118,7 +116,9 @@ class ModelPool:
         if self.memory_used() + needed > self.memory_budget_bytes:
             log.warning(
                 "model %s (%d bytes) exceeds the memory budget (%d bytes) with what is in use; loading anyway",
-                name, needed, self.memory_budget_bytes,
+                name,
+                needed,
+                self.memory_budget_bytes,
             )
 
     def _ensure_loaded(self, name: str, backend: Backend) -> float:

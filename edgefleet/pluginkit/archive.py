@@ -53,9 +53,13 @@ def unpack_tar(archive: Path, dest: Path) -> None:
             root = dest.resolve()
             for member in tar.getmembers():
                 target = (root / member.name).resolve()
-                if not target.is_relative_to(root) or member.isdev() or (
-                    (member.issym() or member.islnk())
-                    and not (target.parent / member.linkname).resolve().is_relative_to(root)
+                if (
+                    not target.is_relative_to(root)
+                    or member.isdev()
+                    or (
+                        (member.issym() or member.islnk())
+                        and not (target.parent / member.linkname).resolve().is_relative_to(root)
+                    )
                 ):
                     raise ValueError(f"archive: member {member.name!r} would land outside the tree")
             tar.extractall(dest)

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 
-def load_manifest(manifest: Path, *, producer: str, key: str = "photos", required: str = "path") -> list[dict[str, Any]]:
+def load_manifest(
+    manifest: Path, *, producer: str, key: str = "photos", required: str = "path"
+) -> list[dict[str, Any]]:
     """The `key` list of the JSON file `manifest`, each entry a dict with a `required` field.
 
     Every failure is a ValueError that names the file, and, for a file of the

@@ -32,7 +32,7 @@ def model_for(ctx: PluginContext, task: str) -> tuple[Any | None, str | None]:
     """
     try:
         return ctx.model(task), None
-    except Exception as exc:  # noqa: BLE001 - ModelUnavailable or any model-layer failure
+    except Exception as exc:
         return None, error_text(exc)
 
 

@@ -160,11 +160,19 @@ def run_in_group(
     program) is the caller's to handle.
     """
     proc = subprocess.Popen(
-        command, cwd=None if cwd is None else str(cwd), env=None if env is None else dict(env),
-        stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+        command,
+        cwd=None if cwd is None else str(cwd),
+        env=None if env is None else dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
     )
     return supervise(
-        ctx, proc, limit=limit, poll=poll,
+        ctx,
+        proc,
+        limit=limit,
+        poll=poll,
         stop=stop_group,
         on_timeout=lambda p: stop_group(p, interrupt_grace=interrupt_grace),
     )

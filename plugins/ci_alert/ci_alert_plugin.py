@@ -73,7 +73,9 @@ def webhook(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     ctx.check_cancelled()
     try:
         response = httpx.post(
-            url, json=body, timeout=min(timeout, max(0.5, ctx.time_left())),
+            url,
+            json=body,
+            timeout=min(timeout, max(0.5, ctx.time_left())),
             headers={"User-Agent": "edgefleet-ci-alert/1.0"},
         )
     except httpx.HTTPError as exc:

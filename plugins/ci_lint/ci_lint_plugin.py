@@ -55,8 +55,13 @@ class _Collector:
 
 def skipped_result(message: str) -> dict[str, Any]:
     return {
-        "skipped": True, "linter": "pyflakes", "files": 0, "issue_count": 0, "issues": [],
-        "truncated": False, "message": message,
+        "skipped": True,
+        "linter": "pyflakes",
+        "files": 0,
+        "issue_count": 0,
+        "issues": [],
+        "truncated": False,
+        "message": message,
     }
 
 
@@ -78,8 +83,10 @@ def lint(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     too_large: list[str] = []
     with open_tar(archive) as tar:
         members = [
-            m for m in tar.getmembers()
-            if m.isfile() and m.name.endswith(".py")
+            m
+            for m in tar.getmembers()
+            if m.isfile()
+            and m.name.endswith(".py")
             and not any(fnmatch.fnmatch(_clean(m.name), pattern) for pattern in excludes)
         ]
         for index, member in enumerate(members):

@@ -59,7 +59,9 @@ def render(
         return "\n".join(lines)
 
     above = threshold is not None and rate > threshold
-    verdict = "FAILING" if (tests.get("failed") or tests.get("errors") or not tests.get("completed", True)) else "PASSING"
+    verdict = (
+        "FAILING" if (tests.get("failed") or tests.get("errors") or not tests.get("completed", True)) else "PASSING"
+    )
     status = f"- Status: **{verdict}**, test failure rate **{_pct(rate)}**"
     if threshold is not None:
         status += f" ({'above' if above else 'not above'} the alert threshold {_pct(threshold)})"

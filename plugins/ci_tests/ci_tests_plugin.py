@@ -37,9 +37,21 @@ def run(ctx: PluginContext, action: str, args: dict[str, Any]) -> dict[str, Any]
 
 def skipped_result(message: str) -> dict[str, Any]:
     return {
-        "skipped": True, "ok": True, "completed": True, "passed": 0, "failed": 0, "errors": 0, "skipped_tests": 0,
-        "total": 0, "timed_out": False, "exit_code": None, "duration_s": 0.0, "log": None,
-        "junit": None, "failures": [], "message": message,
+        "skipped": True,
+        "ok": True,
+        "completed": True,
+        "passed": 0,
+        "failed": 0,
+        "errors": 0,
+        "skipped_tests": 0,
+        "total": 0,
+        "timed_out": False,
+        "exit_code": None,
+        "duration_s": 0.0,
+        "log": None,
+        "junit": None,
+        "failures": [],
+        "message": message,
     }
 
 
@@ -109,16 +121,32 @@ def run_pytest(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
 
     limit = min(timeout, max(1.0, ctx.time_left() - DEADLINE_MARGIN_S))
     command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        "--continue-on-collection-errors", f"--junitxml={junit}", "-o", "junit_family=xunit2", *extra,
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit2",
+        *extra,
     ]
     ctx.progress(0.1, f"running pytest (limit {limit:g} s)")
     started = time.monotonic()
     with log.open("wb") as out:
         # Interrupted at the limit (SIGINT, so that pytest still writes its report), then killed.
         outcome = run_in_group(
-            ctx, command, limit=limit, cwd=src, env=pytest_env(ctx, tmp),
-            stdout=out, stderr=subprocess.STDOUT, interrupt_grace=INTERRUPT_GRACE_S, poll=POLL_S,
+            ctx,
+            command,
+            limit=limit,
+            cwd=src,
+            env=pytest_env(ctx, tmp),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            interrupt_grace=INTERRUPT_GRACE_S,
+            poll=POLL_S,
         )
     duration = round(time.monotonic() - started, 3)
     timed_out = outcome.timed_out

@@ -68,19 +68,19 @@ def _get(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
         return min(timeout - (time.monotonic() - started), ctx.time_left())
 
     try:
-        with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(max(0.001, budget()))) as client:
-            with client.stream("GET", url) as response:
-                if response.status_code >= 400:
-                    raise FetchError(
-                        f"GET {url} answered HTTP {response.status_code} {response.reason_phrase}".rstrip()
-                    )
-                expected = _content_length(response)
-                if expected is not None and expected > max_bytes:
-                    raise FetchError(f"GET {url}: body of {expected} bytes exceeds max_bytes={max_bytes}")
-                received = _save_body(ctx, response, part, url, max_bytes, expected, budget)
-                status = response.status_code
-                content_type = response.headers.get("content-type", "")
-                final_url = str(response.url)
+        with (
+            httpx.Client(follow_redirects=True, timeout=httpx.Timeout(max(0.001, budget()))) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code >= 400:
+                raise FetchError(f"GET {url} answered HTTP {response.status_code} {response.reason_phrase}".rstrip())
+            expected = _content_length(response)
+            if expected is not None and expected > max_bytes:
+                raise FetchError(f"GET {url}: body of {expected} bytes exceeds max_bytes={max_bytes}")
+            received = _save_body(ctx, response, part, url, max_bytes, expected, budget)
+            status = response.status_code
+            content_type = response.headers.get("content-type", "")
+            final_url = str(response.url)
         part.replace(target)
     except httpx.TimeoutException:
         part.unlink(missing_ok=True)

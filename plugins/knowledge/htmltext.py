@@ -14,24 +14,89 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 # Elements whose whole content is not part of the readable text.
-SKIP_TAGS = frozenset({
-    "script", "style", "noscript", "template", "nav", "aside", "footer", "form", "button",
-    "select", "textarea", "svg", "math", "iframe", "object", "embed", "canvas", "dialog", "menu",
-})
+SKIP_TAGS = frozenset(
+    {
+        "script",
+        "style",
+        "noscript",
+        "template",
+        "nav",
+        "aside",
+        "footer",
+        "form",
+        "button",
+        "select",
+        "textarea",
+        "svg",
+        "math",
+        "iframe",
+        "object",
+        "embed",
+        "canvas",
+        "dialog",
+        "menu",
+    }
+)
 SKIP_ROLES = frozenset({"navigation", "complementary", "contentinfo", "search", "menu", "menubar", "dialog"})
 # Elements that start and end a block of text.
-BLOCK_TAGS = frozenset({
-    "p", "div", "section", "article", "main", "header", "blockquote", "li", "dt", "dd", "ul", "ol",
-    "dl", "table", "tr", "caption", "figure", "figcaption", "pre", "address", "details", "summary",
-    "h1", "h2", "h3", "h4", "h5", "h6", "hr", "br", "body", "html", "center",
-})
+BLOCK_TAGS = frozenset(
+    {
+        "p",
+        "div",
+        "section",
+        "article",
+        "main",
+        "header",
+        "blockquote",
+        "li",
+        "dt",
+        "dd",
+        "ul",
+        "ol",
+        "dl",
+        "table",
+        "tr",
+        "caption",
+        "figure",
+        "figcaption",
+        "pre",
+        "address",
+        "details",
+        "summary",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "br",
+        "body",
+        "html",
+        "center",
+    }
+)
 HEADING_TAGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 CELL_TAGS = frozenset({"td", "th"})
 # Void elements never get an end tag, so they must never enter the skip stack.
-VOID_TAGS = frozenset({
-    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
-    "track", "wbr",
-})
+VOID_TAGS = frozenset(
+    {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "param",
+        "source",
+        "track",
+        "wbr",
+    }
+)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.IGNORECASE)
 _HEADER_CHARSET = re.compile(r"""charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.IGNORECASE)
 
@@ -175,10 +240,10 @@ def _codec(name: str | None) -> str | None:
 def decode_body(body: bytes, content_type: str | None) -> str:
     """Decode a page: BOM, then the Content-Type charset, then <meta charset>, then UTF-8, else cp1252."""
     if body.startswith(codecs.BOM_UTF8):
-        return body[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace")
+        return body[len(codecs.BOM_UTF8) :].decode("utf-8", errors="replace")
     for bom, name in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
         if body.startswith(bom):
-            return body[len(bom):].decode(name, errors="replace")
+            return body[len(bom) :].decode(name, errors="replace")
     header = _HEADER_CHARSET.search(content_type or "")
     meta = _META_CHARSET.search(body[:4096])
     for candidate in (header.group(1) if header else None, meta.group(1).decode("ascii") if meta else None):
@@ -204,6 +269,10 @@ def looks_like_html(body: bytes, content_type: str | None) -> bool:
 def is_text_type(content_type: str | None) -> bool:
     """Whether the page is something we can extract text from (HTML, XHTML or any text/*)."""
     kind = (content_type or "").split(";", 1)[0].strip().lower()
-    return not kind or kind.startswith("text/") or "html" in kind or kind in (
-        "application/xml", "application/octet-stream"
-    ) or kind.endswith("+xml")
+    return (
+        not kind
+        or kind.startswith("text/")
+        or "html" in kind
+        or kind in ("application/xml", "application/octet-stream")
+        or kind.endswith("+xml")
+    )

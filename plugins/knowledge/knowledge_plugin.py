@@ -139,7 +139,7 @@ def summarize(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
             if model is not None and model_failures < MAX_MODEL_ERRORS:
                 try:
                     result = _model_summary(model, title, paragraphs, sentences)
-                except Exception as exc:  # noqa: BLE001 - any model error falls back
+                except Exception as exc:
                     model_failures += 1
                     model_error = error_text(exc)
             if result is not None:

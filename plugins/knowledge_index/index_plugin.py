@@ -236,8 +236,9 @@ def _apply(con: sqlite3.Connection, page: dict[str, Any], blocks: list[tuple[str
         _delete_text(con, doc_id)
         action = "updated"
     text = "\n\n".join(t for _, t in blocks)
-    con.execute("INSERT INTO documents_fts (rowid, title, text, summary) VALUES (?, ?, ?, ?)",
-                (doc_id, title, text, summary))
+    con.execute(
+        "INSERT INTO documents_fts (rowid, title, text, summary) VALUES (?, ?, ?, ?)", (doc_id, title, text, summary)
+    )
     con.executemany(
         "INSERT INTO passages (rowid, title, text) VALUES (?, ?, ?)",
         [(doc_id * PASSAGE_SLOTS + i, title, p) for i, p in enumerate(passages_of(blocks))],
@@ -247,8 +248,9 @@ def _apply(con: sqlite3.Connection, page: dict[str, Any], blocks: list[tuple[str
 
 def _delete_text(con: sqlite3.Connection, doc_id: int) -> None:
     con.execute("DELETE FROM documents_fts WHERE rowid = ?", (doc_id,))
-    con.execute("DELETE FROM passages WHERE rowid >= ? AND rowid < ?",
-                (doc_id * PASSAGE_SLOTS, (doc_id + 1) * PASSAGE_SLOTS))
+    con.execute(
+        "DELETE FROM passages WHERE rowid >= ? AND rowid < ?", (doc_id * PASSAGE_SLOTS, (doc_id + 1) * PASSAGE_SLOTS)
+    )
 
 
 def _delete(con: sqlite3.Connection, doc_id: int) -> None:

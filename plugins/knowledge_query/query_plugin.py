@@ -122,8 +122,15 @@ def ask(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
     if not 1 <= n_sentences <= 10:
         raise ValueError("'answer_sentences' must be between 1 and 10")
     result: dict[str, Any] = {
-        "question": question, "query": "", "found": False, "answer": "", "method": None,
-        "source": None, "passages": [], "documents": [], "model_error": None,
+        "question": question,
+        "query": "",
+        "found": False,
+        "answer": "",
+        "method": None,
+        "source": None,
+        "passages": [],
+        "documents": [],
+        "model_error": None,
     }
     if question is None or not str(question).strip():
         result["reason"] = "no question given"
@@ -193,9 +200,12 @@ def extractive_answer(query: str, passages: list[str], n_sentences: int) -> str:
     try:
         scratch.execute(f"CREATE VIRTUAL TABLE s USING fts5(text, tokenize='{TOKENIZER}')")
         scratch.executemany("INSERT INTO s (rowid, text) VALUES (?, ?)", enumerate(sentences))
-        ranked = [row[0] for row in scratch.execute(
-            "SELECT rowid FROM s WHERE s MATCH ? ORDER BY bm25(s), rowid LIMIT ?", (query, n_sentences)
-        )]
+        ranked = [
+            row[0]
+            for row in scratch.execute(
+                "SELECT rowid FROM s WHERE s MATCH ? ORDER BY bm25(s), rowid LIMIT ?", (query, n_sentences)
+            )
+        ]
     finally:
         scratch.close()
     if not ranked:  # the passage matched on its title only
@@ -224,5 +234,5 @@ def _model_answer(ctx: PluginContext, question: str, passages: list[dict[str, An
         if len(TOKEN_RE.findall(answer)) < 2:
             raise ValueError(f"model answered nothing usable: {answer[:80]!r}")
         return answer, None
-    except Exception as exc:  # noqa: BLE001 - any model error: fall back
+    except Exception as exc:
         return None, error_text(exc)

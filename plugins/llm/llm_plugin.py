@@ -55,7 +55,12 @@ def _summarize(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
         system="You write short, faithful summaries.",
         max_tokens=int(args.get("max_tokens", 128)),
     )
-    return {"summary": reply.text.strip(), "input_chars": len(text), "clipped": len(text) > len(clipped), **_served(reply)}
+    return {
+        "summary": reply.text.strip(),
+        "input_chars": len(text),
+        "clipped": len(text) > len(clipped),
+        **_served(reply),
+    }
 
 
 def _classify(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:

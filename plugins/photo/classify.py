@@ -45,7 +45,7 @@ def describe(path: Path, source: Path) -> dict[str, Any]:
             if img.format == "JPEG":
                 img.draft("RGB", (imaging.FEATURE_EDGE, imaging.FEATURE_EDGE))
             features = imaging.visual_features(img)
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the library
+    except Exception as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return entry
     width, height = imaging.displayed_size(stored_w, stored_h, entry["orientation"])

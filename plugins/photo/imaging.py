@@ -60,7 +60,7 @@ def read_exif(img: Image.Image) -> dict[str, Any]:
     model = _text(exif.get(TAG_MODEL))
     try:
         exif_ifd = exif.get_ifd(IFD_EXIF)
-    except Exception:  # noqa: BLE001 - a broken sub-IFD only loses the date
+    except Exception:
         exif_ifd = {}
     taken = exif_datetime(exif_ifd.get(TAG_DATETIME_ORIGINAL))
     date_source = "DateTimeOriginal" if taken else None
@@ -100,8 +100,16 @@ def colour_bucket(r: int, g: int, b: int) -> str:
     if s < 0.18:
         return "white" if v > 0.8 else "grey"
     hue = h * 360
-    for limit, name in ((15, "red"), (45, "orange"), (70, "yellow"), (165, "green"),
-                        (200, "cyan"), (260, "blue"), (290, "purple"), (340, "magenta")):
+    for limit, name in (
+        (15, "red"),
+        (45, "orange"),
+        (70, "yellow"),
+        (165, "green"),
+        (200, "cyan"),
+        (260, "blue"),
+        (290, "purple"),
+        (340, "magenta"),
+    ):
         if hue < limit:
             return name
     return "red"

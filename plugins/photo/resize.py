@@ -77,7 +77,7 @@ def resize(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
             entry: dict[str, Any] = {"index": index, "source": photo["path"]}
             try:
                 width, height = resize_one(ctx.input_path(photo["path"]), target, max_edge, quality)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 journal.add(entry)
             else:

@@ -62,7 +62,7 @@ def best_shots(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
             stop_cancelled(ctx)
         try:
             scores.append(score_image(Path(photos[i]["path"])))
-        except Exception as exc:  # noqa: BLE001 - an unreadable photo is not chosen, and is reported
+        except Exception as exc:
             scores.append({"error": f"{type(exc).__name__}: {exc}"[:500]})
         if (i + 1) % every == 0:
             save()
@@ -70,7 +70,7 @@ def best_shots(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
 
     rows = []
     errors = []
-    for photo, s in zip(photos, scores):
+    for photo, s in zip(photos, scores, strict=True):
         if "error" in s:
             errors.append({"path": photo["path"], "error": s["error"]})
             continue

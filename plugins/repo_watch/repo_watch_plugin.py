@@ -57,10 +57,14 @@ def git_command(repo: Path, *args: str) -> list[str]:
     return [
         "git",
         # The sandbox may present the repository as owned by another uid; we only read it.
-        "-c", "safe.directory=*",
-        "-c", "core.fsmonitor=false",
-        "-c", "core.hooksPath=" + os.devnull,
-        "-C", str(repo),
+        "-c",
+        "safe.directory=*",
+        "-c",
+        "core.fsmonitor=false",
+        "-c",
+        "core.hooksPath=" + os.devnull,
+        "-C",
+        str(repo),
         *args,
     ]
 
@@ -71,8 +75,14 @@ def run_git(ctx: PluginContext, repo: Path, *args: str, timeout: float = GIT_CAL
     limit = min(timeout, max(0.5, ctx.time_left()))
     try:
         outcome = run_in_group(
-            ctx, git_command(repo, *args), limit=limit, env=git_env(ctx), cwd=ctx.workspace,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, poll=POLL_S,
+            ctx,
+            git_command(repo, *args),
+            limit=limit,
+            env=git_env(ctx),
+            cwd=ctx.workspace,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            poll=POLL_S,
         )
     except FileNotFoundError:
         raise GitError("git is not installed on this node") from None
@@ -137,8 +147,14 @@ def detect(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
         span = f"{since}..{head}" if since else head
         count = int(run_git(ctx, repo, "rev-list", "--count", span).strip() or 0)
         log = run_git(
-            ctx, repo, "log", f"--max-count={max_commits}", "--no-color",
-            f"--format=%H{_FS}%an{_FS}%ae{_FS}%aI{_FS}%s{_RS}", span, "--",
+            ctx,
+            repo,
+            "log",
+            f"--max-count={max_commits}",
+            "--no-color",
+            f"--format=%H{_FS}%an{_FS}%ae{_FS}%aI{_FS}%s{_RS}",
+            span,
+            "--",
         )
         for record in log.split(_RS):
             fields = record.strip("\n").split(_FS)
@@ -178,4 +194,3 @@ def detect(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
         "archive": archive,
         "message": message,
     }
-

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterable
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgefleet.plugin_context import PluginContext
 
@@ -86,9 +86,31 @@ def _count(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
 class _TextExtractor(HTMLParser):
     """Collects the visible text of an HTML document (no script/style), block tags as line breaks."""
 
-    _BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
-              "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "title"}
-    _HIDDEN = {"script", "style", "noscript", "template"}
+    _BLOCK: ClassVar[set[str]] = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "header",
+        "footer",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "hr",
+        "title",
+    }
+    _HIDDEN: ClassVar[set[str]] = {"script", "style", "noscript", "template"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -164,4 +186,3 @@ def _transform(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
         "path": saved,
         "truncated": len(result) > MAX_RETURNED_CHARS,
     }
-

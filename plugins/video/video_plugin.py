@@ -35,7 +35,10 @@ def _encoder(ffmpeg: str) -> tuple[str, list[str]]:
     try:
         listed = subprocess.run(
             [ffmpeg, "-hide_banner", "-nostdin", "-encoders"],
-            capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         listed = ""
@@ -45,8 +48,15 @@ def _encoder(ffmpeg: str) -> tuple[str, list[str]]:
 
 
 def build_command(
-    ffmpeg: str, images: list[Path], frames_per_photo: int, fps: int, width: int, height: int,
-    codec_args: list[str], progress: Path, target: Path,
+    ffmpeg: str,
+    images: list[Path],
+    frames_per_photo: int,
+    fps: int,
+    width: int,
+    height: int,
+    codec_args: list[str],
+    progress: Path,
+    target: Path,
 ) -> list[str]:
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-progress", str(progress)]
     chains = []
@@ -61,9 +71,22 @@ def build_command(
     labels = "".join(f"[v{i}]" for i in range(len(images)))
     graph = ";".join(chains) + f";{labels}concat=n={len(images)}:v=1:a=0[out]"
     cmd += [
-        "-filter_complex", graph, "-map", "[out]", *codec_args,
-        "-r", str(fps), "-pix_fmt", "yuv420p", "-threads", "2", "-movflags", "+faststart",
-        "-f", "mp4", str(target),
+        "-filter_complex",
+        graph,
+        "-map",
+        "[out]",
+        *codec_args,
+        "-r",
+        str(fps),
+        "-pix_fmt",
+        "yuv420p",
+        "-threads",
+        "2",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        str(target),
     ]
     return cmd
 
@@ -99,10 +122,22 @@ def probe(path: Path) -> dict[str, Any]:
     ffprobe = find_binary("ffprobe")
     if ffprobe:
         result = subprocess.run(
-            [ffprobe, "-v", "error", "-select_streams", "v:0",
-             "-show_entries", "format=duration:stream=codec_name,width,height,nb_frames",
-             "-of", "json", str(path)],
-            capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False,
+            [
+                ffprobe,
+                "-v",
+                "error",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "format=duration:stream=codec_name,width,height,nb_frames",
+                "-of",
+                "json",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"ffprobe cannot read {path.name}: {result.stderr.strip()[-500:]}")
@@ -123,7 +158,10 @@ def probe(path: Path) -> dict[str, Any]:
     ffmpeg = find_binary("ffmpeg") or "ffmpeg"
     text = subprocess.run(
         [ffmpeg, "-hide_banner", "-nostdin", "-i", str(path)],
-        capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False,
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=False,
     ).stderr
     duration = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
     video = re.search(r"Video: (\w+).*?, (\d{2,5})x(\d{2,5})", text)

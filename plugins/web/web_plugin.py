@@ -117,8 +117,10 @@ def fetch_pages(ctx: PluginContext, args: dict[str, Any]) -> dict[str, Any]:
                 last_checkpoint = time.monotonic()
 
     pages = [done[url] for url in urls]
-    counts = {state: sum(1 for p in pages if p["state"] == state)
-              for state in ("fetched", "not_modified", "same_content", "failed")}
+    counts = {
+        state: sum(1 for p in pages if p["state"] == state)
+        for state in ("fetched", "not_modified", "same_content", "failed")
+    }
     if counts["failed"] == len(pages):
         reasons = "; ".join(f"{p['url']}: {p['error']}" for p in pages[:3])
         raise FetchError(f"all {len(pages)} page(s) failed: {reasons}")

@@ -56,9 +56,8 @@ def _more(ctx: Any, action: str, args: dict[str, Any]) -> dict[str, Any]:
         with open(args["path"], "rb") as f:
             return {"read": f.read(200).decode("latin-1")}
     if action == "whoami":
-        status = dict(
-            line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line
-        )
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
         return {"uid": os.getuid(), "euid": os.geteuid(), "groups": os.getgroups(), "cap_eff": status["CapEff"].strip()}
     if action == "proc_environ":
         with open(f"/proc/{args['pid']}/environ", "rb") as f:
