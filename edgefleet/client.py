@@ -14,8 +14,10 @@ a router that cannot be reached raises `RouterUnreachable`.
 from __future__ import annotations
 
 import builtins
-
+import hashlib
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
-from edgefleet.schemas import JobPage, JobState, JobStatus, NodeInfo
+from edgefleet.artifact_files import CHUNK, extract_tree, write_tree
+from edgefleet.schemas import ArtifactInfo, JobPage, JobState, JobStatus, NodeInfo
 
 if TYPE_CHECKING:
     from edgefleet.settings import Settings
@@ -121,9 +124,7 @@ def read_router_url_file(data_dir: Path) -> str | None:
     return url or None
 
 
-def resolve_connection(
-    settings: Settings, url: str | None = None, token: str | None = None
-) -> tuple[str, str | None]:
+def resolve_connection(settings: Settings, url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
     """Router URL and token: explicit values, then settings (env/YAML), then `edgefleet up`'s files."""
     if not url:
         if "router_url" in settings.model_fields_set:
@@ -211,6 +212,93 @@ class Client:
 
     def plugins(self) -> dict[str, Any]:
         return cast(dict[str, Any], self._request("GET", "/v1/plugins").json())
+
+    # --- artifacts ------------------------------------------------------------------------
+
+    def upload(
+        self, path: str | Path, name: str | None = None, on_progress: Callable[[int, int], None] | None = None
+    ) -> ArtifactInfo:
+        """POST /v1/artifacts, streamed: a file as it is, a folder as one tar (kind `tree`, unpacked
+        as a folder where a step reads it). Use the answer in args as `{"$artifact": info.id}`.
+        `on_progress(sent, total)` is called as bytes go out."""
+        source = Path(path)
+        if not source.is_dir():
+            return self._upload_file(source, name or source.name, "file", on_progress)
+        with tempfile.TemporaryDirectory(prefix="edgefleet-upload-") as staging:
+            tar = Path(staging) / "tree.tar"
+            with open(tar, "wb") as out:
+                write_tree(source, out)
+            return self._upload_file(tar, name or source.resolve().name, "tree", on_progress)
+
+    def _upload_file(
+        self, path: Path, name: str, kind: str, on_progress: Callable[[int, int], None] | None
+    ) -> ArtifactInfo:
+        total = path.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            sent = 0
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+                    if on_progress is not None:
+                        on_progress(sent, total)
+
+        response = self._request(
+            "POST",
+            "/v1/artifacts",
+            params={"name": name, "kind": kind},
+            content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(total)},
+        )
+        return ArtifactInfo.model_validate(response.json())
+
+    def artifacts(self, job_id: str) -> builtins.list[ArtifactInfo]:
+        """GET /v1/jobs/{id}/artifacts: the files the job's steps produced."""
+        return [ArtifactInfo.model_validate(a) for a in self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()]
+
+    def download(
+        self,
+        artifact_id: str,
+        dest: str | Path,
+        on_progress: Callable[[int, int], None] | None = None,
+        kind: str | None = None,
+    ) -> Path:
+        """GET /v1/artifacts/{id}, streamed to `dest` and checked against its sha256 (a mismatch
+        raises ClientError and leaves nothing at `dest`). A folder artifact (kind `tree`) is
+        unpacked into the folder `dest`. `on_progress(received, total)` as bytes arrive."""
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        partial = Path(partial_name)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    with self._http.stream("GET", f"/v1/artifacts/{artifact_id}") as response:
+                        if response.status_code >= 400:
+                            response.read()
+                            raise ApiError.from_response(response)
+                        kind = kind or response.headers.get("x-artifact-kind", "file")
+                        total = int(response.headers.get("content-length") or 0)
+                        received = 0
+                        for chunk in response.iter_bytes(CHUNK):
+                            digest.update(chunk)
+                            out.write(chunk)
+                            received += len(chunk)
+                            if on_progress is not None:
+                                on_progress(received, total)
+                except httpx.TransportError as exc:
+                    raise RouterUnreachable(self.base_url, str(exc) or type(exc).__name__) from exc
+            if digest.hexdigest() != artifact_id:
+                raise ClientError(f"artifact {artifact_id} arrived corrupt (sha256 {digest.hexdigest()})")
+            if kind == "tree":
+                extract_tree(partial, target)
+            else:
+                os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
 
     def healthz(self) -> dict[str, Any]:
         try:

@@ -57,6 +57,12 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "webhooks_due": "webhooks:due",  # z: pending delivery id -> next attempt (or end of its claim)
     "webhook": "webhook:{delivery_id}",  # h: one delivery's record
     "webhook_secret": "webhook_secret:{tenant}",  # h: a tenant's signing secret (and the previous one)
+    # artifacts (edgefleet/store/artifacts.py): files that move between boxes, by sha256
+    "artifact": "artifact:{artifact_id}",  # h: one stored blob (size, kind, name, node, created_at)
+    "artifact_holders": "artifact:{artifact_id}:holders",  # s: nodes with a local copy (original or cache)
+    "job_artifacts": "artifacts:job:{job_id}",  # h: subtask id -> JSON list of the artifacts it produced
+    "tenant_artifacts": "artifacts:tenant:{tenant}",  # z: artifact ids a tenant may use -> last use
+    "artifact_secret": "artifacts:secret",  # string: what nodes' artifact credentials are derived from
 }
 
 _LITERAL = re.compile(r"[a-z_:]*")

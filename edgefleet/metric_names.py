@@ -20,6 +20,9 @@ LIVE_NODES = "edgefleet_live_nodes"
 RELEASED = "edgefleet_subtasks_released_total"
 REQUEUED = "edgefleet_subtasks_requeued_total"
 CALLBACKS = "edgefleet_callbacks_total"
+ARTIFACT_DOWNLOADS = "edgefleet_artifact_downloads_total"  # {by}: node or client; GET /v1/artifacts/{id}
+ARTIFACT_UPLOADS = "edgefleet_artifact_uploads_total"  # {by}: node or client; stored uploads
+ARTIFACT_BYTES_SENT = "edgefleet_artifact_sent_bytes_total"
 
 # --- feedback loop ----------------------------------------------------------------------
 TARGET_DEPTH = "edgefleet_scheduler_target_depth"  # {resource_class}: what the feedback loop decided
@@ -59,4 +62,4 @@ CELERY_QUEUE_LENGTH = "celery_queue_length"  # {queue_name}
 CELERY_WORKER_UP = "celery_worker_up"  # {hostname}
 
 # kombu's Redis priority lists with sep ':' and priority_steps 0..9: `q`, `q:1` .. `q:9`.
-PRIORITY_LIST_SUFFIXES = ("",) + tuple(f":{i}" for i in range(1, 10))
+PRIORITY_LIST_SUFFIXES = ("", *tuple(f":{i}" for i in range(1, 10)))

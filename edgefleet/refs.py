@@ -1,8 +1,12 @@
-"""References from a step's args to earlier steps' outputs.
+"""References from a step's args to earlier steps' outputs, and to uploaded artifacts.
 
 Syntax: any JSON value `{"$ref": "steps.<step id>.output[.<key or index>...]"}`,
 anywhere inside `args`. A reference is replaced by that part of the referenced
 step's output when the subtask starts; referencing a step adds it to `needs`.
+
+`{"$artifact": "<id>"}` (the sha256 that `POST /v1/artifacts` answered) is replaced
+by the path of the artifact's local copy on the box that runs the step: a file, or
+for a folder (kind `tree`) a folder.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 REF_KEY = "$ref"
+ARTIFACT_KEY = "$artifact"
 
 
 class RefError(ValueError):
@@ -58,7 +63,53 @@ def find_refs(args: dict[str, Any], base: str = "args") -> list[Ref]:
 
 
 def top_level_keys_with_refs(args: dict[str, Any]) -> set[str]:
-    return {ref.field.split(".")[1] for ref in find_refs(args)}
+    """Args whose value is only known when the step starts (a `$ref` or an `$artifact` inside)."""
+    return {ref.field.split(".")[1] for ref in find_refs(args)} | {
+        field.split(".")[1] for field, _ in find_artifacts(args)
+    }
+
+
+def is_artifact(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {ARTIFACT_KEY}
+
+
+def find_artifacts(args: Any, base: str = "args") -> list[tuple[str, str]]:
+    """(field, artifact id) of every `{"$artifact": id}` inside args; a malformed one raises RefError."""
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, field: str) -> None:
+        if is_artifact(value):
+            artifact_id = value[ARTIFACT_KEY]
+            if not isinstance(artifact_id, str) or not artifact_id:
+                raise RefError(field, "$artifact must be the id (sha256) that POST /v1/artifacts answered")
+            found.append((field, artifact_id))
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{field}.{key}")
+        elif isinstance(value, list):
+            for index, inner in enumerate(value):
+                walk(inner, f"{field}.{index}")
+
+    walk(args, base)
+    return found
+
+
+def resolve_artifacts(args: dict[str, Any], local_paths: dict[str, str]) -> dict[str, Any]:
+    """A copy of args with every `{"$artifact": id}` replaced by the id's local path."""
+
+    def walk(value: Any, field: str) -> Any:
+        if is_artifact(value):
+            artifact_id = value[ARTIFACT_KEY]
+            if artifact_id not in local_paths:
+                raise RefError(field, f"artifact {artifact_id!r} is not on this box")
+            return local_paths[artifact_id]
+        if isinstance(value, dict):
+            return {k: walk(v, f"{field}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{field}.{i}") for i, v in enumerate(value)]
+        return value
+
+    return cast(dict[str, Any], walk(args, "args"))
 
 
 def _lookup(output: Any, ref: Ref) -> Any:

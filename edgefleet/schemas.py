@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
@@ -58,9 +58,7 @@ class StepSpec(_Strict):
     action: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
     needs: list[str] = Field(default_factory=list, max_length=64)
-    resource_class: ResourceClass | None = Field(
-        default=None, description="override of the plugin's resource class"
-    )
+    resource_class: ResourceClass | None = Field(default=None, description="override of the plugin's resource class")
     node: str | None = Field(default=None, description="run only on this node (its direct queue)")
     # strict: `true` or "5" for a number is a client's mistake, reported, not coerced to 1 or 5.
     timeout: float = Field(default=300.0, gt=0, le=86400, strict=True, description="seconds per attempt")
@@ -170,6 +168,22 @@ class SubtaskStatus(BaseModel):
     )
 
 
+ARTIFACT_ID_PATTERN = r"^[0-9a-f]{64}$"  # an artifact's id is the sha256 of its bytes, in hex
+
+
+class ArtifactInfo(BaseModel):
+    """A file that moves between boxes: a step's output file or folder, or a client's upload."""
+
+    id: str = Field(pattern=ARTIFACT_ID_PATTERN, description="sha256 of its bytes (a folder: of its tar)")
+    name: str = Field(description="its file (or folder) name")
+    size: int = Field(ge=0, description="bytes (a folder: of its tar)")
+    kind: Literal["file", "tree"] = Field(default="file", description="tree: a folder, stored as a tar")
+    node: str | None = Field(default=None, description="the node that produced it; null for an upload")
+    subtask: str | None = Field(default=None, description="the step that produced it; null for an upload")
+    path: str | None = Field(default=None, description="where the step wrote it, on its node")
+    created_at: float | None = None
+
+
 class JobStatus(BaseModel):
     id: str
     name: str | None = None
@@ -187,6 +201,9 @@ class JobStatus(BaseModel):
         default=None, description="when the finished job and its events are deleted; null while it runs"
     )
     subtasks: list[SubtaskStatus] = Field(default_factory=list)
+    artifacts: list[ArtifactInfo] = Field(
+        default_factory=list, description="files its steps reported in their outputs, stored when they succeeded"
+    )
 
 
 class JobSummary(BaseModel):

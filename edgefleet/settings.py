@@ -254,6 +254,25 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="seconds between the router's and each node's retention sweeps"
     )
 
+    # --- artifacts: files steps report move between boxes (workers/artifacts.py, router/api/artifacts.py) ---
+    artifact_backend: Literal["router", "s3"] = Field(
+        default="router",
+        description="where artifacts are kept: `router` (its data dir, served over its API; nodes "
+        "authenticate with a credential derived from the job store) or `s3` (any S3-compatible bucket)",
+    )
+    artifact_max_file_mb: float = Field(
+        default=2048, gt=0, description="largest single artifact (a file, or a folder's tar), MiB; over it: 413"
+    )
+    artifact_max_job_mb: float = Field(default=8192, gt=0, description="all artifacts of one job together, MiB")
+    artifact_cache_mb: float = Field(
+        default=10240, ge=0, description="a node's cache of fetched artifacts (<workspace_dir>/.artifacts), MiB"
+    )
+    # S3: credentials come from the environment as boto3 reads them (AWS_ACCESS_KEY_ID, ...).
+    artifact_s3_bucket: str | None = None
+    artifact_s3_endpoint_url: str | None = Field(default=None, description="e.g. a NAS's MinIO; unset: AWS")
+    artifact_s3_region: str | None = None
+    artifact_s3_prefix: str = Field(default="edgefleet/artifacts", description="key prefix in the bucket")
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.visibility_timeout <= self.max_subtask_timeout:

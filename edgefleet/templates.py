@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgefleet.plugin_manifest import ManifestError, read_yaml_mapping, validation_details
+from edgefleet.refs import is_artifact
 
 TEMPLATE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,127}$"
 INPUT_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -31,7 +32,8 @@ InputType = Literal["string", "number", "integer", "boolean", "object", "array"]
 def _type_matches(kind: str, value: Any) -> bool:
     # bool is an int in Python but not a number in JSON Schema terms.
     if kind == "string":
-        return isinstance(value, str)
+        # An uploaded file or folder, `{"$artifact": id}`, is a path (a string) when the step runs.
+        return isinstance(value, str) or is_artifact(value)
     if kind == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "integer":

@@ -26,6 +26,7 @@ from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from edgefleet.store.events import JobEventReader
 from edgefleet.templates import TemplateCatalog
+from router.artifact_service import ArtifactService
 from router.feedback import FeedbackLoop, start_feedback
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
@@ -56,6 +57,7 @@ class RouterServices:
     submitter: Submitter
     loops: RouterLoops
     retention: RetentionSweeper
+    artifacts: ArtifactService
     # Started last (it wraps the app's middleware), so absent until `start`.
     feedback: FeedbackLoop | None = None
 
@@ -94,10 +96,17 @@ class RouterServices:
                 store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
             ),
             loops=RouterLoops(
-                store, scheduler, dispatcher, settings, metrics.released, metrics.requeued, metrics.callbacks,
+                store,
+                scheduler,
+                dispatcher,
+                settings,
+                metrics.released,
+                metrics.requeued,
+                metrics.callbacks,
                 router_id=router_id,
             ),
             retention=RetentionSweeper(store, settings.gc_interval),
+            artifacts=ArtifactService(settings, store, metrics.registry),
         )
 
     def start(self, app: FastAPI) -> None:
@@ -105,7 +114,9 @@ class RouterServices:
         self.loops.start()
         self.retention.start()
         loops = self.loops
-        self.feedback = start_feedback(app, self.store, self.scheduler, self.settings, self.metrics, lambda: loops.leading)
+        self.feedback = start_feedback(
+            app, self.store, self.scheduler, self.settings, self.metrics, lambda: loops.leading
+        )
         log.info("router started", extra={"plugins": self.plugins.names(), "templates": self.templates.names()})
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from edgefleet.netguard import OutboundGuard
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import JobRequest, JobStatus, NodeInfo, Plan, PlanPreview, StepSpec
 from edgefleet.store import JobStore
+from router.artifact_inputs import artifact_problems
 from router.goal_planner import GoalPlan, GoalPlanError
 from router.model_access import LazyGoalPlanner
 from router.planner import PlanError, Planner, Problem, pydantic_problems
@@ -107,9 +108,16 @@ def request_hash(request: JobRequest) -> str:
 def steps_from_plan(plan: Plan) -> list[StepSpec]:
     return [
         StepSpec(
-            id=st.id, plugin=st.plugin, action=st.action, args=st.args, needs=st.needs,
-            resource_class=st.resource_class, node=st.node, timeout=st.timeout,
-            retries=st.retries, retry_backoff=st.retry_backoff,
+            id=st.id,
+            plugin=st.plugin,
+            action=st.action,
+            args=st.args,
+            needs=st.needs,
+            resource_class=st.resource_class,
+            node=st.node,
+            timeout=st.timeout,
+            retries=st.retries,
+            retry_backoff=st.retry_backoff,
         )
         for st in plan.subtasks
     ]
@@ -164,6 +172,8 @@ class Submitter:
         if idempotency_key and (existing := self.existing(tenant, idempotency_key, digest)) is not None:
             return existing
         planned = await self.plan(request)
+        if problems := artifact_problems(self.store.artifacts, planned.plan, tenant):
+            raise InvalidPlan(problems)
         if request.dry_run:
             return DryRun(planned.preview())
         return self.create(request, tenant, idempotency_key, digest, planned)

@@ -32,6 +32,7 @@ from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
+from workers.artifacts import ArtifactFailure, NodeArtifacts
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
@@ -97,6 +98,7 @@ class SubtaskRunner:
         self.max_lost = settings.max_lost_attempts
         self.patience = settings.store_outage_patience
         self.launchers = WarmLaunchers.for_settings(settings)
+        self.artifacts = NodeArtifacts(settings, store)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
@@ -109,8 +111,13 @@ class SubtaskRunner:
         def claim_once(dead_pid: int | None = None) -> Any:
             attempt.leased_at = time.monotonic()
             return self.store.attempts.claim(
-                env, node=self.node, pid=pid, lease_ttl=self.lease_ttl, dead_pid=dead_pid,
-                max_lost=self.max_lost, token=token,
+                env,
+                node=self.node,
+                pid=pid,
+                lease_ttl=self.lease_ttl,
+                dead_pid=dead_pid,
+                max_lost=self.max_lost,
+                token=token,
             )
 
         claim, _ = retry_transient(claim_once, patience=self.lease_ttl, what="claim")
@@ -129,9 +136,7 @@ class SubtaskRunner:
         started = time.monotonic()
         self.metrics.started(env, *self._queued_and_started(env))
         try:
-            outcome = self._execute(
-                env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint
-            )
+            outcome = self._execute(env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
         finally:
             self.metrics.ended(env)
         self.metrics.observe(env, outcome, time.monotonic() - started)
@@ -141,7 +146,7 @@ class SubtaskRunner:
         """The store's queued_at and started_at of this attempt, for the queue-wait metric."""
         try:
             return self.store.attempts.queued_and_started(env)
-        except Exception:  # noqa: BLE001 - a metric never fails a subtask
+        except Exception:
             return None, None
 
     def _dropped(self, env: SubtaskEnvelope, reason: str) -> str:
@@ -171,19 +176,24 @@ class SubtaskRunner:
             resolved = resolve_refs(args, outputs)
         except RefError as exc:
             return self._finish(env, pid, "failed", error=str(exc), retryable=False)
+        try:
+            # Files of other boxes (earlier steps' artifacts, `$artifact`s) as local copies first.
+            resolved, has_copies = self.artifacts.localise(
+                env, resolved, list(outputs), self._job_dir(env), self._keep_alive(env, pid)
+            )
+        except ArtifactFailure as exc:
+            return self._finish(env, pid, "failed", error=str(exc), retryable=exc.retryable)
         problems = validate_action_args(action.input_schema, resolved)
         if problems:
             reason = "; ".join(f"{f}: {r}" for f, r in problems)
             return self._finish(env, pid, "failed", error=f"invalid input: {reason}", retryable=False)
         unmet = self.catalog.unmet_dependencies(env.plugin)
         if unmet:
-            return self._finish(
-                env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}"
-            )
+            return self._finish(env, pid, "failed", error=f"node {self.node} lacks dependencies: {', '.join(unmet)}")
 
         image = self.launchers.policy.image_of(plugin) if self.launchers.policy else PluginImage.of(plugin)
         timeout = min(env.timeout, plugin.manifest.limits.timeout)
-        workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs))
+        workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs) or has_copies)
         run = SandboxedRun(
             LaunchSpec(
                 image=image,
@@ -217,10 +227,26 @@ class SubtaskRunner:
             error = result.error or f"timed out after {timeout:g} s"
             return self._finish(env, pid, "failed", error=error, usage=usage)
         if result.outcome == "succeeded":
+            try:
+                # Stored before the success is: a box that dies next loses none of its files.
+                self.artifacts.collect(env, pid, workspace, result.output, self._keep_alive(env, pid))
+            except ArtifactFailure as exc:
+                return self._finish(env, pid, "failed", error=str(exc), retryable=exc.retryable, usage=usage)
             return self._finish(env, pid, "succeeded", output=result.output, usage=usage)
         if result.outcome == "cancelled":
             return self._finish(env, pid, "cancelled", error=result.error, usage=usage)
         return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable, usage=usage)
+
+    def _keep_alive(self, env: SubtaskEnvelope, pid: int) -> Callable[[], bool]:
+        """Renew the lease during a long artifact transfer; False once another attempt owns it."""
+
+        def renew() -> bool:
+            try:
+                return self.store.attempts.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl).still_owner
+            except TRANSIENT:
+                return True  # an outage: the transfer goes on, the completion decides (as for a plugin)
+
+        return renew
 
     def _job_dir(self, env: SubtaskEnvelope) -> Path:
         return self.settings.effective_workspace_dir / env.job_id
@@ -264,9 +290,7 @@ class SubtaskRunner:
         if not saved:
             attempt.cancelled.set()  # this attempt no longer owns the subtask: stop its work
 
-    def _supervise(
-        self, env: SubtaskEnvelope, pid: int, run: SandboxedRun, attempt: _Attempt, deadline: float
-    ) -> str:
+    def _supervise(self, env: SubtaskEnvelope, pid: int, run: SandboxedRun, attempt: _Attempt, deadline: float) -> str:
         """Renew the lease while the plugin runs; stop it on cancel, timeout or a lost lease.
 
         While Redis is unreachable the plugin keeps running and renewal is tried again each
@@ -309,8 +333,11 @@ class SubtaskRunner:
             if unreachable_since is not None:
                 log.info(
                     "job store reachable again; lease renewed",
-                    extra={"job_id": env.job_id, "subtask": env.subtask_id,
-                           "outage_s": round(time.monotonic() - unreachable_since, 1)},
+                    extra={
+                        "job_id": env.job_id,
+                        "subtask": env.subtask_id,
+                        "outage_s": round(time.monotonic() - unreachable_since, 1),
+                    },
                 )
                 unreachable_since = None
             attempt.progress_sent = attempt.progress
@@ -351,12 +378,17 @@ class SubtaskRunner:
         try:
             completion, failures = retry_transient(write, patience=self.patience, what="result write")
         except TRANSIENT:
-            log.error("result not written: job store unreachable", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+            log.error(
+                "result not written: job store unreachable", extra={"job_id": env.job_id, "subtask": env.subtask_id}
+            )
             return "abandoned"
         if not completion.accepted:
             if failures and completion.job_state == outcome:
                 # A try whose reply was lost had written it already.
-                log.info("result was written before the connection broke", extra={"job_id": env.job_id, "subtask": env.subtask_id})
+                log.info(
+                    "result was written before the connection broke",
+                    extra={"job_id": env.job_id, "subtask": env.subtask_id},
+                )
                 return outcome
             log.warning("result of a stale attempt discarded", extra={"job_id": env.job_id, "subtask": env.subtask_id})
             return "stale"
@@ -372,8 +404,8 @@ class SubtaskRunner:
         """Release what became ready now instead of waiting for the router's loop."""
         for resource_class in ready_classes:
             try:
-                self.dispatcher.release(resource_class)
-            except Exception:  # noqa: BLE001 - the router's loop releases them anyway
+                self.dispatcher.release(resource_class, freed_on=self.node)
+            except Exception:
                 log.exception("fast-path release failed")
 
     def _lost(self, env: SubtaskEnvelope, pid: int, why: str) -> str:
@@ -389,8 +421,13 @@ class SubtaskRunner:
             return "abandoned"  # the lease expires and the reaper counts the loss instead
         log.warning(
             "plugin process lost",
-            extra={"job_id": env.job_id, "subtask": env.subtask_id, "attempt": env.attempt,
-                   "verdict": lost.verdict, "why": why},
+            extra={
+                "job_id": env.job_id,
+                "subtask": env.subtask_id,
+                "attempt": env.attempt,
+                "verdict": lost.verdict,
+                "why": why,
+            },
         )
         if lost.verdict == "failed":
             self.metrics.finished(env, "failed", why)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli import jobs, plugin_commands, services
+from edgefleet.cli import artifacts, jobs, plugin_commands, services
 
 EPILOG = (
     "Client commands find the router at --url, EDGEFLEET_ROUTER_URL or the cluster `edgefleet up` runs, "
@@ -36,6 +36,7 @@ app.command()(jobs.submit)
 app.command()(jobs.status)
 app.command()(jobs.jobs)
 app.command()(jobs.cancel)
+app.command()(artifacts.fetch)
 app.command()(jobs.gc)
 app.command()(jobs.workers)
 app.add_typer(plugin_commands.plugins_app, name="plugins")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from edgefleet.cli.artifacts import upload_inputs
 from edgefleet.cli.common import TokenOption, UrlOption, api_errors, err_console, fail, make_client, out_console
 from edgefleet.cli.job_input import parse_inputs, read_body
 from edgefleet.schemas import JobState, NodeInfo, PriorityClass
@@ -48,8 +49,9 @@ def _watch(client: Client, job_id: str, timeout: float | None) -> JobStatus:
             description = f"job {job_id[:12]} {status.state.value}"
             if running:
                 description += f" [dim](running: {', '.join(running[:3])}{'…' if len(running) > 3 else ''})[/dim]"
-            progress.update(task, total=len(status.subtasks), completed=_finished_count(status),
-                            description=description)
+            progress.update(
+                task, total=len(status.subtasks), completed=_finished_count(status), description=description
+            )
 
         try:
             return client.wait(job_id, timeout=timeout, on_update=update)
@@ -77,27 +79,33 @@ def _report_end(status: JobStatus) -> None:
 
 def submit(
     file: Annotated[
-        Optional[str],
-        typer.Argument(metavar="[FILE|-]", help="job body, JSON or YAML (steps or template); '-' reads stdin", show_default=False),
+        str | None,
+        typer.Argument(
+            metavar="[FILE|-]", help="job body, JSON or YAML (steps or template); '-' reads stdin", show_default=False
+        ),
     ] = None,
     template: Annotated[
-        Optional[str], typer.Option("--template", "-t", help="run this workflow template", show_default=False)
+        str | None, typer.Option("--template", "-t", help="run this workflow template", show_default=False)
     ] = None,
     inputs: Annotated[
-        Optional[list[str]],
-        typer.Option("--input", "-i", help="template input: key=value (a string) or key:=<JSON>; repeatable",
-                     show_default=False),
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="template input: key=value (a string), key:=<JSON>, or key=@<file or folder> (uploaded); repeatable",
+            show_default=False,
+        ),
     ] = None,
     priority: Annotated[
-        Optional[PriorityClass], typer.Option(help="interactive, normal or batch (default: normal)", show_default=False)
+        PriorityClass | None, typer.Option(help="interactive, normal or batch (default: normal)", show_default=False)
     ] = None,
-    name: Annotated[Optional[str], typer.Option(help="a name for the job", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="a name for the job", show_default=False)] = None,
     idempotency_key: Annotated[
-        Optional[str], typer.Option(help="resubmitting with the same key returns the same job", show_default=False)
+        str | None, typer.Option(help="resubmitting with the same key returns the same job", show_default=False)
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="show progress until the job ends, print outputs")] = False,
     timeout: Annotated[
-        Optional[float], typer.Option(help="with --wait: give up after this many seconds", show_default=False)
+        float | None, typer.Option(help="with --wait: give up after this many seconds", show_default=False)
     ] = None,
     demo: Annotated[bool, typer.Option("--demo", help="submit a small demo job (template text-report)")] = False,
     url: UrlOption = None,
@@ -136,6 +144,8 @@ def submit(
     if name is not None:
         body["name"] = name
     with api_errors(), make_client(url, token) as client:
+        if isinstance(body.get("inputs"), dict):
+            body["inputs"] = upload_inputs(client, body["inputs"])  # `key=@path`: files go first
         job = client.submit(body, idempotency_key=idempotency_key)
         print(job.id, flush=True)
         if not wait:
@@ -158,8 +168,14 @@ def _duration(start: float | None, end: float | None) -> str:
 
 
 STATE_STYLE = {
-    "succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
-    "queued": "blue", "ready": "blue", "retry_wait": "magenta", "waiting": "dim",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "queued": "blue",
+    "ready": "blue",
+    "retry_wait": "magenta",
+    "waiting": "dim",
 }
 
 
@@ -204,7 +220,7 @@ def status(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="the job id")],
     wait: Annotated[bool, typer.Option("--wait", "-w", help="show progress until the job ends")] = False,
     timeout: Annotated[
-        Optional[float], typer.Option(help="with --wait: give up after this many seconds", show_default=False)
+        float | None, typer.Option(help="with --wait: give up after this many seconds", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
     url: UrlOption = None,
@@ -229,9 +245,9 @@ def status(
 
 
 def jobs(
-    state: Annotated[Optional[JobState], typer.Option(help="only jobs in this state", show_default=False)] = None,
+    state: Annotated[JobState | None, typer.Option(help="only jobs in this state", show_default=False)] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="at most this many")] = 50,
-    cursor: Annotated[Optional[str], typer.Option(help="continue a previous listing", show_default=False)] = None,
+    cursor: Annotated[str | None, typer.Option(help="continue a previous listing", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw page JSON")] = False,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -258,8 +274,12 @@ def jobs(
     for job in page.jobs:
         style = STATE_STYLE.get(job.state.value, "")
         table.add_row(
-            job.id, escape(job.name or "-"), f"[{style}]{job.state.value}[/]", job.priority.value,
-            escape(job.tenant), _clock(job.created_at),
+            job.id,
+            escape(job.name or "-"),
+            f"[{style}]{job.state.value}[/]",
+            job.priority.value,
+            escape(job.tenant),
+            _clock(job.created_at),
             _duration(job.created_at, job.finished_at) if job.finished_at else "-",
         )
     console = out_console()
@@ -306,9 +326,13 @@ def _gc_batch(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 
 def gc(
     older_than: Annotated[
-        Optional[str],
-        typer.Option("--older-than", help="delete jobs finished longer ago than this (90s, 15m, 12h, 7d); "
-                     "default: the router's retention (EDGEFLEET_JOB_RETENTION)", show_default=False),
+        str | None,
+        typer.Option(
+            "--older-than",
+            help="delete jobs finished longer ago than this (90s, 15m, 12h, 7d); "
+            "default: the router's retention (EDGEFLEET_JOB_RETENTION)",
+            show_default=False,
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the removed job ids as JSON")] = False,
     url: UrlOption = None,
@@ -336,10 +360,16 @@ def gc(
         age: float = answer["older_than"]
         if answer["removed"] and answer["remaining"] > 0:
             console = err_console()
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
-                          transient=console.is_terminal) as progress:
-                task = progress.add_task("deleting finished jobs", total=len(removed) + answer["remaining"],
-                                         completed=len(removed))
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=console,
+                transient=console.is_terminal,
+            ) as progress:
+                task = progress.add_task(
+                    "deleting finished jobs", total=len(removed) + answer["remaining"], completed=len(removed)
+                )
                 while answer["removed"] and answer["remaining"] > 0:
                     answer = _gc_batch(client, body)
                     removed += answer["removed"]
@@ -394,8 +424,9 @@ def _bench_and_wait(client: Client, timeout: float) -> list[str]:
     with console.status(f"benchmarking {len(asked)} node(s)"):
         while True:
             # A node that left (stopped, heartbeat expired) is not waited for.
-            pending = sorted(n.name for n in client.workers()
-                             if n.name in asked and (n.bench is None or n.bench.request < request))
+            pending = sorted(
+                n.name for n in client.workers() if n.name in asked and (n.bench is None or n.bench.request < request)
+            )
             if not pending or time.monotonic() > deadline:
                 return pending
             time.sleep(0.5)
@@ -407,16 +438,31 @@ def _print_workers(nodes: list[NodeInfo]) -> None:
 
     table = Table(title="worker nodes")
     table.add_column("node", no_wrap=True)
-    for column in ("classes", "cores", "memory free", "cpu", "gpus", "cpu score", "tokens/s", "plugins",
-                   "heartbeat", "metrics"):
+    for column in (
+        "classes",
+        "cores",
+        "memory free",
+        "cpu",
+        "gpus",
+        "cpu score",
+        "tokens/s",
+        "plugins",
+        "heartbeat",
+        "metrics",
+    ):
         table.add_column(column, overflow="fold")
     now = time.time()
     for node in nodes:
         table.add_row(
-            escape(node.name), _classes_cell(node), str(node.cores),
+            escape(node.name),
+            _classes_cell(node),
+            str(node.cores),
             f"{node.memory_available / 2**30:.1f}/{node.memory_total / 2**30:.1f} GiB",
-            f"{node.cpu_percent:.0f}%", escape(", ".join(node.gpus) or "-"), *_bench_cells(node),
-            escape(", ".join(node.plugins)), f"{max(0.0, now - node.heartbeat_at):.1f}s ago",
+            f"{node.cpu_percent:.0f}%",
+            escape(", ".join(node.gpus) or "-"),
+            *_bench_cells(node),
+            escape(", ".join(node.plugins)),
+            f"{max(0.0, now - node.heartbeat_at):.1f}s ago",
             escape(node.metrics_url or "-"),
         )
     console = out_console()

@@ -11,6 +11,11 @@ recorded with the subtask (`placement` in its status).
 
 "Free slot" is the node's last heartbeat (`slots` - `busy`) less what this
 router sent it since it last read the nodes: approximate, never a reservation.
+
+Locality, for steps that need no model: a step whose inputs are artifacts (files of the
+steps it needs, `$artifact`s) goes to the live box with a free slot that holds the most of
+those bytes (it produced them, or has them cached), like Ray's locality-aware scheduling;
+when none has room, to the class queue, and the box that takes it fetches them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.schemas import NodeInfo, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.store.artifacts import ArtifactStore
 from edgefleet.store.nodes import NodeStore
 
 log = logging.getLogger(__name__)
@@ -40,8 +46,11 @@ class Placement:
 
 
 class ModelAffinity:
-    def __init__(self, nodes: NodeStore, catalog: PluginCatalog, config: ModelsConfig) -> None:
+    def __init__(
+        self, nodes: NodeStore, catalog: PluginCatalog, config: ModelsConfig, artifacts: ArtifactStore | None = None
+    ) -> None:
         self.nodes = nodes
+        self.artifacts = artifacts
         self.catalog = catalog
         self.config = config
         self._lock = threading.Lock()
@@ -71,11 +80,20 @@ class ModelAffinity:
         placement = self.place(env)
         return placement.queue if placement else None
 
-    def place(self, env: SubtaskEnvelope) -> Placement | None:
-        """Where a model step goes and why; None for a step that needs no model."""
+    def inputs_held(self, envs: list[SubtaskEnvelope]) -> list[dict[str, int]]:
+        """For each subtask, bytes of its input artifacts per node (one store call for the batch)."""
+        if self.artifacts is None:
+            return [{} for _ in envs]
+        return self.artifacts.input_bytes_by_node([(env.job_id, env.subtask_id) for env in envs])
+
+    def place(
+        self, env: SubtaskEnvelope, held: dict[str, int] | None = None, freed_on: str | None = None
+    ) -> Placement | None:
+        """Where a step goes and why: a model step by its model, another by where its inputs are
+        (`held`: bytes of them per node, from `inputs_held`); None for the class queue, no reason."""
         model = self.wanted_model(env)
         if model is None:
-            return None
+            return self._by_locality(env, held or {}, freed_on)
         rc = env.resource_class.value
         able = [n for n in self._live_nodes() if env.resource_class in n.classes and env.plugin in n.plugins]
         warm = [n for n in able if model in n.models_loaded]
@@ -99,6 +117,34 @@ class ModelAffinity:
             f"{why}; {node.name} {_speed(node, model):g} tok/s, {free} free slot(s){compared}",
         )
 
+    def _by_locality(self, env: SubtaskEnvelope, held: dict[str, int], freed_on: str | None) -> Placement | None:
+        if not held:
+            return None
+        rc = env.resource_class.value
+        able = [
+            n
+            for n in self._live_nodes()
+            if held.get(n.name) and env.resource_class in n.classes and env.plugin in n.plugins
+        ]
+        total = max(held.values())
+        with self._lock:
+            # The node whose subtask just ended has a slot its last heartbeat still shows busy.
+            def room(n: NodeInfo) -> int:
+                return self._room(n, rc) + (1 if n.name == freed_on else 0)
+
+            roomy = [n for n in able if room(n) > 0]
+            if not roomy:
+                holders = ", ".join(sorted(held)[:3])
+                return Placement(None, f"class queue: the boxes holding its inputs ({holders}) are busy or gone")
+            node = max(roomy, key=lambda n: (held[n.name], room(n), n.name))
+            free = room(node)
+            self._sent[node.name] = self._sent.get(node.name, 0) + 1
+        return Placement(
+            f"{node_queue(node.name)}.{rc}",
+            f"locality: {node.name} holds {_mib(held[node.name])} of its inputs ({_mib(total)} at most on one box), "
+            f"{free} free slot(s)",
+        )
+
     def _room(self, node: NodeInfo, rc: str) -> int:
         """Free slots of the class as last seen, less what was sent since; unknown (an older node): 1."""
         if rc not in node.slots:
@@ -107,6 +153,7 @@ class ModelAffinity:
 
     def _pick(self, nodes: list[NodeInfo], model: str, rc: str) -> NodeInfo:
         """A free slot first, then the fastest; equals take turns (as warm boxes always did)."""
+
         def key(n: NodeInfo) -> tuple[bool, float]:
             return (self._room(n, rc) > 0, _speed(n, model))
 
@@ -114,6 +161,10 @@ class ModelAffinity:
         tied = sorted((n for n in nodes if key(n) == best), key=lambda n: n.name)
         self._turn += 1
         return tied[self._turn % len(tied)]
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} B"
 
 
 def _speed(node: NodeInfo, model: str) -> float:
@@ -130,5 +181,6 @@ def build_affinity(store: JobStore, catalog: PluginCatalog, settings: Settings) 
         config = load_models_config(settings)
     except (ModelsConfigError, OSError) as exc:
         log.error("models config not loaded; no model affinity", extra={"error": str(exc)})
-        return None
-    return ModelAffinity(store.nodes, catalog, config) if config.routes else None
+        config = ModelsConfig()
+    # Always built: without model routes it still places steps by where their inputs are.
+    return ModelAffinity(store.nodes, catalog, config, store.artifacts)

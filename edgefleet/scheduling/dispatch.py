@@ -35,13 +35,18 @@ class Dispatcher:
         self.settings = settings
         self.affinity = affinity
 
-    def release(self, resource_class: ResourceClass, max_count: int = 256) -> int:
+    def release(self, resource_class: ResourceClass, max_count: int = 256, freed_on: str | None = None) -> int:
+        """`freed_on`: the node whose subtask just ended (a worker's fast path): it has a slot free
+        that its last heartbeat does not show yet, which locality may count on."""
         target = self.settings.target_depth.get(resource_class, 16)
         released = self.scheduler.release(resource_class, max_count, target)
         if not released:
             return 0
         if self.affinity is not None:
-            released = [self._with_affinity(item) for item in released]
+            held = self.affinity.inputs_held([item.envelope for item in released])
+            released = [
+                self._with_affinity(item, inputs, freed_on) for item, inputs in zip(released, held, strict=True)
+            ]
         self._send(released)
         self.scheduler.mark_dispatched(released)
         return len(released)
@@ -49,12 +54,12 @@ class Dispatcher:
     def release_all(self, max_count: int = 256) -> int:
         return sum(self.release(rc, max_count) for rc in ResourceClass)
 
-    def _with_affinity(self, item: Released) -> Released:
+    def _with_affinity(self, item: Released, held: dict[str, int], freed_on: str | None = None) -> Released:
         express = item.queue.endswith(EXPRESS_SUFFIX)
         if item.queue.removesuffix(EXPRESS_SUFFIX) != item.envelope.resource_class.value:
             return item  # pinned to a node by the step itself
         assert self.affinity is not None
-        placement = self.affinity.place(item.envelope)
+        placement = self.affinity.place(item.envelope, held, freed_on)
         if placement is None:
             return item
         if placement.queue is None:

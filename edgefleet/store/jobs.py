@@ -28,6 +28,7 @@ from edgefleet.schemas import (
     SubtaskState,
     SubtaskStatus,
 )
+from edgefleet.store.artifacts import ArtifactStore
 from edgefleet.store.attempts import AttemptStore
 from edgefleet.store.connection import StoreConnection, redis_client
 from edgefleet.store.nodes import NodeStore
@@ -99,6 +100,7 @@ class JobStore:
         self.attempts = AttemptStore(self.connection)
         self.nodes = NodeStore(self.connection)
         self.webhooks = WebhookStore(self.connection)
+        self.artifacts = ArtifactStore(self.connection)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ef", retention: float | None = None) -> JobStore:
@@ -197,6 +199,7 @@ class JobStore:
             deadline_at=_opt_float(job.get("deadline_at")),
             expires_at=self.expires_at(_opt_float(job.get("finished_at"))),
             subtasks=subtasks,
+            artifacts=self.artifacts.of_job(job_id, order),
         )
 
     @staticmethod

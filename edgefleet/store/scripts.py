@@ -52,6 +52,9 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
     "webhook_retry": (STORE, False),
     "webhook_finish": (STORE, False),
     "webhook_rotate": (STORE, False),
+    # artifacts
+    "artifacts_record": (STORE, True),
+    "artifacts_locality": (STORE, False),
 }
 
 

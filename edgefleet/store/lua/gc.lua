@@ -18,7 +18,7 @@ for _, jid in ipairs(ids) do
       redis.call('DEL', K.subtask(jid, sid))
     end
     if f[4] and f[4] ~= '' and redis.call('GET', f[4]) == jid then redis.call('DEL', f[4]) end
-    redis.call('DEL', jk, K.events(jid))
+    redis.call('DEL', jk, K.events(jid), K.job_artifacts(jid))
     redis.call('ZREM', K.jobs(), jid)
     for _, st in ipairs({'succeeded', 'failed', 'cancelled', 'running'}) do
       redis.call('ZREM', K.jobs_in_state(st), jid)

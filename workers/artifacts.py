@@ -1,0 +1,504 @@
+"""The node's side of artifacts: store what a step produced, fetch what a step needs.
+
+**What becomes an artifact.** When an attempt succeeds, every string in its output that is an
+absolute path whose real location (links resolved) lies inside the attempt's workspace and is
+a regular file or a folder. A file is stored as it is; a folder as one `tree` artifact (a
+deterministic tar, edgefleet.artifact_files). Each is uploaded to the backend (unless it is
+there already: same bytes, same id) and recorded in the job store, all before the attempt
+reports success, so a box that dies afterwards loses nothing.
+
+**What a step gets.** Before an attempt starts, each string of its resolved args that names an
+artifact of its job (the path, or a path inside a folder artifact), and each
+`{"$artifact": id}`, gets a local copy:
+- the original, untouched, when this box produced it and it is still there (nothing copied);
+- else the box's cache, `<workspace_dir>/.artifacts/<id>`: a cached copy is hashed again before
+  each use (a corrupt one is dropped and fetched again); a fetched one is streamed, hashed and
+  kept only if its sha256 is its id, else the attempt fails, retryably, and nothing reaches the
+  plugin. The copy the step sees is `<job dir>/.artifacts/<id>/<name>`: a hard link to the
+  cached file (a folder: unpacked there), so it lies in the job folder that every sandbox
+  already may read (bubblewrap binds it, Landlock allows it), and files that name other files
+  of the job by path (the photo manifests) keep working on this box.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from edgefleet.artifact_files import (
+    CHUNK,
+    extract_tree,
+    node_credential,
+    sha256_file,
+    write_tree,
+)
+from edgefleet.client import resolve_connection
+from edgefleet.refs import ARTIFACT_KEY, find_artifacts, is_artifact
+from edgefleet.schemas import ArtifactInfo, SubtaskEnvelope
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+KEEP_ALIVE_EVERY = 1.0  # seconds between lease renewals during a long transfer
+TRANSFER_TRIES = 3
+JOB_INPUTS = ".artifacts"  # <job dir>/.artifacts/<id>/<name>: the copies a job's steps read
+
+
+class ArtifactFailure(Exception):
+    """An attempt cannot go on because of its artifacts; `retryable` says whether to try again."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class AttemptLost(ArtifactFailure):
+    """The lease was lost during a transfer: another attempt owns the subtask now."""
+
+
+KeepAlive = Callable[[], bool]
+ArtifactKind = Literal["file", "tree"]
+
+
+class _Ticker:
+    """Calls `keep_alive` (renew the lease) at most every KEEP_ALIVE_EVERY seconds of a transfer."""
+
+    def __init__(self, keep_alive: KeepAlive | None) -> None:
+        self.keep_alive = keep_alive
+        self.last = time.monotonic()
+
+    def __call__(self, *_: object) -> None:
+        if self.keep_alive is None or time.monotonic() - self.last < KEEP_ALIVE_EVERY:
+            return
+        self.last = time.monotonic()
+        if not self.keep_alive():
+            raise AttemptLost("the attempt lost its lease while moving artifacts")
+
+
+# --- where the bytes go -------------------------------------------------------------------------
+
+
+class RouterBackend:
+    """Artifacts kept by the router: nodes upload and fetch over its API with a node credential."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        url, _ = resolve_connection(settings)
+        credential = node_credential(store.artifacts.node_secret(), settings.node_name)
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {credential}", "User-Agent": "edgefleet-node"},
+            timeout=httpx.Timeout(60.0, connect=10.0),
+        )
+
+    def has(self, artifact_id: str) -> bool:
+        response = self._http.head(f"/v1/artifacts/{artifact_id}")
+        if response.status_code == 404:
+            return False
+        response.raise_for_status()
+        return True
+
+    def upload(self, artifact_id: str, path: Path, tick: _Ticker) -> None:
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    tick()
+                    yield chunk
+
+        response = self._http.put(
+            f"/v1/artifacts/{artifact_id}",
+            content=body(),
+            headers={"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"},
+        )
+        if response.status_code == 413:
+            raise ArtifactFailure(f"the router refused {path.name}: {response.text[:300]}", retryable=False)
+        response.raise_for_status()
+
+    def download(self, artifact_id: str, out: Any, tick: _Ticker) -> None:
+        with self._http.stream("GET", f"/v1/artifacts/{artifact_id}") as response:
+            if response.status_code == 404:
+                raise ArtifactFailure(f"artifact {artifact_id} is not stored (the router has no copy)")
+            response.raise_for_status()
+            for chunk in response.iter_bytes(CHUNK):
+                tick()
+                out.write(chunk)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class S3Backend:
+    """Artifacts in an S3-compatible bucket, which nodes reach themselves."""
+
+    def __init__(self, settings: Settings) -> None:
+        from edgefleet.artifact_s3 import S3Blobs
+
+        self._blobs = S3Blobs(settings)
+
+    def has(self, artifact_id: str) -> bool:
+        return self._blobs.size(artifact_id) is not None
+
+    def upload(self, artifact_id: str, path: Path, tick: _Ticker) -> None:
+        self._blobs.put_file(artifact_id, path)
+        tick()
+
+    def download(self, artifact_id: str, out: Any, tick: _Ticker) -> None:
+        for chunk in self._blobs.open(artifact_id).chunks:
+            tick()
+            out.write(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+Backend = RouterBackend | S3Backend
+
+
+# --- the node's artifacts -------------------------------------------------------------------------
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for inner in value.values():
+            yield from _strings(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _strings(inner)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def output_paths(output: Any, workspace: Path) -> list[Path]:
+    """The files and folders an output reports (see the module's docstring), each once, in order."""
+    root = os.path.realpath(workspace)
+    found: dict[str, Path] = {}
+    for text in _strings(output):
+        if not text.startswith("/") or "\x00" in text:
+            continue
+        real = os.path.realpath(text)
+        if real == root or not _within(real, root) or real in found:
+            continue
+        if os.path.isfile(real) or os.path.isdir(real):
+            found[real] = Path(text)
+    return list(found.values())
+
+
+class NodeArtifacts:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.node = settings.node_name
+        self.cache = settings.effective_workspace_dir / ".artifacts"
+        self.max_file_bytes = int(settings.artifact_max_file_mb * MIB)
+        self.max_job_bytes = int(settings.artifact_max_job_mb * MIB)
+        self.cache_bytes = int(settings.artifact_cache_mb * MIB)
+        self._backend: Backend | None = None
+        self.fetched = 0  # artifacts this process downloaded (a cache hit is not one)
+
+    @property
+    def backend(self) -> Backend:
+        # Made on first use: a node whose steps never move files never contacts the backend.
+        if self._backend is None:
+            if self.settings.artifact_backend == "s3":
+                self._backend = S3Backend(self.settings)
+            else:
+                self._backend = RouterBackend(self.settings, self.store)
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+    def _retried(self, what: str, call: Callable[[], Any]) -> Any:
+        """A transfer, tried again after a connection error or a 5xx; then a retryable failure."""
+        for attempt in range(1, TRANSFER_TRIES + 1):
+            try:
+                return call()
+            except ArtifactFailure:
+                raise
+            except Exception as exc:  # httpx and botocore errors alike: the backend is away
+                if attempt == TRANSFER_TRIES:
+                    raise ArtifactFailure(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+                log.warning("artifact transfer failed; retrying", extra={"what": what, "error": str(exc)})
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    # --- after success: store what the step produced ------------------------------------------
+
+    def collect(
+        self, env: SubtaskEnvelope, pid: int, workspace: Path, output: Any, keep_alive: KeepAlive | None = None
+    ) -> list[ArtifactInfo]:
+        """Upload and record the artifacts of a succeeded attempt's output (before it is reported)."""
+        paths = output_paths(output, workspace)
+        if not paths:
+            return []
+        tick = _Ticker(keep_alive)
+        staged: list[Path] = []
+        artifacts: list[ArtifactInfo] = []
+        try:
+            uploads: list[tuple[ArtifactInfo, Path]] = []
+            for path in paths:
+                kind: ArtifactKind
+                blob, kind = path, "file"
+                if path.is_dir():
+                    blob, kind = self._tar(path), "tree"
+                    staged.append(blob)
+                artifact_id, size = sha256_file(blob)
+                tick()
+                if size > self.max_file_bytes:
+                    raise ArtifactFailure(
+                        f"output {path} is {size / MIB:.1f} MiB, over the artifact limit "
+                        f"({self.settings.artifact_max_file_mb:g} MiB, EDGEFLEET_ARTIFACT_MAX_FILE_MB)",
+                        retryable=False,
+                    )
+                info = ArtifactInfo(
+                    id=artifact_id,
+                    name=path.name,
+                    size=size,
+                    kind=kind,
+                    node=self.node,
+                    subtask=env.subtask_id,
+                    path=str(path),
+                    created_at=time.time(),
+                )
+                artifacts.append(info)
+                uploads.append((info, blob))
+            self._check_job_limit(env, artifacts)
+            for info, blob in uploads:
+                self._retried(f"upload of {info.name}", functools.partial(self._upload, info, blob, tick))
+        finally:
+            for blob in staged:
+                blob.unlink(missing_ok=True)
+        recorded = self.store.artifacts.record_outputs(
+            env, node=self.node, pid=pid, artifacts=artifacts, max_job_bytes=self.max_job_bytes
+        )
+        if recorded.verdict == "too_large":
+            raise ArtifactFailure(self._job_limit_reason(recorded.job_bytes), retryable=False)
+        # "stale": this attempt lost the subtask; its completion is refused the same way.
+        log.info(
+            "artifacts stored",
+            extra={
+                "job_id": env.job_id,
+                "subtask": env.subtask_id,
+                "count": len(artifacts),
+                "verdict": recorded.verdict,
+            },
+        )
+        return artifacts
+
+    def _upload(self, info: ArtifactInfo, blob: Path, tick: _Ticker) -> None:
+        if self.backend.has(info.id):
+            return  # the same bytes are stored already (another run, another step)
+        self.backend.upload(info.id, blob, tick)
+
+    def _tar(self, folder: Path) -> Path:
+        staging = self.cache / ".tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        target = staging / f"tree-{uuid.uuid4().hex}"
+        with open(target, "wb") as out:
+            write_tree(folder, out)
+        return target
+
+    def _check_job_limit(self, env: SubtaskEnvelope, artifacts: list[ArtifactInfo]) -> None:
+        total = self.store.artifacts.job_bytes(env.job_id, except_subtask=env.subtask_id) + sum(
+            a.size for a in artifacts
+        )
+        if total > self.max_job_bytes:
+            raise ArtifactFailure(self._job_limit_reason(total), retryable=False)
+
+    def _job_limit_reason(self, total: int) -> str:
+        return (
+            f"the job's artifacts would take {total / MIB:.1f} MiB, over the limit "
+            f"({self.settings.artifact_max_job_mb:g} MiB, EDGEFLEET_ARTIFACT_MAX_JOB_MB)"
+        )
+
+    # --- before start: local copies of what the step reads ----------------------------------
+
+    def localise(
+        self,
+        env: SubtaskEnvelope,
+        args: dict[str, Any],
+        needs: list[str],
+        job_dir: Path,
+        keep_alive: KeepAlive | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """`args` (refs already resolved) with artifact paths and `$artifact`s pointing at local
+        copies; and whether any copy was made in the job folder (the step has inputs to read)."""
+        wanted = find_artifacts(args)
+        if not needs and not wanted:
+            return args, False
+        tick = _Ticker(keep_alive)
+        # Every artifact of the job, not only of the steps it needs: a step may pass on paths an
+        # earlier step made (photo_rank's `paths` name photo.resize's files).
+        produced = self.store.artifacts.of_job(env.job_id)
+        local: dict[str, str] = {}  # original path (or "$artifact:<id>") -> local path
+        made = False
+        for text in _strings(args):
+            for artifact in produced:
+                assert artifact.path is not None
+                if artifact.path in local or not _within(text, artifact.path):
+                    continue
+                if artifact.node == self.node and self._original_intact(artifact):
+                    local[artifact.path] = artifact.path  # this box made it: read it where it is
+                else:
+                    local[artifact.path] = str(self._materialise(artifact, job_dir, tick))
+                    made = True
+        for _, artifact_id in wanted:
+            key = f"{ARTIFACT_KEY}:{artifact_id}"
+            if key not in local:
+                info = self.store.artifacts.get(artifact_id)
+                if info is None:
+                    raise ArtifactFailure(f"artifact {artifact_id} is unknown to the job store", retryable=False)
+                local[key] = str(self._materialise(info, job_dir, tick))
+                made = True
+        return _rewrite(args, local), made
+
+    def _original_intact(self, artifact: ArtifactInfo) -> bool:
+        assert artifact.path is not None
+        path = Path(artifact.path)
+        if artifact.kind == "tree":
+            return path.is_dir()
+        try:
+            return path.is_file() and path.stat().st_size == artifact.size
+        except OSError:
+            return False
+
+    def _materialise(self, artifact: ArtifactInfo, job_dir: Path, tick: _Ticker) -> Path:
+        """`<job dir>/.artifacts/<id>/<name>`, from the verified cache (fetched if needed)."""
+        folder = job_dir / JOB_INPUTS / artifact.id
+        target = folder / artifact.name
+        if target.exists() and (artifact.kind == "tree" or sha256_file(target)[0] == artifact.id):
+            return target
+        cached = self._cached(artifact, tick)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o755)
+        os.chmod(folder.parent, 0o755)
+        staging = folder / f".{uuid.uuid4().hex}"
+        try:
+            if artifact.kind == "tree":
+                extract_tree(cached, staging)
+                if target.exists():
+                    shutil.rmtree(target)
+            else:
+                try:
+                    os.link(cached, staging)  # no copy: the same bytes as the verified cache
+                except OSError:
+                    shutil.copyfile(cached, staging)
+                    os.chmod(staging, 0o444)
+            os.replace(staging, target)
+        finally:
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            elif staging.exists():
+                staging.unlink()
+        return target
+
+    def _cached(self, artifact: ArtifactInfo, tick: _Ticker) -> Path:
+        """The cache's verified copy, fetched when it is missing or does not hash to its id."""
+        path = self.cache / artifact.id
+        if path.exists():
+            if sha256_file(path)[0] == artifact.id:
+                os.utime(path)  # recently used: evicted last
+                return path
+            log.warning("cached artifact is corrupt; fetching it again", extra={"artifact": artifact.id})
+            path.unlink(missing_ok=True)
+        self._retried(f"fetch of {artifact.name}", lambda: self._fetch(artifact, path, tick))
+        self.store.artifacts.add_holder(artifact.id, self.node)
+        self._evict(keep=path)
+        return path
+
+    def _fetch(self, artifact: ArtifactInfo, path: Path, tick: _Ticker) -> None:
+        import hashlib
+
+        staging = self.cache / ".tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        partial = staging / f"fetch-{uuid.uuid4().hex}"
+        started = time.monotonic()
+
+        class Hashing:
+            def __init__(self, out: Any) -> None:
+                self.out = out
+                self.digest = hashlib.sha256()
+                self.size = 0
+
+            def write(self, chunk: bytes) -> None:
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                self.out.write(chunk)
+
+        try:
+            with open(partial, "wb") as out:
+                sink = Hashing(out)
+                self.backend.download(artifact.id, sink, tick)
+            got = sink.digest.hexdigest()
+            if got != artifact.id:
+                # Never handed to a plugin: the attempt fails and is retried (the store's retries).
+                raise ArtifactFailure(
+                    f"artifact {artifact.name} ({artifact.id}) arrived corrupt: its sha256 is {got} "
+                    f"({sink.size} bytes); not used"
+                )
+            os.chmod(partial, 0o444)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.fetched += 1
+        log.info(
+            "artifact fetched",
+            extra={
+                "artifact": artifact.id,
+                "bytes": artifact.size,
+                "seconds": round(time.monotonic() - started, 3),
+                "node": self.node,
+            },
+        )
+
+    def _evict(self, keep: Path) -> None:
+        """Least recently used cache entries out until the cache fits EDGEFLEET_ARTIFACT_CACHE_MB."""
+        entries = []
+        for entry in self.cache.iterdir():
+            if entry.is_file() and len(entry.name) == 64:
+                stat = entry.stat()
+                entries.append((stat.st_mtime, stat.st_size, entry))
+        total = sum(size for _, size, _ in entries)
+        for _, size, entry in sorted(entries):
+            if total <= self.cache_bytes:
+                return
+            if entry == keep:
+                continue
+            entry.unlink(missing_ok=True)
+            self.store.artifacts.remove_holder(entry.name, self.node)
+            total -= size
+
+
+def _rewrite(value: Any, local: dict[str, str]) -> Any:
+    """Artifact paths (and paths inside folder artifacts) replaced by their local copies."""
+    if is_artifact(value):
+        return local[f"{ARTIFACT_KEY}:{value[ARTIFACT_KEY]}"]
+    if isinstance(value, str):
+        for original, copy in local.items():
+            if original.startswith(ARTIFACT_KEY) or original == copy:
+                continue
+            if value == original:
+                return copy
+            if value.startswith(original.rstrip("/") + "/"):
+                return copy + value[len(original.rstrip("/")) :]
+        return value
+    if isinstance(value, dict):
+        return {k: _rewrite(v, local) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite(v, local) for v in value]
+    return value
