@@ -63,6 +63,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "job_artifacts": "artifacts:job:{job_id}",  # h: subtask id -> JSON list of the artifacts it produced
     "tenant_artifacts": "artifacts:tenant:{tenant}",  # z: artifact ids a tenant may use -> last use
     "artifact_secret": "artifacts:secret",  # string: what nodes' artifact credentials are derived from
+    # node access: join tokens and the per-node Redis ACL users they admit (store/acl.py)
+    "join_token": "join:{token_id}",  # h: one join token (secret and passwords only as sha256)
+    "join_tokens": "joins",  # z: token id -> created_at
 }
 
 _LITERAL = re.compile(r"[a-z_:]*")

@@ -43,9 +43,7 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """One settings object shared by router, workers and CLI so that they never disagree."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="ignore")
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -66,9 +64,7 @@ class Settings(BaseSettings):
     node_name: str = Field(default_factory=socket.gethostname)
     heartbeat_interval: float = 2.0
     heartbeat_ttl: float = 10.0
-    lease_ttl: float | None = Field(
-        default=None, description="a running subtask's lease; defaults to heartbeat_ttl"
-    )
+    lease_ttl: float | None = Field(default=None, description="a running subtask's lease; defaults to heartbeat_ttl")
     visibility_timeout: float = Field(
         default=6 * 3600.0,
         description="Redis broker redelivery; must exceed the longest subtask timeout",
@@ -123,7 +119,9 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=300, description="seconds one delivery attempt may take, connect to response"
     )
     webhook_concurrency: int = Field(default=16, ge=1, le=256, description="deliveries in flight per router")
-    webhook_per_destination: int = Field(default=2, ge=1, description="deliveries in flight per router to one host:port")
+    webhook_per_destination: int = Field(
+        default=2, ge=1, description="deliveries in flight per router to one host:port"
+    )
     webhook_per_tenant: int = Field(default=4, ge=1, description="deliveries in flight per router for one tenant")
     webhook_max_url_length: int = Field(default=2048, ge=16, le=65536)
     webhook_allow_private: bool = Field(
@@ -194,7 +192,7 @@ class Settings(BaseSettings):
     plugin_read_paths: dict[str, list[Path]] = Field(
         default_factory=dict,
         description="folders plugins with `file_system_read` may read, by plugin name, '*' for every such "
-        "plugin (env: JSON, e.g. {\"photo\": [\"/home/me/Pictures\"]}, or a plain list for '*')",
+        'plugin (env: JSON, e.g. {"photo": ["/home/me/Pictures"]}, or a plain list for \'*\')',
     )
     plugin_write_paths: dict[str, list[Path]] = Field(
         default_factory=dict,
@@ -254,6 +252,26 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="seconds between the router's and each node's retention sweeps"
     )
 
+    # --- joining boxes: join tokens, per-node Redis ACL users (router/api/join.py, workers/join.py) ---
+    join_broker_url: str | None = Field(
+        default=None,
+        description="the Redis URL (no credentials) the router hands to boxes that join; default: redis_url, "
+        "its loopback host replaced by the host the box reached the router at",
+    )
+    join_broker_ca_file: Path | None = Field(
+        default=None,
+        description="CA certificate(s) the router hands to joining boxes to verify a rediss:// broker; "
+        "default: the ssl_ca_certs of redis_url",
+    )
+    node_acl_reconcile_interval: float = Field(
+        default=10.0, gt=0, description="seconds between the router's checks that each joined node's ACL user exists"
+    )
+    # Secrets: SecretStr keeps them out of reprs and logs; both come from the environment or a file.
+    join_token: SecretStr | None = Field(default=None, description="`edgefleet worker --join`: the join token")
+    node_token: SecretStr | None = Field(
+        default=None, description="this node's bearer token for the router, from its join (<data dir>/node.env)"
+    )
+
     # --- artifacts: files steps report move between boxes (workers/artifacts.py, router/api/artifacts.py) ---
     artifact_backend: Literal["router", "s3"] = Field(
         default="router",
@@ -274,7 +292,7 @@ class Settings(BaseSettings):
     artifact_s3_prefix: str = Field(default="edgefleet/artifacts", description="key prefix in the bucket")
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.visibility_timeout <= self.max_subtask_timeout:
             raise ValueError(
                 "visibility_timeout must exceed max_subtask_timeout, "

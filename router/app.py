@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from edgefleet.settings import Settings
-from router.api import artifacts, discovery, fleet, jobs, ops, webhooks
+from router.api import artifacts, discovery, fleet, jobs, join, ops, webhooks
 from router.errors import error_responses, install_error_handlers
 from router.openapi import install_openapi
 from router.services import RouterServices
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=error_responses(401, 403, 422, 503),
     )
     install_error_handlers(app)
-    for area in (ops, jobs, fleet, discovery, webhooks, artifacts):
+    for area in (ops, jobs, fleet, discovery, webhooks, artifacts, join):
         app.include_router(area.router)
     install_openapi(app)
     return app

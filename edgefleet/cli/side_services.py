@@ -56,8 +56,9 @@ def prometheus_config(
     if discovery_url or worker_targets:
         jobs.append(workers_job)
     if flower_target:
-        jobs.append({"job_name": "flower", "metrics_path": "/metrics",
-                     "static_configs": [{"targets": [flower_target]}]})
+        jobs.append(
+            {"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]}
+        )
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": jobs,
@@ -72,7 +73,11 @@ def host_port(url: str) -> str:
 
 
 def write_prometheus_files(
-    prom_dir: Path, router_url: str, token: str | None, worker_targets: list[str], flower_url: str | None,
+    prom_dir: Path,
+    router_url: str,
+    token: str | None,
+    worker_targets: list[str],
+    flower_url: str | None,
 ) -> Path:
     """prometheus.yml (and the router's token in a 0600 file it names) in `prom_dir`; returns the config path.
 
@@ -83,21 +88,39 @@ def write_prometheus_files(
         token_file = prom_dir / "router.token"
         write_secret_file(token_file, token)
     config = prom_dir / "prometheus.yml"
-    config.write_text(prometheus_config(
-        host_port(router_url), token_file, worker_targets,
-        host_port(flower_url) if flower_url else None,
-        discovery_url=router_url.rstrip("/") + SD_PATH,
-    ))
+    config.write_text(
+        prometheus_config(
+            host_port(router_url),
+            token_file,
+            worker_targets,
+            host_port(flower_url) if flower_url else None,
+            discovery_url=router_url.rstrip("/") + SD_PATH,
+        )
+    )
     return config
 
 
 def prometheus_command(config: Path, prom_dir: Path, prometheus_url: str) -> list[str]:
-    return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={prom_dir / 'data'}",
-            f"--web.listen-address={host_port(prometheus_url)}"]
+    return [
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={prom_dir / 'data'}",
+        f"--web.listen-address={host_port(prometheus_url)}",
+    ]
 
 
-def flower_command(redis_url: str, flower_url: str) -> list[str]:
-    """Flower with edgefleet's own broker options (edgefleet/flower_app.py says why), on 127.0.0.1 only."""
+def flower_command(flower_url: str) -> list[str]:
+    """Flower with edgefleet's own broker options (edgefleet/flower_app.py says why), on 127.0.0.1 only.
+
+    No --broker: the app reads EDGEFLEET_REDIS_URL from its environment (the URL may hold a password)."""
     port = flower_url.rsplit(":", 1)[1]
-    return [sys.executable, "-m", "celery", "-A", "edgefleet.flower_app", "--broker", redis_url, "flower",
-            f"--port={port}", "--address=127.0.0.1"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "edgefleet.flower_app",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+    ]

@@ -11,8 +11,13 @@ order):
    Debian package) scraping the router and every live node (found through the router's
    HTTP service discovery, so boxes that join later too), storage in `<data_dir>/prometheus`;
    the router's feedback loop reads it;
-5. with `--with-flower`, Flower (`python -m celery -A edgefleet.flower_app --broker <redis> flower`) on
+5. with `--with-flower`, Flower (`python -m celery -A edgefleet.flower_app flower`) on
    127.0.0.1, its API open without auth there; workers then send task events.
+
+With `--listen <address>` the router and the embedded Redis listen there; beyond loopback
+Redis gets a password (made once, `<data_dir>/redis-password`, mode 0600), given to
+redis-server on its stdin and to the children inside EDGEFLEET_REDIS_URL, in their
+environment: no password on any command line.
 
 On SIGINT/SIGTERM it stops the worker first (a warm shutdown: running subtasks
 finish), then the router, then Redis, and sweeps each child's process group so
@@ -42,10 +47,19 @@ from rich.table import Table
 
 from edgefleet.cli.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from edgefleet.cli.processes import (
-    Child, popen_kwargs, port_in_use, project_root, spawn, sweep_group, write_secret_file,
+    Child,
+    popen_kwargs,
+    port_in_use,
+    project_root,
+    spawn,
+    sweep_group,
+    write_secret_file,
 )
 from edgefleet.cli.side_services import (
-    flower_command, free_local_port, prometheus_command, write_prometheus_files,
+    flower_command,
+    free_local_port,
+    prometheus_command,
+    write_prometheus_files,
 )
 from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
 from edgefleet.schemas import JobStatus, ResourceClass
@@ -78,6 +92,34 @@ class UpOptions:
     prometheus_port: int | None = None
     with_flower: bool = False
     flower_port: int | None = None
+    # Where the embedded Redis and the router listen (default: the router_host setting, 127.0.0.1);
+    # beyond loopback Redis gets a password (REDIS_PASSWORD_FILE).
+    listen: str | None = None
+
+
+REDIS_PASSWORD_FILE = "redis-password"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit to print: its password replaced."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 @dataclass
@@ -90,7 +132,7 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.options.data_dir or self.settings.data_dir).expanduser().resolve()
-        self.host = self.settings.router_host
+        self.host = self.options.listen or self.settings.router_host
         self.port = self.options.port or self.settings.router_port
         self.url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::', '') else self.host}:{self.port}"
         self.redis: EmbeddedRedis | None = None
@@ -215,7 +257,7 @@ class LocalCluster:
         assert self.flower_url is not None
         env = self._child_env()
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # bound to 127.0.0.1 only
-        self.flower = self._spawn_cmd("flower", flower_command(self.redis_url, self.flower_url), env)
+        self.flower = self._spawn_cmd("flower", flower_command(self.flower_url), env)
         self._await_http(self.flower, f"{self.flower_url}/healthcheck")
         self._say("flower", f"{self.flower_url} (pid {self.flower.pid})")
 
@@ -284,20 +326,44 @@ class LocalCluster:
         )
         if configured:
             self.redis_url = configured
-            self._say("redis", f"using {configured}")
+            self._say("redis", f"using {redacted(configured)}")
             return
-        self.redis = EmbeddedRedis(self.data_dir / "redis", popen_kwargs=popen_kwargs())
+        self.redis = EmbeddedRedis(
+            self.data_dir / "redis",
+            host=self.host if self.options.listen else "127.0.0.1",
+            popen_kwargs=popen_kwargs(),
+            password=self._redis_password(),
+        )
         self.redis.start(should_stop=self._stop.is_set)
         if self._stop.is_set():
             raise Interrupted()
         self.redis_url = self.redis.url
-        self._say("redis", f"{self.redis_url} (pid {self.redis.pid}, append-only file in {self.redis.data_dir})")
+        where = f"listening on {self.redis.host}:{self.redis.port}, " if self.options.listen else ""
+        self._say(
+            "redis",
+            f"{redacted(self.redis_url)} ({where}pid {self.redis.pid}, append-only file in {self.redis.data_dir})",
+        )
+
+    def _redis_password(self) -> str | None:
+        """Beyond loopback the embedded Redis needs a password: made once, kept 0600 in the data dir.
+        Children get it inside EDGEFLEET_REDIS_URL (their environment), never on a command line."""
+        if not self.options.listen or is_loopback(self.options.listen):
+            return None
+        path = self.data_dir / REDIS_PASSWORD_FILE
+        try:
+            password = path.read_text().strip()
+        except OSError:
+            password = ""
+        password = password or secrets.token_hex(32)
+        write_secret_file(path, password)  # (re)asserts mode 0600
+        return password
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         return self._spawn_cmd(name, [sys.executable, "-m", "edgefleet", *args], self._child_env())
 
     def _start_router(self) -> None:
-        self.router = self._spawn("router", ["router", "--port", str(self.port), "--redis-url", self.redis_url])
+        # The Redis URL reaches children through EDGEFLEET_REDIS_URL (_child_env): it may hold a password.
+        self.router = self._spawn("router", ["router", "--port", str(self.port)])
         deadline = time.monotonic() + ROUTER_START_TIMEOUT
         with httpx.Client(timeout=2.0) as http:
             while True:
@@ -315,7 +381,7 @@ class LocalCluster:
         self._say("router", f"{self.url} (pid {self.router.pid})")
 
     def _start_worker(self) -> None:
-        args = ["worker", "--broker", self.redis_url, "--node-name", self.settings.node_name]
+        args = ["worker", "--node-name", self.settings.node_name]
         if self.options.classes:
             args += ["--classes", ",".join(c.value for c in self.options.classes)]
         self.worker = self._spawn("worker", args)
@@ -325,7 +391,9 @@ class LocalCluster:
             if self._node_seen():
                 break
             if time.monotonic() > deadline:
-                raise StartError(f"worker node sent no heartbeat within {NODE_START_TIMEOUT:g}s: {self.worker.log_tail()}")
+                raise StartError(
+                    f"worker node sent no heartbeat within {NODE_START_TIMEOUT:g}s: {self.worker.log_tail()}"
+                )
             self._interruptible_sleep(0.2)
         self._say("worker", f"node {self.settings.node_name!r} (pid {self.worker.pid})")
 
@@ -341,7 +409,7 @@ class LocalCluster:
         store = JobStore.from_url(self.redis_url, self.settings.key_prefix)
         try:
             return any(n.name == self.settings.node_name for n in store.nodes.live_nodes())
-        except Exception:  # noqa: BLE001 - Redis not ready: not seen yet
+        except Exception:
             return False
         finally:
             store.close()
@@ -373,7 +441,10 @@ class LocalCluster:
         table.add_row("router", escape(self.url))
         table.add_row("API docs", escape(f"{self.url}/docs"))
         table.add_row("metrics", escape("\n".join(metrics)))
-        table.add_row("redis", escape(self.redis_url + ("  (embedded)" if self.redis else "")))
+        redis_note = "  (embedded)" if self.redis else ""
+        if self.redis is not None and self.redis.password:
+            redis_note += f"  password in {self.data_dir / REDIS_PASSWORD_FILE} (mode 0600)"
+        table.add_row("redis", escape(redacted(self.redis_url) + redis_note))
         if self.prometheus_url and self.prometheus is not None:
             table.add_row("prometheus", escape(self.prometheus_url))
         if self.flower_url and self.flower is not None:
@@ -416,8 +487,9 @@ class LocalCluster:
                     if self._stop.is_set():
                         return
                     if time.monotonic() > deadline:
-                        self.console.print("[yellow]  demo job still running after 120 s; see `edgefleet status "
-                                           f"{job.id}`[/yellow]")
+                        self.console.print(
+                            f"[yellow]  demo job still running after 120 s; see `edgefleet status {job.id}`[/yellow]"
+                        )
                         return
                     time.sleep(0.2)
                     job = client.get(job.id)
@@ -455,9 +527,17 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Workers first (warm shutdown), then the router, then Redis. Idempotent."""
-        parts = [name for name, part in (("prometheus", self.prometheus), ("flower", self.flower),
-                                         ("worker", self.worker), ("router", self.router), ("redis", self.redis))
-                 if part is not None]
+        parts = [
+            name
+            for name, part in (
+                ("prometheus", self.prometheus),
+                ("flower", self.flower),
+                ("worker", self.worker),
+                ("router", self.router),
+                ("redis", self.redis),
+            )
+            if part is not None
+        ]
         if parts:
             self.console.print(f"\n[bold]stopping[/bold] ({', '.join(parts)})…")
         for attr in ("prometheus", "flower"):
@@ -467,7 +547,8 @@ class LocalCluster:
                 setattr(self, attr, None)
         if self.worker is not None:
             self._stop_child(
-                self.worker, self.options.worker_stop_timeout,
+                self.worker,
+                self.options.worker_stop_timeout,
                 waiting_note="waiting for running subtasks to finish (Ctrl-C again to stop at once)",
             )
             self.worker = None
