@@ -38,6 +38,7 @@ NODE_ENV = {
     "EDGEFLEET_HEARTBEAT_INTERVAL": "0.5",
     "EDGEFLEET_HEARTBEAT_TTL": "3",
     "EDGEFLEET_REAP_INTERVAL": "0.5",
+    "EDGEFLEET_NODE_ACL_RECONCILE_INTERVAL": "0.5",
     "EDGEFLEET_WORKER_METRICS_PORT": "0",
     "EDGEFLEET_CPU_CONCURRENCY": "1",
     "EDGEFLEET_IO_CONCURRENCY": "2",
@@ -302,6 +303,13 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
          "token list": listing.stdout, **logs},
     )  # fmt: skip
 
+    # Redis forgets ACL users when it restarts: the router makes the node's user again from the
+    # digest it keeps, and the box reconnects by itself (deleting the user stands in for the
+    # restart: it also drops the user's connections).
+    admin.acl_deluser(user)
+    wait_until(lambda: user in admin.acl_users(), 30, what="the router to remake the node's user")
+    wait_until(lambda: user in client_users(admin).values(), 60, what="box1 to reconnect")
+
     # A running subtask when the box is revoked: it runs again on another box once its lease ends.
     marker = new_marker("revoked")
     running = hub.submit({"steps": [{"id": "nap", "plugin": "sleep", "action": "sleep", "retries": 0,
@@ -363,6 +371,21 @@ def test_a_join_that_fails_says_what_failed_and_starts_nothing(hub: Hub, tmp_pat
     token_file = tmp_path / "no-such-file"
     done = run_cli("worker", "--join", hub.url, "--token-file", str(token_file), env=base_env())
     refused(done, 1, f"error: --token-file: cannot read {token_file}")
+
+    # deploy/join.sh stops at a failed join: the reason, exit 1, no service installed.
+    if os.geteuid() == 0:
+        installed = [Path("/etc/systemd/system/edgefleet-worker.service"), Path("/etc/edgefleet/worker.env")]
+        before = [p.exists() and p.stat().st_mtime for p in installed]
+        script = [str(ROOT / "deploy" / "join.sh"), hub.url, "--name", "svc", "--data-dir", str(tmp_path / "svc")]
+        script += ["--edgefleet", str(Path(sys.executable).parent / "edgefleet")]
+        done = subprocess.run(script, env=base_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "error: join token: set EDGEFLEET_JOIN_TOKEN" in done.stderr, done
+        bad = base_env(EDGEFLEET_JOIN_TOKEN="efj_0123456789ab_" + "0" * 64)
+        done = subprocess.run(script, env=bad, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done
+        assert "error: join token: refused by" in done.stderr and "nothing was installed" in done.stderr
+        assert [p.exists() and p.stat().st_mtime for p in installed] == before
+        assert not (tmp_path / "svc" / "node.env").exists()
 
     # A router that hands out a broker where nothing listens: the join names the broker.
     port, dead = free_port(), free_port()
