@@ -255,8 +255,8 @@ class Settings(BaseSettings):
     # --- joining boxes: join tokens, per-node Redis ACL users (router/api/join.py, workers/join.py) ---
     join_broker_url: str | None = Field(
         default=None,
-        description="the Redis URL (no credentials) the router hands to boxes that join; default: redis_url, "
-        "its loopback host replaced by the host the box reached the router at",
+        description="the Redis URL (no credentials) the router hands to boxes that join; default: redis_url; "
+        "a loopback host in it becomes the host the box reached the router at",
     )
     join_broker_ca_file: Path | None = Field(
         default=None,

@@ -453,7 +453,10 @@ def test_compose_file_wires_one_redis_for_router_and_workers() -> None:
         return env
 
     url = env_of("router")["EDGEFLEET_REDIS_URL"]
-    assert url.startswith("redis://redis:")
+    # Redis has a password, from .env, in the URL (the environment), never on a command line.
+    assert url.startswith("redis://:${EDGEFLEET_REDIS_PASSWORD:?") and url.endswith("@redis:6379/0")
+    assert "EDGEFLEET_REDIS_PASSWORD" in services["redis"]["environment"]["REDIS_PASSWORD"]
+    assert "requirepass" in " ".join(map(str, services["redis"]["command"]))
     assert env_of("worker")["EDGEFLEET_REDIS_URL"] == url
     assert "appendonly" in " ".join(map(str, services["redis"].get("command", [])))
     assert "redis" in services["router"].get("depends_on", [])

@@ -167,11 +167,12 @@ def _is_loopback(host: str | None) -> bool:
 def broker_url_for(settings: Settings, reached_host: str | None, user: str, password: str) -> str:
     """The cluster's Redis as a joining box should reach it, with that box's own user and password.
 
-    Scheme, port, database and TLS options are the router's own; a loopback host (Redis on the
-    router's box) becomes the host the box reached the router at, unless `join_broker_url` says."""
+    Scheme, port, database and TLS options are the router's own (or `join_broker_url`'s); a
+    loopback host, never right for another box, becomes the host the box reached the router at
+    (Redis on the router's box, as with `edgefleet up --listen` or the compose stack)."""
     base = urlsplit(settings.join_broker_url or settings.redis_url)
     host = base.hostname or "127.0.0.1"
-    if settings.join_broker_url is None and _is_loopback(host) and not _is_loopback(reached_host):
+    if _is_loopback(host) and not _is_loopback(reached_host):
         host = reached_host or host
     if ":" in host:
         host = f"[{host}]"
