@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,9 +31,9 @@ import psutil
 import pytest
 import redis
 
+from edgefleet.keys import KEY_TEMPLATES
+from edgefleet.store.acl import ROUTER_ONLY_KEYS, store_key_patterns, worker_acl_rules
 from tests.conftest import MARKER_DIR, ROOT, free_port, new_marker, stop_process, wait_until
-
-pytestmark = pytest.mark.cluster
 
 NODE_ENV = {
     "EDGEFLEET_HEARTBEAT_INTERVAL": "0.5",
@@ -199,6 +200,19 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         hub.stop()
 
 
+def test_a_node_user_reaches_every_store_key_but_the_routers_own() -> None:
+    assert set(KEY_TEMPLATES) >= ROUTER_ONLY_KEYS
+    patterns = store_key_patterns("ef")
+    for name, template in KEY_TEMPLATES.items():
+        key = "ef:" + re.sub(r"[{][^}]*[}]", "x1", template)
+        # fnmatch's * matches ':' as Redis's glob does
+        assert any(fnmatchcase(key, p) for p in patterns) == (name not in ROUTER_ONLY_KEYS), name
+    rules = worker_acl_rules("ef", db=3)
+    assert "~ef:*" not in rules and "&/3.celery.pidbox" in rules and "-@all" in rules
+    assert not {"+config", "+acl", "+keys", "+flushall", "+flushdb", "+debug", "+shutdown", "+module"} & set(rules)
+    assert not [r for r in rules if r.startswith("+@") or r in ("+script", "+client", "allkeys", "~*")]
+
+
 def node_connections(box: Box, redis_port: int) -> set[str]:
     """`ip:port` of each connection from the box's processes to Redis."""
     found: set[str] = set()
@@ -232,6 +246,7 @@ def assert_nowhere(secrets: dict[str, str], places: dict[str, str]) -> None:
             assert secret not in text, f"the {what} appears in {where}"
 
 
+@pytest.mark.cluster
 def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hub) -> None:
     out = hub.cli("token", "create", "--worker", "--name", "box1")
     assert out.returncode == 0, out.stderr
@@ -283,6 +298,11 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
         ("CLIENT", "KILL", "USER", "default"),
         ("SHUTDOWN", "NOSAVE"),
         ("SET", "somebody-elses-key", "x"),
+        # the router's own keys: admission records (no node mints itself a token) and signing secrets
+        ("ZRANGE", "ef:joins", "0", "-1"),
+        ("HGETALL", f"ef:join:{token.split('_')[1]}"),
+        ("HSET", "ef:join:000000000000", "secret", "x"),
+        ("HGETALL", "ef:webhook_secret:default"),
     ]
     for command in forbidden:
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -344,6 +364,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     assert box2_user not in (None, user)
 
 
+@pytest.mark.cluster
 def test_a_join_that_fails_says_what_failed_and_starts_nothing(hub: Hub, tmp_path: Path) -> None:
     def join(token: str | None, url: str = hub.url, **env: str) -> subprocess.CompletedProcess[str]:
         extra = {"EDGEFLEET_DATA_DIR": str(tmp_path / "box"), **env}
@@ -417,6 +438,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.cluster
 def test_redis_beyond_loopback_has_a_password_no_command_line_shows(hub: Hub) -> None:
     password_file = hub.data_dir / "redis-password"
     assert password_file.stat().st_mode & 0o777 == 0o600
@@ -456,6 +478,7 @@ def _make_ca(folder: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+@pytest.mark.cluster
 def test_a_box_joins_over_rediss_with_the_routers_ca(tmp_path: Path) -> None:
     binary = _redis_with_tls()
     if binary is None or shutil.which("openssl") is None:

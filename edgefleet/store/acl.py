@@ -11,7 +11,8 @@ the digests kept here (and deletes node users whose token is gone), so nodes rec
 themselves. A revoke marks the token first and deletes the user second, and a reconcile
 re-reads the mark after it recreated a user, so the two cannot race a revoked node back in.
 
-What a node may do (`worker_acl_rules`): the job store's keys, Celery/kombu's keys and
+What a node may do (`worker_acl_rules`): the job store's keys (but the join tokens' and the
+webhook signing secrets': `ROUTER_ONLY_KEYS`), Celery/kombu's keys and
 pub/sub channels, and only the commands a worker sends — found by running a node under a
 user with nothing allowed and reading `ACL LOG` until a job ran. No CONFIG, ACL, KEYS,
 FLUSH*, DEBUG, SHUTDOWN, MODULE, SCRIPT FLUSH, CLIENT KILL, MONITOR, ...
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from edgefleet.keys import KEY_TEMPLATES
 from edgefleet.node_join import (
     JOIN_KIND,
     NODE_KIND,
@@ -87,6 +89,21 @@ def node_acl_user(prefix: str, token_id: str) -> str:
     return f"{prefix}-node-{token_id}"
 
 
+# Job-store keys no node touches: the admission records (a node that could write them could mint
+# itself a join token before it is revoked, and keep coming back) and tenants' webhook signing secrets.
+ROUTER_ONLY_KEYS = frozenset({"join_token", "join_tokens", "webhook_secret"})
+
+
+def store_key_patterns(prefix: str) -> list[str]:
+    """ACL key patterns for every key of `KEY_TEMPLATES` but the router's own, placeholders as `*`."""
+    patterns = {
+        f"{prefix}:{re.sub(r'[{][^}]*[}]', '*', template)}"
+        for name, template in KEY_TEMPLATES.items()
+        if name not in ROUTER_ONLY_KEYS
+    }
+    return sorted(patterns)
+
+
 def worker_acl_rules(prefix: str, db: int = 0) -> list[str]:
     """`ACL SETUSER` rules (after `reset on #<digest>`) for a worker node of the store with `prefix`.
 
@@ -94,7 +111,7 @@ def worker_acl_rules(prefix: str, db: int = 0) -> list[str]:
     control one, and Redis matches a PSUBSCRIBE pattern against the allowed ones literally,
     so that one is spelled out for the broker's database."""
     return [
-        f"~{prefix}:*",
+        *(f"~{pattern}" for pattern in store_key_patterns(prefix)),
         *(f"~{pattern}" for pattern in _KOMBU_KEYS),
         "resetchannels",
         f"&/{db}.celery.pidbox",
