@@ -121,11 +121,10 @@ class ModelAffinity:
         if not held:
             return None
         rc = env.resource_class.value
-        able = [
-            n
-            for n in self._live_nodes()
-            if held.get(n.name) and env.resource_class in n.classes and env.plugin in n.plugins
-        ]
+        capable = [n for n in self._live_nodes() if env.resource_class in n.classes and env.plugin in n.plugins]
+        if len(capable) < 2:
+            return None  # one box could run it: there is no choice to make
+        able = [n for n in capable if held.get(n.name)]
         total = max(held.values())
         with self._lock:
             # The node whose subtask just ended has a slot its last heartbeat still shows busy.
