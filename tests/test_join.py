@@ -354,14 +354,39 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     again = run_cli("worker", "--join", hub.url, env=base_env(EDGEFLEET_JOIN_TOKEN=token,
                     EDGEFLEET_DATA_DIR=str(hub.workdir / "again")))  # fmt: skip
     assert again.returncode == 1 and "join token revoked" in again.stderr, again.stderr
-    box2 = hub.join("box2", hub.create_token("box2"), "--classes", "cpu")
+    token2 = hub.create_token("box2")
+    box2 = hub.join("box2", token2, "--classes", "cpu")
     hub.wait_ready(box2)
     done = hub.wait_job(running)
     assert done["state"] == "succeeded", done
     nap = done["subtasks"][0]
     assert nap["node"] == "box2" and nap["attempt"] >= 2
-    box2_user = urlsplit(box2.credentials()["EDGEFLEET_REDIS_URL"]).username
-    assert box2_user not in (None, user)
+    old = urlsplit(box2.credentials()["EDGEFLEET_REDIS_URL"])
+    assert old.username not in (None, user)
+
+    # A rejoin with a still-valid token: the same user, a new password (the old one is refused
+    # from now on). A plain `edgefleet worker` on the box then runs on what the join kept.
+    stop_process(box2.proc, timeout=30)
+    rejoin = run_cli(
+        "worker", "--join", hub.url, "--node-name", "box2", "--join-only",
+        env=base_env(EDGEFLEET_JOIN_TOKEN=token2, EDGEFLEET_DATA_DIR=str(box2.data_dir)),
+    )  # fmt: skip
+    assert rejoin.returncode == 0 and "joined" in rejoin.stdout, rejoin.stderr
+    new = urlsplit(box2.credentials()["EDGEFLEET_REDIS_URL"])
+    assert new.username == old.username and new.password != old.password
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=hub.redis_port, username=old.username, password=old.password).ping()
+    log = hub.workdir / "node-box2-plain.log"
+    plain = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "worker", "--classes", "cpu"],
+        env=base_env(EDGEFLEET_DATA_DIR=str(box2.data_dir)),
+        stdout=open(log, "ab"),  # noqa: SIM115 - the process holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    hub.boxes.append(Box("box2", box2.data_dir, log, plain, time.time()))
+    wait_until(lambda: "box2" in hub.live_nodes(), 60, what="box2 back on its kept credentials")
+    assert new.username in client_users(admin).values()
 
 
 @pytest.mark.cluster
