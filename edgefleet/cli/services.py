@@ -6,6 +6,7 @@ client command starts fast and a worker box needs no router package)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ def router(
 
     from router.app import create_app
 
+    _warn_if_password("--redis-url", redis_url)
     settings = settings_with(router_host=host, router_port=port, redis_url=redis_url)
     setup_logging("router", settings.log_level, settings.log_json)
     make_undumpable()
@@ -81,6 +83,7 @@ def worker(
 
     if join is not None and broker is not None:
         fail("--broker", "give --broker or --join, not both")
+    _warn_if_password("--broker", broker)
     if (token_file is not None or join_only) and join is None:
         fail("--join", "--token-file and --join-only go with --join ROUTER_URL")
     if join is not None:
@@ -101,6 +104,17 @@ def worker(
     else:
         chosen = detect_classes(force_gpu=gpu)
     raise typer.Exit(NodeSupervisor(settings, chosen).run())
+
+
+def _warn_if_password(option: str, url: str | None) -> None:
+    """A password in an argument is visible to every user of the box (`ps`): say so, once."""
+    from urllib.parse import urlsplit
+
+    if url and urlsplit(url).password:
+        sys.stderr.write(
+            f"warning: {option}: this URL's password is visible to every user of this box in `ps`; "
+            "set EDGEFLEET_REDIS_URL in the environment instead (or join with --join)\n"
+        )
 
 
 def _join(router_url: str, token_file: Path | None, node_name: str | None) -> dict[str, str]:
