@@ -247,6 +247,7 @@ class NodeArtifacts:
         if not paths:
             return []
         tick = _Ticker(keep_alive)
+        started = time.monotonic()
         staged: list[Path] = []
         artifacts: list[ArtifactInfo] = []
         try:
@@ -295,6 +296,8 @@ class NodeArtifacts:
                 "job_id": env.job_id,
                 "subtask": env.subtask_id,
                 "count": len(artifacts),
+                "bytes": sum(a.size for a in artifacts),
+                "seconds": round(time.monotonic() - started, 3),  # hashing and uploads
                 "verdict": recorded.verdict,
             },
         )
