@@ -56,7 +56,6 @@ class ArtifactService:
         self.staging = self.root / ".tmp"
         self.max_file_bytes = int(settings.artifact_max_file_mb * MIB)
         self._s3: S3Blobs | None = None
-        self._secret = ""
         self.downloads = Counter(
             metric_names.ARTIFACT_DOWNLOADS,
             "artifact downloads the router served",
@@ -148,9 +147,8 @@ class ArtifactService:
         """The live node a node credential names, or None (wrong, or the node is not live)."""
         if not token.startswith(NODE_CREDENTIAL_PREFIX):
             return None
-        if not self._secret:
-            self._secret = self.store.artifacts.node_secret()
-        node = node_of_credential(self._secret, token)
+        # Read each time (one GET): a rotated secret refuses old credentials at once.
+        node = node_of_credential(self.store.artifacts.node_secret(), token)
         if node is None or not self.store.artifacts.node_is_live(node):
             return None
         return node

@@ -165,6 +165,32 @@ def test_locality_sends_a_step_to_the_box_that_holds_its_inputs(boxes: Cluster) 
     assert node_downloads(boxes) == before
 
 
+def test_node_credentials_need_a_live_node_and_the_current_secret(boxes: Cluster) -> None:
+    from edgefleet.artifact_files import node_credential
+    from edgefleet.store import JobStore
+
+    store = JobStore.from_url(boxes.redis.url)
+    try:
+        old = store.artifacts.node_secret()
+        with boxes.client() as http:
+            artifact_id = http.post("/v1/artifacts", params={"name": "n.txt"}, content=b"for nodes").json()["id"]
+
+        def as_node(secret: str, node: str) -> int:
+            headers = {"Authorization": f"Bearer {node_credential(secret, node)}"}
+            return httpx.get(f"{boxes.url}/v1/artifacts/{artifact_id}", headers=headers, timeout=10).status_code
+
+        assert as_node(old, "beta") == 200
+        assert as_node(old, "ghost") == 401  # right secret, but no such live node
+        store.artifacts.rotate_node_secret()  # as when a box that knew it is revoked
+        assert as_node(old, "beta") == 401
+        assert as_node(store.artifacts.node_secret(), "beta") == 200
+        # The nodes notice (a 401), make new credentials and move files as before.
+        done = run(boxes, two_step(f"after a rotation {os.urandom(4).hex()}", "alpha", "beta"))
+        assert done["state"] == "succeeded", json.dumps(done, indent=1)
+    finally:
+        store.close()
+
+
 def test_a_corrupt_cached_copy_is_fetched_again_never_used(boxes: Cluster) -> None:
     text = "cached then corrupted on disk"
     first = run(boxes, two_step(text, "alpha", "beta"))
@@ -298,7 +324,9 @@ def test_cli_sends_a_photo_folder_and_fetches_the_slideshow(boxes: Cluster, tmp_
         [*submit, "--wait", "--timeout", "150"], env=env, capture_output=True, text=True, timeout=180
     )
     job_id = submitted.stdout.split()[0] if submitted.stdout else ""
-    assert submitted.returncode == 0, f"{submitted.stderr}\n{[(s['id'], s['node'], s['placement']) for s in boxes.job(job_id)['subtasks']] if job_id else None}"
+    assert submitted.returncode == 0, (
+        f"{submitted.stderr}\n{[(s['id'], s['node'], s['placement']) for s in boxes.job(job_id)['subtasks']] if job_id else None}"
+    )
     done = boxes.job(job_id)
     classify = steps(done)["classify"]
     assert classify["output"]["count"] == 4

@@ -94,18 +94,30 @@ class RouterBackend:
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
         url, _ = resolve_connection(settings)
-        credential = node_credential(store.artifacts.node_secret(), settings.node_name)
+        self._store = store
+        self._node = settings.node_name
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
-            headers={"Authorization": f"Bearer {credential}", "User-Agent": "edgefleet-node"},
+            headers={"User-Agent": "edgefleet-node"},
             timeout=httpx.Timeout(60.0, connect=10.0),
         )
+        self._authorize()
+
+    def _authorize(self) -> None:
+        credential = node_credential(self._store.artifacts.node_secret(), self._node)
+        self._http.headers["Authorization"] = f"Bearer {credential}"
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code == 401:
+            # The secret was rotated (a box was revoked): a new credential, and the transfer is tried again.
+            self._authorize()
+        response.raise_for_status()
 
     def has(self, artifact_id: str) -> bool:
         response = self._http.head(f"/v1/artifacts/{artifact_id}")
         if response.status_code == 404:
             return False
-        response.raise_for_status()
+        self._check(response)
         return True
 
     def upload(self, artifact_id: str, path: Path, tick: _Ticker) -> None:
@@ -122,13 +134,15 @@ class RouterBackend:
         )
         if response.status_code == 413:
             raise ArtifactFailure(f"the router refused {path.name}: {response.text[:300]}", retryable=False)
-        response.raise_for_status()
+        self._check(response)
 
     def download(self, artifact_id: str, out: Any, tick: _Ticker) -> None:
         with self._http.stream("GET", f"/v1/artifacts/{artifact_id}") as response:
             if response.status_code == 404:
                 raise ArtifactFailure(f"artifact {artifact_id} is not stored (the router has no copy)")
-            response.raise_for_status()
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
             for chunk in response.iter_bytes(CHUNK):
                 tick()
                 out.write(chunk)

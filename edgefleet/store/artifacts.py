@@ -150,3 +150,10 @@ class ArtifactStore:
         pipe.set(key, secrets.token_hex(32), nx=True)
         pipe.execute()
         return self._conn.client.get(key) or ""
+
+    def rotate_node_secret(self) -> None:
+        """A new secret: every node credential made before is refused (nodes make new ones on a
+        401). For when a box that knew the old one is revoked."""
+        pipe = self._conn.client.pipeline(transaction=False)
+        pipe.set(self._conn.keys.key("artifact_secret"), secrets.token_hex(32))
+        pipe.execute()
