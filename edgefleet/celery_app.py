@@ -105,6 +105,9 @@ def create_celery(settings: Settings, *, main: str = "edgefleet") -> Celery:
         task_queues=[Queue(rc.value) for rc in ResourceClass],
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
+        # Off on joined boxes: their Redis user may not use the remote-control channel, through which
+        # any worker could tell every other one to shut down (edgefleet/store/acl.py).
+        worker_enable_remote_control=settings.worker_remote_control,
         worker_send_task_events=False,
         task_send_sent_event=False,
         timezone="UTC",

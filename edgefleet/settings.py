@@ -266,6 +266,11 @@ class Settings(BaseSettings):
     node_acl_reconcile_interval: float = Field(
         default=10.0, gt=0, description="seconds between the router's checks that each joined node's ACL user exists"
     )
+    worker_remote_control: bool = Field(
+        default=True,
+        description="class workers answer Celery remote control (celery inspect/control, Flower's inspect); "
+        "a joined box turns it off: its Redis user may not use that channel",
+    )
     # Secrets: SecretStr keeps them out of reprs and logs; both come from the environment or a file.
     join_token: SecretStr | None = Field(default=None, description="`edgefleet worker --join`: the join token")
     node_token: SecretStr | None = Field(

@@ -208,7 +208,9 @@ def test_a_node_user_reaches_every_store_key_but_the_routers_own() -> None:
         # fnmatch's * matches ':' as Redis's glob does
         assert any(fnmatchcase(key, p) for p in patterns) == (name not in ROUTER_ONLY_KEYS), name
     rules = worker_acl_rules("ef", db=3)
-    assert "~ef:*" not in rules and "&/3.celery.pidbox" in rules and "-@all" in rules
+    assert "~ef:*" not in rules and "-@all" in rules
+    # task events only: no remote control, through which any box could shut every worker down
+    assert [r for r in rules if r.startswith("&")] == ["&/3.celeryev/*"]
     assert not {"+config", "+acl", "+keys", "+flushall", "+flushdb", "+debug", "+shutdown", "+module"} & set(rules)
     assert not [r for r in rules if r.startswith("+@") or r in ("+script", "+client", "allkeys", "~*")]
 
@@ -265,6 +267,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     user, password = broker.username, broker.password
     assert user is not None and user.startswith("ef-node-") and password
     assert broker.port == hub.redis_port
+    assert creds["EDGEFLEET_WORKER_REMOTE_CONTROL"] == "false"
 
     # Work runs on the box: a cpu step (the hub serves io only). The first subtask's start
     # against the moment `worker --join` was launched is the join-to-work figure.
@@ -303,6 +306,8 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
         ("HGETALL", f"ef:join:{token.split('_')[1]}"),
         ("HSET", "ef:join:000000000000", "secret", "x"),
         ("HGETALL", "ef:webhook_secret:default"),
+        # Celery remote control: a broadcast `shutdown` would stop every worker of the cluster
+        ("PUBLISH", "/0.celery.pidbox", "{}"),
     ]
     for command in forbidden:
         with pytest.raises(redis.exceptions.NoPermissionError):

@@ -54,6 +54,8 @@ class Joined:
             "EDGEFLEET_ROUTER_URL": self.router_url,
             "EDGEFLEET_NODE_NAME": self.node_name,
             "EDGEFLEET_NODE_TOKEN": self.node_token,
+            # The node's Redis user has no remote-control channel (edgefleet/store/acl.py).
+            "EDGEFLEET_WORKER_REMOTE_CONTROL": "false",
         }
 
 

@@ -47,9 +47,10 @@ if TYPE_CHECKING:
 
 # Celery/kombu's keys (sep ":" and priority steps, edgefleet.celery_app): the class queues with
 # their priority lists (`cpu`, `cpu:3`) and express queues (`cpu.express`), each node's direct
-# queues (`node.<name>.cpu`), the exchange bindings and their deadlines (`_kombu.*`), the unacked
-# hash/index/mutex of acks_late, each worker's remote-control queue (`cpu@box.celery.pidbox`)
-# and the reply queues of remote control.
+# queues (`node.<name>.cpu`), the exchange bindings and their deadlines (`_kombu.*`), and the
+# unacked hash/index/mutex of acks_late. No remote control (`*.celery.pidbox` queues, the
+# `/<db>.celery.pidbox` channel): edgefleet does not use it, and with it any box could tell every
+# worker to shut down; joined boxes run with `worker_remote_control` off.
 _KOMBU_KEYS = (
     *(pattern for rc in ResourceClass for pattern in (rc.value, f"{rc.value}:*", f"{rc.value}.*")),
     "node.*",
@@ -57,8 +58,6 @@ _KOMBU_KEYS = (
     "unacked",
     "unacked_index",
     "unacked_mutex",
-    "*.celery.pidbox",
-    "*.celery.pidbox:*",
 )
 # Everything a node's processes send, by name (`command|subcommand` for one subcommand only);
 # each seen in MONITOR while a node ran jobs, or sent by the store's code on a path a short run
@@ -66,7 +65,7 @@ _KOMBU_KEYS = (
 _COMMANDS = (
     # connection
     "auth", "hello", "ping", "select", "quit", "reset", "client|setname", "client|getname", "client|id",
-    "client|setinfo",
+    "client|setinfo", "client|maint_notifications",  # redis-py's own, on connect (errors ignored)
     # job store and kombu: strings, hashes, sets, sorted sets, lists, streams
     "get", "set", "setnx", "mget", "incr", "incrby", "decr", "exists", "del", "unlink", "expire", "pexpire",
     "ttl", "pttl",
@@ -80,8 +79,8 @@ _COMMANDS = (
     "evalsha", "eval", "script|load", "script|exists",
     "multi", "exec", "discard", "watch", "unwatch",
     "time",
-    # kombu's fanout exchanges: remote control (pidbox) and task events (celeryev)
-    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+    # kombu's fanout exchange of task events (celeryev, for Flower)
+    "publish",
 )  # fmt: skip
 
 
@@ -107,14 +106,12 @@ def store_key_patterns(prefix: str) -> list[str]:
 def worker_acl_rules(prefix: str, db: int = 0) -> list[str]:
     """`ACL SETUSER` rules (after `reset on #<digest>`) for a worker node of the store with `prefix`.
 
-    kombu's fanout exchanges are channels `/<db>.<exchange>`; it PSUBSCRIBEs to the remote
-    control one, and Redis matches a PSUBSCRIBE pattern against the allowed ones literally,
-    so that one is spelled out for the broker's database."""
+    kombu's fanout exchanges are channels `/<db>.<exchange>`: a node publishes task events to
+    `celeryev` (for Flower), nothing else."""
     return [
         *(f"~{pattern}" for pattern in store_key_patterns(prefix)),
         *(f"~{pattern}" for pattern in _KOMBU_KEYS),
         "resetchannels",
-        f"&/{db}.celery.pidbox",
         f"&/{db}.celeryev/*",
         "-@all",
         *(f"+{command}" for command in _COMMANDS),
