@@ -135,17 +135,17 @@ def submit(
         body = read_body(file)
     else:
         fail("FILE", "give a job file ('-' for stdin), --template NAME or --demo; see `edgefleet submit --help`")
-    if inputs:
-        earlier = body.get("inputs")
-        merged: dict[str, Any] = earlier if isinstance(earlier, dict) else {}
-        body["inputs"] = {**merged, **parse_inputs(inputs)}
+    extra_inputs = parse_inputs(inputs) if inputs else {}
     if priority is not None:
         body["priority"] = priority.value
     if name is not None:
         body["name"] = name
     with api_errors(), make_client(url, token) as client:
-        if isinstance(body.get("inputs"), dict):
-            body["inputs"] = upload_inputs(client, body["inputs"])  # `key=@path`: files go first
+        if extra_inputs:
+            earlier = body.get("inputs")
+            merged: dict[str, Any] = earlier if isinstance(earlier, dict) else {}
+            # `--input key=@path`: the file or folder is uploaded first, the input names the artifact.
+            body["inputs"] = {**merged, **upload_inputs(client, extra_inputs)}
         job = client.submit(body, idempotency_key=idempotency_key)
         print(job.id, flush=True)
         if not wait:
