@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import shutil
+import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,13 +37,14 @@ import httpx
 
 from edgefleet.artifact_files import (
     CHUNK,
+    UnsafeTree,
     extract_tree,
     node_credential,
     sha256_file,
     write_tree,
 )
 from edgefleet.client import resolve_connection
-from edgefleet.refs import ARTIFACT_KEY, find_artifacts, is_artifact
+from edgefleet.refs import ARTIFACT_KEY, RefError, find_artifacts, is_artifact
 from edgefleet.schemas import ArtifactInfo, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -257,6 +259,14 @@ class NodeArtifacts:
         self, env: SubtaskEnvelope, pid: int, workspace: Path, output: Any, keep_alive: KeepAlive | None = None
     ) -> list[ArtifactInfo]:
         """Upload and record the artifacts of a succeeded attempt's output (before it is reported)."""
+        try:
+            return self._collect(env, pid, workspace, output, keep_alive)
+        except OSError as exc:  # a full disk, a file gone: this attempt cannot store its outputs
+            raise ArtifactFailure(f"storing the step's output files failed: {exc}") from exc
+
+    def _collect(
+        self, env: SubtaskEnvelope, pid: int, workspace: Path, output: Any, keep_alive: KeepAlive | None
+    ) -> list[ArtifactInfo]:
         paths = output_paths(output, workspace)
         if not paths:
             return []
@@ -355,6 +365,23 @@ class NodeArtifacts:
     ) -> tuple[dict[str, Any], bool]:
         """`args` (refs already resolved) with artifact paths and `$artifact`s pointing at local
         copies; and whether any copy was made in the job folder (the step has inputs to read)."""
+        try:
+            return self._localise(env, args, needs, job_dir, keep_alive)
+        except RefError as exc:  # a malformed `$artifact` that came out of an earlier step's output
+            raise ArtifactFailure(str(exc), retryable=False) from exc
+        except UnsafeTree as exc:
+            raise ArtifactFailure(f"a folder artifact cannot be unpacked: {exc}", retryable=False) from exc
+        except (OSError, tarfile.TarError) as exc:
+            raise ArtifactFailure(f"making local copies of the step's inputs failed: {exc}") from exc
+
+    def _localise(
+        self,
+        env: SubtaskEnvelope,
+        args: dict[str, Any],
+        needs: list[str],
+        job_dir: Path,
+        keep_alive: KeepAlive | None,
+    ) -> tuple[dict[str, Any], bool]:
         wanted = find_artifacts(args)
         if not needs and not wanted:
             return args, False
@@ -408,15 +435,18 @@ class NodeArtifacts:
         try:
             if artifact.kind == "tree":
                 extract_tree(cached, staging)
-                if target.exists():
-                    shutil.rmtree(target)
             else:
                 try:
                     os.link(cached, staging)  # no copy: the same bytes as the verified cache
                 except OSError:
                     shutil.copyfile(cached, staging)
                     os.chmod(staging, 0o444)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not target.exists():
+                    raise
+                # Another step of the job on this box made the same copy a moment ago: use that one.
         finally:
             if staging.is_dir():
                 shutil.rmtree(staging, ignore_errors=True)
