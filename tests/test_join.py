@@ -33,6 +33,7 @@ import redis
 
 from edgefleet.keys import KEY_TEMPLATES
 from edgefleet.store.acl import ROUTER_ONLY_KEYS, store_key_patterns, worker_acl_rules
+from edgefleet.store.jobs import JobStore
 from tests.conftest import MARKER_DIR, ROOT, free_port, new_marker, stop_process, wait_until
 
 NODE_ENV = {
@@ -341,9 +342,13 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
                                      "args": {"seconds": 4, "marker": str(marker)}}]})  # fmt: skip
     wait_until(lambda: marker.exists(), 60, what="the nap to start on box1")
 
+    artifacts = JobStore(admin).artifacts
+    secret_before = artifacts.node_secret()
     revoked = hub.cli("token", "revoke", "box1")
     assert revoked.returncode == 0, revoked.stderr
     assert "box1" in revoked.stdout
+    # The box could read the artifact signing secret: it is replaced, so no credential it makes holds.
+    assert artifacts.node_secret() != secret_before
     # At once: the user and its connections are gone, the node has left /v1/workers.
     assert user not in admin.acl_users()
     assert user not in client_users(admin).values()

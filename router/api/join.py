@@ -227,7 +227,7 @@ def list_join_tokens(_: AdminPrincipal, access: Access) -> JoinTokenList:
 
 
 @router.delete("/v1/join-tokens/{token}", response_model=JoinTokenInfo, responses=error_responses(404, 409))
-def revoke_join_token(token: str, _: AdminPrincipal, access: Access) -> JoinTokenInfo:
+def revoke_join_token(token: str, _: AdminPrincipal, access: Access, services: Services) -> JoinTokenInfo:
     """Revoke a join token by id or name (admin): its node's Redis user and connections go at once,
     its heartbeat too; what it was running is re-queued when the leases run out."""
     found = access.find(token)
@@ -243,6 +243,9 @@ def revoke_join_token(token: str, _: AdminPrincipal, access: Access) -> JoinToke
     revoked = access.revoke(candidates[0].id)
     if revoked is None:
         raise ApiError(404, "not_found", [("token", f"no join token with id or name {token!r}")])
+    # The revoked box knew the artifact signing secret (its Redis user could read it): a new one
+    # voids every credential it could still make; live nodes, which can read the new one, remake theirs.
+    services.store.artifacts.rotate_node_secret()
     log.info("join token revoked", extra={"token_id": revoked.id, "token_name": revoked.name, "node": revoked.node})
     return _info(revoked)
 
