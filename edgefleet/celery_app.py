@@ -16,6 +16,7 @@ from kombu.transport import redis as kombu_redis
 
 from edgefleet.schemas import PriorityClass, ResourceClass
 from edgefleet.settings import Settings
+from edgefleet.tcp_liveness import BROKER_LIVENESS
 
 RUN_SUBTASK = "edgefleet.run_subtask"
 PROBE = "edgefleet.probe"
@@ -96,11 +97,16 @@ def create_celery(settings: Settings, *, main: str = "edgefleet") -> Celery:
             "queue_order_strategy": "priority",
             "unacked_restore_interval": settings.broker_restore_interval,
             "unacked_restore_throttle": settings.broker_restore_throttle,
-            # A dead broker host (no RST) is noticed in seconds, not at the TCP timeout.
+            # A dead link (no RST) is noticed within seconds, not at TCP's timeout, and no command
+            # blocks the worker's event loop longer than that (edgefleet.tcp_liveness).
+            "socket_timeout": BROKER_LIVENESS.socket_timeout,
+            "socket_connect_timeout": BROKER_LIVENESS.connect_timeout,
             "socket_keepalive": True,
-            "socket_connect_timeout": 5,
-            "health_check_interval": 10,
+            "socket_keepalive_options": BROKER_LIVENESS.keepalive_options(),
+            "health_check_interval": BROKER_LIVENESS.health_check_interval,
         },
+        # ...and a lost broker is tried again every second, not with Celery's growing back-off.
+        worker_consumer="edgefleet.broker_reconnect:QuickReconnectConsumer",
         task_default_queue=ResourceClass.cpu.value,
         task_queues=[Queue(rc.value) for rc in ResourceClass],
         task_create_missing_queues=True,

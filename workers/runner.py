@@ -6,10 +6,10 @@ dropped; a delivery whose owner process died on this box, or whose lease has
 expired, takes it over (a lost attempt, counted and bounded).
 
 A Redis blip costs nothing that finished: the lease renewal keeps trying while
-the plugin runs (and stops the plugin only once the outage outlasts the lease,
-since another box may then take the subtask over), and a finished attempt keeps
-its result and writes it when Redis is back; the store refuses it if the attempt
-no longer owns the subtask.
+the plugin runs, and a finished attempt keeps its result and writes it when Redis
+is back; the store refuses it if the attempt no longer owns the subtask. An outage
+that outlasts the lease's give-up time (workers/lease_fence.py) stops the plugin
+first: the box fences itself off before the store may hand the subtask to another.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
 from workers.artifacts import ArtifactFailure, NodeArtifacts
+from workers.lease_fence import LeaseFence, LeaseTiming
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
@@ -40,9 +41,6 @@ from workers.sandbox_pool import WarmLaunchers
 from workers.store_retry import TRANSIENT, retry_transient
 
 log = logging.getLogger(__name__)
-
-# How often a running subtask renews its lease and looks for a cancel.
-MAX_RENEW_INTERVAL = 1.0
 
 
 def linked_folders(job_dir: Path, exclude: Path) -> list[Path]:
@@ -95,6 +93,7 @@ class SubtaskRunner:
         self.metrics = metrics
         self.node = settings.node_name
         self.lease_ttl = settings.effective_lease_ttl
+        self.lease_timing = LeaseTiming.of(self.lease_ttl)
         self.max_lost = settings.max_lost_attempts
         self.patience = settings.store_outage_patience
         self.launchers = WarmLaunchers.for_settings(settings)
@@ -179,7 +178,7 @@ class SubtaskRunner:
         try:
             # Files of other boxes (earlier steps' artifacts, `$artifact`s) as local copies first.
             resolved, has_copies = self.artifacts.localise(
-                env, resolved, list(outputs), self._job_dir(env), self._keep_alive(env, pid)
+                env, resolved, list(outputs), self._job_dir(env), self._keep_alive(env, pid, attempt)
             )
         except ArtifactFailure as exc:
             return self._finish(env, pid, "failed", error=str(exc), retryable=exc.retryable)
@@ -229,7 +228,7 @@ class SubtaskRunner:
         if result.outcome == "succeeded":
             try:
                 # Stored before the success is: a box that dies next loses none of its files.
-                self.artifacts.collect(env, pid, workspace, result.output, self._keep_alive(env, pid))
+                self.artifacts.collect(env, pid, workspace, result.output, self._keep_alive(env, pid, attempt))
             except ArtifactFailure as exc:
                 return self._finish(env, pid, "failed", error=str(exc), retryable=exc.retryable, usage=usage)
             return self._finish(env, pid, "succeeded", output=result.output, usage=usage)
@@ -237,14 +236,18 @@ class SubtaskRunner:
             return self._finish(env, pid, "cancelled", error=result.error, usage=usage)
         return self._finish(env, pid, "failed", error=result.error, retryable=result.retryable, usage=usage)
 
-    def _keep_alive(self, env: SubtaskEnvelope, pid: int) -> Callable[[], bool]:
+    def _keep_alive(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt) -> Callable[[], bool]:
         """Renew the lease during a long artifact transfer; False once another attempt owns it."""
 
         def renew() -> bool:
+            sent = time.monotonic()
             try:
-                return self.store.attempts.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl).still_owner
+                owner = self.store.attempts.renew(env, node=self.node, pid=pid, lease_ttl=self.lease_ttl).still_owner
             except TRANSIENT:
                 return True  # an outage: the transfer goes on, the completion decides (as for a plugin)
+            if owner:
+                attempt.leased_at = sent  # the plugin's lease fence times its give-up from here
+            return owner
 
         return renew
 
@@ -294,12 +297,33 @@ class SubtaskRunner:
         """Renew the lease while the plugin runs; stop it on cancel, timeout or a lost lease.
 
         While Redis is unreachable the plugin keeps running and renewal is tried again each
-        round; only when the outage outlasts the lease does the attempt fence itself off (stop
-        the plugin, record nothing), since the reaper may by then have given it to another box."""
-        interval = min(MAX_RENEW_INTERVAL, self.lease_ttl / 3)
+        round, until the lease fence (its own thread) kills the plugin at the give-up time,
+        strictly before the store may give the subtask to another box; the attempt then ends
+        as lost, recording nothing (the reaper requeues it)."""
+        fence = LeaseFence(self.lease_timing, attempt.leased_at, run.kill)
+        try:
+            return self._renew_while_running(env, pid, run, attempt, deadline, fence)
+        finally:
+            fence.close()
+
+    def _renew_while_running(
+        self, env: SubtaskEnvelope, pid: int, run: SandboxedRun, attempt: _Attempt, deadline: float, fence: LeaseFence
+    ) -> str:
+        interval = self.lease_timing.renew_interval
         unreachable_since: float | None = None
         while True:
-            if run.wait(min(interval, max(0.0, deadline - time.monotonic()))):
+            if fence.fired:
+                log.error(
+                    "lease not renewed in time; the plugin was stopped before the subtask can be given to another box",
+                    extra={
+                        "job_id": env.job_id,
+                        "subtask": env.subtask_id,
+                        "since_renewal_s": round((fence.fired_at or 0.0) - attempt.leased_at, 2),
+                        "lease_ttl": self.lease_ttl,
+                    },
+                )
+                return "lost"
+            if run.wait(min(interval, max(0.0, deadline - time.monotonic()))) and not fence.fired:
                 return "done"
             run.sample()
             if time.monotonic() >= deadline:
@@ -321,15 +345,9 @@ class SubtaskRunner:
                         "job store unreachable; the plugin keeps running",
                         extra={"job_id": env.job_id, "subtask": env.subtask_id, "error": type(exc).__name__},
                     )
-                if time.monotonic() - attempt.leased_at >= self.lease_ttl:
-                    run.stop("lost")
-                    log.error(
-                        "job store unreachable for longer than the lease; abandoning attempt",
-                        extra={"job_id": env.job_id, "subtask": env.subtask_id, "lease_ttl": self.lease_ttl},
-                    )
-                    return "lost"
                 continue
             attempt.leased_at = sent
+            fence.renewed(sent)
             if unreachable_since is not None:
                 log.info(
                     "job store reachable again; lease renewed",

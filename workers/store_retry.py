@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import redis
 
+from edgefleet.tcp_liveness import WORKER_STORE_LIVENESS, LinkLiveness
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -21,21 +23,27 @@ T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
-def worker_client(url: str) -> redis.Redis:
+def worker_client(url: str, liveness: LinkLiveness = WORKER_STORE_LIVENESS) -> redis.Redis:
     """The worker's client: each call fails fast while Redis is down, so that the runner's own
-    loops (which also watch the plugin) decide how long to wait, not redis-py's retries."""
+    loops (which also watch the plugin) decide how long to wait, not redis-py's retries.
+
+    On a dead link (no RST) no call blocks longer than the liveness timeout: a lease renewal
+    stuck on a half-open connection raises TimeoutError and the next one reconnects. (The lease
+    fence, workers/lease_fence.py, stops the plugin on its own thread, whatever a call waits on.)"""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        health_check_interval=30,
+        health_check_interval=liveness.health_check_interval,
         socket_keepalive=True,
-        socket_connect_timeout=2,
-        socket_timeout=10,
+        socket_keepalive_options=liveness.keepalive_options(),
+        socket_connect_timeout=liveness.connect_timeout,
+        socket_timeout=liveness.socket_timeout,
         # One quick retry: a pooled connection that a Redis restart closed is replaced at once.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        # Not on a timeout: that would double how long a call can block on a dead link.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
     )
 
 

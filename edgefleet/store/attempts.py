@@ -15,6 +15,12 @@ from edgefleet.store.connection import StoreConnection
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
 
+# Seconds an expired lease is still honoured before its subtask may go to another attempt (the
+# reaper, or a delivery taking the lease over): room for the owning box to have stopped its copy
+# first (workers/lease_fence.py gives up 2 renew intervals before the lease ends; this grace
+# adds to that margin and covers how far the boxes' clocks may run apart in rate).
+LEASE_GRACE = 1.0
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -86,6 +92,7 @@ class AttemptStore:
             dead_pid if dead_pid is not None else "",
             max_lost,
             token,
+            LEASE_GRACE,
         )
         verdict = result[0]
         if verdict == "run":
@@ -163,7 +170,7 @@ class AttemptStore:
 
     def reap(self, *, max_lost: int, dispatch_grace: float, stranded_after: float, batch: int = 200) -> int:
         """New attempts for expired leases, releases that died before the send, and stranded messages."""
-        return int(self._conn.run("reap", max_lost, dispatch_grace, batch, stranded_after))
+        return int(self._conn.run("reap", max_lost, dispatch_grace, batch, stranded_after, LEASE_GRACE))
 
     def promote_delayed(self, max_count: int = 500) -> int:
         """Retries whose backoff is over become ready again."""

@@ -1,11 +1,13 @@
 -- ARGV: prefix, jid, sid, attempt, node, pid, lease ttl, dead pid ('' unless taking over),
 -- max lost attempts, claim token (one per delivery, so that a claim retried after its reply
--- was lost in a Redis blip is recognised as the same claim).
+-- was lost in a Redis blip is recognised as the same claim), lease grace seconds.
 -- A running attempt is taken over (same attempt, counted as lost) when its owner process on
 -- this node is dead or its lease has expired; never when its job has ended or it was lost
 -- too often (then it is cancelled or failed instead).
 local jid, sid, attempt, node, pid, ttl, dead = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local max_lost, token = tonumber(ARGV[9]), ARGV[10] or ''
+-- An expired lease is honoured `lease_grace` seconds more, so that its box has stopped its copy.
+local lease_grace = tonumber(ARGV[11]) or 0
 local sk = K.subtask(jid, sid)
 local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs',
   'claim_token')
@@ -21,7 +23,7 @@ if f[1] == 'running' then
     retried = true
   elseif dead ~= '' and f[3] == node and f[4] == dead then
     why = 'process ' .. dead .. ' on node ' .. node .. ' died'
-  elseif lease and lease < NOW and not (f[3] == node and f[4] == pid) then
+  elseif lease and lease < NOW - lease_grace and not (f[3] == node and f[4] == pid) then
     -- (an expired lease of this very process is left to the reaper: one pid, one owner)
     why = 'lease of pid ' .. f[4] .. ' on node ' .. f[3] .. ' expired'
   elseif f[3] == node then

@@ -1,7 +1,10 @@
--- ARGV: prefix, max lost attempts, dispatch grace seconds, batch size, stranded-after seconds.
--- Leases that expired belong to dead processes or dead nodes: give the subtask a new attempt.
+-- ARGV: prefix, max lost attempts, dispatch grace seconds, batch size, stranded-after seconds,
+-- lease grace seconds.
+-- Leases that expired belong to dead processes or dead nodes: give the subtask a new attempt,
+-- once the lease grace has passed too (its box fences itself off before that: workers/lease_fence.py).
 local max_lost, grace, batch = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local expired = redis.call('ZRANGEBYSCORE', K.running(), '-inf', NOW, 'LIMIT', 0, batch)
+local lease_grace = tonumber(ARGV[6]) or 0
+local expired = redis.call('ZRANGEBYSCORE', K.running(), '-inf', NOW - lease_grace, 'LIMIT', 0, batch)
 local requeued = 0
 for _, m in ipairs(expired) do
   redis.call('ZREM', K.running(), m)
