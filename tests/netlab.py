@@ -48,6 +48,7 @@ from tests.conftest import ADMIN_TOKEN, ROOT, TOKENS, redis_server_binary, stop_
 LAB_PLUGINS = Path(__file__).parent / "lab_plugins"
 REDIS_PORT = 6379  # the hub has its own port space: the usual port, as on a real hub
 ROUTER_PORT = 8700
+PROMETHEUS_PORT = 9090
 
 
 def _netns_inode(pid: int) -> int | None:
@@ -106,6 +107,7 @@ class Lab:
     boxes: dict[str, Box] = field(default_factory=dict)
     router_proc: subprocess.Popen[bytes] | None = None
     redis_proc: subprocess.Popen[bytes] | None = None
+    prometheus_proc: subprocess.Popen[bytes] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
     _holders: dict[str, int] = field(default_factory=dict)  # namespace -> PID of a process in it
@@ -222,7 +224,7 @@ class Lab:
         for box in self.boxes.values():
             if box.proc is not None:
                 stop_process(box.proc, timeout=15)
-        for proc in (self.router_proc, self.redis_proc):
+        for proc in (self.prometheus_proc, self.router_proc, self.redis_proc):
             if proc is not None:
                 stop_process(proc, timeout=10)
         # Whatever a process left running in a namespace (a sandbox in its own session).
@@ -316,10 +318,19 @@ class Lab:
             return False
 
     def start_box(self, name: str, classes: str = "cpu") -> subprocess.Popen[bytes]:
-        """`edgefleet worker` in the box's namespace, given the broker and nothing else of the hub.
+        """`edgefleet worker` in the box's namespace, given the broker and nothing else of the hub."""
+        return self._start_node(name, self._box_env(), "--classes", classes)
 
-        `nsenter`, `unshare` and `sh` each exec the next: the Popen's PID is the node's."""
-        box = self.boxes[name]
+    def join_box(self, name: str, join_token: str, classes: str = "cpu") -> subprocess.Popen[bytes]:
+        """`edgefleet worker --join <router>` with a join token (in its environment): the box gets
+        its broker credentials from the router. Its metrics listen on every interface, so that
+        it advertises its address on the LAN (Prometheus in the hub scrapes it there)."""
+        env = self._box_env()
+        del env["EDGEFLEET_REDIS_URL"]  # the join hands out the box's own Redis user
+        env.update({"EDGEFLEET_JOIN_TOKEN": join_token, "EDGEFLEET_WORKER_METRICS_HOST": "0.0.0.0"})
+        return self._start_node(name, env, "--join", self.router_url, "--classes", classes)
+
+    def _box_env(self) -> dict[str, str]:
         env = self._base_env()
         env.update(
             {
@@ -329,10 +340,15 @@ class Lab:
                 "EDGEFLEET_NODE_BENCH": "false",
             }
         )
+        return env
+
+    def _start_node(self, name: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+        """`nsenter`, `unshare` and `sh` each exec the next: the Popen's PID is the node's."""
+        box = self.boxes[name]
         # Bind the box's own folder onto the common path, then hide every host folder of the lab.
         script = 'mount --bind "$1" "$2" && mount -t tmpfs -o size=64k,mode=700 lab-hidden "$3" && shift 3 && exec "$@"'
         mount_then_run = ["sh", "-c", script, "sh", str(box.folder), str(self.box_root), str(self.private)]
-        node = [sys.executable, "-m", "edgefleet", "worker", "--node-name", name, "--classes", classes]
+        node = [sys.executable, "-m", "edgefleet", "worker", "--node-name", name, *args]
         box.proc = subprocess.Popen(
             [*self.enter(box.netns), "unshare", "--mount", "--propagation", "private", *mount_then_run, *node],
             env=env,
@@ -341,6 +357,49 @@ class Lab:
             start_new_session=True,
         )
         return box.proc
+
+    def start_prometheus(self, reader_token: str) -> str:
+        """A real Prometheus in the hub, finding nodes through the router's HTTP service discovery
+        (scrape and refresh every second). Returns its URL."""
+        from edgefleet.cli.side_services import SD_PATH, prometheus_config
+
+        hub = self.private / "hub"
+        token_file = hub / "prometheus.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(reader_token + "\n")
+        config = hub / "prometheus.yml"
+        config.write_text(
+            prometheus_config(
+                f"{self.hub_address}:{ROUTER_PORT}",
+                token_file,
+                [],
+                scrape_interval="1s",
+                discovery_url=f"{self.router_url}{SD_PATH}",
+                discovery_refresh="1s",
+            )
+        )
+        listen = f"{self.hub_address}:{PROMETHEUS_PORT}"
+        self.prometheus_proc = subprocess.Popen(
+            [
+                *self.enter(self.hub_ns),
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={hub / 'tsdb'}",
+                f"--web.listen-address={listen}",
+            ],
+            stdout=self._log("prometheus"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://{listen}"
+        wait_until(lambda: self._answers(f"{url}/-/ready"), 60, interval=0.2, what="prometheus in the hub")
+        return url
+
+    def _answers(self, url: str) -> bool:
+        try:
+            return httpx.get(url, timeout=1, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def wait_boxes_ready(self, *names: str, timeout: float = 90) -> None:
         """A box is ready once each class worker it runs is consuming (as `Cluster.wait_nodes_ready`)."""

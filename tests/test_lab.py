@@ -1,7 +1,9 @@
 """Many boxes, tested as separate hosts: a hub and two worker boxes in network namespaces.
 
-See tests/netlab.py for the lab. The boxes get the broker's address and password and nothing
-else of the hub; each reaches it only over its own veth link and sees only its own data folder.
+See tests/netlab.py for the lab. box1 and box2 get the broker's address and password and nothing
+else of the hub; box3 and box4 join with `edgefleet worker --join` and a join token. Each box
+reaches the hub only over its own veth link and sees only its own data folder, so a step that
+reads a file another box wrote gets it only if the file moved as an artifact.
 
 The witness of who ran what is the `stamp` plugin (tests/lab_plugins/stamp): each run appends
 "start", a "tick" every 50 ms and "end", with the wall-clock time, to a file in the folder the
@@ -18,15 +20,21 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import wait_until
-from tests.netlab import Lab, lab_unavailable, new_lab
+from tests.netlab import REDIS_PORT, Lab, lab_unavailable, new_lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.cluster]
 
-BOXES = ("box1", "box2")
+BOXES = ("box1", "box2")  # started with the broker URL only
+JOINED = ("box3", "box4")  # joined with a token
+READER_TOKEN = "reader-token"  # tests/conftest.py TOKENS: read scope, for Prometheus' discovery
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.skip(why)
     made = new_lab(logs_to=tmp_path_factory.mktemp("lab-logs"))
     try:
-        made.build(*BOXES)
+        made.build(*BOXES, *JOINED)
         made.start_hub()
         for name in BOXES:
             made.start_box(name)
@@ -148,3 +156,139 @@ def test_a_cut_off_box_stops_its_copy_before_another_box_takes_the_step_over(
         f"\n{cut}: no overlap (the other box started {first_other - last_cut_off:.2f} s after the cut-off box's"
         f" last record); link back: heartbeat after {live_after:.2f} s, a pinned job done after {served_after:.2f} s"
     )
+
+
+# --- boxes that join with a token ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(lab: Lab) -> Iterator[str]:
+    """A real Prometheus in the hub, started before any box joins; then box3 and box4 join."""
+    url = lab.start_prometheus(READER_TOKEN)
+    with lab.http() as http:
+        for name in JOINED:
+            made = http.post("/v1/join-tokens", json={"name": name})
+            assert made.status_code == 201, made.text
+            lab.join_box(name, made.json()["token"])
+    lab.wait_boxes_ready(*JOINED)
+    yield url
+
+
+def two_step(text: str, producer: str, consumer: str) -> dict[str, Any]:
+    """`write` saves a file in its workspace on `producer`; `count` reads it on `consumer`."""
+    return {
+        "steps": [
+            {
+                "id": "write",
+                "plugin": "text",
+                "action": "transform",
+                "node": producer,
+                "args": {"text": text, "op": "upper", "save_as": "out.txt"},
+            },
+            {
+                "id": "count",
+                "plugin": "text",
+                "action": "count",
+                "node": consumer,
+                "args": {"path": {"$ref": "steps.write.output.path"}},
+            },
+        ]
+    }
+
+
+def node_downloads(lab: Lab) -> float:
+    """Artifacts the router served to nodes (edgefleet_artifact_downloads_total{by="node"})."""
+    with lab.http() as http:
+        text = http.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name == "edgefleet_artifact_downloads":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("by") == "node")
+    return 0.0
+
+
+def test_joined_boxes_pass_files_through_artifacts_and_a_warm_box_fetches_nothing(lab: Lab, prometheus: str) -> None:
+    producer, consumer = JOINED
+    text = "the fox and the dog and the end"
+    downloads = node_downloads(lab)
+    done = lab.wait_job(lab.submit(two_step(text, producer, consumer))["id"])
+    assert done["state"] == "succeeded", done
+    by_id = {st["id"]: st for st in done["subtasks"]}
+    assert by_id["write"]["node"] == producer and by_id["count"]["node"] == consumer
+    assert by_id["count"]["output"]["words"] == 8
+
+    # The producer's path is the same path on every box, but only the producer's folder has the
+    # file: the consumer read its own hash-checked copy, fetched from the router.
+    [artifact] = done["artifacts"]
+    relative = Path(artifact["path"]).relative_to(lab.box_root)
+    assert (lab.private / producer / relative).read_bytes() == text.upper().encode()
+    assert not (lab.private / consumer / relative).exists()
+    cached = lab.private / consumer / "data" / "workspaces" / ".artifacts" / artifact["id"]
+    assert cached.read_bytes() == text.upper().encode()
+    assert node_downloads(lab) == downloads + 1
+    fetched = lab.log_tail(f"node-{consumer}", 10**7).count('"artifact fetched"')
+    assert fetched == 1
+
+    # The same job again: the consumer's box holds the file already and fetches nothing.
+    again = lab.wait_job(lab.submit(two_step(text, producer, consumer))["id"])
+    assert again["state"] == "succeeded", again
+    assert again["artifacts"][0]["id"] == artifact["id"]
+    assert node_downloads(lab) == downloads + 1
+    assert lab.log_tail(f"node-{consumer}", 10**7).count('"artifact fetched"') == fetched
+
+
+def prometheus_targets(prometheus: str) -> dict[str, dict[str, Any]]:
+    """Prometheus' active targets of the workers job, by node label."""
+    try:
+        answer = httpx.get(f"{prometheus}/api/v1/targets", timeout=5, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    active = answer.get("data", {}).get("activeTargets", [])
+    return {t["labels"]["node"]: t for t in active if t["labels"].get("job") == "edgefleet-workers"}
+
+
+def test_prometheus_in_the_hub_scrapes_the_boxes_that_joined_after_it_started(lab: Lab, prometheus: str) -> None:
+    def scraped() -> dict[str, dict[str, Any]] | None:
+        targets = prometheus_targets(prometheus)
+        return targets if all(targets.get(name, {}).get("health") == "up" for name in JOINED) else None
+
+    try:
+        targets = wait_until(scraped, 60, interval=0.5, what="Prometheus scraping the joined boxes")
+    except AssertionError:
+        raise AssertionError(f"{prometheus_targets(prometheus)}\n{lab.log_tail('prometheus')}") from None
+    with lab.http() as http:
+        advertised = {n["name"]: n["metrics_url"] for n in http.get("/v1/workers").json()}
+    for name in JOINED:
+        # Each box is scraped at its own address on the LAN, the one it advertises.
+        assert targets[name]["scrapeUrl"] == advertised[name]
+        assert urlsplit(advertised[name]).hostname == lab.boxes[name].link.far_address
+
+
+def test_a_revoked_box_is_refused_and_the_others_go_on(lab: Lab, prometheus: str) -> None:
+    revoked, other = JOINED[1], JOINED[0]
+    kept = (lab.private / revoked / "data" / "node.env").read_text().splitlines()
+    broker = urlsplit(dict(line.split("=", 1) for line in kept if "=" in line)["EDGEFLEET_REDIS_URL"])
+    node_pids = lab.process_tree(revoked)
+
+    with lab.http() as http:
+        answer = http.delete(f"/v1/join-tokens/{revoked}")
+        assert answer.status_code == 200, answer.text
+        assert revoked not in [n["name"] for n in http.get("/v1/workers").json()]
+        # Its credentials open nothing any more.
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(
+                host=lab.hub_address, port=REDIS_PORT, username=broker.username, password=broker.password
+            ).ping()
+        # Several heartbeat intervals later it is still out: work pinned to it is refused.
+        time.sleep(2)
+        assert revoked not in [n["name"] for n in http.get("/v1/workers").json()]
+        marker = lab.marks_dir() / f"{uuid.uuid4().hex}.log"
+        pinned = http.post("/v1/jobs", json={"steps": [stamp_step(marker, 0, node=revoked)]})
+        assert pinned.status_code == 422, pinned.text
+        assert pinned.json()["detail"][0]["field"] == "steps.0.node"
+    # Shut out, not crashed: the same processes run on.
+    assert lab.process_tree(revoked) == node_pids
+
+    # The other joined box still works (its artifact credential is made again: revoking rotated
+    # the secret it was derived from).
+    done = lab.wait_job(lab.submit(two_step("still here", other, other))["id"])
+    assert done["state"] == "succeeded", done
