@@ -53,6 +53,7 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "nodes": "nodes",  # s: node names (pruned of expired heartbeats on read)
     "warm_models": "warm:{node}",  # s: models loaded in some worker process of the node
     "bench_request": "nodes:bench_request",  # string: a counter; nodes benchmark again when it grows
+    "router_endpoint": "router:endpoint",  # string: JSON {port, url}: where boxes reach the router
     # webhooks
     "webhooks_due": "webhooks:due",  # z: pending delivery id -> next attempt (or end of its claim)
     "webhook": "webhook:{delivery_id}",  # h: one delivery's record

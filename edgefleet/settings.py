@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     router_host: str = "127.0.0.1"
     router_port: int = 8700
     router_url: str = "http://127.0.0.1:8700"
+    router_advertise_url: str | None = Field(
+        default=None,
+        description="the router's URL as other boxes reach it, published in the job store; unset: "
+        "a box uses its broker's host and the router's port",
+    )
     token: SecretStr | None = Field(default=None, description="the token the CLI/client sends")
     max_body_bytes: int = 1_000_000
     max_subtasks: int = 500

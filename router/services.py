@@ -111,6 +111,7 @@ class RouterServices:
 
     def start(self, app: FastAPI) -> None:
         """Start the background loops; `app` gets the submit timer of the feedback loop."""
+        self.store.nodes.advertise_router(self.settings.router_port, self.settings.router_advertise_url)
         self.loops.start()
         self.retention.start()
         loops = self.loops

@@ -236,6 +236,21 @@ def test_joined_boxes_pass_files_through_artifacts_and_a_warm_box_fetches_nothin
     assert lab.log_tail(f"node-{consumer}", 10**7).count('"artifact fetched"') == fetched
 
 
+def test_boxes_given_only_the_broker_find_the_router_for_artifacts(lab: Lab) -> None:
+    # Neither box was told the router's URL: each uploads to and fetches from the address the
+    # router published in the job store (its broker's host, the router's port), not 127.0.0.1.
+    producer, consumer = BOXES
+    text = "one box writes and the other reads"
+    done = lab.wait_job(lab.submit(two_step(text, producer, consumer))["id"])
+    assert done["state"] == "succeeded", done
+    by_id = {st["id"]: st for st in done["subtasks"]}
+    assert by_id["write"]["node"] == producer and by_id["count"]["node"] == consumer
+    assert by_id["count"]["output"]["words"] == 7
+    [artifact] = done["artifacts"]
+    cached = lab.private / consumer / "data" / "workspaces" / ".artifacts" / artifact["id"]
+    assert cached.read_bytes() == text.upper().encode()
+
+
 def prometheus_targets(prometheus: str) -> dict[str, dict[str, Any]]:
     """Prometheus' active targets of the workers job, by node label."""
     try:

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -43,7 +44,7 @@ from edgefleet.artifact_files import (
     sha256_file,
     write_tree,
 )
-from edgefleet.client import resolve_connection
+from edgefleet.client import read_router_url_file, resolve_connection
 from edgefleet.refs import ARTIFACT_KEY, RefError, find_artifacts, is_artifact
 from edgefleet.schemas import ArtifactInfo, SubtaskEnvelope
 from edgefleet.settings import Settings
@@ -91,11 +92,26 @@ class _Ticker:
 # --- where the bytes go -------------------------------------------------------------------------
 
 
+def router_url_for(settings: Settings, store: JobStore) -> str:
+    """The router's URL for this box: configured (EDGEFLEET_ROUTER_URL, `edgefleet up`'s file, a join),
+    else what the router published in the job store, else its broker's host on the router's port."""
+    if "router_url" in settings.model_fields_set or read_router_url_file(settings.data_dir):
+        return resolve_connection(settings)[0]
+    endpoint = store.nodes.router_endpoint()
+    if endpoint is None:
+        return settings.router_url
+    port, advertised = endpoint
+    if advertised:
+        return advertised
+    host = urlsplit(settings.redis_url).hostname or "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class RouterBackend:
     """Artifacts kept by the router: nodes upload and fetch over its API with a node credential."""
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
-        url, _ = resolve_connection(settings)
+        url = router_url_for(settings, store)
         self._store = store
         self._node = settings.node_name
         self._http = httpx.Client(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from edgefleet.schemas import NodeInfo
 from edgefleet.store.connection import StoreConnection
 
@@ -47,6 +49,20 @@ class NodeStore:
 
     def warm_models(self, node: str) -> list[str]:
         return sorted(self._conn.client.smembers(self._conn.keys.warm_models(node)))
+
+    def advertise_router(self, port: int, url: str | None) -> None:
+        """Where boxes reach the router: `url` when configured, else the broker's host on `port`
+        (a box started with only the broker URL learns the router's address here)."""
+        pipe = self._conn.client.pipeline(transaction=False)
+        pipe.set(self._conn.keys.key("router_endpoint"), json.dumps({"port": port, "url": url}))
+        pipe.execute()
+
+    def router_endpoint(self) -> tuple[int, str | None] | None:
+        raw = self._conn.client.get(self._conn.keys.key("router_endpoint"))
+        if not raw:
+            return None
+        data = json.loads(raw)
+        return int(data["port"]), data.get("url") or None
 
     def request_bench(self) -> int:
         """Ask every node to run its benchmark again (workers/bench.py); returns the request number."""
