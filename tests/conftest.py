@@ -371,6 +371,7 @@ class FakeInternet:
 
     netns: str
     address: str  # a public address inside the namespace, where test servers listen
+    host_address: str  # the host's end of the link: beyond loopback, yet reachable from nowhere else
     holder_pid: int  # a process inside it: /proc/<pid>/ns/net names it even if /run/netns is remounted
 
 
@@ -400,7 +401,7 @@ def fake_internet() -> Iterator[FakeInternet | None]:
         _ip("-n", netns, "link", "set", "lo", "up")
         holder = subprocess.Popen(["ip", "netns", "exec", netns, "sleep", "infinity"], start_new_session=True)
         try:
-            yield FakeInternet(netns=netns, address=f"{prefix}.2", holder_pid=holder.pid)
+            yield FakeInternet(netns=netns, address=f"{prefix}.2", host_address=f"{prefix}.1", holder_pid=holder.pid)
         finally:
             stop_process(holder)
     finally:

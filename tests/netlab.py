@@ -323,11 +323,12 @@ class Lab:
 
     def join_box(self, name: str, join_token: str, classes: str = "cpu") -> subprocess.Popen[bytes]:
         """`edgefleet worker --join <router>` with a join token (in its environment): the box gets
-        its broker credentials from the router. Its metrics listen on every interface, so that
-        it advertises its address on the LAN (Prometheus in the hub scrapes it there)."""
+        its broker credentials from the router. Its metrics listen on its LAN address, which it
+        then advertises (Prometheus in the hub scrapes it there)."""
         env = self._box_env()
         del env["EDGEFLEET_REDIS_URL"]  # the join hands out the box's own Redis user
-        env.update({"EDGEFLEET_JOIN_TOKEN": join_token, "EDGEFLEET_WORKER_METRICS_HOST": "0.0.0.0"})
+        address = self.boxes[name].link.far_address
+        env.update({"EDGEFLEET_JOIN_TOKEN": join_token, "EDGEFLEET_WORKER_METRICS_HOST": address})
         return self._start_node(name, env, "--join", self.router_url, "--classes", classes)
 
     def _box_env(self) -> dict[str, str]:

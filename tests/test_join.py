@@ -1,6 +1,6 @@
 """A box joins with one command and its own credentials, on real processes.
 
-The hub is `edgefleet up --listen 0.0.0.0` (embedded Redis with a password, the router, a local
+The hub is `edgefleet up --listen <address>` (embedded Redis with a password, the router, a local
 io worker); boxes are `edgefleet worker --join` processes with data dirs of their own. Checked:
 the join (token from `edgefleet token create --worker`, a Redis ACL user per node, work run
 under that user, the commands it may not run), revocation (connections closed, the node gone
@@ -34,7 +34,7 @@ import redis
 from edgefleet.keys import KEY_TEMPLATES
 from edgefleet.store.acl import ROUTER_ONLY_KEYS, store_key_patterns, worker_acl_rules
 from edgefleet.store.jobs import JobStore
-from tests.conftest import MARKER_DIR, ROOT, free_port, new_marker, stop_process, wait_until
+from tests.conftest import MARKER_DIR, ROOT, FakeInternet, free_port, new_marker, stop_process, wait_until
 
 NODE_ENV = {
     "EDGEFLEET_HEARTBEAT_INTERVAL": "0.5",
@@ -84,18 +84,20 @@ class Box:
 
 @dataclass
 class Hub:
-    """`edgefleet up --listen 0.0.0.0`: where boxes join."""
+    """`edgefleet up --listen <host>`: where boxes join. `host` is beyond loopback (so Redis gets a
+    password) but on a private veth only, never an interface the machine's network reaches."""
 
     workdir: Path
     data_dir: Path
     port: int
+    host: str
     proc: subprocess.Popen[bytes] | None = None
     boxes: list[Box] = field(default_factory=list)
     redis_port: int = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def admin_token(self) -> str:
@@ -106,7 +108,7 @@ class Hub:
         return (self.data_dir / "redis-password").read_text().strip()
 
     def redis(self) -> redis.Redis:
-        return redis.Redis(port=self.redis_port, password=self.password, decode_responses=True)
+        return redis.Redis(host=self.host, port=self.redis_port, password=self.password, decode_responses=True)
 
     def http(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -118,7 +120,7 @@ class Hub:
 
     def start(self) -> None:
         log = self.workdir / "up.log"
-        args = ["--listen", "0.0.0.0", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        args = ["--listen", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgefleet", "up", *args, "--classes", "io", "--stop-timeout", "5"],
             env=base_env(EDGEFLEET_NODE_NAME="hub", COLUMNS="200"),
@@ -133,7 +135,7 @@ class Hub:
             return "edgefleet is up" in log.read_text()
 
         wait_until(up, 120, interval=0.2, what="edgefleet up")
-        self.redis_port = int(re.search(r"listening on 0\.0\.0\.0:(\d+)", log.read_text()).group(1))  # type: ignore[union-attr]
+        self.redis_port = int(re.search(rf"listening on {re.escape(self.host)}:(\d+)", log.read_text()).group(1))  # type: ignore[union-attr]
 
     def create_token(self, name: str, *extra: str) -> str:
         done = self.cli("token", "create", "--worker", "--name", name, *extra)
@@ -191,9 +193,11 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+def hub(tmp_path_factory: pytest.TempPathFactory, fake_internet: FakeInternet | None) -> Iterator[Hub]:
+    if fake_internet is None:
+        pytest.skip("needs root for a private veth address to listen on beyond loopback")
     workdir = tmp_path_factory.mktemp("join")
-    hub = Hub(workdir=workdir, data_dir=workdir / "hub", port=free_port())
+    hub = Hub(workdir=workdir, data_dir=workdir / "hub", port=free_port(), host=fake_internet.host_address)
     try:
         hub.start()
         yield hub
@@ -260,7 +264,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
 
     box = hub.join("box1", token, "--classes", "cpu")
     hub.wait_ready(box)
-    assert "joined http://127.0.0.1" in box.log_text()
+    assert f"joined {hub.url}" in box.log_text()
     env_file = box.data_dir / "node.env"
     assert env_file.stat().st_mode & 0o777 == 0o600
     creds = box.credentials()
@@ -287,7 +291,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     assert "box1" in [n["name"] for n in hub.http().get("/v1/workers").json()]
 
     # What the box's user may not do.
-    as_node = redis.Redis(port=hub.redis_port, username=user, password=password, decode_responses=True)
+    as_node = redis.Redis(host=hub.host, port=hub.redis_port, username=user, password=password, decode_responses=True)
     assert as_node.ping()
     forbidden: list[tuple[str, ...]] = [
         ("CONFIG", "GET", "*"),
@@ -354,7 +358,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     assert user not in client_users(admin).values()
     assert "box1" not in hub.live_nodes()
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(port=hub.redis_port, username=user, password=password).ping()
+        redis.Redis(host=hub.host, port=hub.redis_port, username=user, password=password).ping()
     time.sleep(2)  # several heartbeat intervals: the box cannot write one any more
     assert "box1" not in hub.live_nodes()
     assert user not in client_users(admin).values()
@@ -385,7 +389,7 @@ def test_a_box_joins_runs_work_as_its_own_user_and_is_shut_out_by_revoke(hub: Hu
     new = urlsplit(box2.credentials()["EDGEFLEET_REDIS_URL"])
     assert new.username == old.username and new.password != old.password
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(port=hub.redis_port, username=old.username, password=old.password).ping()
+        redis.Redis(host=hub.host, port=hub.redis_port, username=old.username, password=old.password).ping()
     log = hub.workdir / "node-box2-plain.log"
     plain = subprocess.Popen(
         [sys.executable, "-m", "edgefleet", "worker", "--classes", "cpu"],
@@ -414,7 +418,7 @@ def test_a_join_that_fails_says_what_failed_and_starts_nothing(hub: Hub, tmp_pat
         assert not (tmp_path / "box" / "node.env").exists()
 
     refused(join(None), 2, "error: join token: set EDGEFLEET_JOIN_TOKEN or pass --token-file")
-    refused(join("let-me-in"), 1, "error: join token: refused by http://127.0.0.1")
+    refused(join("let-me-in"), 1, f"error: join token: refused by {hub.url}")
     assert "not a join token" in join("let-me-in").stderr
     refused(join("efj_0123456789ab_" + "0" * 64), 1, "error: join token: refused by")
     assert "unknown join token" in join("efj_0123456789ab_" + "0" * 64).stderr
@@ -448,7 +452,7 @@ def test_a_join_that_fails_says_what_failed_and_starts_nothing(hub: Hub, tmp_pat
     router = subprocess.Popen(
         [sys.executable, "-m", "edgefleet", "router", "--port", str(port)],
         env=base_env(
-            EDGEFLEET_REDIS_URL=f"redis://:{hub.password}@127.0.0.1:{hub.redis_port}/0",
+            EDGEFLEET_REDIS_URL=f"redis://:{hub.password}@{hub.host}:{hub.redis_port}/0",
             EDGEFLEET_JOIN_BROKER_URL=f"redis://127.0.0.1:{dead}/0",
             EDGEFLEET_DATA_DIR=str(tmp_path / "router"),
         ),
@@ -478,9 +482,9 @@ def test_redis_beyond_loopback_has_a_password_no_command_line_shows(hub: Hub) ->
     password_file = hub.data_dir / "redis-password"
     assert password_file.stat().st_mode & 0o777 == 0o600
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(port=hub.redis_port).ping()  # no password: refused
+        redis.Redis(host=hub.host, port=hub.redis_port).ping()  # no password: refused
     assert hub.redis().ping()
-    assert hub.redis().config_get("bind")["bind"] == "0.0.0.0"
+    assert hub.redis().config_get("bind")["bind"] == hub.host
     assert hub.password not in every_cmdline()
     assert hub.password not in (hub.workdir / "up.log").read_text()
 
@@ -535,7 +539,7 @@ def test_a_box_joins_over_rediss_with_the_routers_ca(tmp_path: Path) -> None:
     server.stdin.close()
     admin_url = f"rediss://:{password}@127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
     admin = redis.Redis.from_url(admin_url, decode_responses=True)
-    hub = Hub(workdir=tmp_path, data_dir=tmp_path / "hub", port=free_port())
+    hub = Hub(workdir=tmp_path, data_dir=tmp_path / "hub", port=free_port(), host="127.0.0.1")
     router: subprocess.Popen[bytes] | None = None
     try:
         try:
