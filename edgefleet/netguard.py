@@ -65,6 +65,17 @@ class Pinned:
         return self.target.url.copy_with(host=str(self.ip))
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a host as written in a URL or option names this machine's loopback (no host: yes).
+    Names other than `localhost` are not resolved: they count as beyond loopback."""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def address_kind(ip: IPAddress) -> str | None:
     """What kind of non-public address `ip` is, or None for a public one.
 

@@ -11,6 +11,7 @@ for a folder (kind `tree`) a folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,21 +46,31 @@ def parse_ref(text: Any, field: str) -> Ref:
     return Ref(field=field, step=parts[1], path=tuple(parts[3:]))
 
 
+def _markers(value: Any, field: str, is_marker: Callable[[Any], bool]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field, marker) of every marker object (`$ref`, `$artifact`) inside value, through dicts and lists."""
+    if is_marker(value):
+        yield field, value
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _markers(inner, f"{field}.{key}", is_marker)
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            yield from _markers(inner, f"{field}.{index}", is_marker)
+
+
+def _replaced(value: Any, field: str, is_marker: Callable[[Any], bool], by: Callable[[Any, str], Any]) -> Any:
+    """A copy of value with every marker object replaced by `by(marker, field)`."""
+    if is_marker(value):
+        return by(value, field)
+    if isinstance(value, dict):
+        return {k: _replaced(v, f"{field}.{k}", is_marker, by) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replaced(v, f"{field}.{i}", is_marker, by) for i, v in enumerate(value)]
+    return value
+
+
 def find_refs(args: dict[str, Any], base: str = "args") -> list[Ref]:
-    found: list[Ref] = []
-
-    def walk(value: Any, field: str) -> None:
-        if is_ref(value):
-            found.append(parse_ref(value[REF_KEY], field))
-        elif isinstance(value, dict):
-            for key, inner in value.items():
-                walk(inner, f"{field}.{key}")
-        elif isinstance(value, list):
-            for index, inner in enumerate(value):
-                walk(inner, f"{field}.{index}")
-
-    walk(args, base)
-    return found
+    return [parse_ref(marker[REF_KEY], field) for field, marker in _markers(args, base, is_ref)]
 
 
 def top_level_keys_with_refs(args: dict[str, Any]) -> set[str]:
@@ -76,40 +87,24 @@ def is_artifact(value: Any) -> bool:
 def find_artifacts(args: Any, base: str = "args") -> list[tuple[str, str]]:
     """(field, artifact id) of every `{"$artifact": id}` inside args; a malformed one raises RefError."""
     found: list[tuple[str, str]] = []
-
-    def walk(value: Any, field: str) -> None:
-        if is_artifact(value):
-            artifact_id = value[ARTIFACT_KEY]
-            if not isinstance(artifact_id, str) or not artifact_id:
-                raise RefError(field, "$artifact must be the id (sha256) that POST /v1/artifacts answered")
-            found.append((field, artifact_id))
-        elif isinstance(value, dict):
-            for key, inner in value.items():
-                walk(inner, f"{field}.{key}")
-        elif isinstance(value, list):
-            for index, inner in enumerate(value):
-                walk(inner, f"{field}.{index}")
-
-    walk(args, base)
+    for field, marker in _markers(args, base, is_artifact):
+        artifact_id = marker[ARTIFACT_KEY]
+        if not isinstance(artifact_id, str) or not artifact_id:
+            raise RefError(field, "$artifact must be the id (sha256) that POST /v1/artifacts answered")
+        found.append((field, artifact_id))
     return found
 
 
 def resolve_artifacts(args: dict[str, Any], local_paths: dict[str, str]) -> dict[str, Any]:
     """A copy of args with every `{"$artifact": id}` replaced by the id's local path."""
 
-    def walk(value: Any, field: str) -> Any:
-        if is_artifact(value):
-            artifact_id = value[ARTIFACT_KEY]
-            if artifact_id not in local_paths:
-                raise RefError(field, f"artifact {artifact_id!r} is not on this box")
-            return local_paths[artifact_id]
-        if isinstance(value, dict):
-            return {k: walk(v, f"{field}.{k}") for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, f"{field}.{i}") for i, v in enumerate(value)]
-        return value
+    def local(marker: dict[str, Any], field: str) -> str:
+        artifact_id = marker[ARTIFACT_KEY]
+        if artifact_id not in local_paths:
+            raise RefError(field, f"artifact {artifact_id!r} is not on this box")
+        return local_paths[artifact_id]
 
-    return cast(dict[str, Any], walk(args, "args"))
+    return cast(dict[str, Any], _replaced(args, "args", is_artifact, local))
 
 
 def _lookup(output: Any, ref: Ref) -> Any:
@@ -127,16 +122,10 @@ def _lookup(output: Any, ref: Ref) -> Any:
 def resolve_refs(args: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of args with every reference replaced by the referenced output."""
 
-    def walk(value: Any, field: str) -> Any:
-        if is_ref(value):
-            ref = parse_ref(value[REF_KEY], field)
-            if ref.step not in outputs:
-                raise RefError(field, f"step {ref.step!r} has no output")
-            return _lookup(outputs[ref.step], ref)
-        if isinstance(value, dict):
-            return {k: walk(v, f"{field}.{k}") for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, f"{field}.{i}") for i, v in enumerate(value)]
-        return value
+    def output_of(marker: dict[str, Any], field: str) -> Any:
+        ref = parse_ref(marker[REF_KEY], field)
+        if ref.step not in outputs:
+            raise RefError(field, f"step {ref.step!r} has no output")
+        return _lookup(outputs[ref.step], ref)
 
-    return cast(dict[str, Any], walk(args, "args"))
+    return cast(dict[str, Any], _replaced(args, "args", is_ref, output_of))

@@ -9,9 +9,10 @@ wildcard bind address (0.0.0.0, ::) is never advertised.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from urllib.parse import urlsplit
+
+from edgefleet.netguard import is_loopback_host
 
 WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 # TEST-NET-1 (RFC 5737): connecting a UDP socket to it picks the default route's interface
@@ -37,13 +38,6 @@ def _local_address_towards(host: str, port: int) -> str | None:
     return None
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
 def route_address(broker_url: str) -> str:
     """This box's address on the route to the broker.
 
@@ -58,7 +52,7 @@ def route_address(broker_url: str) -> str:
         except ValueError:
             port = 6379
         local = _local_address_towards(host, port)
-        if local is not None and not _is_loopback(local):
+        if local is not None and not is_loopback_host(local):
             return local
     return _local_address_towards(_DEFAULT_ROUTE_PROBE, 9) or "127.0.0.1"
 

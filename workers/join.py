@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -23,6 +22,7 @@ import httpx
 import redis
 
 from edgefleet.node_join import JoinGrant
+from edgefleet.private_files import write_private
 
 NODE_ENV_FILE = "node.env"
 BROKER_CA_FILE = "broker-ca.pem"
@@ -77,19 +77,6 @@ def read_token_file(path: Path) -> str:
     if not token:
         raise JoinError("--token-file", f"{path} is empty")
     return token
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` readable by its owner only (0600), replacing the file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def read_env_file(path: Path) -> dict[str, str]:

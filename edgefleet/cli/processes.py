@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from edgefleet.private_files import write_private
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -53,16 +55,8 @@ def child_preexec(parent_pid: int) -> Callable[[], None]:
 
 
 def write_secret_file(path: Path, value: str) -> None:
-    """Write `value` to `path` readable by its owner only (0600), replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (value + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Write `value` (one line) to `path` readable by its owner only (0600), replacing it atomically."""
+    write_private(path, value + "\n")
 
 
 @dataclass

@@ -62,6 +62,7 @@ from edgefleet.cli.side_services import (
     write_prometheus_files,
 )
 from edgefleet.client import ROUTER_URL_FILE, TOKEN_FILE, ApiError, Client, ClientError, read_token_file
+from edgefleet.netguard import is_loopback_host
 from edgefleet.schemas import JobStatus, ResourceClass
 from edgefleet.settings import Scope, Settings
 
@@ -98,17 +99,6 @@ class UpOptions:
 
 
 REDIS_PASSWORD_FILE = "redis-password"
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def redacted(url: str) -> str:
@@ -347,7 +337,7 @@ class LocalCluster:
     def _redis_password(self) -> str | None:
         """Beyond loopback the embedded Redis needs a password: made once, kept 0600 in the data dir.
         Children get it inside EDGEFLEET_REDIS_URL (their environment), never on a command line."""
-        if not self.options.listen or is_loopback(self.options.listen):
+        if not self.options.listen or is_loopback_host(self.options.listen):
             return None
         path = self.data_dir / REDIS_PASSWORD_FILE
         try:

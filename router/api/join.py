@@ -14,7 +14,6 @@ Redis forgot (edgefleet/store/acl.py).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ import redis
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from edgefleet.netguard import is_loopback_host
 from edgefleet.node_join import (
     JoinGrant,
     JoinRequest,
@@ -153,17 +153,6 @@ def _info(token: JoinToken) -> JoinTokenInfo:
     )
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return True
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def broker_url_for(settings: Settings, reached_host: str | None, user: str, password: str) -> str:
     """The cluster's Redis as a joining box should reach it, with that box's own user and password.
 
@@ -172,7 +161,7 @@ def broker_url_for(settings: Settings, reached_host: str | None, user: str, pass
     (Redis on the router's box, as with `edgefleet up --listen` or the compose stack)."""
     base = urlsplit(settings.join_broker_url or settings.redis_url)
     host = base.hostname or "127.0.0.1"
-    if _is_loopback(host) and not _is_loopback(reached_host):
+    if is_loopback_host(host) and not is_loopback_host(reached_host):
         host = reached_host or host
     if ":" in host:
         host = f"[{host}]"
