@@ -524,6 +524,8 @@ def test_a_box_joins_over_rediss_with_the_routers_ca(tmp_path: Path) -> None:
         pytest.skip("needs a redis-server (Debian's is built with TLS) and openssl")
     ca, cert, key = _make_ca(tmp_path)
     tls_port, password = free_port(), "tls-admin-" + "x" * 32
+    # Built before anything starts: the `finally` below stops the hub, the router and this server.
+    hub = Hub(workdir=tmp_path, data_dir=tmp_path / "hub", port=free_port(), host="127.0.0.1")
     server = subprocess.Popen(
         [binary, "--port", "0", "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path), "-"],
         stdin=subprocess.PIPE,
@@ -539,7 +541,6 @@ def test_a_box_joins_over_rediss_with_the_routers_ca(tmp_path: Path) -> None:
     server.stdin.close()
     admin_url = f"rediss://:{password}@127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
     admin = redis.Redis.from_url(admin_url, decode_responses=True)
-    hub = Hub(workdir=tmp_path, data_dir=tmp_path / "hub", port=free_port(), host="127.0.0.1")
     router: subprocess.Popen[bytes] | None = None
     try:
         try:
