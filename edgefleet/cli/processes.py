@@ -108,3 +108,22 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, log_dir: Pa
         **popen_kwargs(),
     )
     return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+
+
+@dataclass
+class RestartBackoff:
+    """Delays between restarts of a side service: doubling from `first` up to `cap`, and back to
+    `first` once a run lasted `stable` seconds (a service that crashes at once is not restarted in a
+    tight loop; one that failed after an hour is restarted quickly)."""
+
+    first: float = 1.0
+    cap: float = 60.0
+    stable: float = 60.0
+    _next: float = 0.0
+
+    def delay_after(self, ran_for: float) -> float:
+        if self._next <= 0 or ran_for >= self.stable:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay

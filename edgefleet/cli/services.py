@@ -5,33 +5,51 @@ client command starts fast and a worker box needs no router package)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edgefleet.cli.common import fail, load_settings, settings_with
+from edgefleet.cli.extras import require_extra
 from edgefleet.hardening import make_undumpable
 from edgefleet.logs import setup_logging
 from edgefleet.schemas import ResourceClass
+
+if TYPE_CHECKING:
+    from edgefleet.settings import Settings
 
 
 def router(
     host: Annotated[str | None, typer.Option(help="interface to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on")] = None,
     redis_url: Annotated[str | None, typer.Option(help="job store / broker URL")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="uvicorn worker processes on one port, for boxes with spare cores; each is a full router "
+            "(the release loop runs in the one holding the Redis lease)",
+        ),
+    ] = 1,
 ) -> None:
     """Run the router: HTTP API, planner, release loop, reaper."""
-    import uvicorn
+    with require_extra("router", "edgefleet router"):
+        import uvicorn
 
-    from router.app import create_app
+        from router.app import create_app
 
     _warn_if_password("--redis-url", redis_url)
     settings = settings_with(router_host=host, router_port=port, redis_url=redis_url)
     setup_logging("router", settings.log_level, settings.log_json)
     make_undumpable()
+    if workers > 1:
+        _run_router_workers(settings, workers)
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.router_host,
@@ -40,6 +58,39 @@ def router(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def _run_router_workers(settings: Settings, workers: int) -> None:
+    """`router --workers N`: uvicorn's supervisor and N worker processes on one port."""
+    import uvicorn
+
+    if settings.router_id:
+        fail("--workers", "EDGEFLEET_ROUTER_ID names one process; unset it (each worker names itself host:pid:random)")
+    # Each worker is a new interpreter that builds its settings from the environment: the options
+    # given here go there (not on a command line: the URL may hold a password).
+    os.environ["EDGEFLEET_ROUTER_HOST"] = settings.router_host
+    os.environ["EDGEFLEET_ROUTER_PORT"] = str(settings.router_port)
+    os.environ["EDGEFLEET_REDIS_URL"] = settings.redis_url
+    uvicorn.run(
+        "edgefleet.cli.services:router_worker_app",
+        factory=True,
+        workers=workers,
+        host=settings.router_host,
+        port=settings.router_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def router_worker_app() -> Any:
+    """One worker process of `router --workers N` (uvicorn imports it by name)."""
+    from router.app import create_app
+
+    settings = load_settings()
+    setup_logging("router", settings.log_level, settings.log_json)
+    make_undumpable()  # reset by the exec that started this process
+    return create_app(settings)
 
 
 def worker(
@@ -78,8 +129,9 @@ def worker(
         edgefleet worker --join http://router.lan:8700 --token-file /run/secrets/join-token
         edgefleet worker --broker redis://:password@nas.lan:6379/0 --classes cpu,io
     """
-    from workers.node import NodeSupervisor
-    from workers.probe import detect_classes
+    with require_extra("worker", "edgefleet worker"):
+        from workers.node import NodeSupervisor
+        from workers.probe import detect_classes
 
     if join is not None and broker is not None:
         fail("--broker", "give --broker or --join, not both")
@@ -218,6 +270,9 @@ def up(
     """
     from edgefleet.cli.up import UpOptions, run_up
 
+    # `up` runs a router: without its extra, say so here rather than in the router's log.
+    with require_extra("router", "edgefleet up"):
+        importlib.import_module("router.app")
     chosen = _parse_classes(classes) if classes else None
     settings = load_settings(router_port=port, data_dir=data_dir)
     options = UpOptions(

@@ -29,11 +29,13 @@ def prometheus_config(
     *,
     discovery_url: str | None = None,
     discovery_refresh: str = SD_REFRESH,
+    rule_files: list[str] | None = None,
 ) -> str:
     """A prometheus.yml scraping one edgefleet cluster (router with a bearer token file, nodes, Flower).
 
     Nodes come from the router's HTTP service discovery when `discovery_url` is given (a box
-    that joins later is scraped after one `discovery_refresh`), plus any static `worker_targets`."""
+    that joins later is scraped after one `discovery_refresh`), plus any static `worker_targets`.
+    `rule_files`: alert rule files Prometheus evaluates (edgefleet.cli.alert_rules)."""
     import yaml
 
     router_job: dict[str, Any] = {
@@ -59,10 +61,12 @@ def prometheus_config(
         jobs.append(
             {"job_name": "flower", "metrics_path": "/metrics", "static_configs": [{"targets": [flower_target]}]}
         )
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": jobs,
     }
+    if rule_files:
+        config["rule_files"] = list(rule_files)
+    config["scrape_configs"] = jobs
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -78,15 +82,26 @@ def write_prometheus_files(
     token: str | None,
     worker_targets: list[str],
     flower_url: str | None,
+    *,
+    interactive_p95_objective: float | None = None,
 ) -> Path:
     """prometheus.yml (and the router's token in a 0600 file it names) in `prom_dir`; returns the config path.
 
-    Nodes are found through the router's service discovery, so boxes that join later are scraped too."""
+    Nodes are found through the router's service discovery, so boxes that join later are scraped too.
+    With `interactive_p95_objective`, also alerts.yml (edgefleet.cli.alert_rules, with that objective),
+    the same rules docker compose's Prometheus loads."""
+    from edgefleet.cli.alert_rules import render
+
     prom_dir.mkdir(exist_ok=True)
     token_file: Path | None = None
     if token:
         token_file = prom_dir / "router.token"
         write_secret_file(token_file, token)
+    rule_files: list[str] = []
+    if interactive_p95_objective is not None:
+        rules = prom_dir / "alerts.yml"
+        rules.write_text(render(interactive_p95_objective))
+        rule_files.append(str(rules))
     config = prom_dir / "prometheus.yml"
     config.write_text(
         prometheus_config(
@@ -95,6 +110,7 @@ def write_prometheus_files(
             worker_targets,
             host_port(flower_url) if flower_url else None,
             discovery_url=router_url.rstrip("/") + SD_PATH,
+            rule_files=rule_files,
         )
     )
     return config

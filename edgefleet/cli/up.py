@@ -9,10 +9,15 @@ order):
 3. one worker node (`python -m edgefleet worker`), awaited on its heartbeat;
 4. with `--with-prometheus`, a Prometheus server (the `prometheus` binary, e.g. the
    Debian package) scraping the router and every live node (found through the router's
-   HTTP service discovery, so boxes that join later too), storage in `<data_dir>/prometheus`;
-   the router's feedback loop reads it;
+   HTTP service discovery, so boxes that join later too), storage in `<data_dir>/prometheus`,
+   evaluating edgefleet's alert rules; the router's feedback loop reads it;
 5. with `--with-flower`, Flower (`python -m celery -A edgefleet.flower_app flower`) on
    127.0.0.1, its API open without auth there; workers then send task events.
+
+Prometheus and Flower are side services: a missing binary or extra is one line and `up` runs
+without it; one that exits is reported and restarted with a growing delay (RestartBackoff),
+and never stops the router, the worker or Redis (the router's feedback loop reads Redis while
+Prometheus is away).
 
 With `--listen <address>` the router and the embedded Redis listen there; beyond loopback
 Redis gets a password (made once, `<data_dir>/redis-password`, mode 0600), given to
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +52,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.cli.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from edgefleet.cli.extras import install_hint, module_available
 from edgefleet.cli.processes import (
     Child,
+    RestartBackoff,
     popen_kwargs,
     port_in_use,
     project_root,
@@ -113,6 +121,20 @@ def redacted(url: str) -> str:
 
 
 @dataclass
+class SideService:
+    """Prometheus or Flower: started by `spawn`, restarted with `backoff` whenever it exits."""
+
+    name: str
+    spawn: Callable[[], Child]
+    ready_url: str
+    child: Child | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
+
+
+@dataclass
 class LocalCluster:
     """Supervises redis (optional), router and one worker node for `edgefleet up`."""
 
@@ -129,8 +151,7 @@ class LocalCluster:
         self.redis_url: str = ""
         self.router: Child | None = None
         self.worker: Child | None = None
-        self.prometheus: Child | None = None
-        self.flower: Child | None = None
+        self.side: dict[str, SideService] = {}
         self.prometheus_url: str | None = None
         self.flower_url: str | None = None
         self.token: str | None = None
@@ -153,6 +174,16 @@ class LocalCluster:
             self._stop.set()
         else:
             self._force.set()
+
+    @property
+    def prometheus(self) -> Child | None:
+        service = self.side.get("prometheus")
+        return service.child if service else None
+
+    @property
+    def flower(self) -> Child | None:
+        service = self.side.get("flower")
+        return service.child if service else None
 
     def _interruptible_sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -213,18 +244,21 @@ class LocalCluster:
 
         if self.options.with_prometheus:
             if shutil.which("prometheus") is None:
-                self.console.print(
-                    "[yellow]![/yellow] [bold]prometheus[/bold] binary not found on PATH: not starting Prometheus "
-                    "(install it, e.g. `apt-get install prometheus`); the feedback loop reads Redis instead",
-                    highlight=False,
+                self._warn(
+                    "prometheus binary not found on PATH (e.g. `apt-get install prometheus`): not starting "
+                    "Prometheus; the feedback loop reads Redis instead"
                 )
                 self.options.with_prometheus = False
             else:
                 port = self.options.prometheus_port or free_local_port()
                 self.prometheus_url = f"http://127.0.0.1:{port}"
         if self.options.with_flower:
-            port = self.options.flower_port or free_local_port()
-            self.flower_url = f"http://127.0.0.1:{port}"
+            if not module_available("flower"):
+                self._warn(f"flower is not installed ({install_hint('flower')}): not starting Flower")
+                self.options.with_flower = False  # and the workers send no task events
+            else:
+                port = self.options.flower_port or free_local_port()
+                self.flower_url = f"http://127.0.0.1:{port}"
 
     def _spawn_cmd(self, name: str, cmd: list[str], env: dict[str, str]) -> Child:
         return spawn(name, cmd, env, cwd=self.data_dir, log_dir=self.data_dir / "logs")
@@ -247,19 +281,77 @@ class LocalCluster:
         assert self.flower_url is not None
         env = self._child_env()
         env["FLOWER_UNAUTHENTICATED_API"] = "true"  # bound to 127.0.0.1 only
-        self.flower = self._spawn_cmd("flower", flower_command(self.flower_url), env)
-        self._await_http(self.flower, f"{self.flower_url}/healthcheck")
-        self._say("flower", f"{self.flower_url} (pid {self.flower.pid})")
+        cmd = flower_command(self.flower_url)
+        self._start_side(
+            SideService("flower", lambda: self._spawn_cmd("flower", cmd, env), f"{self.flower_url}/healthcheck"),
+            self.flower_url,
+        )
 
     def _start_prometheus(self) -> None:
         assert self.prometheus_url is not None
         prom_dir = self.data_dir / "prometheus"
         # No static node targets: Prometheus asks the router for the live nodes (HTTP SD).
-        config = write_prometheus_files(prom_dir, self.url, self.token, [], self.flower_url)
+        config = write_prometheus_files(
+            prom_dir,
+            self.url,
+            self.token,
+            [],
+            self.flower_url,
+            interactive_p95_objective=self.settings.interactive_p95_objective,
+        )
         cmd = prometheus_command(config, prom_dir, self.prometheus_url)
-        self.prometheus = self._spawn_cmd("prometheus", cmd, dict(os.environ))
-        self._await_http(self.prometheus, f"{self.prometheus_url}/-/ready", timeout=60.0)
-        self._say("prometheus", f"{self.prometheus_url} (pid {self.prometheus.pid}, config {config})")
+        env = dict(os.environ)
+        self._start_side(
+            SideService(
+                "prometheus", lambda: self._spawn_cmd("prometheus", cmd, env), f"{self.prometheus_url}/-/ready"
+            ),
+            f"{self.prometheus_url}, config {config}",
+            timeout=60.0,
+        )
+
+    def _start_side(self, service: SideService, where: str, timeout: float = 30.0) -> None:
+        """Start a side service and wait until it answers; one that fails is tended by `supervise`."""
+        self.side[service.name] = service
+        child = service.child = service.spawn()
+        service.started_at = time.monotonic()
+        try:
+            self._await_http(child, service.ready_url, timeout=timeout)
+        except StartError:
+            if child.alive():
+                self._warn(
+                    f"{service.name} not ready after {timeout:g}s; running on without waiting ({child.log_path})"
+                )
+            else:
+                self._side_exited(service)
+            return
+        self._say(service.name, f"{where} (pid {child.pid})")
+
+    def _tend_side(self, service: SideService) -> None:
+        """Notice a side service that exited; start it again once its back-off delay has passed."""
+        if service.child is not None:
+            if not service.child.alive():
+                self._side_exited(service)
+            return
+        if service.restart_at is not None and time.monotonic() >= service.restart_at:
+            service.child = service.spawn()
+            service.started_at = time.monotonic()
+            service.restart_at = None
+            service.restarts += 1
+            self._say(service.name, f"restarted (pid {service.child.pid}, restart {service.restarts})")
+
+    def _side_exited(self, service: SideService) -> None:
+        child = service.child
+        assert child is not None
+        code = child.proc.returncode
+        self._release(child)
+        service.child = None
+        delay = service.backoff.delay_after(time.monotonic() - service.started_at)
+        service.restart_at = time.monotonic() + delay
+        self._warn(
+            f"{service.name} exited with code {code}; restarting it in {delay:g}s (the cluster runs on). "
+            f"Last log lines ({child.log_path}):"
+        )
+        self.console.print(escape(child.log_tail(600)), highlight=False, soft_wrap=True)
 
     def _setup_tokens(self) -> None:
         if self.settings.tokens:
@@ -413,6 +505,10 @@ class LocalCluster:
 
     # --- report -------------------------------------------------------------------------
 
+    def _warn(self, text: str) -> None:
+        # soft_wrap: one line however narrow the terminal (or 80 columns when piped).
+        self.console.print(f"[yellow]![/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+
     def _say(self, what: str, text: str) -> None:
         self.console.print(f"[green]✓[/green] [bold]{what:<7}[/bold] {escape(text)}", highlight=False)
 
@@ -500,9 +596,12 @@ class LocalCluster:
     # --- run and stop -------------------------------------------------------------------
 
     def supervise(self) -> int:
-        """Wait for a signal; a child that dies on its own ends the run with code 1."""
+        """Wait for a signal; the worker, the router or Redis dying on its own ends the run with code 1;
+        a side service that exits is restarted (`_tend_side`)."""
         while not self._stop.wait(0.5):
-            for child in (self.worker, self.router, self.prometheus, self.flower):
+            for service in self.side.values():
+                self._tend_side(service)
+            for child in (self.worker, self.router):
                 if child is not None and not child.alive():
                     self.console.print(
                         f"[red]error:[/red] {child.name} exited with code {child.proc.returncode}; "
@@ -530,11 +629,11 @@ class LocalCluster:
         ]
         if parts:
             self.console.print(f"\n[bold]stopping[/bold] ({', '.join(parts)})…")
-        for attr in ("prometheus", "flower"):
-            child = getattr(self, attr)
-            if child is not None:
-                self._stop_child(child, ROUTER_STOP_TIMEOUT)
-                setattr(self, attr, None)
+        for service in self.side.values():
+            service.restart_at = None  # no restart while stopping
+            if service.child is not None:
+                self._stop_child(service.child, ROUTER_STOP_TIMEOUT)
+                service.child = None
         if self.worker is not None:
             self._stop_child(
                 self.worker,
@@ -575,12 +674,18 @@ class LocalCluster:
                 time.sleep(0.05)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(10)
-        sweep_group(child.pid)
-        if child.log_file is not None:
-            child.log_file.close()
+        self._release(child)
         code = child.proc.returncode
         clean = code in (0, -signal.SIGTERM, -signal.SIGINT)
         self._say(child.name, "stopped" if clean else f"stopped (exit code {code})")
+
+    @staticmethod
+    def _release(child: Child) -> None:
+        """After a child exited: what is left of its process group goes, its log file is closed."""
+        sweep_group(child.pid)
+        if child.log_file is not None:
+            child.log_file.close()
+            child.log_file = None
 
 
 def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:

@@ -1,0 +1,167 @@
+"""`edgefleet up`'s side services (Prometheus, Flower) never take the cluster down: one that cannot
+start or exits is reported and restarted with back-off while the router, worker and Redis go on;
+a missing extra or binary is one line and `up` runs without it. Commands whose extra is missing
+say which one to install (exit code 2) instead of a ModuleNotFoundError."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from edgefleet.cli.processes import RestartBackoff
+from tests.conftest import ROOT, free_port, wait_until
+from tests.test_cli import Up, _alive, cli_env, up_factory
+
+__all__ = ["up_factory"]  # the fixture, shared with tests/test_cli.py
+
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="the `prometheus` binary is not installed (apt-get install prometheus; .ci/run does)",
+)
+
+
+def _children(up: Up, part: str) -> list[psutil.Process]:
+    found = []
+    for proc in up.record_children():
+        try:
+            if part in " ".join(proc.cmdline()) and _alive(proc):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _one(up: Up, part: str) -> psutil.Process:
+    procs = wait_until(lambda: _children(up, part) or None, 60, interval=0.2, what=f"a child running {part!r}")
+    assert len(procs) == 1, [p.cmdline() for p in procs]
+    return procs[0]
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.cluster
+@needs_prometheus
+def test_prometheus_that_cannot_start_or_dies_is_restarted_and_the_cluster_runs_on(
+    up_factory: Callable[..., Up],
+) -> None:
+    prom_port = free_port()
+    prom = f"http://127.0.0.1:{prom_port}"
+    # The port is taken when `up` starts Prometheus: it exits at once.
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", prom_port))
+    squatter.listen()
+    try:
+        up = up_factory(extra_args=("--with-prometheus", "--prometheus-port", str(prom_port)))
+        assert "prometheus exited with code" in up.output(), up.output()
+        assert "restarting it in" in up.output()
+    finally:
+        squatter.close()
+    core = {name: _one(up, name) for name in ("redis-server", "edgefleet router", "edgefleet worker")}
+
+    # Port free again: a restart (after its back-off) comes up and loads the alert rules.
+    wait_until(lambda: _ready(f"{prom}/-/ready"), 90, interval=0.5, what="Prometheus after its restart")
+    first = _one(up, "prometheus --config.file")
+    rules = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    names = {rule["name"] for group in rules for rule in group["rules"]}
+    assert {"EdgefleetNodeDown", "EdgefleetBacklogGrowing", "EdgefleetInteractiveSlow"} <= names
+
+    # Killed while running: reported, started again as a new process, nothing else touched.
+    first.kill()
+    wait_until(lambda: "exited with code -9" in up.output() or None, 30, what="up to report the exit")
+    second = wait_until(
+        lambda: next((p for p in _children(up, "prometheus --config.file") if p.pid != first.pid), None),
+        90,
+        interval=0.2,
+        what="a new Prometheus process",
+    )
+    wait_until(lambda: _ready(f"{prom}/-/ready"), 60, interval=0.5, what="the restarted Prometheus")
+    assert httpx.get(f"{up.url}/healthz", timeout=5).json()["status"] == "ok"
+    for name, proc in core.items():
+        assert _alive(proc), f"{name} died with Prometheus"
+    assert {name: _one(up, name).pid for name in core} == {name: proc.pid for name, proc in core.items()}
+    assert up.output().count("restarted (pid") >= 2  # once after the failed start, once after the kill
+
+    # Ctrl-C still stops everything, the restarted Prometheus included.
+    assert up.interrupt(timeout=60) == 0, up.output()
+    wait_until(lambda: not _alive(second), 15, what="the restarted Prometheus to stop")
+    assert not any(_alive(p) for p in core.values())
+
+
+SITECUSTOMIZE = "import sys\nsys.modules['flower'] = None  # as if the `flower` extra were not installed\n"
+
+
+@pytest.mark.cluster
+def test_up_with_flower_without_the_extra_runs_without_it(
+    up_factory: Callable[..., Up], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "no-flower"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
+    up = up_factory(extra_args=("--with-flower",))
+    lines = [line for line in up.output().splitlines() if line.startswith("!")]
+    assert lines == ["! flower is not installed (pip install 'edgefleet[flower]'): not starting Flower"], lines
+    assert _children(up, " flower") == []
+    assert httpx.get(f"{up.url}/healthz", timeout=5).json()["status"] == "ok"
+    # No Flower, so no task events: the worker's environment does not turn them on.
+    worker = _one(up, "edgefleet worker")
+    assert "EDGEFLEET_TASK_EVENTS" not in worker.environ()
+    assert up.interrupt(timeout=60) == 0, up.output()
+
+
+def _run_blocked(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`edgefleet <args>` with `module` made unimportable, as on a box without its extra."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; sys.argv = ['edgefleet', *{list(args)!r}]; "
+        "from edgefleet.cli import main; main()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        ("uvicorn", ["router"], "router"),
+        ("fastapi", ["router", "--port", "1"], "router"),
+        ("fastapi", ["up"], "router"),
+        ("celery", ["worker"], "worker"),
+    ],
+)
+def test_a_command_without_its_extra_says_which_to_install(module: str, args: list[str], extra: str) -> None:
+    done = _run_blocked(module, *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: edgefleet {args[0]}: no module named {module!r}: install edgefleet with its '{extra}' extra: "
+        f"pip install 'edgefleet[{extra}]'"
+    ]
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_missing_module_of_edgefleet_itself_is_not_blamed_on_an_extra() -> None:
+    done = _run_blocked("router.app", "router")
+    assert done.returncode != 0 and "extra" not in done.stderr
+    assert "ModuleNotFoundError" in done.stderr  # a broken checkout: the real error, not a hint
+
+
+def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> None:
+    backoff = RestartBackoff(first=1.0, cap=8.0, stable=60.0)
+    assert [backoff.delay_after(0.5) for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert backoff.delay_after(61.0) == 1.0  # it ran a minute: a fresh failure, restarted quickly
+    assert backoff.delay_after(3.0) == 2.0
