@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from edgefleet import __version__
 from edgefleet.settings import Settings
 from router.api import artifacts, discovery, fleet, jobs, join, ops, webhooks
 from router.errors import error_responses, install_error_handlers
@@ -31,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="edgefleet router",
-        version="0.1.0",
+        version=__version__,
         description="Submit jobs, watch them run across the fleet.",
         lifespan=lifespan,
         # Every route may answer these, in the error shape (this also replaces FastAPI's own 422 schema).
