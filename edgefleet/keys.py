@@ -23,7 +23,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     # jobs
     "job": "job:{job_id}",  # h: one job
     "subtask": "st:{job_id}:{subtask_id}",  # h: one subtask
-    "events": "events:{job_id}",  # x: the job's events, for SSE
+    "job_events": "ev:{job_id}",  # l: the job's events, one packed entry each (edgefleet/store/events.py)
+    "event_feed": "evfeed",  # x: "j" = job id of every event, capped: wakes those who follow a job's events
+    "events": "events:{job_id}",  # x: a job's events before issue 12 (read and deleted, no longer written)
     "jobs": "jobs",  # z: every job by creation time
     "jobs_in_state": "jobs:s:{state}",  # z: jobs in one state, by creation time
     "tenant_jobs": "jobs:t:{tenant}",  # z: a tenant's jobs
@@ -114,7 +116,15 @@ class Keys:
         return self.key("subtask", job_id=job_id, subtask_id=subtask_id)
 
     def events(self, job_id: str) -> str:
+        """The job's event stream of the old form (one stream per job): read, never written."""
         return self.key("events", job_id=job_id)
+
+    def job_events(self, job_id: str) -> str:
+        return self.key("job_events", job_id=job_id)
+
+    @property
+    def event_feed(self) -> str:
+        return self.key("event_feed")
 
     def backlog(self, resource_class: ResourceClass | str) -> str:
         return self.key("backlog", resource_class=_value(resource_class))

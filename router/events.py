@@ -1,4 +1,4 @@
-"""Server-sent events from a job's event stream, in stream order, resumable by Last-Event-ID."""
+"""Server-sent events from a job's events (edgefleet/store/events.py), in order, resumable by Last-Event-ID."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgefleet.store.events import unpack_event
 from tests.conftest import Cluster, new_marker, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.cluster
 
 def events(cluster: Cluster, job_id: str) -> list[dict]:
     out = []
-    for entry_id, fields in cluster.redis.client().xrange(f"ef:events:{job_id}"):
+    for entry_id, fields in map(unpack_event, cluster.redis.client().lrange(f"ef:ev:{job_id}", 0, -1)):
         event = dict(fields)
         event["id"] = entry_id
         event.update(json.loads(fields.get("data", "{}")) or {})

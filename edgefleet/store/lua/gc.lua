@@ -1,6 +1,7 @@
 -- ARGV: prefix, age in seconds, max jobs. Retention: delete jobs that finished more than `age`
--- seconds ago with everything that is theirs (job and subtask hashes, event stream, idempotency
--- key, list indexes). Only jobs in `K.finished()` (added by finish_job) are looked at, so a
+-- seconds ago with everything that is theirs (job and subtask hashes, events and an event stream
+-- of the old form, idempotency key, list indexes; their doorbells in the capped event feed age
+-- out by themselves). Only jobs in `K.finished()` (added by finish_job) are looked at, so a
 -- running job is never deleted. Returns {finished jobs as old still left, {deleted ids}}.
 local cutoff = NOW - tonumber(ARGV[2])
 local fk = K.finished()
@@ -18,7 +19,7 @@ for _, jid in ipairs(ids) do
       redis.call('DEL', K.subtask(jid, sid))
     end
     if f[4] and f[4] ~= '' and redis.call('GET', f[4]) == jid then redis.call('DEL', f[4]) end
-    redis.call('DEL', jk, K.events(jid), K.job_artifacts(jid))
+    redis.call('DEL', jk, K.job_events(jid), K.events(jid), K.job_artifacts(jid))
     redis.call('ZREM', K.jobs(), jid)
     for _, st in ipairs({'succeeded', 'failed', 'cancelled', 'running'}) do
       redis.call('ZREM', K.jobs_in_state(st), jid)

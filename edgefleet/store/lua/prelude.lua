@@ -61,12 +61,22 @@ local function backlog_popped(cls, jid, m)
   return prio
 end
 
+-- A job's events: one packed string each in the list `K.job_events(jid)` (a small list is one
+-- listpack: tens of bytes an event, where a stream per job cost ~4.7 KB), and a doorbell
+-- entry {j = jid} in the shared, capped stream `K.event_feed()` whose id is the event's id,
+-- so that a follower blocks on one stream for every job (edgefleet/store/events.py reads
+-- both and unpacks). Packed: id, type, ts, subtask, state, data (JSON), tab-separated, ''
+-- for none (step ids have no tab; cjson escapes control characters). The list keeps its
+-- newest EVENTS_PER_JOB, as the stream per job did with MAXLEN ~ 5000.
+local EVENTS_PER_JOB = 5000
+local EVENT_FEED_LEN = 2000  -- >= the reader's XREAD COUNT: a full batch tells a reader it may have missed some
 local function event(jid, kind, sid, state, extra)
-  local fields = {'type', kind, 'ts', tostring(NOW)}
-  if sid then table.insert(fields, 'subtask'); table.insert(fields, sid) end
-  if state then table.insert(fields, 'state'); table.insert(fields, state) end
-  if extra then table.insert(fields, 'data'); table.insert(fields, cjson.encode(extra)) end
-  redis.call('XADD', K.events(jid), 'MAXLEN', '~', '5000', '*', unpack(fields))
+  local id = redis.call('XADD', K.event_feed(), 'MAXLEN', '~', EVENT_FEED_LEN, '*', 'j', jid)
+  local data = extra and cjson.encode(extra) or ''
+  if data == '{}' then data = '' end
+  local lk = K.job_events(jid)
+  local n = redis.call('RPUSH', lk, table.concat({id, kind, tostring(NOW), sid or '', state or '', data}, '\t'))
+  if n > EVENTS_PER_JOB then redis.call('LTRIM', lk, -EVENTS_PER_JOB, -1) end
 end
 
 local function index_job(jid, tenant, old_state, new_state, created)
