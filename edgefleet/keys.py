@@ -69,6 +69,14 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     # node access: join tokens and the per-node Redis ACL users they admit (store/acl.py)
     "join_token": "join:{token_id}",  # h: one join token (secret and passwords only as sha256)
     "join_tokens": "joins",  # z: token id -> created_at
+    # schedules (edgefleet/store/schedules.py): jobs made at fire times; times in ms since the epoch
+    "schedule": "schedule:{schedule_id}",  # h: one schedule (spec JSON, state, next_at, last_job, counts)
+    "schedule_runs": "schedule:{schedule_id}:runs",  # z: fire time -> fire time, the runs kept
+    "schedule_run": "schedule:{schedule_id}:run",  # h: fire time -> the run's record (JSON)
+    "schedules": "schedules",  # z: schedule id -> created_at
+    "tenant_schedules": "schedules:t:{tenant}",  # z: a tenant's schedule ids -> created_at
+    "schedules_due": "schedules:due",  # z: active schedule id -> when its next fire time is due (jitter in)
+    "schedules_pending": "schedules:pending",  # z: "id|fire time" claimed, job not yet recorded -> claimed at
 }
 
 _LITERAL = re.compile(r"[a-z_:]*")

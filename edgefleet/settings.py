@@ -301,6 +301,16 @@ class Settings(BaseSettings):
     artifact_s3_region: str | None = None
     artifact_s3_prefix: str = Field(default="edgefleet/artifacts", description="key prefix in the bucket")
 
+    # --- schedules: jobs on a cron expression or an interval, fired by the leading router (router/schedule_firing.py) ---
+    schedule_min_interval: float = Field(
+        default=10.0, gt=0, description="seconds: a schedule may not run more often (422 on its interval or cron)"
+    )
+    schedule_tick: float = Field(
+        default=0.25, gt=0, le=10, description="seconds between the leader's looks at due schedules"
+    )
+    schedule_keep_runs: int = Field(default=50, ge=1, le=10_000, description="runs (fire times) kept per schedule")
+    schedule_max_per_tenant: int = Field(default=1000, ge=1, description="schedules one tenant may have")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.visibility_timeout <= self.max_subtask_timeout:

@@ -2,9 +2,9 @@
 
 They are threads, not asyncio tasks, because the job store and Celery's producer
 are blocking clients; every step is a Lua script, so several routers may run them.
-Only the release loop is exclusive: it runs in the router that holds the Redis lease
-`<prefix>:scheduler:leader` (SET NX PX, renewed while it runs); the others skip it
-until the lease expires or is given back. Reaping and callbacks run everywhere.
+Only the release loop and schedule firing are exclusive: they run in the router that holds
+the Redis lease `<prefix>:scheduler:leader` (SET NX PX, renewed while it runs); the others
+skip them until the lease expires or is given back. Reaping and callbacks run everywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.state import SchedulerState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from router.schedule_firing import ScheduleFirer
 from router.webhooks import WebhookSender, build_guard
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ class RouterLoops:
         requeued: Counter,
         callbacks: Counter,
         router_id: str = "router",
+        schedules: ScheduleFirer | None = None,
     ) -> None:
         self.router_id = router_id
+        self.schedules = schedules
         self._leading = False
         self._renewed_at = 0.0
         self.store = store
@@ -57,6 +60,7 @@ class RouterLoops:
             ("release", self._release_loop),
             ("reap", self._reap_loop),
             ("callbacks", self._callback_loop),
+            ("schedules", self._schedule_loop),
         ):
             thread = threading.Thread(target=self._guarded(name, target), name=f"ef-{name}", daemon=True)
             thread.start()
@@ -122,6 +126,13 @@ class RouterLoops:
                 self.scheduler.count_loop_release(self.router_id, count)
                 continue  # there may be more room or more work
             self._stop.wait(self.settings.release_interval)
+
+    def _schedule_loop(self) -> None:
+        """Schedules fire on the release lease's holder; each fire time is claimed in Redis anyway,
+        so a router that still believes it leads after losing the lease makes no second job."""
+        while self.schedules is not None and not self._stop.wait(self.settings.schedule_tick):
+            if self._leading:
+                self.schedules.tick()
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.settings.reap_interval):

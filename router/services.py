@@ -25,6 +25,7 @@ from edgefleet.scheduling.state import SchedulerState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from edgefleet.store.events import JobEventReader
+from edgefleet.store.schedules import ScheduleStore
 from edgefleet.templates import TemplateCatalog
 from router.artifact_service import ArtifactService
 from router.feedback import FeedbackLoop, start_feedback
@@ -33,6 +34,8 @@ from router.metrics import RouterMetrics
 from router.model_access import LazyGoalPlanner
 from router.planner import Planner
 from router.retention import RetentionSweeper
+from router.schedule_firing import ScheduleFirer
+from router.schedules import ScheduleService
 from router.submission import Submitter
 from router.webhooks import build_guard
 
@@ -58,6 +61,7 @@ class RouterServices:
     loops: RouterLoops
     retention: RetentionSweeper
     artifacts: ArtifactService
+    schedules: ScheduleService
     # Started last (it wraps the app's middleware), so absent until `start`.
     feedback: FeedbackLoop | None = None
 
@@ -79,6 +83,10 @@ class RouterServices:
         planner = Planner(plugins, templates, settings)
         goal_planner = LazyGoalPlanner(settings, metrics.registry, planner, plugins)
         guard = build_guard(settings)
+        submitter = Submitter(
+            store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
+        )
+        schedule_store = ScheduleStore.of(store)
         return cls(
             settings=settings,
             router_id=router_id,
@@ -92,9 +100,7 @@ class RouterServices:
             dispatcher=dispatcher,
             metrics=metrics,
             webhook_guard=guard,
-            submitter=Submitter(
-                store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
-            ),
+            submitter=submitter,
             loops=RouterLoops(
                 store,
                 scheduler,
@@ -104,9 +110,11 @@ class RouterServices:
                 metrics.requeued,
                 metrics.callbacks,
                 router_id=router_id,
+                schedules=ScheduleFirer(schedule_store, submitter, settings),
             ),
             retention=RetentionSweeper(store, settings.gc_interval),
             artifacts=ArtifactService(settings, store, metrics.registry),
+            schedules=ScheduleService(schedule_store, submitter, settings),
         )
 
     def start(self, app: FastAPI) -> None:

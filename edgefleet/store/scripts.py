@@ -55,6 +55,12 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
     # artifacts
     "artifacts_record": (STORE, True),
     "artifacts_locality": (STORE, False),
+    # schedules (edgefleet/store/schedules.py); the prelude for NOW (Redis time)
+    "schedule_create": (STORE, True),
+    "schedule_claim": (STORE, True),
+    "schedule_record": (STORE, True),
+    "schedule_state": (STORE, True),
+    "schedule_delete": (STORE, True),
 }
 
 
