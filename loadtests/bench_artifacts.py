@@ -1,138 +1,247 @@
-"""Artifact transfer: a file moving node -> router -> node, against a plain HTTP download of it.
+"""Artifact transfer between two boxes of the network lab, against a plain HTTP download of the file.
 
-One redis-server, one router (the default `router` backend: its data dir) and two worker nodes,
-"alpha" and "beta", each with its own data and workspace folders. A two-step job: `blob.make`
-on alpha writes `--mb` MiB of random bytes, `blob.digest` on beta hashes the file its `$ref`
-names, so the file must move: alpha hashes and uploads it before its step is marked
-succeeded, beta fetches, hashes and caches it before its step starts. The move's time is what
-the nodes log for those two parts ("artifacts stored" and "artifact fetched", `seconds`);
-the baseline is a plain streamed HTTP GET of the same blob from the router into a file, on the
-same machine. Printed: MB/s of each and their ratio (move ÷ plain download).
+The lab is the tests' (tests/netlab.py): Redis and the router in a "hub" network namespace, two
+worker boxes, "alpha" and "beta", each in its own namespace, reaching the hub only over its own
+veth link and seeing only its own data folder. `--link-mbit N` limits each link to N Mbit/s each
+way (a token bucket on both ends of the veth), so the link, not the machine's shared CPUs, is
+what a transfer waits on, as on a home LAN; without it the veths run as fast as the CPUs allow.
 
-    python loadtests/bench_artifacts.py --mb 100
+Both boxes join as a user would, `edgefleet worker --join <router> ` with a join token. A job
+queued before the first box joins measures the time from starting `worker --join` to that box's
+first subtask running (and to its "joined" line).
+
+Then, `--runs` times, a two-step job: `blob.make` on alpha writes `--mb` MiB of random bytes,
+`blob.digest` on beta hashes the file its `$ref` names, so the file must move: alpha uploads it to
+the router (hashed on the way) before its step is marked succeeded, beta fetches it (hashed on
+the way, kept in its cache) before its step starts. The legs are what the nodes log
+("artifacts stored", "artifact fetched": `seconds` and `ts`):
+
+- upload leg: alpha → router (hash, upload, record);
+- fetch leg: router → beta (download, hash, cache, link into the step's inputs);
+- the move, upload + fetch: the bytes cross two links one after the other;
+- the hand-over: from the start of alpha's upload to the end of beta's fetch, as the job sees it
+  (the move plus the dispatch of the second step in between).
+
+The baseline is a plain HTTP download of the same file over the same link (beta's): `curl` in
+beta's namespace from a static file server in the hub (`python -m http.server`) and from the
+router's `GET /v1/artifacts/{id}`; the fastest counts. Printed: MB/s of each and the ratios.
+
+    python loadtests/bench_artifacts.py --mb 100 --link-mbit 1000
+
+Needs root (network and mount namespaces), like tests/test_lab.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.store import JobStore
-from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes
+from tests.conftest import ADMIN_TOKEN, wait_until
+from tests.netlab import LAB_PLUGINS, Lab, lab_unavailable, new_lab
 
 MIB = 1024 * 1024
-NODES = ("alpha", "beta")
+BOXES = ("alpha", "beta")
+STATIC_PORT = 8080  # the plain file server in the hub
 
 
-def logged_seconds(log: Path, message: str) -> float:
-    """`seconds` of the last JSON log line with this message."""
-    found = None
-    for line in log.read_text(errors="replace").splitlines():
-        if message in line:
-            try:
-                found = json.loads(line[line.index("{") :])
-            except ValueError:
-                continue
-    if not found or "seconds" not in found:
-        raise SystemExit(f"no {message!r} line with seconds in {log}")
-    return float(found["seconds"])
+@dataclass(frozen=True)
+class Leg:
+    seconds: float
+    ended: float  # unix time the node logged it
+
+    @property
+    def started(self) -> float:
+        return self.ended - self.seconds
 
 
-def plain_download(url: str, artifact_id: str, target: Path) -> float:
-    """Seconds of one streamed GET of the blob into a file (no hashing: the baseline)."""
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    started = time.perf_counter()
-    with httpx.stream("GET", f"{url}/v1/artifacts/{artifact_id}", headers=headers, timeout=300) as response:
-        response.raise_for_status()
-        with open(target, "wb") as out:
-            for chunk in response.iter_bytes(MIB):
-                out.write(chunk)
-    return time.perf_counter() - started
+def logged(lab: Lab, box: str, message: str, after: float) -> Leg:
+    """The node's first log line with this message logged after `after` (unix time)."""
+    for line in lab.log_tail(f"node-{box}", 10**8).splitlines():
+        if f'"msg": "{message}"' not in line:
+            continue
+        try:
+            entry = json.loads(line[line.index("{") :])
+        except ValueError:
+            continue
+        if entry.get("ts", 0) >= after and "seconds" in entry:
+            return Leg(float(entry["seconds"]), float(entry["ts"]))
+    raise SystemExit(f"no {message!r} line in node-{box}.log:\n{lab.log_tail(f'node-{box}')}")
+
+
+def stamp_job(lab: Lab) -> dict[str, Any]:
+    marker = lab.marks_dir() / f"{uuid.uuid4().hex}.log"
+    args = {"seconds": 0, "interval": 0.05, "marker": str(marker)}
+    return {"steps": [{"id": "first", "plugin": "stamp", "action": "run", "args": args}]}
+
+
+def join_time(lab: Lab, box: str, token: str) -> tuple[float, float]:
+    """(seconds to the "joined" line, seconds to the first subtask running) after `worker --join`
+    starts, with a job already queued that any box may run."""
+    job = lab.submit(stamp_job(lab))
+    started = time.time()
+    lab.join_box(box, token)
+    joined_at: float | None = None
+    running_at: float | None = None
+    deadline = time.monotonic() + 120
+    while running_at is None and time.monotonic() < deadline:
+        if joined_at is None and "joined http" in lab.log_tail(f"node-{box}", 10**6):
+            joined_at = time.time()
+        subtask = lab.job(job["id"])["subtasks"][0]
+        if subtask.get("started_at"):
+            running_at = float(subtask["started_at"])
+            assert subtask["node"] == box, subtask
+        time.sleep(0.02)
+    if running_at is None or joined_at is None:
+        raise SystemExit(f"{box} took no work after joining:\n{lab.log_tail(f'node-{box}')}")
+    return joined_at - started, running_at - started
+
+
+def move_once(lab: Lab, mb: int) -> tuple[dict[str, Any], Leg, Leg]:
+    body = {
+        "steps": [
+            {"id": "make", "plugin": "blob", "action": "make", "args": {"size_mb": mb}, "node": "alpha"},
+            {
+                "id": "digest",
+                "plugin": "blob",
+                "action": "digest",
+                "args": {"path": {"$ref": "steps.make.output.path"}},
+                "node": "beta",
+                "timeout": 600,
+            },
+        ]
+    }
+    submitted = time.time()
+    status = lab.wait_job(lab.submit(body)["id"], timeout=600)
+    if status["state"] != "succeeded":
+        raise SystemExit(f"job {status['state']}: {json.dumps(status, indent=1)}")
+    [artifact] = status["artifacts"]
+    digest = {st["id"]: st for st in status["subtasks"]}["digest"]
+    assert digest["node"] == "beta", digest
+    assert digest["output"]["sha256"] == artifact["id"] and digest["output"]["bytes"] == artifact["size"]
+    upload = logged(lab, "alpha", "artifacts stored", submitted)
+    fetch = logged(lab, "beta", "artifact fetched", submitted)
+    return artifact, upload, fetch
+
+
+def curl_seconds(lab: Lab, url: str, target: Path, header_file: Path | None) -> float:
+    """Seconds of one `curl` download in beta's namespace, over beta's link, into beta's folder."""
+    command = [*lab.enter(lab.boxes["beta"].netns), "curl", "-sS", "--fail", "-o", str(target)]
+    if header_file is not None:
+        command += ["-H", f"@{header_file}"]  # the token from a file, never on a command line
+    done = subprocess.run([*command, "-w", "%{time_total}", url], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"curl {url}: {done.stderr.strip()}")
+    target.unlink()
+    return float(done.stdout.strip())
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / 1e6 / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100, help="artifact size in MiB")
-    parser.add_argument("--downloads", type=int, default=3, help="plain downloads; the fastest counts")
+    parser.add_argument("--link-mbit", type=float, default=0, help="limit each box's link (Mbit/s); 0: no limit")
+    parser.add_argument("--runs", type=int, default=3, help="moves (each a new file), and downloads per server")
     args = parser.parse_args()
+    why = lab_unavailable()
+    if why:
+        raise SystemExit(why)
 
-    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-artifacts-"))
-    stack = BenchStack(
-        workdir,
-        EDGEFLEET_PLUGIN_DIRS=json.dumps([str(ROOT / "loadtests" / "plugins")]),
-        EDGEFLEET_CPU_CONCURRENCY="1",
-        EDGEFLEET_EXPRESS_SLOTS="0",
+    lab = new_lab(
+        EDGEFLEET_PLUGIN_DIRS=json.dumps([str(LAB_PLUGINS), str(ROOT / "loadtests" / "plugins")]),
+        EDGEFLEET_NODE_BENCH="true",  # as a real join does (it runs in the background)
     )
+    static: subprocess.Popen[bytes] | None = None
     try:
-        stack.start_redis()
-        stack.start_router()
-        stack.env["EDGEFLEET_ROUTER_URL"] = stack.url
-        for name in NODES:
-            stack.start_node(
-                name,
-                EDGEFLEET_LOG_LEVEL="INFO",  # the transfer times are in the nodes' INFO lines
-                EDGEFLEET_DATA_DIR=str(workdir / f"box-{name}" / "data"),
-                EDGEFLEET_WORKSPACE_DIR=str(workdir / f"box-{name}" / "workspaces"),
-            )
-        store = JobStore.from_url(stack.env["EDGEFLEET_REDIS_URL"])
-        wait_nodes(store, *NODES)
-        body = {
-            "steps": [
-                {"id": "make", "plugin": "blob", "action": "make", "args": {"size_mb": args.mb}, "node": "alpha"},
-                {
-                    "id": "digest",
-                    "plugin": "blob",
-                    "action": "digest",
-                    "args": {"path": {"$ref": "steps.make.output.path"}},
-                    "node": "beta",
-                    "timeout": 600,
-                },
-            ]
-        }
-        with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
-            job = http.post("/v1/jobs", json=body).raise_for_status().json()
-            status: dict = {}
+        lab.build(*BOXES)
+        if args.link_mbit:
+            for box in BOXES:
+                lab.shape(box, args.link_mbit)
+        lab.start_hub()
+        with lab.http() as http:
+            tokens = {}
+            for box in BOXES:
+                made = http.post("/v1/join-tokens", json={"name": box})
+                assert made.status_code == 201, made.text
+                tokens[box] = made.json()["token"]
+        to_joined, to_first = join_time(lab, "alpha", tokens["alpha"])
+        lab.join_box("beta", tokens["beta"])
+        lab.wait_boxes_ready(*BOXES)
 
-            def done() -> bool:
-                nonlocal status
-                status = http.get(f"/v1/jobs/{job['id']}").json()
-                return status["state"] != "running"
+        moves = [move_once(lab, args.mb) for _ in range(args.runs)]
+        size = moves[0][0]["size"]
 
-            wait_for(done, 600, "the job")
-        if status["state"] != "succeeded":
-            raise SystemExit(f"job {status['state']}: {json.dumps(status, indent=1)}")
-        [artifact] = status["artifacts"]
-        digest = {st["id"]: st for st in status["subtasks"]}["digest"]["output"]
-        assert digest["sha256"] == artifact["id"] and digest["bytes"] == artifact["size"], (digest, artifact)
-
-        size_mb = artifact["size"] / 1e6
-        upload_s = logged_seconds(workdir / "node-alpha.log", '"artifacts stored"')
-        fetch_s = logged_seconds(workdir / "node-beta.log", '"artifact fetched"')
-        plain_s = min(
-            plain_download(stack.url, artifact["id"], workdir / f"plain-{i}.bin") for i in range(args.downloads)
+        blobs = lab.private / "hub" / "data" / "artifacts"
+        serve = ["-m", "http.server", "--bind", lab.hub_address, str(STATIC_PORT), "--directory", str(blobs)]
+        static = subprocess.Popen(
+            [*lab.enter(lab.hub_ns), sys.executable, *serve],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        move = size_mb / (upload_s + fetch_s)
-        plain = size_mb / plain_s
-        print(f"artifact: {artifact['size']} bytes ({args.mb} MiB), sha256 checked on arrival")
-        print(f"node -> router (hash + upload):        {upload_s:6.2f} s  {size_mb / upload_s:7.1f} MB/s")
-        print(f"router -> node (fetch + hash + cache): {fetch_s:6.2f} s  {size_mb / fetch_s:7.1f} MB/s")
-        print(f"node -> router -> node:                {upload_s + fetch_s:6.2f} s  {move:7.1f} MB/s")
-        print(f"plain HTTP download from the router:   {plain_s:6.2f} s  {plain:7.1f} MB/s")
-        print(f"ratio (move / plain download): {move / plain:.2f}")
-        # The move is two transfers (up, then down) on one machine's CPUs: the fetch leg alone
-        # is the like-for-like figure for one hop.
-        print(f"ratio (fetch leg / plain download): {size_mb / fetch_s / plain:.2f}")
+        headers = lab.private / "hub" / "curl-headers"
+        headers.touch(mode=0o600)
+        headers.write_text(f"Authorization: Bearer {ADMIN_TOKEN}\n")
+        artifact_id = moves[-1][0]["id"]
+        static_url = f"http://{lab.hub_address}:{STATIC_PORT}/{artifact_id[:2]}/{artifact_id}"
+        wait_until(lambda: _answers(static_url), 30, interval=0.1, what="the static file server")
+        target = lab.private / "beta" / "plain.bin"
+        plain_static = [curl_seconds(lab, static_url, target, None) for _ in range(args.runs)]
+        router_url = f"{lab.router_url}/v1/artifacts/{artifact_id}"
+        plain_router = [curl_seconds(lab, router_url, target, headers) for _ in range(args.runs)]
+
+        upload_s = [u.seconds for _, u, _ in moves]
+        fetch_s = [f.seconds for _, _, f in moves]
+        move_s = [u.seconds + f.seconds for _, u, f in moves]
+        handover_s = [f.ended - u.started for _, u, f in moves]
+        plain_s = min(plain_static + plain_router)
+        plain = mbps(size, plain_s)
+
+        link = f"{args.link_mbit:g} Mbit/s each way" if args.link_mbit else "no limit (veth, CPU-bound)"
+        print(f"artifact: {size} bytes ({args.mb} MiB), {args.runs} runs; link: {link}")
+        print(f"join: 'joined' after {to_joined:.2f} s, first subtask running {to_first:.2f} s after `worker --join`")
+        print("                                   best MB/s   median MB/s   vs plain (best)")
+        rows = [
+            ("upload leg (alpha -> router)", upload_s),
+            ("fetch leg (router -> beta)", fetch_s),
+            ("move (upload + fetch)", move_s),
+            ("hand-over (incl. dispatch)", handover_s),
+            ("plain: curl from http.server", plain_static),
+            ("plain: curl from the router", plain_router),
+        ]
+        for label, seconds in rows:
+            best = mbps(size, min(seconds))
+            median = mbps(size, statistics.median(seconds))
+            print(f"{label:34s} {best:9.1f}   {median:11.1f}   {best / plain:6.2f}")
+        print(f"ratio (move / plain download): {mbps(size, min(move_s)) / plain:.2f}")
+        print(f"ratio (fetch leg / plain download): {mbps(size, min(fetch_s)) / plain:.2f}")
     finally:
-        stack.stop()
+        if static is not None:
+            static.terminate()
+            static.wait(10)
+        lab.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.head(url, timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Backends (`EDGEFLEET_ARTIFACT_BACKEND`):
 - `router` (default): `<data_dir>/artifacts/<id[:2]>/<id>`; nodes upload to and fetch from the
-  router's API (`PUT`/`GET /v1/artifacts/{id}`);
+  router's API (`POST /v1/node-artifacts`: named by the router's hash of what arrived, or `PUT`
+  by id; `GET /v1/artifacts/{id}`);
 - `s3`: the bucket (edgefleet.artifact_s3); nodes reach it themselves, the router uses it for
   client uploads and downloads.
 

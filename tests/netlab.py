@@ -341,6 +341,7 @@ class Lab:
                 "EDGEFLEET_NODE_BENCH": "false",
             }
         )
+        env.update(self.env_overrides)  # a lab made with overrides (a benchmark) gets them on its boxes too
         return env
 
     def _start_node(self, name: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
@@ -443,6 +444,18 @@ class Lab:
         port = self.boxes[name].link.hub_if
         self._run_in(self.hub_ns, "ip", "link", "set", port, "up")
         self._run_in(self.hub_ns, "bridge", "link", "set", "dev", port, "state", "3")  # forwarding
+
+    def shape(self, name: str, mbit: float) -> None:
+        """Limit the box's link to `mbit` Mbit/s each way, like a real LAN's cable (a token bucket
+        on both ends of its veth): the link, not the machine's CPUs, is then what a transfer waits on.
+        The qdiscs go with the veth when the lab is closed."""
+        link = self.boxes[name].link
+        # Bucket of ~4 ms at the rate, at least 256 KiB: a veth hands over 64 KiB GSO frames, and a
+        # bucket smaller than a timer tick's worth of bytes would cap the rate below `mbit`.
+        burst = max(256 * 1024, int(mbit * 1e6 / 8 * 0.004))
+        tbf = ["root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "20ms"]
+        self._run_in(self.hub_ns, "tc", "qdisc", "replace", "dev", link.hub_if, *tbf)
+        self._run_in(self.boxes[name].netns, "tc", "qdisc", "replace", "dev", link.far_if, *tbf)
 
     def listening_in(self, name: str) -> str:
         """`ss -ltn` inside a box's network namespace."""

@@ -191,6 +191,43 @@ def test_node_credentials_need_a_live_node_and_the_current_secret(boxes: Cluster
         store.close()
 
 
+def test_a_node_uploads_in_one_pass_and_the_router_names_what_it_received(boxes: Cluster) -> None:
+    """`POST /v1/node-artifacts`: the node sends without naming the bytes; the router stores them
+    under the sha256 of what it received and answers it (the node compares it with its own)."""
+    from edgefleet.artifact_files import node_credential
+    from edgefleet.store import JobStore
+
+    store = JobStore.from_url(boxes.redis.url)
+    try:
+        node = {"Authorization": f"Bearer {node_credential(store.artifacts.node_secret(), 'alpha')}"}
+    finally:
+        store.close()
+    body = os.urandom(3 * 65536 + 17)
+
+    def chunked() -> Iterator[bytes]:  # several chunks, no Content-Length
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    with httpx.Client(base_url=boxes.url, timeout=30) as http:
+        stored = http.post("/v1/node-artifacts", content=chunked(), headers=node)
+        assert stored.status_code == 201, stored.text
+        assert stored.json() == {"id": sha(body), "size": len(body)}
+        assert http.get(f"/v1/artifacts/{sha(body)}", headers=node).status_code == 404  # in no job yet
+        blob = boxes.workdir / "data" / "artifacts" / sha(body)[:2] / sha(body)
+        assert blob.read_bytes() == body
+        # The same bytes again: the one stored copy stays.
+        assert http.post("/v1/node-artifacts", content=body, headers=node).json()["id"] == sha(body)
+        assert blob.read_bytes() == body
+
+        client = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        refused = http.post("/v1/node-artifacts", content=b"from a client", headers=client)
+        assert refused.status_code == 403 and refused.json()["detail"][0]["field"] == "Authorization"
+        too_big = os.urandom(ROUTER_LIMIT_MB * 2**20 + 1)
+        over = http.post("/v1/node-artifacts", content=too_big, headers=node)
+        assert over.status_code == 413 and over.json()["detail"][0]["field"] == "body"
+    assert not (boxes.workdir / "data" / "artifacts" / sha(too_big)[:2] / sha(too_big)).exists()
+
+
 def test_a_corrupt_cached_copy_is_fetched_again_never_used(boxes: Cluster) -> None:
     text = "cached then corrupted on disk"
     first = run(boxes, two_step(text, "alpha", "beta"))

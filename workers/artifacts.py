@@ -3,9 +3,17 @@
 **What becomes an artifact.** When an attempt succeeds, every string in its output that is an
 absolute path whose real location (links resolved) lies inside the attempt's workspace and is
 a regular file or a folder. A file is stored as it is; a folder as one `tree` artifact (a
-deterministic tar, edgefleet.artifact_files). Each is uploaded to the backend (unless it is
-there already: same bytes, same id) and recorded in the job store, all before the attempt
-reports success, so a box that dies afterwards loses nothing.
+deterministic tar, edgefleet.artifact_files). Each is uploaded to the backend and recorded in
+the job store, all before the attempt reports success, so a box that dies afterwards loses
+nothing.
+
+Each byte is read once: with the router backend a file is hashed while it is sent, and the
+router, which hashes what it receives, answers the id it stored it under; the node records it
+only if that is the id it computed (else the attempt fails, retryably). The price: a file the
+router already holds is sent again (the router keeps its one copy); skipping that would need
+its hash first, a second read of every output every time. A folder's tar is hashed while it is
+written, so its id is known before it is sent and one already stored is not sent again; so is
+a file with the S3 backend, which names objects by id before upload.
 
 **What a step gets.** Before an attempt starts, each string of its resolved args that names an
 artifact of its job (the path, or a path inside a folder artifact), and each
@@ -23,6 +31,7 @@ artifact of its job (the path, or a path inside a folder artifact), and each
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -30,6 +39,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -74,6 +84,17 @@ KeepAlive = Callable[[], bool]
 ArtifactKind = Literal["file", "tree"]
 
 
+@dataclass(frozen=True)
+class _Output:
+    """An output to store: `blob` is what is sent (a folder's tar); `id` None until it is sent."""
+
+    path: Path
+    kind: ArtifactKind
+    blob: Path
+    id: str | None
+    size: int
+
+
 class _Ticker:
     """Calls `keep_alive` (renew the lease) at most every KEEP_ALIVE_EVERY seconds of a transfer."""
 
@@ -107,8 +128,28 @@ def router_url_for(settings: Settings, store: JobStore) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class _HashingWriter:
+    """Writes through to `out`, hashing and counting on the way: one pass over the bytes."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> int:
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        written: int = self.out.write(chunk)
+        return written
+
+    def tell(self) -> int:  # tarfile asks where writing starts
+        return self.size
+
+
 class RouterBackend:
     """Artifacts kept by the router: nodes upload and fetch over its API with a node credential."""
+
+    names_while_sending = True  # upload_named: the router hashes what it receives and answers the id
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
         url = router_url_for(settings, store)
@@ -154,6 +195,38 @@ class RouterBackend:
             raise ArtifactFailure(f"the router refused {path.name}: {response.text[:300]}", retryable=False)
         self._check(response)
 
+    def upload_named(self, path: Path, tick: _Ticker) -> tuple[str, int]:
+        """Send a file, hashing it on the way; (its sha256, size) once the router answered the same."""
+        digest = hashlib.sha256()
+        size = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal size
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    tick()
+                    yield chunk
+
+        response = self._http.post(
+            "/v1/node-artifacts",
+            content=body(),
+            headers={"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"},
+        )
+        if response.status_code == 413:
+            raise ArtifactFailure(f"the router refused {path.name}: {response.text[:300]}", retryable=False)
+        self._check(response)
+        answer = response.json()
+        sent = digest.hexdigest()
+        if answer.get("id") != sent or answer.get("size") != size:
+            # Changed on the way (or on disk while sent): never recorded under either id.
+            raise ArtifactFailure(
+                f"the router stored {path.name} as {answer.get('id')} ({answer.get('size')} bytes), "
+                f"but this box sent {sent} ({size} bytes)"
+            )
+        return sent, size
+
     def download(self, artifact_id: str, out: Any, tick: _Ticker) -> None:
         with self._http.stream("GET", f"/v1/artifacts/{artifact_id}") as response:
             if response.status_code == 404:
@@ -161,7 +234,8 @@ class RouterBackend:
             if response.status_code >= 400:
                 response.read()
                 self._check(response)
-            for chunk in response.iter_bytes(CHUNK):
+            # As they arrive (httpcore reads 64 KiB at a time): regrouping them would copy each byte.
+            for chunk in response.iter_bytes():
                 tick()
                 out.write(chunk)
 
@@ -171,6 +245,11 @@ class RouterBackend:
 
 class S3Backend:
     """Artifacts in an S3-compatible bucket, which nodes reach themselves."""
+
+    names_while_sending = False  # objects are put under their id: a file is hashed before it is sent
+
+    def upload_named(self, path: Path, tick: _Ticker) -> tuple[str, int]:
+        raise NotImplementedError("the s3 backend needs the id before the upload")
 
     def __init__(self, settings: Settings) -> None:
         from edgefleet.artifact_s3 import S3Blobs
@@ -291,36 +370,35 @@ class NodeArtifacts:
         staged: list[Path] = []
         artifacts: list[ArtifactInfo] = []
         try:
-            uploads: list[tuple[ArtifactInfo, Path]] = []
+            outputs: list[_Output] = []
             for path in paths:
-                kind: ArtifactKind
-                blob, kind = path, "file"
                 if path.is_dir():
-                    blob, kind = self._tar(path), "tree"
-                    staged.append(blob)
-                artifact_id, size = sha256_file(blob)
+                    tar, artifact_id, size = self._tar(path)
+                    staged.append(tar)
+                    outputs.append(_Output(path, "tree", tar, artifact_id, size))
+                else:
+                    # Its id comes with the upload (one read); the size on disk serves the limits.
+                    outputs.append(_Output(path, "file", path, None, path.stat().st_size))
                 tick()
-                if size > self.max_file_bytes:
-                    raise ArtifactFailure(
-                        f"output {path} is {size / MIB:.1f} MiB, over the artifact limit "
-                        f"({self.settings.artifact_max_file_mb:g} MiB, EDGEFLEET_ARTIFACT_MAX_FILE_MB)",
-                        retryable=False,
+            for out in outputs:
+                self._check_file_limit(out.path, out.size)
+            self._check_job_limit(env, sum(out.size for out in outputs))
+            for out in outputs:
+                store = functools.partial(self._store_blob, out, tick)
+                artifact_id, size = self._retried(f"upload of {out.path.name}", store)
+                self._check_file_limit(out.path, size)  # it grew while it was sent
+                artifacts.append(
+                    ArtifactInfo(
+                        id=artifact_id,
+                        name=out.path.name,
+                        size=size,
+                        kind=out.kind,
+                        node=self.node,
+                        subtask=env.subtask_id,
+                        path=str(out.path),
+                        created_at=time.time(),
                     )
-                info = ArtifactInfo(
-                    id=artifact_id,
-                    name=path.name,
-                    size=size,
-                    kind=kind,
-                    node=self.node,
-                    subtask=env.subtask_id,
-                    path=str(path),
-                    created_at=time.time(),
                 )
-                artifacts.append(info)
-                uploads.append((info, blob))
-            self._check_job_limit(env, artifacts)
-            for info, blob in uploads:
-                self._retried(f"upload of {info.name}", functools.partial(self._upload, info, blob, tick))
         finally:
             for blob in staged:
                 blob.unlink(missing_ok=True)
@@ -343,23 +421,36 @@ class NodeArtifacts:
         )
         return artifacts
 
-    def _upload(self, info: ArtifactInfo, blob: Path, tick: _Ticker) -> None:
-        if self.backend.has(info.id):
-            return  # the same bytes are stored already (another run, another step)
-        self.backend.upload(info.id, blob, tick)
+    def _store_blob(self, out: _Output, tick: _Ticker) -> tuple[str, int]:
+        """Put one output in the backend; its (id, size)."""
+        if out.id is None and self.backend.names_while_sending:
+            return self.backend.upload_named(out.blob, tick)
+        artifact_id, size = (out.id, out.size) if out.id is not None else sha256_file(out.blob)
+        tick()
+        if not self.backend.has(artifact_id):  # else the same bytes are stored already
+            self.backend.upload(artifact_id, out.blob, tick)
+        return artifact_id, size
 
-    def _tar(self, folder: Path) -> Path:
+    def _check_file_limit(self, path: Path, size: int) -> None:
+        if size > self.max_file_bytes:
+            raise ArtifactFailure(
+                f"output {path} is {size / MIB:.1f} MiB, over the artifact limit "
+                f"({self.settings.artifact_max_file_mb:g} MiB, EDGEFLEET_ARTIFACT_MAX_FILE_MB)",
+                retryable=False,
+            )
+
+    def _tar(self, folder: Path) -> tuple[Path, str, int]:
+        """The folder's tar in the cache's staging folder, hashed while it is written: (path, id, size)."""
         staging = self.cache / ".tmp"
         staging.mkdir(parents=True, exist_ok=True)
         target = staging / f"tree-{uuid.uuid4().hex}"
         with open(target, "wb") as out:
-            write_tree(folder, out)
-        return target
+            sink = _HashingWriter(out)
+            write_tree(folder, sink)  # type: ignore[arg-type]  # writes only, what tarfile needs
+        return target, sink.digest.hexdigest(), sink.size
 
-    def _check_job_limit(self, env: SubtaskEnvelope, artifacts: list[ArtifactInfo]) -> None:
-        total = self.store.artifacts.job_bytes(env.job_id, except_subtask=env.subtask_id) + sum(
-            a.size for a in artifacts
-        )
+    def _check_job_limit(self, env: SubtaskEnvelope, adding: int) -> None:
+        total = self.store.artifacts.job_bytes(env.job_id, except_subtask=env.subtask_id) + adding
         if total > self.max_job_bytes:
             raise ArtifactFailure(self._job_limit_reason(total), retryable=False)
 
@@ -485,27 +576,15 @@ class NodeArtifacts:
         return path
 
     def _fetch(self, artifact: ArtifactInfo, path: Path, tick: _Ticker) -> None:
-        import hashlib
-
+        """Stream it into a staging file of the cache, hashed on the way; renamed to its cache
+        path only if it hashes to its id (then linked, not copied, into the step's inputs)."""
         staging = self.cache / ".tmp"
         staging.mkdir(parents=True, exist_ok=True)
         partial = staging / f"fetch-{uuid.uuid4().hex}"
         started = time.monotonic()
-
-        class Hashing:
-            def __init__(self, out: Any) -> None:
-                self.out = out
-                self.digest = hashlib.sha256()
-                self.size = 0
-
-            def write(self, chunk: bytes) -> None:
-                self.digest.update(chunk)
-                self.size += len(chunk)
-                self.out.write(chunk)
-
         try:
             with open(partial, "wb") as out:
-                sink = Hashing(out)
+                sink = _HashingWriter(out)
                 self.backend.download(artifact.id, sink, tick)
             got = sink.digest.hexdigest()
             if got != artifact.id:
