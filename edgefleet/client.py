@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 
 from edgefleet.artifact_files import CHUNK, extract_tree, write_tree
+from edgefleet.schedule_schemas import ScheduleStatus
 from edgefleet.schemas import ArtifactInfo, JobPage, JobState, JobStatus, NodeInfo
 
 if TYPE_CHECKING:
@@ -366,6 +367,30 @@ class Client:
                 time.sleep(min(interval, left))
             else:
                 time.sleep(interval)
+
+    # --- schedules ------------------------------------------------------------------------
+
+    def create_schedule(self, body: dict[str, Any]) -> ScheduleStatus:
+        """POST /v1/schedules: `job` (a job body) with `cron` or `interval_s`, and its policies."""
+        return ScheduleStatus.model_validate(self._request("POST", "/v1/schedules", json=body).json())
+
+    def schedules(self, limit: int = 100) -> builtins.list[ScheduleStatus]:
+        answer = self._request("GET", "/v1/schedules", params={"limit": limit}).json()
+        return [ScheduleStatus.model_validate(item) for item in answer["schedules"]]
+
+    def schedule(self, schedule_id: str, runs: int = 20) -> ScheduleStatus:
+        """One schedule with its next fire times and its last `runs` runs (newest first)."""
+        answer = self._request("GET", f"/v1/schedules/{schedule_id}", params={"runs": runs}).json()
+        return ScheduleStatus.model_validate(answer)
+
+    def pause_schedule(self, schedule_id: str) -> ScheduleStatus:
+        return ScheduleStatus.model_validate(self._request("POST", f"/v1/schedules/{schedule_id}/pause").json())
+
+    def resume_schedule(self, schedule_id: str) -> ScheduleStatus:
+        return ScheduleStatus.model_validate(self._request("POST", f"/v1/schedules/{schedule_id}/resume").json())
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._request("DELETE", f"/v1/schedules/{schedule_id}")
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -78,7 +78,7 @@ class ScheduleRequest(BaseModel):
     def _known_zone(cls, value: str) -> str:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except Exception:  # ZoneInfoNotFoundError, ValueError, or an OS error on an odd name
             raise ValueError(f"unknown time zone {value!r} (an IANA name like 'Europe/Berlin' or 'UTC')") from None
         return value
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from redis.exceptions import RedisError
+
 from edgefleet.schedule_schemas import MissedPolicy, ScheduleRequest
 from edgefleet.settings import Settings
 from edgefleet.store.schedules import Claim, ScheduleStore, StoredSchedule
@@ -51,7 +53,14 @@ class ScheduleFirer:
             made += self.make_job(schedule_id, fire_ms)
         now = self.store.now_ms()
         for schedule_id in self.store.due(now):
-            made += self.advance(schedule_id, now)
+            try:
+                made += self.advance(schedule_id, now)
+            except RedisError:
+                raise  # the store is gone for every schedule: the loop backs off
+            except Exception:
+                # One schedule's failure (a cron expression croniter cannot follow any further)
+                # must not hold up the schedules due after it.
+                log.exception("schedule not advanced", extra={"schedule": schedule_id})
         return made
 
     def advance(self, schedule_id: str, now: int) -> int:

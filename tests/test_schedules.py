@@ -182,6 +182,29 @@ def test_tenancy_and_auth(router: Cluster) -> None:
             assert http.get(f"/v1/schedules/{schedule['id']}").status_code == 404
 
 
+def test_cli_add_list_pause_resume_rm(router: Cluster) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    env = {"EDGEFLEET_ROUTER_URL": router.url, "EDGEFLEET_TOKEN": "alice-token"}
+
+    def cli(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(app, ["schedule", *args], env=env)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    job = ["-t", "text-report", "-i", "text=a b a"]
+    assert "error: cron:" in cli("add", *job, "--cron", "61 * * * *", code=2)
+    assert "error: job.template:" in cli("add", "-t", "no-such", "--every", "1h", code=2)
+    sid = cli("add", *job, "--every", "1h", "--name", "cli-hourly", "--paused").split()[0]
+    assert sid in cli("list") and "paused" in cli("pause", sid)
+    assert "active" in cli("resume", sid)
+    assert '"state": "active"' in cli("show", sid, "--json")
+    assert "deleted" in cli("rm", sid)
+    assert "no schedule" in cli("show", sid, code=2)
+
+
 def test_overlap_skip_waits_for_the_running_job(router: Cluster) -> None:
     """No worker runs the job, so it runs until cancelled: meanwhile every fire time is skipped."""
     sid = create(router, name="overlap-skip", overlap="skip")["id"]
