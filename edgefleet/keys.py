@@ -26,9 +26,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "job_events": "ev:{job_id}",  # l: the job's events, one packed entry each (edgefleet/store/events.py)
     "event_feed": "evfeed",  # x: "j" = job id of every event, capped: wakes those who follow a job's events
     "events": "events:{job_id}",  # x: a job's events before issue 12 (read and deleted, no longer written)
-    "jobs": "jobs",  # z: every job by creation time
-    "jobs_in_state": "jobs:s:{state}",  # z: jobs in one state, by creation time
-    "tenant_jobs": "jobs:t:{tenant}",  # z: a tenant's jobs
+    "jobs": "jobs",  # z: every job by creation time, before issue 12 (no longer written; gc drains it)
+    "jobs_in_state": "jobs:s:{state}",  # z: jobs in one state, by creation time (listings merge the states)
+    "tenant_jobs": "jobs:t:{tenant}",  # z: a tenant's jobs, before issue 12 (as "jobs")
     "tenant_jobs_in_state": "jobs:t:{tenant}:s:{state}",  # z
     "finished": "finished",  # z: job id -> finished_at, of every job that ended (what retention deletes)
     "idempotency": "idem:{tenant}:{key}",  # string: the job an Idempotency-Key made

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.cluster
 # Keys that exist whatever the API does: node heartbeats.
 BACKGROUND_PREFIXES = ("ef:node", "ef:nodes")
 # Keys that only a submitted job creates.
-JOB_PREFIXES = ("ef:job:", "ef:st:", "ef:events:", "ef:jobs", "ef:idem:", "ef:backlog:")
+JOB_PREFIXES = ("ef:job:", "ef:st:", "ef:ev:", "ef:events:", "ef:jobs", "ef:idem:", "ef:backlog:")
 
 
 def _step(step_id: str = "a", plugin: str = "text", action: str = "count", **extra: Any) -> dict[str, Any]:

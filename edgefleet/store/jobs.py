@@ -241,15 +241,24 @@ class JobStore:
     ) -> JobPage:
         """Newest first. The cursor names the last job seen (its creation score and id), so
         jobs submitted between two pages neither repeat nor shift the next page."""
-        index = self._keys.jobs_index(tenant, state.value if state else None)
+        # A job is in the index of its state only (an index of every state was one more sorted-set
+        # entry per job): without a state, the page is merged from the four, read in one MULTI so
+        # that a job changing state meanwhile is seen once.
+        pipe = self._redis.pipeline(transaction=True)
+        last_score, last_id = 0.0, ""
         if cursor:
             score_text, _, last_id = cursor.partition("_")
             last_score = float(score_text)
+        for index in [self._keys.jobs_index(tenant, one.value) for one in ([state] if state else list(JobState))]:
+            if cursor:
+                pipe.zrevrangebyscore(index, last_score, "-inf", start=0, num=limit + 1 + 64, withscores=True)
+            else:
+                pipe.zrevrange(index, 0, limit, withscores=True)
+        rows: list[tuple[str, float]] = [row for found in pipe.execute() for row in found]
+        if cursor:
             # Equal scores come in descending id order; skip up to and including the last id.
-            rows = self._redis.zrevrangebyscore(index, last_score, "-inf", start=0, num=limit + 1 + 64, withscores=True)
             rows = [(i, sc) for i, sc in rows if sc < last_score or (sc == last_score and i < last_id)]
-        else:
-            rows = self._redis.zrevrange(index, 0, limit, withscores=True)
+        rows.sort(key=lambda row: (row[1], row[0]), reverse=True)
         has_more = len(rows) > limit
         rows = rows[:limit]
         pipe = self._redis.pipeline(transaction=False)

@@ -12,25 +12,29 @@ local jk = K.job(jid)
 if redis.call('EXISTS', jk) == 1 then return {'exists', jid, ''} end
 local order = {}
 for _, st in ipairs(payload.subtasks) do table.insert(order, st.id) end
+-- Every value short, so that Redis keeps the hash a listpack (hash-max-listpack-value 64):
+-- no copy of the request (nothing read it; the plan is in the subtasks), the request hash
+-- and idempotency key only when there is a key, no empty deadline (issue 12: bytes per job).
 redis.call('HSET', jk, 'id', jid, 'state', 'running', 'priority', job.priority,
   'tenant', job.tenant, 'name', job.name, 'callback_url', job.callback_url,
-  'request_hash', job.request_hash, 'created_at', NOW, 'updated_at', NOW,
-  'remaining', #payload.subtasks, 'order', cjson.encode(order), 'request', job.request,
-  'deadline_at', '', 'idem_key', payload.idem_key)
+  'created_at', NOW, 'updated_at', NOW, 'remaining', #payload.subtasks, 'order', cjson.encode(order))
+if payload.idem_key ~= '' then
+  redis.call('HSET', jk, 'request_hash', job.request_hash, 'idem_key', payload.idem_key)
+end
 if job.deadline_s and job.deadline_s ~= cjson.null then
   redis.call('HSET', jk, 'deadline_at', NOW + tonumber(job.deadline_s))
 end
+-- Listed through the index of its state only (store/jobs.py list_jobs merges them).
 index_job(jid, job.tenant, nil, 'running', NOW)
-redis.call('ZADD', K.jobs(), NOW, jid)
-redis.call('ZADD', K.tenant_jobs(job.tenant), NOW, jid)
 event(jid, 'job', nil, 'running', {subtasks = order})
 for _, st in ipairs(payload.subtasks) do
-  redis.call('HSET', K.subtask(jid, st.id), 'id', st.id, 'job_id', jid, 'plugin', st.plugin,
+  -- (no job id: it is in the key; no zero 'failures' and 'lost': HINCRBY starts them)
+  redis.call('HSET', K.subtask(jid, st.id), 'id', st.id, 'plugin', st.plugin,
     'action', st.action, 'resource_class', st.resource_class, 'node', st.node,
     'needs', st.needs, 'dependents', st.dependents,
     'args', st.args, 'timeout', st.timeout, 'retries', st.retries,
-    'retry_backoff', st.retry_backoff, 'state', 'waiting', 'attempt', 1, 'failures', 0,
-    'lost', 0, 'deps_left', st.n_needs, 'owner_node', '', 'owner_pid', '', 'tenant', job.tenant)
+    'retry_backoff', st.retry_backoff, 'state', 'waiting', 'attempt', 1,
+    'deps_left', st.n_needs, 'owner_node', '', 'owner_pid', '', 'tenant', job.tenant)
 end
 local weights = load_weights()
 for _, st in ipairs(payload.subtasks) do

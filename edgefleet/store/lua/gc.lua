@@ -20,7 +20,7 @@ for _, jid in ipairs(ids) do
     end
     if f[4] and f[4] ~= '' and redis.call('GET', f[4]) == jid then redis.call('DEL', f[4]) end
     redis.call('DEL', jk, K.job_events(jid), K.events(jid), K.job_artifacts(jid))
-    redis.call('ZREM', K.jobs(), jid)
+    redis.call('ZREM', K.jobs(), jid)  -- (the all-states indexes: only jobs made before issue 12)
     for _, st in ipairs({'succeeded', 'failed', 'cancelled', 'running'}) do
       redis.call('ZREM', K.jobs_in_state(st), jid)
     end
