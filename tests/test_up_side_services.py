@@ -17,8 +17,9 @@ import httpx
 import psutil
 import pytest
 
+from edgefleet.cli.extras import module_available
 from edgefleet.cli.processes import RestartBackoff
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, Cluster, free_port, stop_process, wait_until
 from tests.test_cli import Up, _alive, cli_env, up_factory
 
 __all__ = ["up_factory"]  # the fixture, shared with tests/test_cli.py
@@ -122,6 +123,59 @@ def test_up_with_flower_without_the_extra_runs_without_it(
     worker = _one(up, "edgefleet worker")
     assert "EDGEFLEET_TASK_EVENTS" not in worker.environ()
     assert up.interrupt(timeout=60) == 0, up.output()
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(not module_available("flower"), reason="flower is not installed (pip install 'edgefleet[flower]')")
+def test_flower_turns_task_events_on_in_workers_started_without_them(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """docker-compose.yml's `flower` profile relies on this: workers run without task events (the
+    default), and Flower enables them by Celery remote control while it runs."""
+    cluster = cluster_factory()
+    assert "EDGEFLEET_TASK_EVENTS" not in cluster.env()
+    cluster.start_router()
+    cluster.start_node("eventsnode")
+    cluster.wait_nodes_ready("eventsnode")
+    port = free_port()
+    flower = f"http://127.0.0.1:{port}"
+    env = {**cluster.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
+    # As in docker-compose.yml: no --broker, edgefleet.flower_app reads EDGEFLEET_REDIS_URL.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "edgefleet.flower_app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env=env,
+        stdout=open(tmp_path / "flower.log", "ab"),  # noqa: SIM115 - the process holds it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=str(ROOT),
+    )
+    try:
+        wait_until(lambda: _ready(f"{flower}/healthcheck"), 60, interval=0.3, what="flower")
+        seen: list[str] = []
+
+        def flower_saw_a_task() -> bool:
+            # A job per round: the ones before Flower's enable_events call send no events.
+            job = cluster.submit({"steps": [{"id": "c", "plugin": "text", "action": "count", "args": {"text": "a b"}}]})
+            assert cluster.wait_job(job["id"])["state"] == "succeeded"
+            tasks = httpx.get(f"{flower}/api/tasks", timeout=10).json()
+            seen[:] = [t.get("name") for t in tasks.values()]
+            return "text.count" in seen
+
+        try:
+            wait_until(flower_saw_a_task, 90, interval=1.0, what="a task event in Flower")
+        except AssertionError:
+            raise AssertionError(f"tasks {seen}; log: {(tmp_path / 'flower.log').read_text()[-2000:]}") from None
+    finally:
+        stop_process(proc)
 
 
 def _run_blocked(module: str, *args: str) -> subprocess.CompletedProcess[str]:
