@@ -122,6 +122,19 @@ class Permission(str, Enum):
     subprocess = "subprocess"
 
 
+class Isolation(str, Enum):
+    """How the worker runs the plugin's subtasks (its sandbox's limits hold either way)."""
+
+    # A sandboxed executor serves several subtasks of one plugin version, permission set and
+    # tenant in a row, each in a process forked from it after the plugin's import, in a fresh
+    # workspace: module globals, /tmp and the workspace of one subtask never reach the next.
+    executor = "executor"
+    # A fresh sandboxed process per attempt: for plugins whose import (not each call) keeps
+    # state that must not outlive one subtask (a model loaded for one tenant's settings, a
+    # cache filled at import time from the first caller's data).
+    per_attempt = "per_attempt"
+
+
 ANY_VERSION = ("", "*")  # "*" is accepted as "any version", as in other package managers
 
 
@@ -196,6 +209,9 @@ class PluginManifest(BaseModel):
     requires: Requires = Field(default_factory=Requires)
     permissions: list[Permission] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+    isolation: Isolation = Field(
+        default=Isolation.executor, description="executor: reused for later subtasks; per_attempt: never"
+    )
 
     def allows(self, permission: Permission) -> bool:
         return permission in self.permissions

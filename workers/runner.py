@@ -37,6 +37,7 @@ from workers.lease_fence import LeaseFence, LeaseTiming
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
+from workers.sandbox_executors import Executor, Executors, Slot, named_inputs
 from workers.sandbox_pool import WarmLaunchers
 from workers.store_retry import TRANSIENT, retry_transient
 
@@ -59,6 +60,35 @@ def process_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class _InExecutor:
+    """A subtask in a reusable executor, until its folder has left the executor's view."""
+
+    executors: Executors
+    executor: Executor
+    slot: Slot
+    done: bool = False
+
+    def finish(self, *, reusable: bool) -> None:
+        """Recycle the executor after anything but a success (stopped before its folder moves,
+        so nothing still writes there), move the folder out, park the executor or stop it."""
+        if self.done:
+            return
+        self.done = True
+        if not reusable:
+            self.executor.launcher.kill()
+        try:
+            self.executor.close_slot(self.slot)
+        except OSError:
+            log.exception("could not move a subtask's folder out of its executor")
+            reusable = False
+        self.executors.give_back(self.executor, reusable=reusable)
 
 
 @dataclass
@@ -97,6 +127,7 @@ class SubtaskRunner:
         self.max_lost = settings.max_lost_attempts
         self.patience = settings.store_outage_patience
         self.launchers = WarmLaunchers.for_settings(settings)
+        self.executors = Executors(settings, self.launchers.policy, settings.effective_workspace_dir)
         self.artifacts = NodeArtifacts(settings, store)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
@@ -135,7 +166,9 @@ class SubtaskRunner:
         started = time.monotonic()
         self.metrics.started(env, *self._queued_and_started(env))
         try:
-            outcome = self._execute(env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint)
+            outcome = self._execute(
+                env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint, claim.tenant
+            )
         finally:
             self.metrics.ended(env)
         self.metrics.observe(env, outcome, time.monotonic() - started)
@@ -164,6 +197,7 @@ class SubtaskRunner:
         args: dict[str, Any],
         outputs: dict[str, Any],
         checkpoint: Any,
+        tenant: str = "",
     ) -> str:
         plugin = self.catalog.get(env.plugin)
         if plugin is None:
@@ -192,7 +226,43 @@ class SubtaskRunner:
 
         image = self.launchers.policy.image_of(plugin) if self.launchers.policy else PluginImage.of(plugin)
         timeout = min(env.timeout, plugin.manifest.limits.timeout)
-        workspace, launcher = self._launcher_for(env, image, has_inputs=bool(outputs) or has_copies)
+        has_inputs = bool(outputs) or has_copies
+        use: _InExecutor | None = None
+        job_dir = self._job_dir(env)
+        if self.executors.serves(plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs):
+            executor, reused = self.executors.take(image, tenant)
+            self.metrics.sandbox_started(env, warm=reused)
+            readable = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if job_dir.is_dir() else []
+            inputs = named_inputs(resolved, self.executors.workspace_root, readable) if has_inputs else []
+            try:
+                slot = executor.open_slot(job_dir, env.subtask_id, inputs)
+            except OSError:
+                self.executors.give_back(executor, reusable=False)
+                raise
+            use = _InExecutor(self.executors, executor, slot)
+            workspace, launcher = slot.workspace, executor.launcher
+        else:
+            workspace, launcher = self._launcher_for(env, image, has_inputs=has_inputs)
+        try:
+            return self._run_in(env, pid, attempt, image, resolved, checkpoint, timeout, workspace, launcher, use)
+        finally:
+            if use is not None:
+                use.finish(reusable=False)  # an end that did not get as far as its outcome
+
+    def _run_in(
+        self,
+        env: SubtaskEnvelope,
+        pid: int,
+        attempt: _Attempt,
+        image: PluginImage,
+        resolved: dict[str, Any],
+        checkpoint: Any,
+        timeout: float,
+        workspace: Path,
+        launcher: LauncherProcess,
+        use: _InExecutor | None,
+    ) -> str:
+        host_paths = use.slot.host_paths if use is not None else _same
         run = SandboxedRun(
             LaunchSpec(
                 image=image,
@@ -208,16 +278,21 @@ class SubtaskRunner:
             ),
             launcher,
             on_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
-            on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
+            on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, host_paths(state)),
             on_model_call=self._model_call_for(deadline_at := time.monotonic() + timeout),
             kill_grace=self.settings.sandbox_kill_grace,
         )
         run.start()
-        # The next subtask of this plugin finds its launcher started while this one runs.
-        self.launchers.replenish(image)
+        if use is None:
+            # The next subtask of this plugin finds its launcher started while this one runs.
+            self.launchers.replenish(image)
         if self._supervise(env, pid, run, attempt, deadline_at) == "lost":
             return "lost"
         result = run.outcome()
+        if use is not None:
+            # Its folder leaves the executor's view before the outputs are collected from it.
+            use.finish(reusable=result.outcome == "succeeded")
+            result.output = host_paths(result.output)
         usage = Usage(isolation=result.isolation, cpu_seconds=result.cpu_seconds, max_rss_mb=result.max_rss_mb)
         if result.outcome == "lost":
             # Killed by something outside it (the OOM killer): not the plugin's failure.

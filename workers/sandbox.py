@@ -308,10 +308,13 @@ class SandboxView:
             masked=tuple(masked),
         )
 
-    def landlock_message(self) -> protocol.LandlockRules:
+    def landlock_message(self, *, executor: bool = False) -> protocol.LandlockRules:
         devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/urandom", "/dev/random"]
+        # An executor's subtasks are processes forked later, whose /proc entries do not exist yet:
+        # its own layer allows /proc, and each subtask's layer narrows that to its /proc/self.
+        proc = "/proc" if executor else "/proc/self"
         return {
-            "read": [str(p) for p in self.read] + devices[1:] + ["/proc/self"],
+            "read": [str(p) for p in self.read] + devices[1:] + [proc],
             "write": [str(p) for p in self.write] + ["/dev/null"],
             "list": [str(p) for p in self.list_only],
         }
@@ -419,10 +422,22 @@ def _parents(paths: Sequence[Path]) -> list[str]:
 
 
 def bwrap_command(
-    image: PluginImage, bwrap: str, workspace: Path, readable: Sequence[Path], etc_root: Path | None = None
+    image: PluginImage,
+    bwrap: str,
+    workspace: Path,
+    readable: Sequence[Path],
+    etc_root: Path | None = None,
+    mirror: tuple[Path, Path] | None = None,
+    executor: bool = False,
 ) -> list[str]:
     """The namespace view (see SandboxView): no user namespace when we are root, so the launcher
-    itself can drop to its uid; every capability but setuid/setgid dropped for that step."""
+    itself can drop to its uid; every capability but setuid/setgid dropped for that step.
+
+    `mirror` (an executor): (folder, workspace root): the folder is bound read-only where the
+    workspace root is, so that what the worker links into it for each subtask (its inputs, a
+    link to its workspace) appears at the paths the job knows them by. An `executor` is its pid
+    namespace's init: a subtask it forked cannot kill it (init takes no signal it has no handler
+    for from inside), so a plugin that kills its parent ends only its own subtask."""
     perms = set(image.permissions)
     cmd = [
         bwrap,
@@ -433,6 +448,8 @@ def bwrap_command(
         "--unshare-uts",
         "--unshare-cgroup-try",
     ]
+    if executor:
+        cmd.append("--as-pid-1")
     if os.geteuid() != 0:
         cmd.append("--unshare-user")
     # Always a network namespace of its own; with `network`, slirp4netns connects it to the
@@ -452,6 +469,8 @@ def bwrap_command(
         cmd += ["--tmpfs", str(path)]
     if view.masked:
         cmd += _parents(late)
+    if mirror is not None:
+        cmd += ["--ro-bind", str(mirror[0]), str(mirror[1])]
     # The job's inputs lie in the (masked) workspace dir: bound again on top of the mask.
     for path in readable:
         cmd += ["--ro-bind", str(path), str(path)]
@@ -527,10 +546,16 @@ class LauncherProcess:
         readable: Sequence[Path] = (),
         isolation: str | None = None,
         etc_root: Path | None = None,
+        executor: bool = False,
+        mirror: tuple[Path, Path] | None = None,
     ) -> None:
+        """An `executor` (workers/sandbox_executors.py) serves `run`s one after another; `home` is
+        then its writable root and, under bwrap, `mirror` its view of the workspace root."""
         self.image = image
         self.home = home
         self.bwrap = bwrap
+        self.serves_many = executor
+        self._stderr: list[str] = []  # an executor's: one reader for its life, each run takes its part
         self.isolation = isolation or ("bwrap+seccomp+rlimits" if bwrap else "seccomp+rlimits")
         # -P: the script's folder (workers/) must not shadow modules; a path, not -m: runpy costs ~7 ms.
         launcher = [sys.executable, "-S", "-P", str(LAUNCHER_SCRIPT)]
@@ -539,15 +564,18 @@ class LauncherProcess:
         info_read, info_write = os.pipe() if wants_network else (-1, -1)
         if bwrap:
             info = ["--info-fd", str(info_write)] if wants_network else []
-            cmd = bwrap_command(image, bwrap, home, readable, etc_root) + info + ["--"] + launcher
+            cmd = bwrap_command(image, bwrap, home, readable, etc_root, mirror, executor) + info + ["--"] + launcher
         else:
             cmd = launcher
         env = {**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"}
         if image.uid is not None:
             env["EDGEFLEET_SANDBOX_UID"] = str(image.uid)
         prepare = image.prepare_message()
+        if self.serves_many:
+            prepare["serve"] = "many"
+            prepare["executor_root"] = str(home)
         if image.landlock and not bwrap:
-            prepare["landlock"] = SandboxView.of(image, home, readable).landlock_message()
+            prepare["landlock"] = SandboxView.of(image, home, readable).landlock_message(executor=self.serves_many)
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -565,6 +593,15 @@ class LauncherProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(prepare) + "\n")
         self.proc.stdin.flush()
+        if self.serves_many:
+            threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+            if len(self._stderr) > 200:
+                del self._stderr[:100]
 
     def _connect(self, info_read: int) -> None:
         """Give the launcher's namespace its filtered way out before any subtask reaches it."""
@@ -645,14 +682,22 @@ class SandboxedRun:
         self._reader: threading.Thread | None = None
         self._stop_requested: str | None = None
         self._violation = ""  # a bound it broke (message size, workspace quota): the subtask's error
+        self._run_ended: protocol.Ended | None = None  # an executor's report that this run's process ended
+        self._cpu_before = 0.0  # an executor's CPU seconds before this run (earlier runs, its start)
 
     def start(self) -> None:
-        (self.spec.workspace / ".tmp").mkdir(parents=True, exist_ok=True)
-        hand_over(self.spec.workspace, self.spec.image.uid)
+        folder = self.spec.workspace.resolve()  # an executor's workspace is a link to its folder
+        (folder / ".tmp").mkdir(parents=True, exist_ok=True)
+        hand_over(folder, self.spec.image.uid)
+        if self._launcher.serves_many:
+            self._launcher._stderr.clear()
+            self._stderr = self._launcher._stderr  # its one reader's lines, from this run on
+            self._cpu_before = self._tree_usage()[0]
         self._write(self.spec.run_message())
         self._reader = threading.Thread(target=self._read_protocol, daemon=True)
         self._reader.start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        if not self._launcher.serves_many:
+            threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_protocol(self) -> None:
         assert self._proc.stdout
@@ -681,6 +726,9 @@ class SandboxedRun:
                 threading.Thread(target=self._answer_model_call, args=(message,), daemon=True).start()
             elif kind in ("result", "error"):
                 self._final = cast(protocol.Final, message)
+            elif kind == "ended":
+                self._run_ended = cast(protocol.Ended, message)
+                return  # the executor's next lines belong to its next run
 
     def _answer_model_call(self, message: dict[str, Any]) -> None:
         call_id = message.pop("id")
@@ -709,23 +757,32 @@ class SandboxedRun:
                 del self._stderr[:100]
 
     def running(self) -> bool:
+        if self._launcher.serves_many:
+            return self._reader is not None and self._reader.is_alive() and self._proc.poll() is None
         return self._proc.poll() is None
+
+    def _tree_usage(self) -> tuple[float, int]:
+        """CPU seconds and resident bytes of the launcher's whole process tree."""
+        cpu = rss = 0.0
+        try:
+            root = psutil.Process(self._proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        cpu += times.user + times.system + times.children_user + times.children_system
+                        rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            pass
+        return cpu, int(rss)
 
     def sample(self) -> None:
         """CPU seconds and peak RSS of the whole process tree, for the subtask's record."""
-        try:
-            root = psutil.Process(self._proc.pid)
-            tree = [root, *root.children(recursive=True)]
-            cpu = rss = 0.0
-            for proc in tree:
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    cpu += times.user + times.system + times.children_user + times.children_system
-                    rss += proc.memory_info().rss
-            self._cpu = max(self._cpu, cpu)
-            self._rss = max(self._rss, int(rss))
-        except psutil.Error:
-            pass
+        cpu, rss = self._tree_usage()
+        self._cpu = max(self._cpu, cpu - self._cpu_before)
+        self._rss = max(self._rss, rss)
         quota = self.spec.image.limits.workspace_mb * 2**20
         used = folder_size(self.spec.workspace)
         if used > quota and not self._violation:
@@ -733,13 +790,16 @@ class SandboxedRun:
             self.kill()
 
     def wait(self, timeout: float) -> bool:
-        """True once the launcher has exited. Waits on the protocol stream's end first:
-        Popen.wait(timeout) polls with a back-off of up to 50 ms, a third of a short subtask."""
+        """True once the launcher has exited (an executor: once this run's process has ended).
+        Waits on the protocol stream's end first: Popen.wait(timeout) polls with a back-off of
+        up to 50 ms, a third of a short subtask."""
         deadline = time.monotonic() + timeout
         if self._reader is not None:
             self._reader.join(timeout)
             if self._reader.is_alive():
                 return False
+            if self._run_ended is not None:
+                return True
         try:
             self._proc.wait(max(0.0, deadline - time.monotonic()))
             return True
@@ -762,7 +822,10 @@ class SandboxedRun:
         if self._reader:
             self._reader.join(5)
         final = self._final
-        self._launcher.release()
+        if self._run_ended is None:
+            self._launcher.release()  # it has exited (an executor that lives on keeps its network)
+        else:
+            self._cpu = max(self._cpu, float(self._run_ended.get("cpu") or 0.0))
         share_read_only(self.spec.workspace)
         if self._violation:
             return self._ended("failed", error=f"sandboxed plugin {self._violation}", retryable=False)
@@ -800,6 +863,8 @@ class SandboxedRun:
         signum = -code if code is not None and code < 0 else None
         if signum is None and self._launcher.bwrap and code is not None and code > 128:
             signum = code - 128
+        if self._run_ended is not None:  # an executor's subtask process: its own status
+            code, signum = self._run_ended.get("exit"), self._run_ended.get("signal")
         if signum is None:
             return "failed", f"sandboxed plugin exited with code {code} without a result{suffix}", True
         limits = self.spec.image.limits

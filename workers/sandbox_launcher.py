@@ -47,7 +47,7 @@ class _Channel:
             self._stream.flush()
 
 
-def _set_limits(limits: dict[str, Any], allow_subprocess: bool) -> None:
+def _set_limits(limits: dict[str, Any], allow_subprocess: bool, extra_processes: int = 0) -> None:
     memory = int(limits["memory_mb"]) * MB
     cpu = int(limits["cpu_seconds"])
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
@@ -57,7 +57,7 @@ def _set_limits(limits: dict[str, Any], allow_subprocess: bool) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if allow_subprocess:
-        processes = int(limits["max_processes"])
+        processes = int(limits["max_processes"]) + extra_processes
         resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
@@ -161,20 +161,43 @@ def _confine_files(rules: dict[str, list[str]] | None) -> None:
 
 
 def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
-    """Limit this process and import the plugin: everything that depends on the manifest only."""
-    permissions = set(image["permissions"])
-    _set_limits(image["limits"], "subprocess" in permissions)
-    _confine_files(image.get("landlock"))
-    if image.get("seccomp", True):
-        from workers.seccomp_filter import install
+    """Limit this process and import the plugin: everything that depends on the manifest only.
 
-        networked = bool({"network", "network_lan"} & permissions)
-        install(allow_subprocess="subprocess" in permissions, allow_network=networked)
+    An executor (`serve: many`) forks a process per subtask after this: its own filter still
+    allows that fork (never an exec without `subprocess`), and each subtask's process installs
+    the plugin's full filter on top before any of the subtask's code runs."""
+    permissions = set(image["permissions"])
+    executor = image.get("serve") == "many"
+    # An executor's own process counts against its uid's process limit: one more for it.
+    _set_limits(image["limits"], "subprocess" in permissions, extra_processes=1 if executor else 0)
+    if executor:
+        _become_subreaper()
+    _confine_files(image.get("landlock"))
+    _filter(image, allow_fork=executor)
     from edgefleet.plugin_context import PluginContext  # noqa: F401 - imported now, not on the subtask's time
     from edgefleet.plugin_loader import load_entry_point
 
     sys.path.insert(0, image["folder"])  # plugins written as flat modules import siblings directly
     return load_entry_point(image["plugin"], Path(image["folder"]), image["entry_point"])
+
+
+def _filter(image: dict[str, Any], *, allow_fork: bool) -> None:
+    if not image.get("seccomp", True):
+        return
+    from workers.seccomp_filter import install
+
+    permissions = set(image["permissions"])
+    networked = bool({"network", "network_lan"} & permissions)
+    install(allow_subprocess="subprocess" in permissions, allow_network=networked, allow_fork=allow_fork)
+
+
+def _become_subreaper() -> None:
+    """Whatever a subtask leaves running (a daemonised grandchild) is re-parented to the executor,
+    which kills it before the next subtask: nothing of one subtask outlives it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _enter_workspace(workspace: Path) -> None:
@@ -186,30 +209,38 @@ def _enter_workspace(workspace: Path) -> None:
         tempfile.tempdir = None  # type: ignore[attr-defined]  # set by the plugin's import to our first home
 
 
-def main() -> None:
-    _drop_privileges()
-    _die_with_parent()  # after the uid switch, which clears the parent-death signal
-    # Keep the protocol stream for ourselves; everything else printed goes to stderr.
-    channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
-    os.dup2(2, 1)
-    image = json.loads(sys.stdin.readline())
-    setup_error = ""
-    try:
-        function = _prepare(image)
-    except BaseException as exc:
-        setup_error = f"{type(exc).__name__}: {exc}"
-    line = sys.stdin.readline()
-    if not line:
-        return  # a warm launcher the worker discarded without work
-    spec = json.loads(line)
-    if setup_error:
-        channel.send(protocol.error("setup", setup_error))
-        return
+class _Lines:
+    """JSON lines from a file descriptor, unbuffered beyond what it returns: an executor waits on
+    the same descriptor with select() between subtasks, which a TextIO buffer would hide lines from."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+
+    def next(self) -> str:
+        """The next line, or "" at the end of the stream."""
+        while b"\n" not in self._buffer:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                rest, self._buffer = self._buffer, b""
+                return rest.decode()
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode() + "\n"
+
+    def pending(self) -> bool:
+        return b"\n" in self._buffer
+
+
+def _run_subtask(
+    channel: _Channel, image: dict[str, Any], function: Callable[..., Any], spec: dict[str, Any], control: _Lines
+) -> None:
+    """Run one subtask's action and send its result or error; `control` brings cancel and model replies."""
     cancelled = threading.Event()
     models = _ModelCalls(channel, cancelled)
 
     def read_control() -> None:
-        for line in sys.stdin:
+        while line := control.next():
             message = json.loads(line)
             if message.get("type") == "cancel":
                 cancelled.set()
@@ -253,6 +284,39 @@ def main() -> None:
         channel.send(protocol.error(kind, detail, timed_out=getattr(exc, "timed_out", False)))
         return
     channel.send(protocol.result(output))
+
+
+def main() -> None:
+    _drop_privileges()
+    _die_with_parent()  # after the uid switch, which clears the parent-death signal
+    # Keep the protocol stream for ourselves; everything else printed goes to stderr.
+    channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
+    os.dup2(2, 1)
+    stdin = _Lines(0)
+    image = json.loads(stdin.next())
+    setup_error = ""
+    function: Callable[..., Any] = _no_plugin
+    try:
+        function = _prepare(image)
+    except BaseException as exc:
+        setup_error = f"{type(exc).__name__}: {exc}"
+    if image.get("serve") == "many":
+        from workers.sandbox_zygote import serve
+
+        serve(stdin, channel, image, function, setup_error, _run_subtask)
+        return
+    line = stdin.next()
+    if not line:
+        return  # a warm launcher the worker discarded without work
+    spec = json.loads(line)
+    if setup_error:
+        channel.send(protocol.error("setup", setup_error))
+        return
+    _run_subtask(channel, image, function, spec, stdin)
+
+
+def _no_plugin(*_args: Any) -> None:
+    raise RuntimeError("the plugin could not be imported")
 
 
 def _exit_now() -> None:

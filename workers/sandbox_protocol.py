@@ -2,7 +2,9 @@
 
 Parent (workers/sandbox.py) to launcher (workers/sandbox_launcher.py): `prepare`,
 then `run`, later possibly `cancel` and `model_reply`. Launcher to parent:
-`progress`, `checkpoint`, `model_call`, and finally one `result` or `error`.
+`progress`, `checkpoint`, `model_call`, and finally one `result` or `error`. An
+executor (`serve: many`) takes further `run`s, one at a time, and ends each with
+`ended` once the subtask's process and all it started are gone.
 TypedDicts, not pydantic: the launcher imports this before every subtask and
 must start in milliseconds; the parent bounds each line's size before parsing.
 """
@@ -30,6 +32,10 @@ class Prepare(TypedDict):
     max_output_bytes: int
     seccomp: bool  # false where the box has no libseccomp: the launcher runs without the filter
     landlock: NotRequired[LandlockRules]
+    # "many": an executor (workers/sandbox_zygote.py) that serves `run`s one after another;
+    # its writable root, which each subtask's Landlock layer narrows to the subtask's workspace.
+    serve: NotRequired[Literal["one", "many"]]
+    executor_root: NotRequired[str]
 
 
 class Run(TypedDict):
@@ -86,8 +92,19 @@ class Error(TypedDict):
     timed_out: NotRequired[bool]
 
 
+class Ended(TypedDict):
+    """An executor's word that a subtask's process has ended and all it started is gone: the
+    subtask's end (a one-shot launcher's end is its exit). `cpu` and `max_rss_kb`: the child's."""
+
+    type: Literal["ended"]
+    exit: int | None
+    signal: int | None
+    cpu: float
+    max_rss_kb: int
+
+
 ToLauncher = Prepare | Run | Cancel | ModelReply
-FromLauncher = Progress | Checkpoint | ModelCall | Result | Error
+FromLauncher = Progress | Checkpoint | ModelCall | Result | Error | Ended
 Final = Result | Error
 
 
@@ -105,6 +122,10 @@ def result(output: Any) -> Result:
 
 def error(kind: ErrorKind, detail: str, *, timed_out: bool = False) -> Error:
     return {"type": "error", "kind": kind, "error": detail, "timed_out": timed_out}
+
+
+def ended(exit_code: int | None, signum: int | None, cpu: float, max_rss_kb: int) -> Ended:
+    return {"type": "ended", "exit": exit_code, "signal": signum, "cpu": cpu, "max_rss_kb": max_rss_kb}
 
 
 CANCEL: Cancel = {"type": "cancel"}

@@ -77,8 +77,11 @@ def available() -> bool:
     return True
 
 
-def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
-    """Install the filter in this process; returns what it denies (for the status report)."""
+def install(*, allow_subprocess: bool, allow_network: bool, allow_fork: bool = False) -> list[str]:
+    """Install the filter in this process; returns what it denies (for the status report).
+
+    `allow_fork` (a sandbox executor, which forks a process per subtask): without `subprocess`
+    it may still fork, never exec; each forked subtask installs the filter without it on top."""
     denied: list[str] = []
     lib = _library()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
@@ -99,13 +102,14 @@ def install(*, allow_subprocess: bool, allow_network: bool) -> list[str]:
         denied.append("ptrace")
         if not allow_subprocess:
             deny = _errno_action(errno.EPERM)
-            for name in ("fork", "vfork", "execve", "execveat"):
+            for name in ("vfork", "execve", "execveat") if allow_fork else ("fork", "vfork", "execve", "execveat"):
                 rule(name, deny)
-            # Threads are clones with CLONE_THREAD; anything else is a new process.
-            rule("clone", deny, (0, SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))
+            if not allow_fork:
+                # Threads are clones with CLONE_THREAD; anything else is a new process.
+                rule("clone", deny, (0, SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))
             # clone3 passes its flags in memory, out of a filter's reach: make callers fall back to clone.
             rule("clone3", _errno_action(errno.ENOSYS))
-            denied.append("process creation")
+            denied.append("exec" if allow_fork else "process creation")
         if not allow_network:
             deny = _errno_action(errno.EACCES)
             for family in (AF_INET, AF_INET6, AF_PACKET):

@@ -1,0 +1,321 @@
+"""Reusable sandbox executors: one serves many subtasks of one plugin and tenant, and each subtask
+still sees only its own workspace and inputs, nothing of the subtasks before it.
+
+The first part drives workers.sandbox_executors directly (real sandboxes: bwrap, and
+Landlock without it); the second runs jobs through a real router and worker, where the
+runner decides which executor a subtask gets (tenant, recycling, `isolation: per_attempt`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.plugin_manifest import Isolation
+from edgefleet.settings import Settings
+from tests.conftest import Cluster, RedisServer, free_port, wait_until
+from workers.landlock import abi_version
+from workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
+from workers.sandbox_executors import Executor, Executors, Slot
+
+PLUGINS = Path(__file__).parent / "sandbox_plugins"
+MODES = ["bwrap", "landlock"]
+
+
+def traversable(folder: Path) -> Path:
+    """pytest makes its folders 0700; a sandbox uid must be able to walk to its workspace."""
+    for path in [folder, *folder.parents]:
+        if str(path).startswith("/tmp/") or path == folder:
+            path.chmod(path.stat().st_mode | stat.S_IXOTH | stat.S_IROTH)
+    return folder
+
+
+class Box:
+    """One worker process's executors and its sandbox policy, in one mode."""
+
+    def __init__(self, mode: str, root: Path, **settings: Any) -> None:
+        self.settings = Settings(
+            workspace_dir=root / "workspaces",
+            sandbox="auto" if mode == "bwrap" else "process",
+            plugin_dirs=[PLUGINS],
+            **settings,
+        )
+        self.policy = SandboxPolicy.from_settings(self.settings)
+        self.executors = Executors(self.settings, self.policy, self.settings.effective_workspace_dir)
+        self.catalog = PluginCatalog.load([PLUGINS])
+        self.jobs = 0
+
+    def image(self, name: str) -> PluginImage:
+        plugin = self.catalog.get(name)
+        assert plugin is not None, name
+        return self.policy.image_of(plugin)
+
+    def run(
+        self,
+        plugin: str,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        tenant: str = "alice",
+        inputs: list[Path] = (),  # type: ignore[assignment]
+    ) -> tuple[SandboxOutcome, Executor, Slot]:
+        """One subtask as the runner runs it in an executor; the executor is given back as it would be."""
+        executor, _ = self.executors.take(self.image(plugin), tenant)
+        self.jobs += 1
+        job_dir = self.settings.effective_workspace_dir / f"job{self.jobs}"
+        slot = executor.open_slot(job_dir, "step", list(inputs))
+        run = SandboxedRun(
+            LaunchSpec(
+                image=executor.launcher.image,
+                action=action,
+                args=args or {},
+                job_id=job_dir.name,
+                subtask_id="step",
+                attempt=1,
+                workspace=slot.workspace,
+                job_dir=job_dir,
+                timeout=30,
+            ),
+            executor.launcher,
+            on_progress=lambda *_: None,
+            on_checkpoint=lambda _: None,
+            kill_grace=1,
+        )
+        run.start()
+        assert run.wait(30), "the subtask did not end"
+        outcome = run.outcome()
+        if outcome.outcome != "succeeded":
+            executor.launcher.kill()
+        executor.close_slot(slot)
+        self.executors.give_back(executor, reusable=outcome.outcome == "succeeded")
+        outcome.output = slot.host_paths(outcome.output)
+        return outcome, executor, slot
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    if request.param == "bwrap" and bwrap_path() is None:
+        pytest.skip("bubblewrap is not installed")
+    if request.param == "landlock" and abi_version() < 1:
+        pytest.skip("no Landlock on this kernel")
+    return str(request.param)
+
+
+@pytest.fixture()
+def box(mode: str, tmp_path: Path) -> Iterator[Box]:
+    made = Box(mode, traversable(tmp_path))
+    yield made
+    made.executors.close()
+
+
+def succeeded(outcome: SandboxOutcome) -> Any:
+    assert outcome.outcome == "succeeded", outcome
+    return outcome.output
+
+
+def test_one_executor_serves_consecutive_subtasks_of_a_plugin_and_tenant(box: Box) -> None:
+    first, executor, slot = box.run("marker", "mark", {"text": "one"})
+    second, again, _ = box.run("marker", "mark", {"text": "two"})
+    assert again is executor and again.pid == executor.pid and again.alive()
+    assert succeeded(second)["imported"] == succeeded(first)["imported"]  # the plugin was imported once
+    assert executor.served == 2
+    # Each subtask got a fresh folder, which it now owns outside the executor's view.
+    assert succeeded(first)["workspace"] != succeeded(second)["workspace"]
+    assert Path(succeeded(first)["workspace"]) == slot.workspace
+    assert slot.workspace.is_dir() and not slot.workspace.is_symlink()
+    assert (slot.workspace / "mark.txt").read_text() == "one"
+    assert slot.job_link.resolve() == slot.workspace
+    assert executor.root not in slot.workspace.parents
+    # The path the plugin saw through its folder is given back as the folder's lasting place.
+    assert Path(succeeded(first)["cwd"]) == slot.workspace
+
+
+def test_nothing_of_one_subtask_reaches_the_next(box: Box) -> None:
+    """Workspace, /tmp, TMPDIR and module globals: the next subtask of the same executor sees none."""
+    marked, executor, _ = box.run("marker", "mark", {"text": "secret1"})
+    mark = succeeded(marked)
+    assert mark["tmpdir_written"]
+    looked, again, _ = box.run("marker", "look", {"text": "secret1", "previous": mark["workspace"]})
+    assert again is executor
+    seen = succeeded(looked)
+    assert seen["imported"] == mark["imported"]
+    assert seen["globals"] == []  # appended by the first subtask, in its own process
+    assert seen["tmp"] == [] and seen["tmpdir"] == []
+    assert seen["previous"] is False  # the first workspace, by its path: not visible
+    assert seen["workspace"] == [".tmp"]
+    assert len(seen["beside"]) <= 1  # under bwrap it may list its own folder in the executor root, no other
+
+
+def test_inputs_appear_read_only_at_their_paths(box: Box) -> None:
+    written, _, slot = box.run("files", "write", {"text": "from step one"})
+    path = succeeded(written)["path"]
+    assert Path(path).parent == slot.workspace
+    if box.policy.bwrap is None:
+        # Landlock fixes a process's file view when it starts: the runner gives a subtask with
+        # inputs a one-shot launcher started for it instead.
+        assert not box.executors.serves(Isolation.executor, box.image("files"), Path("/nonexistent"), True)
+        return
+    read, executor, _ = box.run("files", "read", {"path": path}, inputs=[Path(path)])
+    assert succeeded(read) == {"text": "from step one"}
+    tampered, _, _ = box.run("escape", "write_outside", {"path": path}, inputs=[Path(path)])
+    assert tampered.outcome == "failed", tampered
+    assert Path(path).read_text() == "from step one"
+    # The mirror holds nothing once the subtask is over.
+    assert executor.mirror is not None
+    assert [p.name for p in executor.mirror.rglob("*")] == [".sandbox", executor.root.name]
+
+
+def test_what_a_subtask_started_does_not_outlive_it(box: Box) -> None:
+    daemon, executor, _ = box.run("spawner", "daemon")
+    pid = succeeded(daemon)["pid"]
+    alive, again, _ = box.run("spawner", "alive", {"pid": pid})
+    assert again is executor
+    assert succeeded(alive) == {"alive": False}
+    below = [p for p in psutil.Process(executor.pid).children(recursive=True) if p.status() != "zombie"]
+    # Landlock: the executor alone; bwrap: the executor, its pid namespace's init, below bwrap.
+    assert len(below) == (1 if box.policy.bwrap else 0), below
+
+
+def test_a_failure_recycles_the_executor(box: Box) -> None:
+    _, first, _ = box.run("marker", "mark", {"text": "a"})
+    failed, same, _ = box.run("marker", "fail")
+    assert same is first and failed.outcome == "failed" and "asked to fail" in failed.error
+    assert not first.alive()
+    _, fresh, _ = box.run("marker", "mark", {"text": "b"})
+    assert fresh.pid != first.pid
+    assert not first.root.exists()
+
+
+def test_tenants_never_share_an_executor(box: Box) -> None:
+    alice, for_alice, _ = box.run("marker", "mark", {"text": "a"}, tenant="alice")
+    bob, for_bob, _ = box.run("marker", "mark", {"text": "b"}, tenant="bob")
+    assert for_bob is not for_alice and for_alice.alive()
+    assert succeeded(alice)["imported"] != succeeded(bob)["imported"]
+    _, alice_again, _ = box.run("marker", "mark", {"text": "c"}, tenant="alice")
+    assert alice_again is for_alice
+
+
+def test_recycled_after_n_subtasks_when_idle_and_over_its_memory(mode: str, tmp_path: Path) -> None:
+    box = Box(mode, traversable(tmp_path), sandbox_executor_subtasks=2, sandbox_executor_idle_s=1.0)
+    try:
+        _, first, _ = box.run("marker", "mark", {"text": "a"})
+        _, second, _ = box.run("marker", "mark", {"text": "b"})
+        _, third, _ = box.run("marker", "mark", {"text": "c"})
+        assert second is first and third is not first and not first.alive()
+        wait_until(lambda: not box.executors.idle() and not third.alive(), 30, what="the idle executor stopped")
+    finally:
+        box.executors.close()
+    (tmp_path / "small").mkdir()
+    small = Box(mode, traversable(tmp_path / "small"), sandbox_executor_max_rss_mb=1)  # less than any Python holds
+    try:
+        _, first, _ = small.run("marker", "mark", {"text": "a"})
+        _, second, _ = small.run("marker", "mark", {"text": "b"})
+        assert second is not first and not first.alive()
+    finally:
+        small.executors.close()
+
+
+# --- through the router and a worker: the runner's choices ---
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = traversable(tmp_path_factory.mktemp("reuse"))
+    server = RedisServer(port=free_port(), data_dir=workdir / "redis")
+    server.start()
+    made = Cluster(
+        redis=server,
+        workdir=workdir,
+        env_overrides={"EDGEFLEET_PLUGIN_DIRS": json.dumps([str(PLUGINS)]), "EDGEFLEET_SANDBOX_KILL_GRACE": "1"},
+    )
+    try:
+        made.start_router()
+        # One worker process: every subtask of a plugin and tenant may find the same executor.
+        made.start_node(
+            "reuse",
+            classes="cpu",
+            EDGEFLEET_CPU_CONCURRENCY="1",
+            EDGEFLEET_EXPRESS_SLOTS="0",
+            EDGEFLEET_SANDBOX_EXECUTOR_SUBTASKS="3",
+        )
+        made.wait_nodes_ready("reuse")
+        yield made
+    finally:
+        made.stop()
+        server.stop()
+
+
+def step(
+    cluster: Cluster, plugin: str, action: str, args: dict[str, Any], token: str = "alice-token", **more: Any
+) -> dict:
+    body = {"steps": [{"id": "x", "plugin": plugin, "action": action, "args": args, "node": "reuse", **more}]}
+    job = cluster.submit(body, token=token)
+    return cluster.wait_job(job["id"], timeout=90)["subtasks"][0]
+
+
+def imported(subtask: dict) -> str:
+    assert subtask["state"] == "succeeded", subtask
+    return str(subtask["output"]["imported"])
+
+
+def test_the_runner_reuses_within_a_tenant_and_recycles(cluster: Cluster) -> None:
+    first = imported(step(cluster, "marker", "mark", {"text": "a1"}))
+    assert imported(step(cluster, "marker", "mark", {"text": "a2"})) == first
+    bob = imported(step(cluster, "marker", "mark", {"text": "b1"}, token="bob-token"))
+    assert bob != first
+    assert imported(step(cluster, "marker", "mark", {"text": "a3"})) == first  # its third: then recycled
+    after_three = imported(step(cluster, "marker", "mark", {"text": "a4"}))
+    assert after_three != first
+    failed = step(cluster, "marker", "fail", {})
+    assert failed["state"] == "failed" and "asked to fail" in failed["error"]
+    after_failure = imported(step(cluster, "marker", "mark", {"text": "a5"}))
+    assert after_failure not in (first, after_three)
+    timed_out = step(cluster, "marker", "hang", {}, timeout=1.5)
+    assert timed_out["state"] == "failed" and "timed out" in timed_out["error"]
+    after_timeout = imported(step(cluster, "marker", "mark", {"text": "a6"}))
+    assert after_timeout not in (first, after_three, after_failure)
+    assert bob == imported(step(cluster, "marker", "mark", {"text": "b2"}, token="bob-token"))
+
+
+def test_per_attempt_plugins_get_a_fresh_sandbox_each_time(cluster: Cluster) -> None:
+    once = [imported(step(cluster, "marker_once", "mark", {"text": f"o{i}"})) for i in range(3)]
+    assert len(set(once)) == 3
+    reused = [imported(step(cluster, "marker", "mark", {"text": f"r{i}"}, token="bob-token")) for i in range(2)]
+    assert len(set(reused)) == 1
+
+
+def test_a_step_reads_the_file_an_earlier_step_of_its_executor_wrote(cluster: Cluster) -> None:
+    job = cluster.submit(
+        {
+            "steps": [
+                {"id": "write", "plugin": "files", "action": "write", "args": {"text": "hello"}, "node": "reuse"},
+                {
+                    "id": "read",
+                    "plugin": "files",
+                    "action": "read",
+                    "needs": ["write"],
+                    "node": "reuse",
+                    "args": {"path": {"$ref": "steps.write.output.path"}},
+                },
+            ]
+        },
+        token="alice-token",
+    )
+    status = cluster.wait_job(job["id"], timeout=60)
+    assert status["state"] == "succeeded", status
+    read = next(st for st in status["subtasks"] if st["id"] == "read")
+    assert read["output"] == {"text": "hello"}
+    workspaces = cluster.workdir / "data" / "workspaces"
+    link = workspaces / job["id"] / "write"
+    assert link.is_symlink() and link.resolve().parent == workspaces / ".sandbox"
+    assert shutil.which("true")  # (the job folder layout is the warm launchers': workspace_gc removes both)
+    assert os.path.isdir(link.resolve())
