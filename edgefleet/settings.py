@@ -192,6 +192,20 @@ class Settings(BaseSettings):
         le=64,
         description="sandbox launchers each worker process starts ahead for the plugins it last ran; 0: none",
     )
+    # --- reusable sandbox executors (workers/sandbox_executors.py): one per plugin image and tenant ---
+    sandbox_executor_subtasks: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        description="subtasks one sandbox executor serves before it is recycled; 0: a fresh sandbox per attempt",
+    )
+    sandbox_executor_idle_s: float = Field(default=60.0, gt=0, description="an idle executor is stopped after this")
+    sandbox_executor_max_rss_mb: int = Field(
+        default=512, ge=1, description="an executor whose processes hold more resident memory is recycled"
+    )
+    sandbox_executors: int = Field(
+        default=4, ge=1, le=64, description="idle executors each worker process keeps, the least recently used stopped"
+    )
 
     # --- the sandbox's trust model (see workers/sandbox.py and edgefleet/plugin_paths.py) ---
     plugin_read_paths: dict[str, list[Path]] = Field(

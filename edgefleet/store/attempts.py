@@ -32,6 +32,7 @@ class Claim:
     needs_outputs: dict[str, Any] | None = None
     owner_pid: int | None = None
     checkpoint: Any = None
+    tenant: str = ""  # the job's tenant: sandbox executors are never shared across tenants
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class AttemptStore:
         if verdict == "run":
             outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
             checkpoint = json.loads(result[3]) if result[3] else None
-            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs, checkpoint=checkpoint)
+            tenant = result[4] if len(result) > 4 else ""
+            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs, checkpoint=checkpoint, tenant=tenant)
         if verdict == "owned":
             return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
         return Claim("drop", reason=result[1])

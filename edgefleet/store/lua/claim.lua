@@ -12,7 +12,8 @@ local sk = K.subtask(jid, sid)
 local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs',
   'claim_token')
 if not f[1] then return {'drop', 'unknown subtask'} end
-local job_state = redis.call('HGET', K.job(jid), 'state')
+-- The tenant goes back with 'run': a worker reuses a sandbox executor only within one tenant.
+local job_state, tenant = unpack(redis.call('HMGET', K.job(jid), 'state', 'tenant'))
 if f[2] ~= attempt then return {'drop', 'stale attempt ' .. attempt .. ', current is ' .. f[2]} end
 local m = member(jid, sid)
 local retried = false
@@ -61,4 +62,4 @@ if checkpoint ~= '' and not retried then
   event(jid, 'subtask', sid, 'resumed', {attempt = tonumber(attempt),
     checkpoint_at = tonumber(redis.call('HGET', sk, 'checkpoint_at'))})
 end
-return {'run', f[6], cjson.encode(outputs), checkpoint}
+return {'run', f[6], cjson.encode(outputs), checkpoint, tenant or ''}
