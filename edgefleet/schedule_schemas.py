@@ -96,7 +96,11 @@ class ScheduleRun(BaseModel):
     )
     reason: str | None = Field(default=None, description="overlap, missed, or catch_up (the one missed run made)")
     until: float | None = Field(default=None, description="a missed range: the last fire time in it")
-    count: int = Field(default=1, description="fire times this entry stands for (a missed range: more than 1)")
+    count: int = Field(
+        default=1,
+        description="fire times this entry stands for (a missed range: more than 1; a cron schedule's "
+        "range counts at most 1000)",
+    )
     error: str | None = None
 
 

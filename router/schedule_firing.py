@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from redis.exceptions import RedisError
 
@@ -25,7 +27,7 @@ from router.submission import Accepted, SubmissionError, Submitter
 
 log = logging.getLogger(__name__)
 
-MISSED_COUNT_CAP = 100_000  # cron fire times counted one by one in a missed range, at most
+MISSED_COUNT_CAP = 1000  # cron fire times counted one by one in a missed range, at most (~1 ms each)
 STEPS_PER_TICK = 100  # fire times one schedule may advance by in one tick (a slow tick catches up the next)
 NAME_MAX = 200
 
@@ -50,18 +52,24 @@ class ScheduleFirer:
         """Finish pending claims, then fire what is due; the number of jobs made."""
         made = 0
         for schedule_id, fire_ms in self.store.pending():
-            made += self.make_job(schedule_id, fire_ms)
+            made += self._isolated(schedule_id, partial(self.make_job, schedule_id, fire_ms))
         now = self.store.now_ms()
         for schedule_id in self.store.due(now):
-            try:
-                made += self.advance(schedule_id, now)
-            except RedisError:
-                raise  # the store is gone for every schedule: the loop backs off
-            except Exception:
-                # One schedule's failure (a cron expression croniter cannot follow any further)
-                # must not hold up the schedules due after it.
-                log.exception("schedule not advanced", extra={"schedule": schedule_id})
+            made += self._isolated(schedule_id, partial(self.advance, schedule_id, now))
         return made
+
+    @staticmethod
+    def _isolated(schedule_id: str, step: Callable[[], int]) -> int:
+        """One schedule's failure (a cron expression croniter cannot follow any further, a broker
+        that refused the release) must not hold up the others; a claim left pending is tried
+        again next tick under the same idempotency key."""
+        try:
+            return step()
+        except RedisError:
+            raise  # the store is gone for every schedule: the loop backs off
+        except Exception:
+            log.exception("schedule step failed; tried again next tick", extra={"schedule": schedule_id})
+            return 0
 
     def advance(self, schedule_id: str, now: int) -> int:
         stored = self.store.get(schedule_id)

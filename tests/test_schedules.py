@@ -117,6 +117,36 @@ def assert_each_fire_time_once(cluster: Cluster, status: dict[str, Any], token: 
     return covered
 
 
+def test_fire_times_jitter_and_time_zones() -> None:
+    from datetime import UTC
+
+    from edgefleet.schedule_schemas import ScheduleRequest
+    from router.schedule_times import ScheduleClock
+
+    def clock(schedule_id: str, **timing: Any) -> ScheduleClock:
+        return ScheduleClock.of(schedule_id, ScheduleRequest.model_validate({"job": JOB, **timing}))
+
+    hour = 3_600_000
+    hourly = clock("a", interval_s=3600.0, jitter_s=600.0)
+    start = 1_796_000_123_456
+    first = hourly.following(start)
+    assert first % hour == 0 and start < first <= start + hour  # on the hour, from the epoch
+    assert hourly.previous(first) == first - hour and hourly.following(first) == first + hour
+    fires = hourly.times(start, 200)
+    delays = [hourly.jitter(f) for f in fires]
+    assert all(0 <= d <= 600_000 for d in delays) and len(set(delays)) > 150
+    assert delays == [clock("a", interval_s=3600.0, jitter_s=600.0).jitter(f) for f in fires]  # any router
+    assert delays != [clock("b", interval_s=3600.0, jitter_s=600.0).jitter(f) for f in fires]
+    # 02:30 in Berlin is 01:30 UTC in winter and 00:30 UTC in summer.
+    berlin = clock("c", cron="30 2 * * *", timezone="Europe/Berlin")
+    for month, utc_hour in ((1, 1), (7, 0)):
+        after = round(datetime(2026, month, 10, tzinfo=UTC).timestamp() * 1000)
+        fire = datetime.fromtimestamp(berlin.following(after) / 1000, UTC)
+        assert (fire.day, fire.hour, fire.minute) == (10, utc_hour, 30)
+    winter = berlin.following(round(datetime(2026, 1, 10, tzinfo=UTC).timestamp() * 1000))
+    assert berlin.count_between(winter, winter + 2 * 24 * hour, 100) == 3
+
+
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One redis-server and one router for the tests that do not stop it."""
@@ -135,6 +165,7 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 BAD = [
     ({"cron": "61 * * * *", "interval_s": None}, "cron"),
     ({"cron": "every day", "interval_s": None}, "cron"),
+    ({"cron": "0 0 30 2 *", "interval_s": None}, "cron"),  # February 30th: never
     ({"cron": "* * * * *"}, "interval_s"),  # both
     ({"interval_s": None}, "cron"),  # neither
     ({"interval_s": 0.5}, "interval_s"),  # under the router's minimum (1 s here)
