@@ -257,14 +257,14 @@ def test_a_paused_schedule_does_not_fire(router: Cluster) -> None:
     paused = create(router, name="paused", paused=True, overlap="allow")
     assert paused["state"] == "paused" and paused["next_fire_at"] == []
     control = create(router, name="control", overlap="allow")["id"]
-    wait_created(router, control, 3)
+    wait_created(router, control, 2)
     status = get(router, paused["id"])
     assert status["fired"] == 0 and status["last_runs"] == []
     resumed = action(router, paused["id"], "resume")
     assert resumed["state"] == "active" and len(resumed["next_fire_at"]) == 5
     wait_created(router, paused["id"], 1)
     fired = action(router, paused["id"], "pause")["fired"]
-    later = len(created(router, control)) + 3
+    later = len(created(router, control)) + 2
     wait_created(router, control, later)
     again = get(router, paused["id"])
     assert again["fired"] == fired and again["state"] == "paused"
@@ -380,7 +380,7 @@ def test_missed_runs_after_downtime(router: Cluster) -> None:
     wait_created(router, once, 2)
     router.stop_router(signal.SIGKILL)
     # Down long enough that several fire times are more than grace_s late (a restart takes seconds too).
-    time.sleep(3)
+    time.sleep(6)
     router.start_router()
 
     def long_gap(sid: str) -> bool:
