@@ -194,6 +194,9 @@ class Cluster:
                 "EDGEFLEET_IO_CONCURRENCY": "4",
                 "EDGEFLEET_LOG_LEVEL": "INFO",
                 "EDGEFLEET_PLUGIN_WRITE_PATHS": json.dumps({"sleep": [str(MARKER_DIR)]}),
+                # The start-up benchmark (a CPU score and 64 tokens of each local model) costs a
+                # node seconds of CPU; only tests/test_node_bench.py, which tests it, turns it on.
+                "EDGEFLEET_NODE_BENCH": "false",
             }
         )
         env.update(self.env_overrides)

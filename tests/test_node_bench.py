@@ -43,7 +43,7 @@ def test_cpu_score_counts_more_work_in_more_time() -> None:
 
 
 def test_benchmark_in_workers_and_again_on_request(cluster_factory: Callable[..., Cluster]) -> None:
-    cluster = cluster_factory()
+    cluster = cluster_factory(EDGEFLEET_NODE_BENCH="true")
     cluster.start_router()
     cluster.start_node("bench-a", classes="cpu")
     cluster.wait_nodes_ready("bench-a")
@@ -106,7 +106,9 @@ def test_model_steps_go_to_the_fastest_box_and_warm_beats_cold(
 ) -> None:
     default_threads = _models_file(tmp_path / "models.yaml", None)
     one_thread = _models_file(tmp_path / "models-1thread.yaml", 1)
-    cluster = cluster_factory(EDGEFLEET_CPU_CONCURRENCY="1", EDGEFLEET_MODELS_FILE=str(default_threads))
+    cluster = cluster_factory(
+        EDGEFLEET_CPU_CONCURRENCY="1", EDGEFLEET_MODELS_FILE=str(default_threads), EDGEFLEET_NODE_BENCH="true"
+    )
     cluster.start_router()
     cluster.start_node("box1", classes="cpu")
     cluster.start_node("box2", classes="cpu", EDGEFLEET_MODELS_FILE=str(one_thread))
