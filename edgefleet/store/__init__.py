@@ -7,6 +7,7 @@
 - `nodes`: `store.nodes`, worker heartbeats and warm models;
 - `webhooks`: `store.webhooks`, webhook deliveries and signing secrets;
 - `artifacts`: `store.artifacts`, the files steps produced (by sha256), their holders, tenants' ids;
+- `schedules`: `ScheduleStore.of(store)`, schedules, their due fire times, claims and runs;
 - `events`: `JobEventReader`, a job's event stream read with asyncio (server-sent events);
 - `connection`, `scripts`: the shared client and the Lua scripts (`lua/*.lua`, loaded
   when a store is built; key names come from `edgefleet.keys`).
