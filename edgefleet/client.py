@@ -17,9 +17,11 @@ import builtins
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,6 +34,7 @@ from edgefleet.schemas import ArtifactInfo, JobPage, JobState, JobStatus, NodeIn
 if TYPE_CHECKING:
     from edgefleet.settings import Settings
 
+BATCH_MAX_JOBS = 500  # the router's default EDGEFLEET_BATCH_MAX_JOBS: jobs per POST /v1/jobs:batch
 TOKEN_FILE = "token"  # <data_dir>/token, written by `edgefleet up` (mode 0600)
 ROUTER_URL_FILE = "router_url"  # <data_dir>/router_url, written by `edgefleet up` while it runs
 
@@ -104,6 +107,45 @@ class WaitTimeout(ClientError):
         self.job_id = job_id
         self.status = status
         super().__init__(f"job {job_id} still running after {timeout:g}s")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job of `Client.submit_many`, at its index among the bodies given: its job, or why not."""
+
+    index: int
+    status: int  # as POST /v1/jobs would answer: 201 created, 200 an existing job (its key), else 4xx/5xx
+    id: str | None = None
+    created: bool = False
+    state: JobState | None = None
+    error: ApiError | None = None  # fields named from the bodies given: `jobs.<index>.steps.0.plugin`
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_JOB_FIELD = re.compile(r"^jobs\.(\d+)")
+
+
+def _batch_items(answer: dict[str, Any], offset: int) -> list[BatchItem]:
+    """The router's batch answer for one chunk, indexes (and the fields naming them) from `offset`."""
+
+    def renumber(field: str) -> str:
+        return _JOB_FIELD.sub(lambda m: f"jobs.{int(m.group(1)) + offset}", field)
+
+    items = []
+    for raw in answer["results"]:
+        error = None
+        if raw.get("error"):
+            detail = [
+                {"field": renumber(str(d.get("field", ""))), "reason": str(d.get("reason", ""))} for d in raw["detail"]
+            ]
+            error = ApiError(int(raw["status"]), str(raw["error"]), detail)
+        state = JobState(raw["state"]) if raw.get("state") else None
+        index = int(raw["index"]) + offset
+        items.append(BatchItem(index, int(raw["status"]), raw.get("id"), bool(raw.get("created")), state, error))
+    return items
 
 
 def read_token_file(data_dir: Path) -> str | None:
@@ -184,6 +226,29 @@ class Client:
         """POST /v1/jobs; a repeated idempotency key returns the job it created first."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobStatus.model_validate(self._request("POST", "/v1/jobs", json=body, headers=headers).json())
+
+    def submit_many(
+        self,
+        bodies: Sequence[dict[str, Any]],
+        chunk_size: int = BATCH_MAX_JOBS,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> builtins.list[BatchItem]:
+        """POST /v1/jobs:batch, `chunk_size` jobs per request: one BatchItem per body, in order.
+
+        A body may carry its own `idempotency_key` (a resubmitted chunk then makes no second
+        job). A refused job refuses only itself: its item has `error`, the others their `id`.
+        `chunk_size` must not exceed the router's EDGEFLEET_BATCH_MAX_JOBS (default 500).
+        `on_progress(done, total)` after each chunk."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        items: list[BatchItem] = []
+        for offset in range(0, len(bodies), chunk_size):
+            chunk = list(bodies[offset : offset + chunk_size])
+            answer = self._request("POST", "/v1/jobs:batch", json={"jobs": chunk}).json()
+            items += _batch_items(answer, offset)
+            if on_progress is not None:
+                on_progress(len(items), len(bodies))
+        return items
 
     def get(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
@@ -429,6 +494,7 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 
 __all__ = [
     "ApiError",
+    "BatchItem",
     "Client",
     "ClientError",
     "RouterUnreachable",

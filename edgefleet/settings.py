@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     token: SecretStr | None = Field(default=None, description="the token the CLI/client sends")
     max_body_bytes: int = 1_000_000
     max_subtasks: int = 500
+    # --- batch submission (POST /v1/jobs:batch, Client.submit_many, `edgefleet submit --batch`) ---
+    batch_max_jobs: int = Field(default=500, ge=1, le=10_000, description="jobs in one batch request at most")
+    batch_max_body_bytes: int = Field(default=16_000_000, ge=1, description="a batch request's body at most")
+    batch_max_subtasks: int = Field(
+        default=10_000,
+        ge=1,
+        description="subtasks one batch may plan in all: it is created in one Lua call, which holds Redis meanwhile",
+    )
 
     node_name: str = Field(default_factory=socket.gethostname)
     heartbeat_interval: float = 2.0

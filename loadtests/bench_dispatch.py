@@ -6,13 +6,23 @@ tasks (one Redis INCR each) to the same `cpu` queue; the router path submits
 over HTTP, plans, stores, releases, claims, runs the sleep plugin and records
 the result. Prints both rates, their ratio and the submit latency percentiles.
 
-    python loadtests/bench_dispatch.py --jobs 1000
+`--batch` adds a row: the same jobs sent with `POST /v1/jobs:batch` (chunks of
+`--batch-size`) by one client thread. `--router-workers N` runs `router --workers N`.
+`--profile DIR` records py-spy profiles (raw collapsed stacks) of the router and of the
+worker node (with its children) during the router runs, and prints their top frames.
+
+    python loadtests/bench_dispatch.py --jobs 1000 --batch
+    python loadtests/bench_dispatch.py --jobs 300 --batch --profile /tmp/profiles
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +40,7 @@ from edgefleet.celery_app import PROBE, create_celery
 from edgefleet.schemas import JobState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes
+from loadtests.harness import TOKEN, BenchStack, healthy, start, wait_for, wait_nodes
 
 SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
 
@@ -79,11 +89,91 @@ def bench_router(url: str, store: JobStore, n: int, threads: int) -> tuple[float
     return n / (time.perf_counter() - started), latencies
 
 
+def bench_router_batch(url: str, store: JobStore, n: int, batch_size: int) -> float:
+    """n jobs through POST /v1/jobs:batch, `batch_size` per request, one client: submit -> all done."""
+    base = store.job_counts()[JobState.succeeded]
+    started = time.perf_counter()
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as http:
+        for offset in range(0, n, batch_size):
+            size = min(batch_size, n - offset)
+            response = http.post("/v1/jobs:batch", json={"jobs": [SLEEP_JOB] * size})
+            response.raise_for_status()
+            if response.json()["created"] != size:
+                raise SystemExit(f"batch refused jobs: {response.text[:500]}")
+    wait_for(lambda: store.job_counts()[JobState.succeeded] - base >= n, 600, "router batch jobs")
+    return n / (time.perf_counter() - started)
+
+
+class Profiler:
+    """py-spy `record` on a process (and its children), raw collapsed stacks into `out`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, pid: int, subprocesses: bool = False) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        target = self.out / f"{name}.txt"
+        cmd = [spy, "record", "--format", "raw", "--rate", "200", "--pid", str(pid), "--output", str(target)]
+        if subprocesses:
+            cmd.append("--subprocesses")
+        log = open(self.out / f"{name}.py-spy.log", "wb")  # noqa: SIM115 - py-spy holds it while it runs
+        self.procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), target))
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        for proc, target in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if target.exists():
+                print(f"\n--- {target.name}: top frames by own samples / by inclusive samples ---")
+                print(top_frames(target))
+
+
+def top_frames(path: Path, limit: int = 15) -> str:
+    """The frames with the most own (leaf) samples and the most inclusive samples in a raw profile."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.split(" (")[0] + " " + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] for f in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return "(no samples)"
+    rows = [f"{n / total:6.1%}  {frame}" for frame, n in own.most_common(limit)]
+    rows.append("  inclusive:")
+    rows += [f"{n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(limit)]
+    return f"{total} samples\n" + "\n".join(rows)
+
+
+def start_router(stack: BenchStack, workers: int) -> int:
+    """The router (with `--workers N` when N > 1); its pid."""
+    cmd = [sys.executable, "-m", "edgefleet", "router"] + (["--workers", str(workers)] if workers > 1 else [])
+    proc = start(cmd, stack.env, stack.workdir / "router.log")
+    stack.procs.append(proc)
+    wait_for(lambda: healthy(stack.url), 60, "router")
+    return proc.pid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--client-threads", type=int, default=8)
     parser.add_argument("--cpu-concurrency", type=int, default=2)
+    parser.add_argument("--batch", action="store_true", help="also submit the jobs with POST /v1/jobs:batch")
+    parser.add_argument("--batch-size", type=int, default=500, help="jobs per batch request")
+    parser.add_argument("--router-workers", type=int, default=1, help="edgefleet router --workers N")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles of router and node into DIR")
     args = parser.parse_args()
 
     stack = BenchStack(
@@ -93,23 +183,39 @@ def main() -> None:
         redis_url = stack.start_redis()
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         store = JobStore.from_url(redis_url)
-        stack.start_router()
+        router_pid = start_router(stack, args.router_workers)
         stack.start_node("bench")
         wait_nodes(store, "bench")
         settings = Settings(redis_url=redis_url)
         # Warm both paths (imports, pools, plugin loading) before measuring.
         bench_raw_celery(settings, client, 50)
         bench_router(stack.url, store, 50, args.client_threads)
+        batch_rate = None
+        if args.batch:
+            bench_router_batch(stack.url, store, 50, args.batch_size)
         raw_rate = bench_raw_celery(settings, client, args.jobs)
+        profiler = None
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(args.profile)
+            profiler.start("router", router_pid, subprocesses=args.router_workers > 1)
+            profiler.start("node", stack.procs[-1].pid, subprocesses=True)
         router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
+        if args.batch:
+            batch_rate = bench_router_batch(stack.url, store, args.jobs, args.batch_size)
+        if profiler is not None:
+            profiler.stop()
         raw_rate_again = bench_raw_celery(settings, client, args.jobs)
     finally:
         stack.stop()
     baseline = (raw_rate + raw_rate_again) / 2
-    print(f"jobs per run            {args.jobs}")
+    print(f"jobs per run            {args.jobs}  (router workers: {args.router_workers})")
     print(f"raw celery send->done   {raw_rate:8.1f} /s  (before) {raw_rate_again:8.1f} /s (after)")
     print(f"router HTTP submit->done{router_rate:8.1f} /s")
     print(f"ratio router/raw        {router_rate / baseline:8.2f}")
+    if batch_rate is not None:
+        print(f"router batch submit->done{batch_rate:7.1f} /s  ({args.batch_size} jobs per request)")
+        print(f"ratio batch/raw         {batch_rate / baseline:8.2f}")
     print(
         f"submit latency          p50 {statistics.median(latencies) * 1000:.1f} ms  "
         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms  ({args.client_threads} client threads)"

@@ -7,6 +7,7 @@ import math
 import re
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, HTTPException, Request
 
 MAX_JSON_DEPTH = 64
@@ -27,16 +28,33 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# orjson reads integers beyond 64 bits as floats; a body with such a run of digits takes the
+# stdlib parser, which keeps them exact.
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def _parse_stdlib(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise JsonTooDeep() from None
+
+
 def parse_json(raw: bytes) -> Any:
     """Strict JSON: no NaN/Infinity, finite numbers only, nesting at most MAX_JSON_DEPTH.
 
-    Python's json accepts NaN and Infinity (not JSON) and raises RecursionError on deep
-    nesting; both must be a 4xx, never a 500 or a stored non-finite number.
+    orjson (several times faster) reads the bodies that are plain JSON; what it refuses is read
+    again by the stdlib parser, so that a bad body gets the same clear reason as before. Python's
+    json accepts NaN and Infinity (not JSON) and raises RecursionError on deep nesting; both must
+    be a 4xx, never a 500 or a stored non-finite number.
     """
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise JsonTooDeep() from None
+    if _LONG_DIGITS.search(raw):
+        data = _parse_stdlib(raw)
+    else:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = _parse_stdlib(raw)
     stack = [(data, 1)]
     while stack:  # iterative, so that the check itself cannot overflow the stack
         value, depth = stack.pop()

@@ -66,3 +66,36 @@ def read_body(file: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         fail(file, f"must hold a JSON/YAML object (steps or template), not {type(body).__name__}")
     return body
+
+
+def read_batch(file: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, job body) from a JSON Lines file (or stdin): one JSON object per line, blank
+    lines skipped. Every line is checked before anything is sent: a bad one exits 2 naming its line."""
+    bodies: list[tuple[int, dict[str, Any]]] = []
+    try:
+        handle = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        fail(file, f"cannot read it: {exc.strerror}")
+    try:
+        for number, raw in enumerate(handle, start=1):
+            if len(raw) > MAX_JOB_FILE_BYTES:
+                fail(f"{file}:{number}", f"a line longer than {MAX_JOB_FILE_BYTES} bytes")
+            if not raw.strip():
+                continue
+            try:
+                body = json.loads(raw)
+            except RecursionError:
+                fail(f"{file}:{number}", "nested too deeply")
+            except ValueError as exc:
+                fail(f"{file}:{number}", f"not valid JSON: {exc}")
+            if not isinstance(body, dict):
+                fail(f"{file}:{number}", f"must be a JSON object (a job body), not {type(body).__name__}")
+            bodies.append((number, body))
+    except OSError as exc:
+        fail(file, f"cannot read it: {exc.strerror}")
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+    if not bodies:
+        fail(file, "holds no job (one JSON job body per line)")
+    return bodies

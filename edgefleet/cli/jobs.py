@@ -14,7 +14,7 @@ import typer
 
 from edgefleet.cli.artifacts import upload_inputs
 from edgefleet.cli.common import TokenOption, UrlOption, api_errors, err_console, fail, make_client, out_console
-from edgefleet.cli.job_input import parse_inputs, read_body
+from edgefleet.cli.job_input import parse_inputs, read_batch, read_body
 from edgefleet.schemas import JobState, NodeInfo, PriorityClass
 
 if TYPE_CHECKING:
@@ -108,6 +108,16 @@ def submit(
         float | None, typer.Option(help="with --wait: give up after this many seconds", show_default=False)
     ] = None,
     demo: Annotated[bool, typer.Option("--demo", help="submit a small demo job (template text-report)")] = False,
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            "--batch",
+            metavar="FILE.jsonl",
+            help="submit many jobs: one JSON job body per line (each may have an 'idempotency_key'); "
+            "'-' reads stdin; prints one job id per line",
+            show_default=False,
+        ),
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -123,7 +133,15 @@ def submit(
         edgefleet submit --template text-report --input text="a b a" --wait
         edgefleet submit job.yaml --priority interactive --idempotency-key nightly-42
         cat job.json | edgefleet submit - --wait
+        edgefleet submit --batch jobs.jsonl --priority batch
     """
+    if batch is not None:
+        others: dict[str, object] = {"FILE": file, "--template": template, "--input": inputs, "--name": name}
+        others |= {"--idempotency-key": idempotency_key, "--wait": wait, "--demo": demo}
+        if given_too := [option for option, value in others.items() if value]:
+            fail("--batch", f"goes alone with --priority, --url and --token, not with {', '.join(given_too)}")
+        _submit_batch(batch, priority, url, token)
+        return
     given = [x for x in (file is not None, template is not None, demo) if x]
     if len(given) > 1:
         fail("FILE", "give only one of FILE, --template or --demo")
@@ -154,6 +172,50 @@ def submit(
     print(json.dumps(_outputs(final), indent=2, default=str))
     _report_end(final)
     raise typer.Exit(_job_exit_code(final))
+
+
+def _submit_batch(file: str, priority: PriorityClass | None, url: str | None, token: str | None) -> None:
+    """`submit --batch`: the file's jobs in chunks of EDGEFLEET_BATCH_MAX_JOBS, a progress bar on
+    stderr for more than one chunk; each accepted job's id on stdout (in file order), each refused
+    line on stderr. Exit 2 when any line was refused (the others are submitted)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgefleet.cli.common import load_settings
+
+    lines = read_batch(file)
+    bodies = [body for _, body in lines]
+    if priority is not None:
+        for body in bodies:
+            body.setdefault("priority", priority.value)
+    chunk = load_settings().batch_max_jobs
+    console = err_console()
+    with api_errors(), make_client(url, token) as client:
+        if len(bodies) <= chunk:
+            items = client.submit_many(bodies, chunk_size=chunk)
+        else:
+            with Progress(
+                TextColumn("submitting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=console.is_terminal,
+            ) as progress:
+                task = progress.add_task("jobs", total=len(bodies))
+                items = client.submit_many(
+                    bodies, chunk_size=chunk, on_progress=lambda done, _: progress.update(task, completed=done)
+                )
+    refused = 0
+    for item in items:
+        if item.error is None:
+            print(item.id)
+        else:
+            refused += 1
+            sys.stderr.write(f"{file}:{lines[item.index][0]}: {item.error}\n")
+    sys.stdout.flush()
+    if refused:
+        sys.stderr.write(f"{refused} of {len(items)} jobs refused; the other {len(items) - refused} were submitted\n")
+        raise typer.Exit(2)
 
 
 def _clock(ts: float | None) -> str:

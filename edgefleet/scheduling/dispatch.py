@@ -38,10 +38,16 @@ class Dispatcher:
     def release(self, resource_class: ResourceClass, max_count: int = 256, freed_on: str | None = None) -> int:
         """`freed_on`: the node whose subtask just ended (a worker's fast path): it has a slot free
         that its last heartbeat does not show yet, which locality may count on."""
+        return len(self.release_items(resource_class, max_count, freed_on))
+
+    def release_items(
+        self, resource_class: ResourceClass, max_count: int = 256, freed_on: str | None = None
+    ) -> list[Released]:
+        """As `release`, returning what was sent (the submit path tells its new job's queued steps)."""
         target = self.settings.target_depth.get(resource_class, 16)
         released = self.scheduler.release(resource_class, max_count, target)
         if not released:
-            return 0
+            return []
         if self.affinity is not None:
             held = self.affinity.inputs_held([item.envelope for item in released])
             released = [
@@ -49,7 +55,7 @@ class Dispatcher:
             ]
         self._send(released)
         self.scheduler.mark_dispatched(released)
-        return len(released)
+        return released
 
     def release_all(self, max_count: int = 256) -> int:
         return sum(self.release(rc, max_count) for rc in ResourceClass)
@@ -70,7 +76,9 @@ class Dispatcher:
         return Released(envelope=item.envelope, queue=queue)
 
     def _send(self, released: list[Released]) -> None:
-        with self.celery.producer_or_acquire() as producer:
+        # kombu's publish batch: the messages of one release go out in one pipeline (one round
+        # trip) instead of one Redis client and round trip per message.
+        with self.celery.producer_or_acquire() as producer, producer.batch(max_size=max(1, len(released))):
             for item in released:
                 env = item.envelope
                 self.celery.send_task(

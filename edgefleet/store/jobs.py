@@ -39,10 +39,36 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0  # Settings.job_retention's default; the rou
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """One job for `JobStore.create_jobs`: its planned subtasks and what the job hash keeps."""
+
+    job_id: str
+    tenant: str
+    priority: PriorityClass
+    name: str | None
+    callback_url: str | None
+    plan: Plan
+    request_hash: str
+    idempotency_key: str | None
+    deadline_s: float | None = None
+
+
+@dataclass(frozen=True)
 class CreateResult:
     job_id: str
     created: bool
     request_hash: str
+    # Redis' time of the create call: the new job's created_at (not the existing job's when not created).
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """An Idempotency-Key's job: its id, request hash and state."""
+
+    job_id: str
+    request_hash: str
+    state: str
 
 
 @dataclass(frozen=True)
@@ -126,21 +152,53 @@ class JobStore:
         name: str | None,
         callback_url: str | None,
         plan: Plan,
-        request_json: str,
         request_hash: str,
         idempotency_key: str | None,
         deadline_s: float | None = None,
+        request_json: str | None = None,
     ) -> CreateResult:
-        payload = {
+        """One job (see `create_jobs`). `request_json` is not kept (the job hash holds no copy of
+        the request since it was slimmed); the parameter stays for existing callers."""
+        del request_json
+        job = NewJob(
+            job_id=job_id,
+            tenant=tenant,
+            priority=priority,
+            name=name,
+            callback_url=callback_url,
+            plan=plan,
+            request_hash=request_hash,
+            idempotency_key=idempotency_key,
+            deadline_s=deadline_s,
+        )
+        return self.create_jobs([job])[0]
+
+    def create_jobs(self, jobs: Sequence[NewJob]) -> list[CreateResult]:
+        """Create the jobs in one script call, in order (a key given twice: the first makes the job,
+        the second gets it back as `created=False`); one result per job, same order."""
+        if not jobs:
+            return []
+        payload = {"jobs": [self._create_item(job) for job in jobs], "idem_ttl": IDEMPOTENCY_TTL}
+        answer = self._conn.run("create_job", json.dumps(payload))
+        created_at = float(answer[0])
+        results: list[CreateResult] = []
+        for i in range(1, len(answer), 3):
+            verdict, job_id, digest = answer[i], answer[i + 1], answer[i + 2]
+            if verdict == "exists":
+                raise RuntimeError(f"job id collision: {job_id}")
+            results.append(CreateResult(job_id, verdict == "created", digest, created_at))
+        return results
+
+    def _create_item(self, job: NewJob) -> dict[str, Any]:
+        return {
             "job": {
-                "id": job_id,
-                "tenant": tenant,
-                "priority": priority.value,
-                "name": name or "",
-                "callback_url": callback_url or "",
-                "request_hash": request_hash,
-                "request": request_json,
-                "deadline_s": deadline_s,
+                "id": job.job_id,
+                "tenant": job.tenant,
+                "priority": job.priority.value,
+                "name": job.name or "",
+                "callback_url": job.callback_url or "",
+                "request_hash": job.request_hash,
+                "deadline_s": job.deadline_s,
             },
             "subtasks": [
                 {
@@ -158,15 +216,10 @@ class JobStore:
                     "retries": st.retries,
                     "retry_backoff": st.retry_backoff,
                 }
-                for st in plan.subtasks
+                for st in job.plan.subtasks
             ],
-            "idem_key": self._keys.idempotency(tenant, idempotency_key) if idempotency_key else "",
-            "idem_ttl": IDEMPOTENCY_TTL,
+            "idem_key": self._keys.idempotency(job.tenant, job.idempotency_key) if job.idempotency_key else "",
         }
-        verdict, existing_id, existing_hash = self._conn.run("create_job", json.dumps(payload))
-        if verdict == "exists":
-            raise RuntimeError(f"job id collision: {existing_id}")
-        return CreateResult(existing_id, verdict == "created", existing_hash)
 
     def find_idempotent(self, tenant: str, key: str) -> tuple[str, str] | None:
         """The job an Idempotency-Key already made, with its request hash."""
@@ -174,6 +227,23 @@ class JobStore:
         if not job_id:
             return None
         return job_id, self._redis.hget(self._keys.job(job_id), "request_hash") or ""
+
+    def find_idempotent_many(self, tenant: str, keys: Sequence[str]) -> dict[str, KnownKey]:
+        """The live jobs these Idempotency-Keys already made (two round trips for any number of keys)."""
+        if not keys:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self._keys.idempotency(tenant, key))
+        found = {key: job_id for key, job_id in zip(keys, pipe.execute(), strict=True) if job_id}
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in found.values():
+            pipe.hmget(self._keys.job(job_id), ["request_hash", "state"])
+        known: dict[str, KnownKey] = {}
+        for (key, job_id), (digest, state) in zip(found.items(), pipe.execute(), strict=True):
+            if state:  # else the key outlived its job (deleted by retention): the key is free
+                known[key] = KnownKey(job_id, digest or "", state)
+        return known
 
     def get_job(self, job_id: str) -> JobStatus | None:
         job = self._redis.hgetall(self._keys.job(job_id))
