@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -25,6 +25,19 @@ INPUT_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 WORKFLOWS_SUBDIR = "workflows"
 # `${inputs.NAME}`; a string that is exactly one placeholder keeps the input's type.
 PLACEHOLDER = re.compile(r"\$\{inputs\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# What an input takes over from the argument it feeds (see `WorkflowTemplate.input_schema`).
+_CONSTRAINT_KEYWORDS = (
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "items",
+    "minItems",
+    "maxItems",
+)
 
 InputType = Literal["string", "number", "integer", "boolean", "object", "array"]
 
@@ -137,6 +150,45 @@ class WorkflowTemplate(BaseModel):
         """
         values = self.resolve_inputs(given)
         return cast(list[dict[str, Any]], _substitute(copy.deepcopy(self.steps), values))
+
+    def input_schema(self, arg_schema: Callable[[str, str, str], dict[str, Any] | None]) -> dict[str, Any]:
+        """A JSON schema of the inputs, each with the constraints of the step argument it feeds.
+
+        An input whose placeholder is a whole argument value (`op: "${inputs.op}"`) takes that
+        argument's enum, pattern, bounds and items, so a model planning with the template is held
+        to what the step will accept. `arg_schema(plugin, action, arg)` gives an argument's schema
+        (None when unknown).
+        """
+        properties: dict[str, Any] = {}
+        for name, spec in self.inputs.items():
+            schema: dict[str, Any] = {"type": spec.type}
+            if spec.description:
+                schema["description"] = spec.description
+            # An input fed to several arguments must satisfy all of them: their constraints add up
+            # (on a conflict the first step's wins; the real validation still checks every step).
+            for plugin, action, arg in self._fed_arguments(name):
+                fed = arg_schema(plugin, action, arg)
+                if not isinstance(fed, dict):
+                    continue
+                for key, value in fed.items():
+                    if key not in _CONSTRAINT_KEYWORDS:
+                        continue
+                    if key not in schema:
+                        schema[key] = copy.deepcopy(value)
+                    elif isinstance(schema[key], dict) and isinstance(value, dict):
+                        schema[key] = {**copy.deepcopy(value), **schema[key]}
+            properties[name] = schema
+        required = [n for n, spec in self.inputs.items() if spec.required and spec.default is None]
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+    def _fed_arguments(self, name: str) -> list[tuple[str, str, str]]:
+        whole = f"${{inputs.{name}}}"
+        return [
+            (str(step.get("plugin")), str(step.get("action")), arg)
+            for step in self.steps
+            for arg, value in (step.get("args") or {}).items()
+            if value == whole
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {

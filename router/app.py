@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from edgefleet import __version__
 from edgefleet.settings import Settings
-from router.api import artifacts, discovery, fleet, jobs, join, ops, schedules, webhooks
+from router.api import artifacts, discovery, fleet, goals, jobs, join, ops, schedules, webhooks
 from router.errors import error_responses, install_error_handlers
 from router.openapi import install_openapi
 from router.services import RouterServices
@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=error_responses(401, 403, 422, 503),
     )
     install_error_handlers(app)
-    for area in (ops, jobs, fleet, discovery, webhooks, artifacts, join, schedules):
+    goals.install_goal_answers(app)
+    for area in (ops, jobs, goals, fleet, discovery, webhooks, artifacts, join, schedules):
         app.include_router(area.router)
     install_openapi(app)
     return app

@@ -1,45 +1,72 @@
 """Plans a natural-language goal with the model router (task type `planning`).
 
-The model's answer is constrained by a JSON schema built from the plugin
-catalogue, then validated exactly like an explicit plan. One repair round sends
-the validation errors back; a plan that is still invalid is a 422 that shows
-the model's last answer, never a crash.
+1. A goal that asks to destroy, exfiltrate or spend is refused outright (`plan_trust.unsafe_reason`).
+2. The catalogue is narrowed to the few templates and actions the goal is about (`plan_candidates`);
+   when nothing matches, the goal is refused without calling a model.
+3. The model answers under a grammar (`plan_schema`) that allows only those candidates, step
+   references and a refusal, with a prompt (`plan_prompt`) whose answer budget fits the context.
+4. The plan is validated exactly like an explicit one; one compact repair round sends the errors back.
+5. A valid plan is then checked against the goal (`plan_trust`): the verdict decides whether it may
+   run unconfirmed. Deciding that is the submitter's business; here it is only reported.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from edgefleet.models.config import ModelsConfig
+from edgefleet.models.errors import REASON_CONTEXT, NoModelAvailable
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.refs import RefError, find_refs
 from edgefleet.schemas import JobRequest, NodeInfo, Plan, StepSpec
+from edgefleet.templates import TemplateCatalog
+from router.plan_candidates import Retriever, Shortlist
+from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values, repair_message
+from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, decode, plan_schema
+from router.plan_trust import TrustCheck, Verdict, unsafe_reason
 from router.planner import PlanError, Planner, Problem, pydantic_problems
 
-MAX_PLAN_TOKENS = 768
-MAX_GOAL_STEPS = 4
-# JSON-schema keywords the grammar of a small local model follows reliably; the rest is
-# checked by the real validation afterwards (and reported in the repair round).
-_KEPT_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "default", "description"}
+# The most a plan may take; less when the context leaves less (see `_budget`).
+MAX_PLAN_TOKENS = 640
+# Under this many tokens left for the answer, even a one-step plan does not fit.
+MIN_ANSWER_TOKENS = 96
+DEFAULT_CONTEXT = 2048
+TASK_TYPE = "planning"
 
-SYSTEM_PROMPT = """You plan jobs for edgefleet, a task cluster. A plan is JSON:
-{"steps": [{"id": "<short id>", "plugin": "<plugin>", "action": "<action>", "args": {...}, "needs": ["<earlier step id>", ...]}]}
-Use only these plugins and actions; args must match each action's inputs:
-%s
-Rules: at most %d steps; ids are short lowercase words; a step that uses another step's output
-lists it in "needs" and refers to it with {"$ref": "steps.<id>.output.<key>"} as an argument value.
-Example: for the goal "Shout the text 'good morning'" the plan is
-{"steps": [{"id": "shout", "plugin": "text", "action": "transform", "args": {"text": "good morning", "op": "upper"}}]}
-Answer with the JSON plan only."""
+__all__ = ["MAX_GOAL_STEPS", "GoalPlan", "GoalPlanError", "GoalPlanner", "GoalRefused", "PlanTooLong"]
 
 
 class GoalPlanError(Exception):
+    """The model's plan is still invalid after the repair round."""
+
     def __init__(self, problems: list[Problem], answer: str, model: str | None) -> None:
         super().__init__("; ".join(f"{f}: {r}" for f, r in problems))
         self.problems = problems
         self.answer = answer
+        self.model = model
+
+
+class GoalRefused(Exception):
+    """The goal cannot (or must not) be planned with this catalogue; `model` is None when no model was asked."""
+
+    def __init__(self, reason: str, model: str | None, candidates: list[str]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.model = model
+        self.candidates = candidates
+
+
+class PlanTooLong(Exception):
+    """The prompt and its answer do not fit the planning model's context, or the answer was cut off."""
+
+    def __init__(self, reason: str, model: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
         self.model = model
 
 
@@ -50,69 +77,13 @@ class GoalPlan:
     model: str
     fell_back_from: list[tuple[str, str]]
     repaired: bool
+    body: dict[str, Any] = field(default_factory=dict)  # the plan as a client would submit it
+    verdict: Verdict = field(default_factory=lambda: Verdict(False, ["not checked"]))
+    candidates: list[str] = field(default_factory=list)
 
-
-def _simplify(schema: Any) -> Any:
-    if isinstance(schema, dict):
-        out = {k: _simplify(v) for k, v in schema.items() if k in _KEPT_KEYWORDS}
-        # "one of these groups is required": the grammar asks for the first group, so a small
-        # model cannot leave all of them out.
-        choices = schema.get("oneOf") or schema.get("anyOf")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict) and "required" in choices[0]:
-            out["required"] = sorted(set(out.get("required", [])) | set(choices[0]["required"]))
-        if "properties" in schema:
-            out["properties"] = {name: _simplify(sub) for name, sub in schema["properties"].items()}
-        return out
-    if isinstance(schema, list):
-        return [_simplify(item) for item in schema]
-    return schema
-
-
-def plan_schema(catalog: PluginCatalog, plugins: list[str]) -> dict[str, Any]:
-    """One alternative per plugin action, so the model can only name real ones."""
-    alternatives = []
-    for name in plugins:
-        plugin = catalog.get(name)
-        if plugin is None:
-            continue
-        for action_name, action in sorted(plugin.manifest.actions.items()):
-            args = _simplify(action.input_schema)
-            alternatives.append(
-                {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,15}$"},
-                        "plugin": {"const": name},
-                        "action": {"const": action_name},
-                        "args": args,
-                        "needs": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_GOAL_STEPS},
-                    },
-                    "required": ["id", "plugin", "action", "args"],
-                }
-            )
-    return {
-        "type": "object",
-        "properties": {
-            "steps": {"type": "array", "items": {"anyOf": alternatives}, "minItems": 1, "maxItems": MAX_GOAL_STEPS}
-        },
-        "required": ["steps"],
-    }
-
-
-def describe_catalog(catalog: PluginCatalog, plugins: list[str]) -> str:
-    lines = []
-    for name in plugins:
-        plugin = catalog.get(name)
-        if plugin is None:
-            continue
-        for action_name, action in sorted(plugin.manifest.actions.items()):
-            props = action.input_schema.get("properties", {})
-            required = set(action.input_schema.get("required", []))
-            args = ", ".join(
-                f"{arg}{'' if arg in required else '?'}: {spec.get('type', 'any')}" for arg, spec in props.items()
-            )
-            lines.append(f"- {name}.{action_name}({args}): {action.description.strip()[:160]}")
-    return "\n".join(lines)
+    @property
+    def trusted(self) -> bool:
+        return self.verdict.trusted
 
 
 class GoalPlanner:
@@ -120,63 +91,172 @@ class GoalPlanner:
         """`models` is a ModelRouter (edgefleet.models.router)."""
         self.planner = planner
         self.catalog = catalog
+        self.templates: TemplateCatalog = planner.templates
         self.models = models
+        self.trust = TrustCheck(catalog, self.templates, example_values())
+        self._retrievers: dict[frozenset[str], Retriever] = {}
+        self._lock = threading.Lock()
 
     def plannable_plugins(self, nodes: list[NodeInfo]) -> list[str]:
         """The plugins some live node can run, or the whole catalogue when no node is live yet."""
         live = {p for node in nodes for p in node.plugins}
-        names = [n for n in self.catalog.names() if not live or n in live]
-        return names
+        return [n for n in self.catalog.names() if not live or n in live]
+
+    def shortlist(self, goal: str, nodes: list[NodeInfo]) -> Shortlist:
+        allowed = frozenset(self.plannable_plugins(nodes))
+        with self._lock:
+            retriever = self._retrievers.get(allowed)
+            if retriever is None:
+                retriever = self._retrievers[allowed] = Retriever(self.catalog, self.templates, allowed)
+        return retriever.shortlist(goal)
+
+    def context_size(self) -> int:
+        """The smallest context among the planning route's models: the prompt must fit each of them."""
+        config: ModelsConfig | None = getattr(self.models, "config", None)
+        if config is None:
+            return DEFAULT_CONTEXT
+        route = config.route(TASK_TYPE)
+        sizes = [config.models[m].context_size for m in route.chain() if m in config.models] if route else []
+        return min(sizes) if sizes else DEFAULT_CONTEXT
 
     def plan(self, goal: str, *, nodes: list[NodeInfo], priority: Any = None) -> GoalPlan:
-        plugins = self.plannable_plugins(nodes)
-        schema = plan_schema(self.catalog, plugins)
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT % (describe_catalog(self.catalog, plugins), MAX_GOAL_STEPS)},
-            {"role": "user", "content": f"Goal: {goal}"},
-        ]
-        completion = self.models.complete("planning", messages, max_tokens=MAX_PLAN_TOKENS, json_schema=schema)
-        problems, steps = self._validate(completion.text, nodes)
+        if (unsafe := unsafe_reason(goal)) is not None:
+            raise GoalRefused(unsafe, None, [])
+        shortlist = self.shortlist(goal, nodes)
+        names = [c.name for c in shortlist.candidates]
+        if not shortlist.candidates:
+            closest = ", ".join(c.name for c in shortlist.closest) or "nothing"
+            raise GoalRefused(
+                f"no template or plugin action matches the goal (closest: {closest}); see GET /v1/plugins",
+                None,
+                [],
+            )
+        schema = plan_schema(self.catalog, self.templates, shortlist.templates, shortlist.actions)
+        messages, max_tokens = self._fit(goal, shortlist)
+        completion = self._complete(messages, max_tokens, schema)
+        answer, problems, steps = self._read(
+            completion.text, completion.finish_reason, max_tokens, nodes, completion.model
+        )
         repaired = False
         if problems:
             repaired = True
-            messages += [
-                {"role": "assistant", "content": completion.text},
-                {
-                    "role": "user",
-                    "content": "That plan is invalid:\n"
-                    + "\n".join(f"- {f}: {r}" for f, r in problems)
-                    + "\nAnswer with a corrected JSON plan only.",
-                },
-            ]
-            completion = self.models.complete("planning", messages, max_tokens=MAX_PLAN_TOKENS, json_schema=schema)
-            problems, steps = self._validate(completion.text, nodes)
-        if problems or steps is None:
+            retry = [*messages, {"role": "assistant", "content": completion.text}, repair_message(problems)]
+            retry, max_tokens = self._trim(retry)
+            completion = self._complete(retry, max_tokens, schema)
+            answer, problems, steps = self._read(
+                completion.text, completion.finish_reason, max_tokens, nodes, completion.model
+            )
+        if problems or steps is None or answer is None:
             raise GoalPlanError(problems, completion.text, completion.model)
-        plan = self.planner.plan(JobRequest(steps=steps), nodes=nodes)
+        request = self._request(answer)
+        plan = self.planner.plan(request, nodes=nodes)
         return GoalPlan(
             steps=steps,
             plan=plan,
             model=completion.model,
             fell_back_from=[(a.model, a.reason) for a in completion.fallbacks],
             repaired=repaired,
+            body=answer.plan_body(),
+            verdict=self.trust.check(goal, shortlist, answer),
+            candidates=names,
         )
 
-    def _validate(self, text: str, nodes: list[NodeInfo]) -> tuple[list[Problem], list[StepSpec] | None]:
+    # --- the prompt and its budget -------------------------------------------------------------
+
+    def _fit(self, goal: str, shortlist: Shortlist) -> tuple[list[dict[str, str]], int]:
+        """The messages and the answer's token budget; fewer examples, then fewer candidates, until it fits."""
+        context = self.context_size()
+        candidates = list(shortlist.candidates)
+        while candidates:
+            short = Shortlist(shortlist.goal, candidates, shortlist.closest)
+            for n_examples in range(len(EXAMPLES), -1, -1):
+                messages = build_messages(goal, short, self.catalog, self.templates, examples=EXAMPLES[:n_examples])
+                room = context - estimate_tokens(messages)
+                if room >= MIN_ANSWER_TOKENS:
+                    return messages, min(MAX_PLAN_TOKENS, room)
+            candidates = candidates[:-1]
+        raise PlanTooLong(
+            f"plan too long: the goal and the planning prompt do not fit the model's context of {context} tokens",
+            None,
+        )
+
+    def _trim(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+        """The repair round's messages: the examples go first when the context runs short."""
+        context = self.context_size()
+        while True:
+            room = context - estimate_tokens(messages)
+            if room >= MIN_ANSWER_TOKENS:
+                return messages, min(MAX_PLAN_TOKENS, room)
+            if len(messages) > 4 and messages[1]["role"] == "user" and messages[2]["role"] == "assistant":
+                messages = [messages[0], *messages[3:]]  # drop one example pair
+                continue
+            raise PlanTooLong(
+                f"plan too long: the repair round does not fit the model's context of {context} tokens", None
+            )
+
+    def _complete(self, messages: list[dict[str, str]], max_tokens: int, schema: dict[str, Any]) -> Any:
         try:
-            data = json.loads(text)
+            return self.models.complete(TASK_TYPE, messages, max_tokens=max_tokens, json_schema=schema)
+        except NoModelAvailable as exc:
+            overflow = [a for a in exc.attempts if a.reason == REASON_CONTEXT]
+            if overflow:
+                raise PlanTooLong(
+                    f"plan too long for the planning model's context ({overflow[0].detail})", overflow[0].model
+                ) from None
+            raise
+
+    # --- reading the answer --------------------------------------------------------------------
+
+    def _read(
+        self, text: str, finish: str | None, max_tokens: int, nodes: list[NodeInfo], model: str
+    ) -> tuple[Answer | None, list[Problem], list[StepSpec] | None]:
+        if finish == "length":
+            raise PlanTooLong(f"plan too long: the model's answer did not end within {max_tokens} tokens", model)
+        try:
+            answer = decode(json.loads(text))
         except json.JSONDecodeError as exc:
-            return [("plan", f"not valid JSON: {exc}")], None
-        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
-            return [("plan", "must be an object with a list of steps")], None
-        if len(data["steps"]) > MAX_GOAL_STEPS:
-            return [("plan.steps", f"at most {MAX_GOAL_STEPS} steps")], None
+            return None, [("plan", f"not valid JSON: {exc}")], None
+        except AnswerError as exc:
+            return None, [(exc.field, exc.reason)], None
+        if answer.refuse is not None:
+            raise GoalRefused(answer.refuse, model, [])
         try:
-            request = JobRequest(steps=data["steps"])
+            request = self._request(answer)
         except ValidationError as exc:
-            return pydantic_problems(exc, "plan"), None
+            return answer, pydantic_problems(exc, "plan"), None
         try:
+            steps = self.planner.expand(request)
             self.planner.plan(request, nodes=nodes)
         except PlanError as exc:
-            return [(f"plan.{f}", r) for f, r in exc.problems], None
-        return [], request.steps
+            return answer, [(f"plan.{f}", r) for f, r in exc.problems], None
+        if problems := self._ref_problems(steps):
+            return answer, problems, None
+        return answer, [], steps
+
+    @staticmethod
+    def _request(answer: Answer) -> JobRequest:
+        if answer.template is not None:
+            return JobRequest(template=answer.template, inputs=answer.inputs)
+        return JobRequest.model_validate({"steps": answer.steps})
+
+    def _ref_problems(self, steps: list[StepSpec]) -> list[Problem]:
+        """A `$ref` to an output key its step's action does not declare (the planner cannot know)."""
+        by_id = {s.id: s for s in steps}
+        problems: list[Problem] = []
+        for i, step in enumerate(steps):
+            try:
+                refs = find_refs(step.args, base=f"plan.steps.{i}.args")
+            except RefError as exc:
+                problems.append((exc.field, exc.reason))
+                continue
+            for ref in refs:
+                source = by_id.get(ref.step)
+                plugin = self.catalog.get(source.plugin) if source else None
+                action = plugin.manifest.actions.get(source.action) if plugin and source else None
+                declared = (action.output_schema or {}).get("properties") if action else None
+                key = ref.path[0] if ref.path else None
+                if isinstance(declared, dict) and declared and key is not None and key not in declared:
+                    problems.append(
+                        (ref.field, f"step {ref.step!r} has no output {key!r} (it has: {', '.join(declared)})")
+                    )
+        return problems

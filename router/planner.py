@@ -99,6 +99,10 @@ class Planner:
                 raise PlanError(problems)
         return plan
 
+    def expand(self, request: JobRequest) -> list[StepSpec]:
+        """The steps `request` names: its own, or its template's with the inputs substituted."""
+        return self._steps_of(request)
+
     def _steps_of(self, request: JobRequest) -> list[StepSpec]:
         given = [k for k in ("steps", "template", "goal") if getattr(request, k) is not None]
         if len(given) != 1:

@@ -32,6 +32,7 @@ from router.feedback import FeedbackLoop, start_feedback
 from router.loops import RouterLoops
 from router.metrics import RouterMetrics
 from router.model_access import LazyGoalPlanner
+from router.plan_submit import GoalSubmitter
 from router.planner import Planner
 from router.retention import RetentionSweeper
 from router.schedule_firing import ScheduleFirer
@@ -83,7 +84,8 @@ class RouterServices:
         planner = Planner(plugins, templates, settings)
         goal_planner = LazyGoalPlanner(settings, metrics.registry, planner, plugins)
         guard = build_guard(settings)
-        submitter = Submitter(
+        # The goal rules (trust check, held plans) on top of the plain submitter: router/plan_submit.py.
+        submitter = GoalSubmitter(
             store, planner, goal_planner, dispatcher, guard, metrics.submitted, settings.require_capable_worker
         )
         schedule_store = ScheduleStore.of(store)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,6 +24,8 @@ from edgefleet.models.errors import (
     ModelCallError,
     ModelConfigError,
     ModelConnectionError,
+    ModelContextOverflow,
+    ModelError,
     ModelMissing,
     ModelTimeout,
 )
@@ -30,6 +33,15 @@ from edgefleet.models.errors import (
 log = logging.getLogger(__name__)
 
 Message = Mapping[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
+# How llama.cpp (in-process and llama_cpp.server) and OpenAI say a request exceeds the context window.
+CONTEXT_OVERFLOW = re.compile(r"exceed context window|maximum context length|context_length_exceeded", re.IGNORECASE)
+# One more try on a connection error, with a fresh connection pool: a server that dropped a
+# pooled keep-alive connection would otherwise fail the next, unrelated call.
+CONNECTION_RETRIES = 1
+# Sampling settings of an `extra_body` that the in-process llama.cpp backend applies too.
+LOCAL_SAMPLING_KEYS = frozenset(
+    {"repeat_penalty", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed"}
+)
 
 
 @dataclass
@@ -91,6 +103,7 @@ class Backend(Protocol):
         temperature: float = 0.0,
         json_schema: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion: ...
 
     def memory_bytes(self) -> int: ...
@@ -215,8 +228,13 @@ class LlamaCppBackend:
         temperature: float = 0.0,
         json_schema: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion:
-        """Generate a chat answer. Timeout is checked between streamed tokens (prompt eval can't be cut)."""
+        """Generate a chat answer. Timeout is checked between streamed tokens (prompt eval can't be cut).
+
+        Of a route's `extra_body`, the sampling settings llama.cpp shares with llama_cpp.server
+        apply (so one route gives the same answers in-process and served); the rest is ignored.
+        """
         name = self.spec.name
         msgs = validate_messages(messages)
         load_seconds = self.load()
@@ -233,6 +251,7 @@ class LlamaCppBackend:
         if json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
             kwargs["repeat_penalty"] = 1.0  # a penalty breaks the grammar-constrained JSON
+        kwargs.update({k: v for k, v in (extra_body or {}).items() if k in LOCAL_SAMPLING_KEYS})
         # Streamed chunks carry no usage: a logits processor sees the prompt (its first call)
         # and every sampled token, which gives exactly the counts a non-streamed call reports.
         counts = {"prompt": 0, "sampled": 0}
@@ -276,6 +295,10 @@ class LlamaCppBackend:
                 deadline.check(f"{chunks} tokens streamed")
         except ModelTimeout:
             raise
+        except ValueError as exc:
+            if CONTEXT_OVERFLOW.search(str(exc)):
+                raise ModelContextOverflow(name, f"the prompt does not fit: {exc}") from exc
+            raise ModelCallError(name, f"generation failed: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise ModelCallError(name, f"generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -365,36 +388,17 @@ class OpenAIBackend:
             except Exception:  # pragma: no cover
                 log.exception("closing client of %s failed", self.spec.name)
 
-    def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        json_schema: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Completion:
+    def _reset_client(self) -> None:
+        with self._lock:
+            self.close()
+
+    def _stream(
+        self, kwargs: dict[str, Any], deadline: _Deadline, timeout: float, started: float
+    ) -> tuple[float | None, list[str], int, str | None, Any]:
+        """One streamed request: (first token seconds, text parts, chunks, finish reason, usage)."""
         import openai
 
         name = self.spec.name
-        msgs = validate_messages(messages)
-        load_seconds = self.load()
-        timeout = self.spec.timeout if timeout is None else timeout
-        kwargs: dict[str, Any] = {
-            "model": self.spec.model,
-            "messages": msgs,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if json_schema is not None:
-            # llama_cpp.server constrains output with this; its "json_schema" type answers HTTP 500.
-            kwargs["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
-        if self.spec.extra_body:
-            kwargs["extra_body"] = dict(self.spec.extra_body)
-        deadline = _Deadline(name, timeout, self._clock)
-        started = self._clock()
         first: float | None = None
         parts: list[str] = []
         chunks = 0
@@ -423,9 +427,10 @@ class OpenAIBackend:
         except openai.APIConnectionError as exc:
             raise ModelConnectionError(name, f"cannot reach {self.spec.base_url}: {exc}") from exc
         except openai.APIStatusError as exc:
-            raise ModelCallError(
-                name, f"HTTP {exc.status_code} from {self.spec.base_url}: {_short(exc.message)}"
-            ) from exc
+            message = _short(exc.message)
+            if CONTEXT_OVERFLOW.search(str(exc.message)) or CONTEXT_OVERFLOW.search(str(exc.body)):
+                raise ModelContextOverflow(name, f"the prompt does not fit: {message}") from exc
+            raise ModelCallError(name, f"HTTP {exc.status_code} from {self.spec.base_url}: {message}") from exc
         except openai.OpenAIError as exc:
             raise ModelCallError(name, f"{type(exc).__name__}: {_short(str(exc))}") from exc
         finally:
@@ -434,6 +439,63 @@ class OpenAIBackend:
                     stream.close()
                 except Exception:
                     pass
+        return first, parts, chunks, finish, usage
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        json_schema: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> Completion:
+        """`extra_body` (a route's) is merged over the model's own `extra_body`."""
+        name = self.spec.name
+        msgs = validate_messages(messages)
+        load_seconds = self.load()
+        timeout = self.spec.timeout if timeout is None else timeout
+        kwargs: dict[str, Any] = {
+            "model": self.spec.model,
+            "messages": msgs,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if json_schema is not None:
+            # llama_cpp.server constrains output with this; its "json_schema" type answers HTTP 500.
+            kwargs["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
+        body = {**self.spec.extra_body, **(extra_body or {})}
+        if body:
+            kwargs["extra_body"] = body
+        deadline = _Deadline(name, timeout, self._clock)
+        started = self._clock()
+        attempt = 0
+        while True:
+            try:
+                streamed = self._stream(kwargs, deadline, timeout, started)
+                break
+            except ModelConnectionError:
+                self._reset_client()
+                if attempt >= CONNECTION_RETRIES or deadline.passed():
+                    raise
+                attempt += 1
+                log.info("model connection failed; retrying once on a fresh connection", extra={"model": name})
+                self.load()
+            except ModelError:
+                # A broken stream may leave its connection in the pool: start the next call afresh.
+                self._reset_client()
+                raise
+        first, parts, chunks, finish, usage = streamed
+        if finish is None:
+            self._reset_client()
+            raise ModelCallError(
+                name,
+                f"the stream from {self.spec.base_url} ended without a finish reason after {chunks} chunks "
+                "(the server stopped mid-answer)",
+            )
         seconds = self._clock() - started
         text = "".join(parts)
         if usage is not None and getattr(usage, "completion_tokens", None) is not None:

@@ -155,6 +155,11 @@ class RouteSpec(BaseModel):
     primary: str
     fallback: str | None = None
     fallbacks: list[str] = Field(default_factory=list)
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra JSON fields for calls on this route, merged over each model's own extra_body "
+        "(openai: sent as is; llama_cpp: only the sampling settings, e.g. repeat_penalty)",
+    )
 
     def chain(self) -> list[str]:
         """Model names in the order they are tried, each once."""

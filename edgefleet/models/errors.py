@@ -16,6 +16,9 @@ REASON_CONFIG = "config"  # the model is misconfigured here (e.g. its api_key_en
 REASON_CIRCUIT_OPEN = "circuit open"  # too many consecutive failures; not tried
 REASON_TOKEN_BUDGET = "token budget"  # its tokens-per-hour budget is spent; not tried
 REASON_NO_ROUTE = "no route"  # the task type has no route
+# The request does not fit the model's context window: the caller's prompt is too long for this
+# model, not a failure of the model, so it never counts toward its circuit breaker.
+REASON_CONTEXT = "context overflow"
 
 REASONS = (
     REASON_ERROR,
@@ -26,6 +29,7 @@ REASONS = (
     REASON_CIRCUIT_OPEN,
     REASON_TOKEN_BUDGET,
     REASON_NO_ROUTE,
+    REASON_CONTEXT,
 )
 
 
@@ -72,6 +76,10 @@ class ModelMissing(ModelError):
 
 class ModelConfigError(ModelError):
     reason = REASON_CONFIG
+
+
+class ModelContextOverflow(ModelError):
+    reason = REASON_CONTEXT
 
 
 @dataclass(frozen=True, eq=False)

@@ -164,7 +164,8 @@ class ModelRouter:
         Malformed `messages` raise `ValueError` before any model is tried.
         """
         messages = validate_messages(messages)  # a bad request is the caller's error, never a fallback
-        chain = self.route(task_type)
+        route = self.config.route(task_type)
+        chain = route.chain() if route else []
         if not chain:
             raise NoModelAvailable(task_type, [Attempt("", REASON_NO_ROUTE, f"task type {task_type!r} has no route")])
         attempts: list[Attempt] = []
@@ -184,6 +185,7 @@ class ModelRouter:
                     temperature=temperature,
                     json_schema=json_schema,
                     timeout=timeout,
+                    extra_body=route.extra_body if route else None,
                 )
             except ModelError as exc:
                 self._record_failure(model, exc.reason)

@@ -165,6 +165,7 @@ class ModelPool:
         temperature: float = 0.0,
         json_schema: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion:
         """One call on model `name`, loading it first if needed (its `load_seconds` says how long)."""
         timeout = self.spec(name).timeout if timeout is None else timeout
@@ -177,6 +178,7 @@ class ModelPool:
                 temperature=temperature,
                 json_schema=json_schema,
                 timeout=remaining,
+                extra_body=extra_body,
             )
         completion.load_seconds = load_seconds
         return completion

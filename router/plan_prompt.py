@@ -1,0 +1,184 @@
+"""The planning prompt: the shortlisted candidates, a few varied examples, and a token budget that fits.
+
+A small model copies a single example; three examples of three shapes (a template, two steps
+joined by a reference, a refusal) show the shapes without one answer to copy, and their values
+are recorded so that the trust check can tell an argument copied from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.templates import TemplateCatalog
+from router.plan_candidates import Shortlist
+
+# The fixed part (instructions and examples) comes first and the candidates last, so that an
+# in-process model reuses its evaluated prefix from one goal to the next.
+SYSTEM = """You turn a goal into a JSON plan for edgefleet, a task cluster. Answer with one JSON object only:
+- a template: {"template": "<name>", "inputs": {...}}
+- or steps: {"steps": [{"id": "<word>", "plugin": "<plugin>", "action": "<action>", "args": {...}}]}
+  a step uses an earlier step's output as an argument: {"ref": "steps.<id>.output.<key>"}
+- or, when nothing listed does what the goal asks: {"refuse": "<why>"}
+Pick from what the user lists, best match first. Use only values the goal gives."""
+
+REPAIR = "Not valid: %s. Answer again with one corrected JSON object."
+
+
+@dataclass(frozen=True)
+class Example:
+    goal: str
+    listed: str  # the candidates as the example's user message lists them
+    answer: dict[str, Any]
+
+
+# Values no real goal is likely to name: an argument equal to one of them was copied.
+EXAMPLES: tuple[Example, ...] = (
+    Example(
+        "Book a table for two at a restaurant tonight",
+        "- step plugin sleep, action sleep (args seconds: number): Sleep for a while.",
+        {"refuse": "nothing listed can book restaurants"},
+    ),
+    Example(
+        "Count the words of 'lorem ipsum dolor' and shout it",
+        '- template "text-report" (inputs text: string, op?: string): Count the words of a text, then transform it.\n'
+        "- step plugin text, action count (args text | path): Count words, lines and characters.",
+        {"template": "text-report", "inputs": {"text": "lorem ipsum dolor"}},
+    ),
+    Example(
+        "Download https://example.invalid/notes.txt and count its words",
+        "- step plugin http_fetch, action get (args url: string, filename?: string) -> output path: Download a URL.\n"
+        "- step plugin text, action count (args text | path) -> output words: Count words.",
+        {
+            "steps": [
+                {
+                    "id": "get",
+                    "plugin": "http_fetch",
+                    "action": "get",
+                    "args": {"url": "https://example.invalid/notes.txt"},
+                },
+                {
+                    "id": "count",
+                    "plugin": "text",
+                    "action": "count",
+                    "args": {"path": {"ref": "steps.get.output.path"}},
+                },
+            ]
+        },
+    ),
+)
+
+
+def _user(goal: str, listed: str) -> str:
+    return f"You can use:\n{listed}\nGoal: {goal}"
+
+
+def example_values() -> set[str]:
+    """Every literal string and number in the examples' answers (the trust check looks for copies)."""
+    found: set[str] = set()
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k not in ("id", "plugin", "action", "template", "ref", "refuse"):
+                    walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found.add(str(value))
+
+    for example in EXAMPLES:
+        walk(example.answer)
+    return found
+
+
+def _first_sentence(text: str, limit: int = 140) -> str:
+    text = " ".join(text.split())
+    cut = text.find(". ")
+    if 0 < cut < limit:
+        return text[: cut + 1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _arg_list(schema: dict[str, Any]) -> str:
+    props = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    groups = schema.get("oneOf") or schema.get("anyOf") or []
+    alternatives = [g.get("required") or [] for g in groups if isinstance(g, dict)]
+    grouped = {n for g in alternatives for n in g}
+    parts = []
+    if alternatives:
+        parts.append(" | ".join("+".join(g) for g in alternatives if g))
+    for name, spec in props.items():
+        if name in grouped:
+            continue
+        kind = spec.get("type", "") if isinstance(spec, dict) else ""
+        enum = spec.get("enum") if isinstance(spec, dict) else None
+        shown = "/".join(str(v) for v in enum) if enum else (kind if isinstance(kind, str) else "/".join(kind))
+        parts.append(f"{name}{'' if name in required else '?'}: {shown}")
+    return ", ".join(parts)
+
+
+def describe_candidates(shortlist: Shortlist, plugins: PluginCatalog, templates: TemplateCatalog) -> str:
+    lines = []
+    for candidate in shortlist.candidates:
+        if candidate.kind == "template":
+            template = templates.get(candidate.name)
+            if template is None:
+                continue
+            inputs = ", ".join(
+                f"{n}{'' if spec.required and spec.default is None else '?'}: {spec.type}"
+                for n, spec in template.inputs.items()
+            )
+            lines.append(f'- template "{candidate.name}" (inputs {inputs}): {_first_sentence(template.description)}')
+            continue
+        plugin_name, _, action_name = candidate.name.partition(".")
+        plugin = plugins.get(plugin_name)
+        action = plugin.manifest.actions.get(action_name) if plugin else None
+        if action is None:
+            continue
+        outputs = ", ".join(list((action.output_schema or {}).get("properties") or {})[:6])
+        line = f"- step plugin {plugin_name}, action {action_name} (args {_arg_list(action.input_schema)})"
+        if outputs:
+            line += f" -> output {outputs}"
+        lines.append(f"{line}: {_first_sentence(action.description)}")
+    return "\n".join(lines)
+
+
+def build_messages(
+    goal: str,
+    shortlist: Shortlist,
+    plugins: PluginCatalog,
+    templates: TemplateCatalog,
+    *,
+    examples: Sequence[Example] = EXAMPLES,
+) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for example in examples:
+        messages.append({"role": "user", "content": _user(example.goal, example.listed)})
+        messages.append({"role": "assistant", "content": json.dumps(example.answer)})
+    messages.append({"role": "user", "content": _user(goal, describe_candidates(shortlist, plugins, templates))})
+    return messages
+
+
+def repair_message(problems: Sequence[tuple[str, str]], limit: int = 4) -> dict[str, str]:
+    """A short list of what was wrong: a long one would not fit the context of a small model."""
+    shown = [f"{f}: {r[:100]}" for f, r in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"{len(problems) - limit} more")
+    return {"role": "user", "content": REPAIR % "; ".join(shown)}
+
+
+# About 3.2 characters a token for this JSON-heavy English (SmolLM2 and llama tokenizers
+# give 3.4-4); under-estimating the characters per token keeps the answer inside the context.
+CHARS_PER_TOKEN = 3.2
+TOKENS_PER_MESSAGE = 6  # the chat template's markers around each message
+
+
+def estimate_tokens(messages: Sequence[dict[str, str]]) -> int:
+    return sum(math.ceil(len(m["content"]) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE for m in messages) + 4
