@@ -189,6 +189,17 @@ def test_bad_input_is_a_422_naming_the_field(router: Cluster, fields: dict[str, 
     assert field in [item["field"] for item in response.json()["detail"]], response.text
 
 
+def test_body_is_read_like_a_job_body(router: Cluster) -> None:
+    """The same reader as POST /v1/jobs: JSON only, bounded before it is parsed."""
+    with router.client("alice-token") as http:
+        wrong_type = http.post("/v1/schedules", content=b"{}", headers={"Content-Type": "text/plain"})
+        huge = http.post("/v1/schedules", json={"job": {"template": "x", "inputs": {"pad": "x" * 1_100_000}}})
+        malformed = http.post("/v1/schedules", content=b"{", headers={"Content-Type": "application/json"})
+    assert (wrong_type.status_code, wrong_type.json()["detail"][0]["field"]) == (415, "Content-Type")
+    assert (huge.status_code, huge.json()["error"]) == (413, "payload_too_large")
+    assert (malformed.status_code, malformed.json()["error"]) == (400, "malformed_json")
+
+
 def test_tenancy_and_auth(router: Cluster) -> None:
     mine = create(router, name="alice-hourly", interval_s=3600.0)
     assert mine["tenant"] == "alice" and mine["state"] == "active"

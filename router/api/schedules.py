@@ -6,29 +6,54 @@ jobs a schedule makes belong to the tenant that made it.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import ValidationError
 
 from edgefleet.schedule_schemas import SchedulePage, ScheduleRequest, ScheduleStatus
+from router.api.jobs import _read_json
 from router.auth import ReadPrincipal, SubmitPrincipal
 from router.errors import error_responses
-from router.request_body import JsonBody
+from router.openapi import REF_TEMPLATE
+from router.planner import pydantic_problems
 from router.services import Services
+from router.submission import InvalidSubmission
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 ScheduleId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the id POST /v1/schedules answered")]
 
 
-@router.post("", status_code=201, response_model=ScheduleStatus, responses=error_responses(400, 409, 415))
+def _body_schema() -> dict[str, Any]:
+    """ScheduleRequest for the OpenAPI document: the route reads its body itself (size cap,
+    strict JSON), so FastAPI does not see the model; the models it refers to (JobRequest and
+    its parts, the policies) are components already."""
+    schema = ScheduleRequest.model_json_schema(ref_template=REF_TEMPLATE)
+    schema.pop("$defs", None)
+    return schema
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ScheduleStatus,
+    responses=error_responses(400, 409, 413, 415),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _body_schema()}}}},
+)
 async def create_schedule(
-    spec: ScheduleRequest, principal: SubmitPrincipal, _json: JsonBody, services: Services, response: Response
+    request: Request, principal: SubmitPrincipal, services: Services, response: Response
 ) -> ScheduleStatus:
     """Run a job body (`steps`, or `template` and `inputs`) on `cron` or every `interval_s`.
 
     The job is checked as POST /v1/jobs would check it (a 422 names the field, e.g.
     `job.template`), as are the cron expression, the minimum interval and the time zone."""
+    # The same reader as POST /v1/jobs: the size cap holds before the body is parsed.
+    data = await _read_json(request, services.settings.max_body_bytes)
+    try:
+        spec = ScheduleRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidSubmission(pydantic_problems(exc)) from None
     status = await services.schedules.create(spec, principal.tenant)
     response.headers["Location"] = f"/v1/schedules/{status.id}"
     return status
