@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.schemas import JobRequest, NodeInfo, PlanPreview
+from edgefleet.schemas import JobRequest, PlannedSubtask, PlanPreview, StepSpec
 from router.goal_planner import GoalPlan, GoalRefused, PlanTooLong
 from router.plan_holds import HeldPlans, Hold
 from router.planner import PlanError
@@ -38,6 +38,10 @@ class GoalPlanPreview(PlanPreview):
     trusted: bool = Field(description="the plan passed the check that it serves the goal")
     trust: list[str] = Field(description="why the plan is trusted, or why not")
     requires_confirmation: bool
+
+
+# The parent's fields name these types; this module's namespace must resolve them too.
+GoalPlanPreview.model_rebuild(_types_namespace={"PlannedSubtask": PlannedSubtask, "StepSpec": StepSpec})
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,10 @@ class GoalSubmitter(Submitter):
         super().__init__(*args, **kwargs)
         self.holds = holds or HeldPlans()
 
-    async def plan(self, request: JobRequest, nodes: list[NodeInfo] | None) -> Planned:
+    async def plan(self, request: JobRequest, *args: Any, **kwargs: Any) -> Planned:
+        # The arguments after `request` (the live nodes) pass through as the submitter defines them.
         try:
-            planned = await super().plan(request, nodes)
+            planned = await super().plan(request, *args, **kwargs)
         except (GoalRefused, PlanTooLong) as exc:
             if _IN_BATCH.get():
                 raise InvalidPlan([("goal", exc.reason)]) from None

@@ -206,3 +206,24 @@ def test_the_examples_are_valid_answers(catalogue: tuple[PluginCatalog, Template
             planner.plan(JobRequest.model_validate(answer.plan_body()))
     messages = build_messages("x", Retriever(plugins, templates).shortlist("count words in 'x y'"), plugins, templates)
     assert messages[0]["content"] == messages[0]["content"].strip() and messages[-1]["content"].endswith("Goal: x")
+
+
+def test_a_dry_run_of_a_goal_says_who_planned_and_why_it_is_held() -> None:
+    from router.goal_planner import GoalPlan
+    from router.plan_submit import GoalPlanned
+
+    planner = _planner(2048)
+    goal = "how many words are in 'the quick brown fox'?"
+    shortlist = planner.shortlist(goal, [])
+    text = '{"steps": [{"id": "n", "plugin": "text", "action": "count", "args": {"path": "the quick brown fox"}}]}'
+    answer, problems, steps = planner._read(text, "stop", 500, [], "m")
+    assert answer is not None and steps is not None and problems == []
+    plan = planner.planner.plan(planner._request(answer), nodes=[])
+    verdict = planner.trust.check(goal, shortlist, answer)
+    goal_plan = GoalPlan(
+        steps, plan, "m", [], False, answer.plan_body(), verdict, [c.name for c in shortlist.candidates]
+    )
+    shown = GoalPlanned(plan, goal_plan).preview().model_dump(mode="json")
+    assert shown["model"] == "m" and shown["plan"] == json.loads(text) and "text.count" in shown["candidates"]
+    assert shown["requires_confirmation"] and not shown["trusted"]
+    assert shown["trust"] == ["steps.0.args.path = 'the quick brown fox' is not a path the goal names"]
