@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,6 +63,7 @@ STATIC_PORT = 8080  # the plain file server in the hub
 class Leg:
     seconds: float
     ended: float  # unix time the node logged it
+    cpu: float | None  # the node's CPU seconds for it (its transfer thread); None if not logged
 
     @property
     def started(self) -> float:
@@ -77,7 +80,8 @@ def logged(lab: Lab, box: str, message: str, after: float) -> Leg:
         except ValueError:
             continue
         if entry.get("ts", 0) >= after and "seconds" in entry:
-            return Leg(float(entry["seconds"]), float(entry["ts"]))
+            cpu = entry.get("cpu_seconds")
+            return Leg(float(entry["seconds"]), float(entry["ts"]), None if cpu is None else float(cpu))
     raise SystemExit(f"no {message!r} line in node-{box}.log:\n{lab.log_tail(f'node-{box}')}")
 
 
@@ -109,7 +113,21 @@ def join_time(lab: Lab, box: str, token: str) -> tuple[float, float]:
     return joined_at - started, running_at - started
 
 
-def move_once(lab: Lab, mb: int) -> tuple[dict[str, Any], Leg, Leg]:
+@dataclass(frozen=True)
+class Move:
+    artifact: dict[str, Any]
+    upload: Leg
+    fetch: Leg
+    router_cpu: float  # the router's CPU seconds while the job ran (mostly the two transfers)
+
+
+def router_cpu(lab: Lab) -> float:
+    assert lab.router_proc is not None
+    times = psutil.Process(lab.router_proc.pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def move_once(lab: Lab, mb: int) -> Move:
     body = {
         "steps": [
             {"id": "make", "plugin": "blob", "action": "make", "args": {"size_mb": mb}, "node": "alpha"},
@@ -123,8 +141,9 @@ def move_once(lab: Lab, mb: int) -> tuple[dict[str, Any], Leg, Leg]:
             },
         ]
     }
-    submitted = time.time()
+    submitted, cpu = time.time(), router_cpu(lab)
     status = lab.wait_job(lab.submit(body)["id"], timeout=600)
+    cpu = router_cpu(lab) - cpu
     if status["state"] != "succeeded":
         raise SystemExit(f"job {status['state']}: {json.dumps(status, indent=1)}")
     [artifact] = status["artifacts"]
@@ -133,7 +152,7 @@ def move_once(lab: Lab, mb: int) -> tuple[dict[str, Any], Leg, Leg]:
     assert digest["output"]["sha256"] == artifact["id"] and digest["output"]["bytes"] == artifact["size"]
     upload = logged(lab, "alpha", "artifacts stored", submitted)
     fetch = logged(lab, "beta", "artifact fetched", submitted)
-    return artifact, upload, fetch
+    return Move(artifact, upload, fetch, cpu)
 
 
 def curl_seconds(lab: Lab, url: str, target: Path, header_file: Path | None) -> float:
@@ -158,6 +177,8 @@ def main() -> None:
     parser.add_argument("--link-mbit", type=float, default=0, help="limit each box's link (Mbit/s); 0: no limit")
     parser.add_argument("--runs", type=int, default=3, help="moves (each a new file), and downloads per server")
     args = parser.parse_args()
+    # Stopped (timeout, kill): unwind, so the lab's namespaces, links and processes are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     why = lab_unavailable()
     if why:
         raise SystemExit(why)
@@ -184,7 +205,7 @@ def main() -> None:
         lab.wait_boxes_ready(*BOXES)
 
         moves = [move_once(lab, args.mb) for _ in range(args.runs)]
-        size = moves[0][0]["size"]
+        size = moves[0].artifact["size"]
 
         blobs = lab.private / "hub" / "data" / "artifacts"
         serve = ["-m", "http.server", "--bind", lab.hub_address, str(STATIC_PORT), "--directory", str(blobs)]
@@ -197,7 +218,7 @@ def main() -> None:
         headers = lab.private / "hub" / "curl-headers"
         headers.touch(mode=0o600)
         headers.write_text(f"Authorization: Bearer {ADMIN_TOKEN}\n")
-        artifact_id = moves[-1][0]["id"]
+        artifact_id = moves[-1].artifact["id"]
         static_url = f"http://{lab.hub_address}:{STATIC_PORT}/{artifact_id[:2]}/{artifact_id}"
         wait_until(lambda: _answers(static_url), 30, interval=0.1, what="the static file server")
         target = lab.private / "beta" / "plain.bin"
@@ -205,10 +226,10 @@ def main() -> None:
         router_url = f"{lab.router_url}/v1/artifacts/{artifact_id}"
         plain_router = [curl_seconds(lab, router_url, target, headers) for _ in range(args.runs)]
 
-        upload_s = [u.seconds for _, u, _ in moves]
-        fetch_s = [f.seconds for _, _, f in moves]
-        move_s = [u.seconds + f.seconds for _, u, f in moves]
-        handover_s = [f.ended - u.started for _, u, f in moves]
+        upload_s = [m.upload.seconds for m in moves]
+        fetch_s = [m.fetch.seconds for m in moves]
+        move_s = [m.upload.seconds + m.fetch.seconds for m in moves]
+        handover_s = [m.fetch.ended - m.upload.started for m in moves]
         plain_s = min(plain_static + plain_router)
         plain = mbps(size, plain_s)
 
@@ -228,6 +249,15 @@ def main() -> None:
             best = mbps(size, min(seconds))
             median = mbps(size, statistics.median(seconds))
             print(f"{label:34s} {best:9.1f}   {median:11.1f}   {best / plain:6.2f}")
+        cpu = {
+            "producer box (hash + upload)": [m.upload.cpu for m in moves],
+            "router (both legs, whole job)": [m.router_cpu for m in moves],
+            "consumer box (fetch + hash)": [m.fetch.cpu for m in moves],
+        }
+        print(f"CPU seconds per {args.mb} MiB moved (median of {args.runs}):")
+        for label, values in cpu.items():
+            known = [v for v in values if v is not None]
+            print(f"  {label:32s} {statistics.median(known):6.3f}" if known else f"  {label:32s}    n/a")
         print(f"ratio (move / plain download): {mbps(size, min(move_s)) / plain:.2f}")
         print(f"ratio (fetch leg / plain download): {mbps(size, min(fetch_s)) / plain:.2f}")
     finally:
