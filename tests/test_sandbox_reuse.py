@@ -22,7 +22,7 @@ import pytest
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
-from tests.conftest import Cluster, RedisServer, free_port, wait_until
+from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, wait_until
 from workers.landlock import abi_version
 from workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
 from workers.sandbox_executors import Executor, Executors, Slot
@@ -84,6 +84,7 @@ class Box:
                 workspace=slot.workspace,
                 job_dir=job_dir,
                 timeout=30,
+                folder=slot.folder,
             ),
             executor.launcher,
             on_progress=lambda *_: None,
@@ -97,7 +98,6 @@ class Box:
             executor.launcher.kill()
         executor.close_slot(slot)
         self.executors.give_back(executor, reusable=outcome.outcome == "succeeded")
-        outcome.output = slot.host_paths(outcome.output)
         return outcome, executor, slot
 
 
@@ -134,8 +134,7 @@ def test_one_executor_serves_consecutive_subtasks_of_a_plugin_and_tenant(box: Bo
     assert slot.workspace.is_dir() and not slot.workspace.is_symlink()
     assert (slot.workspace / "mark.txt").read_text() == "one"
     assert slot.job_link.resolve() == slot.workspace
-    assert executor.root not in slot.workspace.parents
-    # The path the plugin saw through its folder is given back as the folder's lasting place.
+    # The path it worked in, resolved, is where its files stay: what it records about them holds.
     assert Path(succeeded(first)["cwd"]) == slot.workspace
 
 
@@ -164,14 +163,19 @@ def test_inputs_appear_read_only_at_their_paths(box: Box) -> None:
         # inputs a one-shot launcher started for it instead.
         assert not box.executors.serves(Isolation.executor, box.image("files"), Path("/nonexistent"), True)
         return
-    read, executor, _ = box.run("files", "read", {"path": path}, inputs=[Path(path)])
+    # What the runner mirrors for a later step: the job's folder and the folders its links point to.
+    inputs = [slot.job_link.parent, slot.workspace]
+    read, executor, _ = box.run("files", "read", {"path": path}, inputs=inputs)
     assert succeeded(read) == {"text": "from step one"}
-    tampered, _, _ = box.run("escape", "write_outside", {"path": path}, inputs=[Path(path)])
+    through_link, _, _ = box.run("files", "read", {"path": str(slot.job_link / "note.txt")}, inputs=inputs)
+    assert succeeded(through_link) == {"text": "from step one"}
+    tampered, _, _ = box.run("escape", "write_outside", {"path": path}, inputs=inputs)
     assert tampered.outcome == "failed", tampered
     assert Path(path).read_text() == "from step one"
-    # The mirror holds nothing once the subtask is over.
-    assert executor.mirror is not None
-    assert [p.name for p in executor.mirror.rglob("*")] == [".sandbox", executor.root.name]
+    # The mirror and the slots folder hold nothing once the subtask is over.
+    assert executor.mirror is not None and executor.slots_folder is not None
+    assert [p.name for p in executor.mirror.rglob("*")] == [".sandbox"]
+    assert list(executor.slots_folder.iterdir()) == []
 
 
 def test_what_a_subtask_started_does_not_outlive_it(box: Box) -> None:
@@ -192,7 +196,7 @@ def test_a_failure_recycles_the_executor(box: Box) -> None:
     assert not first.alive()
     _, fresh, _ = box.run("marker", "mark", {"text": "b"})
     assert fresh.pid != first.pid
-    assert not first.root.exists()
+    assert not first.home.exists()
 
 
 def test_tenants_never_share_an_executor(box: Box) -> None:
@@ -222,6 +226,21 @@ def test_recycled_after_n_subtasks_when_idle_and_over_its_memory(mode: str, tmp_
         assert second is not first and not first.alive()
     finally:
         small.executors.close()
+
+
+def test_folders_of_executors_whose_worker_died_are_removed(mode: str, tmp_path: Path) -> None:
+    homes = tmp_path / "workspaces" / ".sandbox-x"
+    stale, live = homes / "999999999-abc", homes / f"{os.getpid()}-abc"  # above any pid_max; ours
+    slots = tmp_path / "workspaces" / ".sandbox"
+    unused, used = slots / "a", slots / "b"
+    for folder in (stale, live, unused, used):
+        folder.mkdir(parents=True)
+    (used / "out.txt").write_text("a subtask's")
+    (stale / "preset").write_text("a\nb")
+    box = Box(mode, traversable(tmp_path))
+    box.executors.close()
+    assert not stale.exists() and not unused.exists()
+    assert live.is_dir() and (used / "out.txt").exists()
 
 
 # --- through the router and a worker: the runner's choices ---
@@ -289,7 +308,7 @@ def test_the_runner_reuses_within_a_tenant_and_recycles(cluster: Cluster) -> Non
 def test_per_attempt_plugins_get_a_fresh_sandbox_each_time(cluster: Cluster) -> None:
     once = [imported(step(cluster, "marker_once", "mark", {"text": f"o{i}"})) for i in range(3)]
     assert len(set(once)) == 3
-    reused = [imported(step(cluster, "marker", "mark", {"text": f"r{i}"}, token="bob-token")) for i in range(2)]
+    reused = [imported(step(cluster, "marker", "mark", {"text": f"r{i}"}, token=ADMIN_TOKEN)) for i in range(2)]
     assert len(set(reused)) == 1
 
 

@@ -37,7 +37,7 @@ from workers.lease_fence import LeaseFence, LeaseTiming
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
-from workers.sandbox_executors import Executor, Executors, Slot, named_inputs
+from workers.sandbox_executors import Executor, Executors, Slot
 from workers.sandbox_pool import WarmLaunchers
 from workers.store_retry import TRANSIENT, retry_transient
 
@@ -60,10 +60,6 @@ def process_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 @dataclass
@@ -232,8 +228,8 @@ class SubtaskRunner:
         if self.executors.serves(plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs):
             executor, reused = self.executors.take(image, tenant)
             self.metrics.sandbox_started(env, warm=reused)
-            readable = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if job_dir.is_dir() else []
-            inputs = named_inputs(resolved, self.executors.workspace_root, readable) if has_inputs else []
+            # What a one-shot launcher would bind read-only, shown through the executor's mirror.
+            inputs = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if has_inputs and job_dir.is_dir() else []
             try:
                 slot = executor.open_slot(job_dir, env.subtask_id, inputs)
             except OSError:
@@ -262,7 +258,6 @@ class SubtaskRunner:
         launcher: LauncherProcess,
         use: _InExecutor | None,
     ) -> str:
-        host_paths = use.slot.host_paths if use is not None else _same
         run = SandboxedRun(
             LaunchSpec(
                 image=image,
@@ -275,10 +270,11 @@ class SubtaskRunner:
                 job_dir=self._job_dir(env),
                 timeout=timeout,
                 checkpoint=checkpoint,
+                folder=use.slot.folder if use is not None else None,
             ),
             launcher,
             on_progress=lambda fraction, message: setattr(attempt, "progress", (fraction, message)),
-            on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, host_paths(state)),
+            on_checkpoint=lambda state: self._save_checkpoint(env, pid, attempt, state),
             on_model_call=self._model_call_for(deadline_at := time.monotonic() + timeout),
             kill_grace=self.settings.sandbox_kill_grace,
         )
@@ -292,7 +288,6 @@ class SubtaskRunner:
         if use is not None:
             # Its folder leaves the executor's view before the outputs are collected from it.
             use.finish(reusable=result.outcome == "succeeded")
-            result.output = host_paths(result.output)
         usage = Usage(isolation=result.isolation, cpu_seconds=result.cpu_seconds, max_rss_mb=result.max_rss_mb)
         if result.outcome == "lost":
             # Killed by something outside it (the OOM killer): not the plugin's failure.

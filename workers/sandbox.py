@@ -332,6 +332,13 @@ class LaunchSpec:
     job_dir: Path
     timeout: float
     checkpoint: Any = None
+    # Where the workspace's files are on this host while it runs, when that is not `workspace`
+    # (an executor under bwrap: its slots folder is bound where the plugin sees its workspace).
+    folder: Path | None = None
+
+    @property
+    def host_folder(self) -> Path:
+        return self.folder if self.folder is not None else self.workspace
 
     def run_message(self) -> protocol.Run:
         return {
@@ -429,6 +436,7 @@ def bwrap_command(
     etc_root: Path | None = None,
     mirror: tuple[Path, Path] | None = None,
     executor: bool = False,
+    home_source: Path | None = None,
 ) -> list[str]:
     """The namespace view (see SandboxView): no user namespace when we are root, so the launcher
     itself can drop to its uid; every capability but setuid/setgid dropped for that step.
@@ -487,7 +495,8 @@ def bwrap_command(
         for device in [*sorted(Path("/dev").glob("nvidia*")), Path("/dev/dri")]:
             if device.exists():
                 cmd += ["--dev-bind", str(device), str(device)]
-    cmd += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
+    # `home_source`: an executor's slots folder, bound where its subtasks' workspaces are.
+    cmd += ["--bind", str(home_source or workspace), str(workspace), "--chdir", str(workspace)]
     cmd += ["--cap-drop", "ALL"]
     if image.uid is not None:
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # dropped with the uid switch
@@ -548,9 +557,12 @@ class LauncherProcess:
         etc_root: Path | None = None,
         executor: bool = False,
         mirror: tuple[Path, Path] | None = None,
+        home_source: Path | None = None,
+        slots: Sequence[Path] = (),
     ) -> None:
         """An `executor` (workers/sandbox_executors.py) serves `run`s one after another; `home` is
-        then its writable root and, under bwrap, `mirror` its view of the workspace root."""
+        then where its subtasks' workspaces are: under bwrap `home_source` is bound there and `mirror`
+        at the workspace root; under Landlock `slots` are the folders its subtasks will work in."""
         self.image = image
         self.home = home
         self.bwrap = bwrap
@@ -564,7 +576,8 @@ class LauncherProcess:
         info_read, info_write = os.pipe() if wants_network else (-1, -1)
         if bwrap:
             info = ["--info-fd", str(info_write)] if wants_network else []
-            cmd = bwrap_command(image, bwrap, home, readable, etc_root, mirror, executor) + info + ["--"] + launcher
+            cmd = bwrap_command(image, bwrap, home, readable, etc_root, mirror, executor, home_source)
+            cmd += [*info, "--", *launcher]
         else:
             cmd = launcher
         env = {**child_env(home), "EDGEFLEET_SANDBOX": "bwrap" if bwrap else "process"}
@@ -573,9 +586,13 @@ class LauncherProcess:
         prepare = image.prepare_message()
         if self.serves_many:
             prepare["serve"] = "many"
-            prepare["executor_root"] = str(home)
+            prepare["executor_slots"] = [str(slot) for slot in slots]
         if image.landlock and not bwrap:
-            prepare["landlock"] = SandboxView.of(image, home, readable).landlock_message(executor=self.serves_many)
+            view = SandboxView.of(image, home, readable)
+            rules = view.landlock_message(executor=self.serves_many)
+            if self.serves_many:  # its own folder is only its working directory: the slots are writable
+                rules["write"] = [str(slot) for slot in slots] + rules["write"][1:]
+            prepare["landlock"] = rules
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -686,7 +703,7 @@ class SandboxedRun:
         self._cpu_before = 0.0  # an executor's CPU seconds before this run (earlier runs, its start)
 
     def start(self) -> None:
-        folder = self.spec.workspace.resolve()  # an executor's workspace is a link to its folder
+        folder = self.spec.host_folder.resolve()
         (folder / ".tmp").mkdir(parents=True, exist_ok=True)
         hand_over(folder, self.spec.image.uid)
         if self._launcher.serves_many:
@@ -784,7 +801,7 @@ class SandboxedRun:
         self._cpu = max(self._cpu, cpu - self._cpu_before)
         self._rss = max(self._rss, rss)
         quota = self.spec.image.limits.workspace_mb * 2**20
-        used = folder_size(self.spec.workspace)
+        used = folder_size(self.spec.host_folder)
         if used > quota and not self._violation:
             self._violation = f"exceeded its workspace quota ({self.spec.image.limits.workspace_mb} MB)"
             self.kill()
@@ -826,7 +843,7 @@ class SandboxedRun:
             self._launcher.release()  # it has exited (an executor that lives on keeps its network)
         else:
             self._cpu = max(self._cpu, float(self._run_ended.get("cpu") or 0.0))
-        share_read_only(self.spec.workspace)
+        share_read_only(self.spec.host_folder)
         if self._violation:
             return self._ended("failed", error=f"sandboxed plugin {self._violation}", retryable=False)
         if self._stop_requested == "timeout":

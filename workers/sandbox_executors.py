@@ -13,19 +13,26 @@ lease), when its processes hold more than `sandbox_executor_max_rss_mb`, and whe
 idle for `sandbox_executor_idle_s`. A manifest with `isolation: per_attempt` never
 gets one.
 
-Folders (W = the workspace root). An executor's view is fixed when it starts, so
-each executor has a writable root `W/.sandbox/x-<id>` (R) and, under bwrap, a
-mirror `W/.sandbox/i-<id>` (I) bound read-only *at W itself*. For a subtask the
-worker makes a fresh folder `R/<slot>`, links `W/.sandbox/<slot>` to it (on the
-host, and in I under bwrap) and names the subtask's workspace `W/.sandbox/<slot>`,
-exactly as a warm launcher's; the job's `W/<job>/<subtask>` links there. Its
-inputs (files and folders its args name inside its job's folders) are hard-linked
-into I at the same paths (a copy where a link cannot be made), so the plugin opens
-them by the paths the job knows, read-only. When the subtask has ended the worker
-moves `R/<slot>` to `W/.sandbox/<slot>` and empties I and R: a later subtask of the
-executor finds nothing of it. Under Landlock (no mount namespace) a subtask with
-inputs runs in a one-shot launcher instead; without any file confinement inputs
-are read where they are.
+Folders (W = the workspace root). A subtask's workspace is `W/.sandbox/<slot>`,
+linked from `W/<job>/<subtask>`, as a warm launcher's: the path the plugin works in
+is the path its files keep, so what it records (a manifest naming its files by
+their resolved paths) stays true for later steps. An executor's view is fixed when
+it starts, so:
+- under bwrap it binds a slots folder of its own (`W/.sandbox-x/<id>/slots`)
+  writable *at `W/.sandbox`*, and a mirror (`.../view`) read-only at W. The worker
+  makes each subtask's folder in the slots folder and, when the subtask has ended,
+  moves it to `W/.sandbox/<slot>` on the host: out of the executor's view. A subtask
+  with inputs (what a one-shot launcher would bind: its job's folder and the folders
+  of earlier steps its links point to) finds them at the same paths: the job's
+  folder hard-linked into the mirror, earlier steps' folders into the slots folder
+  (read-only folders owned by the worker; a file the plugin's uid could change is
+  copied, not linked). Both are emptied after the subtask.
+- under Landlock (no mount namespace) its slots are made when it starts, each
+  `W/.sandbox/<slot>` already, and each subtask's own Landlock layer keeps only its
+  slot; after those slots it is recycled. A subtask with inputs runs in a one-shot
+  launcher (Landlock cannot add a path to a running process).
+- with no file confinement each subtask gets a fresh `W/.sandbox/<slot>` and reads
+  its inputs where they are.
 """
 
 from __future__ import annotations
@@ -37,10 +44,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -52,27 +58,20 @@ log = logging.getLogger(__name__)
 
 SLOT_DIR = ".sandbox"
 ETC_DIR = ".sandbox-etc"
+EXECUTOR_DIR = ".sandbox-x"  # one folder per executor: its slots folder and mirror (bwrap)
+PRESET_LIST = "preset"  # a Landlock executor's slots, removed with it when its worker died
+
+
+LANDLOCK_SLOTS = 64  # slots a Landlock executor is started with (then recycled): rules are made at start
 
 
 @dataclass
 class Slot:
     """One subtask's place in an executor."""
 
-    workspace: Path  # what the plugin is told (W/.sandbox/<slot>): a link while it runs, its folder after
-    folder: Path  # where its files are while it runs: R/<slot>
+    workspace: Path  # what the plugin is told and where its files stay: W/.sandbox/<slot>
+    folder: Path  # where its files are on this host while it runs (bwrap: in the slots folder)
     job_link: Path  # W/<job>/<subtask>
-    mirrored: list[Path] = field(default_factory=list)
-
-    def host_paths(self, value: Any) -> Any:
-        """`value` with paths the plugin saw through its folder (getcwd, realpath) named as after the move."""
-        inner, outer = str(self.folder), str(self.workspace)
-        if isinstance(value, str):
-            return outer + value[len(inner) :] if value == inner or value.startswith(inner + "/") else value
-        if isinstance(value, dict):
-            return {k: self.host_paths(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.host_paths(v) for v in value]
-        return value
 
 
 @dataclass
@@ -80,9 +79,11 @@ class Executor:
     launcher: LauncherProcess
     tenant: str
     key: tuple[str, str]
-    root: Path  # R, bound writable
-    mirror: Path | None  # I, bound read-only at the workspace root (bwrap only)
     workspace_root: Path
+    home: Path  # its own folder (removed when it stops)
+    slots_folder: Path | None = None  # bwrap: bound writable at W/.sandbox
+    mirror: Path | None = None  # bwrap: bound read-only at W
+    preset: list[Path] = field(default_factory=list)  # Landlock: the slots it may still use
     served: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -100,58 +101,90 @@ class Executor:
         except psutil.Error:
             return 0
 
-    def open_slot(self, job_dir: Path, subtask_id: str, inputs: list[Path]) -> Slot:
-        name = uuid.uuid4().hex
-        folder = self.root / name
-        (folder / ".tmp").mkdir(parents=True)
-        hand_over(folder, self.launcher.image.uid)
-        slot = Slot(self.workspace_root / SLOT_DIR / name, folder, job_dir / subtask_id)
-        slot.workspace.symlink_to(folder, target_is_directory=True)
-        if self.mirror is not None:
-            inside = self.mirror / SLOT_DIR / name
-            inside.symlink_to(folder, target_is_directory=True)
-            slot.mirrored.append(inside)
-            for path in inputs:
-                slot.mirrored.append(self._mirror_input(path))
-        job_dir.mkdir(parents=True, exist_ok=True)
-        slot.job_link.symlink_to(slot.workspace, target_is_directory=True)
-        return slot
+    @property
+    def exhausted(self) -> bool:
+        """A Landlock executor that has used every slot it was started with."""
+        return self.mirror is None and self.launcher.confined and not self.preset
 
-    def _mirror_input(self, path: Path) -> Path:
-        assert self.mirror is not None
-        target = self.mirror / path.relative_to(self.workspace_root)
-        real = path.resolve()
-        _traversable_folders(self.mirror, target.parent)
-        if real.is_dir():
-            shutil.copytree(real, target, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True)
-        elif not target.exists():
-            _link_or_copy(str(real), str(target))
-        return target
+    def open_slot(self, job_dir: Path, subtask_id: str, inputs: list[Path]) -> Slot:
+        slots = self.workspace_root / SLOT_DIR
+        if self.preset:
+            workspace = self.preset.pop(0)
+            for leftover in workspace.iterdir():  # its executor could write there; the subtask finds it empty
+                _remove(leftover)
+            (workspace / ".tmp").mkdir()
+            folder = workspace
+        else:
+            name = uuid.uuid4().hex
+            workspace = slots / name
+            folder = (self.slots_folder or slots) / name
+            (folder / ".tmp").mkdir(parents=True)
+        hand_over(folder, self.launcher.image.uid)
+        slot = Slot(workspace, folder, job_dir / subtask_id)
+        if self.mirror is not None and self.slots_folder is not None:
+            for path in inputs:
+                inside = path.resolve()
+                if slots in inside.parents:  # an earlier step's folder: it sits under the slots bind
+                    show(self.slots_folder / inside.relative_to(slots), inside, self.launcher.image.uid)
+                else:
+                    show(self.mirror / path.relative_to(self.workspace_root), inside, self.launcher.image.uid)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        slot.job_link.symlink_to(workspace, target_is_directory=True)
+        return slot
 
     def close_slot(self, slot: Slot) -> None:
         """Move the subtask's folder out of the executor's view and empty what it could see."""
-        slot.workspace.unlink(missing_ok=True)
-        if slot.folder.is_dir():
-            slot.folder.rename(slot.workspace)
-        else:
-            slot.workspace.mkdir(exist_ok=True)
-        for leftover in self.root.iterdir():  # anything written beside its folder (same-uid workers)
+        if self.slots_folder is None or self.mirror is None:
+            return  # its folder is where it stays, and no later subtask's layer allows it
+        slot.folder.rename(slot.workspace)
+        for leftover in self.slots_folder.iterdir():  # its inputs, anything written beside its folder
             _remove(leftover)
-        if self.mirror is not None:
-            for entry in self.mirror.iterdir():
-                if entry.name != SLOT_DIR:
-                    _remove(entry)
-            for entry in (self.mirror / SLOT_DIR).iterdir():
-                if entry.name != self.root.name:
-                    _remove(entry)
+        empty_mirror(self.mirror)
 
 
-def _traversable_folders(top: Path, folder: Path) -> None:
-    """`folder` and its parents below `top`, each one the sandbox uid may walk through."""
-    missing = [p for p in [folder, *folder.parents] if top in p.parents and not p.exists()]
+def show(target: Path, source: Path, uid: int | None) -> None:
+    """Make `source` (a file or folder) appear at `target`, read-only for the sandbox uid: hard links,
+    so the cost is a few system calls per file, not its size; a copy where a link would let the
+    plugin change the original (a file its own uid owns or may write) or cannot be made."""
+    _traversable_folders(target.parent)
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=_linker(uid), dirs_exist_ok=True)
+        for root, dirs, _files in os.walk(target):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o555)
+        target.chmod(0o555)
+    elif not target.exists():
+        _linker(uid)(str(source), str(target))
+
+
+def empty_mirror(mirror: Path) -> None:
+    """Everything out of an executor's mirror but the mount point of its slots folder."""
+    for entry in mirror.iterdir():
+        if entry.name != SLOT_DIR:
+            _remove(entry)
+
+
+def _traversable_folders(folder: Path) -> None:
+    """`folder` and its missing parents, each one the sandbox uid may walk through."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     for path in reversed(missing):
         path.mkdir()
         path.chmod(0o755)
+
+
+def _linker(uid: int | None) -> Callable[[str, str], str]:
+    me = os.getuid() if uid is None else uid
+
+    def link_or_copy(src: str, dst: str) -> str:
+        info = os.lstat(src)
+        writable = info.st_uid == me or info.st_mode & 0o002 or (info.st_gid == me and info.st_mode & 0o020)
+        if writable:
+            shutil.copy2(src, dst)
+            os.chmod(dst, info.st_mode & 0o555)
+            return dst
+        return _link_or_copy(src, dst)
+
+    return link_or_copy
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -169,39 +202,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _within(path: Path, roots: list[Path]) -> bool:
-    return any(path == root or root in path.parents for root in roots)
-
-
-def named_inputs(args: Any, workspace_root: Path, readable: list[Path]) -> list[Path]:
-    """Absolute paths in `args` (strings anywhere inside) below the workspace root whose real
-    place is inside the job's readable folders: what an executor's mirror must show."""
-    roots = [root.resolve() for root in readable]
-    found: dict[Path, None] = {}
-    for text in _strings(args):
-        if not text.startswith("/"):
-            continue
-        path = Path(os.path.normpath(text))
-        if workspace_root not in path.parents:
-            continue
-        real = path.resolve()
-        if real.exists() and _within(real, roots):
-            found[path] = None
-    # A folder covers what it holds.
-    return [p for p in found if not any(other in p.parents for other in found)]
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for inner in value.values():
-            yield from _strings(inner)
-    elif isinstance(value, list):
-        for inner in value:
-            yield from _strings(inner)
-
-
 class Executors:
     """The idle executors of one worker process, at most `sandbox_executors`, least recently used stopped."""
 
@@ -217,6 +217,30 @@ class Executors:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Folders of executors whose worker process is gone (killed, or ended without stopping
+        them: they died with it, their folders stayed), and the slots they never used."""
+        homes = self.workspace_root / EXECUTOR_DIR
+        try:
+            entries = list(homes.iterdir())
+        except OSError:
+            return
+        for home in entries:
+            owner = home.name.split("-", 1)[0]
+            if not owner.isdigit() or psutil.pid_exists(int(owner)):
+                continue
+            try:
+                unused = (home / PRESET_LIST).read_text().split()
+            except OSError:
+                unused = []
+            for name in unused:
+                try:
+                    (self.workspace_root / SLOT_DIR / name).rmdir()  # only if no subtask used it
+                except OSError:
+                    pass
+            shutil.rmtree(home, ignore_errors=True)
 
     def serves(self, isolation: Isolation, image: PluginImage, workspace: Path, has_inputs: bool) -> bool:
         """Whether an executor may run this attempt; else a one-shot launcher does."""
@@ -245,7 +269,7 @@ class Executors:
         """After a subtask: park the executor for the next one, or stop it (see the module's docstring)."""
         executor.served += 1
         executor.last_used = time.monotonic()
-        if not reusable or not executor.alive() or executor.served >= self.max_subtasks:
+        if not reusable or not executor.alive() or executor.served >= self.max_subtasks or executor.exhausted:
             self._retire(executor)
             return
         if executor.rss_bytes() > self.max_rss:
@@ -295,32 +319,39 @@ class Executors:
                 self._retire(executor)
 
     def _start(self, image: PluginImage, tenant: str, key: tuple[str, str]) -> Executor:
-        name = uuid.uuid4().hex[:16]
+        # Named after the owner's pid: see _remove_stale. Owned by the worker: the plugin's uid
+        # may write only in its subtask's folder.
+        home = self.workspace_root / EXECUTOR_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        _traversable_folders(home)
         slots = self.workspace_root / SLOT_DIR
-        root = slots / f"x-{name}"
-        # Root-owned (for a root worker): the plugin can write only inside its subtask's folder.
-        root.mkdir(parents=True)
-        root.chmod(0o755)
-        mirror: Path | None = None
+        _traversable_folders(slots)
+        slots_folder = mirror = None
+        preset: list[Path] = []
         if self.bwrap:
-            mirror = slots / f"i-{name}"
-            (mirror / SLOT_DIR / root.name).mkdir(parents=True)  # where R is bound, inside I
-            for folder in (mirror, mirror / SLOT_DIR, mirror / SLOT_DIR / root.name):
-                folder.chmod(0o755)
-        isolation = self.policy.isolation(image) if self.policy else None
+            slots_folder, mirror = home / "slots", home / "view"
+            _traversable_folders(slots_folder)
+            _traversable_folders(mirror / SLOT_DIR)  # where the slots folder is bound
+        elif image.landlock:
+            preset = [slots / uuid.uuid4().hex for _ in range(min(self.max_subtasks, LANDLOCK_SLOTS))]
+            (home / PRESET_LIST).write_text("\n".join(p.name for p in preset))
+            for slot in preset:
+                slot.mkdir()
+                hand_over(slot, image.uid)
         launcher = LauncherProcess(
             image,
             bwrap=self.bwrap,
-            home=root,
-            isolation=isolation,
+            home=slots if self.bwrap else home,
+            isolation=self.policy.isolation(image) if self.policy else None,
             etc_root=self.workspace_root / ETC_DIR,
             executor=True,
             mirror=(mirror, self.workspace_root) if mirror is not None else None,
+            home_source=slots_folder,
+            slots=preset,
         )
-        return Executor(launcher, tenant, key, root, mirror, self.workspace_root)
+        return Executor(launcher, tenant, key, self.workspace_root, home, slots_folder, mirror, preset)
 
     def _retire(self, executor: Executor) -> None:
         executor.launcher.discard()
-        shutil.rmtree(executor.root, ignore_errors=True)
-        if executor.mirror is not None:
-            shutil.rmtree(executor.mirror, ignore_errors=True)
+        for slot in executor.preset:  # never used
+            shutil.rmtree(slot, ignore_errors=True)
+        shutil.rmtree(executor.home, ignore_errors=True)

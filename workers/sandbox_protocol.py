@@ -33,9 +33,9 @@ class Prepare(TypedDict):
     seccomp: bool  # false where the box has no libseccomp: the launcher runs without the filter
     landlock: NotRequired[LandlockRules]
     # "many": an executor (workers/sandbox_zygote.py) that serves `run`s one after another;
-    # its writable root, which each subtask's Landlock layer narrows to the subtask's workspace.
+    # under Landlock, the workspaces its subtasks will have: each one's layer keeps only its own.
     serve: NotRequired[Literal["one", "many"]]
-    executor_root: NotRequired[str]
+    executor_slots: NotRequired[list[str]]
 
 
 class Run(TypedDict):

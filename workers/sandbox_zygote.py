@@ -139,7 +139,8 @@ def _narrow(image: dict[str, Any], spec: dict[str, Any]) -> None:
         from workers.landlock import restrict
 
         read = [path for path in rules["read"] if path != "/proc"] + ["/proc/self"]
-        write = [spec["workspace"] if path == image.get("executor_root") else path for path in rules["write"]]
+        slots = set(image.get("executor_slots", []))
+        write = [spec["workspace"], *(path for path in rules["write"] if path not in slots)]
         restrict(read, write, rules["list"])
     if image.get("seccomp", True):
         from workers.seccomp_filter import install
