@@ -172,6 +172,7 @@ def test_inputs_appear_read_only_at_their_paths(box: Box) -> None:
     tampered, _, _ = box.run("escape", "write_outside", {"path": path}, inputs=inputs)
     assert tampered.outcome == "failed", tampered
     assert Path(path).read_text() == "from step one"
+    assert slot.workspace.stat().st_mode & 0o200  # showing it changed nothing of the original
     # The mirror and the slots folder hold nothing once the subtask is over.
     assert executor.mirror is not None and executor.slots_folder is not None
     assert [p.name for p in executor.mirror.rglob("*")] == [".sandbox"]

@@ -151,7 +151,8 @@ def show(target: Path, source: Path, uid: int | None) -> None:
         shutil.copytree(source, target, symlinks=True, copy_function=_linker(uid), dirs_exist_ok=True)
         for root, dirs, _files in os.walk(target):
             for name in dirs:
-                os.chmod(os.path.join(root, name), 0o555)
+                if not os.path.islink(os.path.join(root, name)):  # a job's link to a step's folder
+                    os.chmod(os.path.join(root, name), 0o555)
         target.chmod(0o555)
     elif not target.exists():
         _linker(uid)(str(source), str(target))
@@ -197,6 +198,11 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
+        for root, dirs, _files in os.walk(path):  # read-only folders (inputs shown): a non-root worker
+            for name in dirs:  # cannot empty them unless they are its to write again
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), 0o755)
+        path.chmod(0o755)
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
