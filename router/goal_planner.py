@@ -32,7 +32,7 @@ from router.plan_trust import TrustCheck, Verdict, unsafe_reason
 from router.planner import PlanError, Planner, Problem, pydantic_problems
 
 # The most a plan may take; less when the context leaves less (see `_budget`).
-MAX_PLAN_TOKENS = 640
+MAX_PLAN_TOKENS = 320
 # Under this many tokens left for the answer, even a one-step plan does not fit.
 MIN_ANSWER_TOKENS = 96
 DEFAULT_CONTEXT = 2048
