@@ -25,7 +25,7 @@ from edgefleet.settings import Settings
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, wait_until
 from workers.landlock import abi_version
 from workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
-from workers.sandbox_executors import Executor, Executors, Slot
+from workers.sandbox_executors import Executor, Executors, Slot, link_slot
 
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
 MODES = ["bwrap", "landlock"]
@@ -72,7 +72,7 @@ class Box:
         executor, _ = self.executors.take(self.image(plugin), tenant)
         self.jobs += 1
         job_dir = self.settings.effective_workspace_dir / f"job{self.jobs}"
-        slot = executor.open_slot(job_dir, "step", list(inputs))
+        slot = executor.open_slot(link_slot(self.settings.effective_workspace_dir, job_dir, "step"), list(inputs))
         run = SandboxedRun(
             LaunchSpec(
                 image=executor.launcher.image,

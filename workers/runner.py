@@ -37,7 +37,7 @@ from workers.lease_fence import LeaseFence, LeaseTiming
 from workers.metrics import WorkerMetrics, redelivery_reason
 from workers.model_calls import ModelCallHandler
 from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
-from workers.sandbox_executors import Executor, Executors, Slot
+from workers.sandbox_executors import Executor, Executors, Slot, link_slot
 from workers.sandbox_pool import WarmLaunchers
 from workers.store_retry import TRANSIENT, retry_transient
 
@@ -226,14 +226,20 @@ class SubtaskRunner:
         use: _InExecutor | None = None
         job_dir = self._job_dir(env)
         if self.executors.serves(plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs):
-            executor, reused = self.executors.take(image, tenant)
-            self.metrics.sandbox_started(env, warm=reused)
+            link = link_slot(self.executors.workspace_root, job_dir, env.subtask_id)
             # What a one-shot launcher would bind read-only, shown through the executor's mirror.
-            inputs = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if has_inputs and job_dir.is_dir() else []
+            inputs = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if has_inputs else []
             try:
-                slot = executor.open_slot(job_dir, env.subtask_id, inputs)
+                executor, reused = self.executors.take(image, tenant)
+            except OSError:
+                link.unlink()
+                raise
+            self.metrics.sandbox_started(env, warm=reused)
+            try:
+                slot = executor.open_slot(link, inputs)
             except OSError:
                 self.executors.give_back(executor, reusable=False)
+                link.unlink()
                 raise
             use = _InExecutor(self.executors, executor, slot)
             workspace, launcher = slot.workspace, executor.launcher

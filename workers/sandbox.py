@@ -650,13 +650,29 @@ class LauncherProcess:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL its whole process group (everything the plugin started) and reap it."""
+        """SIGKILL its whole process group (everything the plugin started) and reap it.
+
+        An executor's subtask runs in a process of its own session (bwrap's --new-session) below
+        the executor: it dies with its executor, but only once the kernel gets to it, so the
+        whole tree is killed here and waited for, and a cancelled subtask has ended when this returns."""
+        tree: list[psutil.Process] = []
         if self.proc.poll() is None:
+            if self.serves_many:
+                try:
+                    tree = psutil.Process(self.proc.pid).children(recursive=True)
+                except psutil.Error:
+                    tree = []
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for process in tree:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
         self.proc.wait()
+        psutil.wait_procs(tree, timeout=10)
         self.release()
 
     def discard(self) -> None:

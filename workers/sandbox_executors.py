@@ -106,21 +106,26 @@ class Executor:
         """A Landlock executor that has used every slot it was started with."""
         return self.mirror is None and self.launcher.confined and not self.preset
 
-    def open_slot(self, job_dir: Path, subtask_id: str, inputs: list[Path]) -> Slot:
+    def open_slot(self, job_link: Path, inputs: list[Path]) -> Slot:
+        """The subtask's folder, behind `job_link` (see link_slot), made ready in this executor."""
         slots = self.workspace_root / SLOT_DIR
+        workspace = Path(os.readlink(job_link))
         if self.preset:
+            # Landlock: a slot its rules were made for (its executor may be applying them still,
+            # by path: the slot keeps its name, the job's link is pointed at it instead).
             workspace = self.preset.pop(0)
+            turned = job_link.with_name(f".{job_link.name}.link")
+            turned.symlink_to(workspace, target_is_directory=True)
+            turned.replace(job_link)
             for leftover in workspace.iterdir():  # its executor could write there; the subtask finds it empty
                 _remove(leftover)
             (workspace / ".tmp").mkdir()
             folder = workspace
         else:
-            name = uuid.uuid4().hex
-            workspace = slots / name
-            folder = (self.slots_folder or slots) / name
+            folder = (self.slots_folder or slots) / workspace.name
             (folder / ".tmp").mkdir(parents=True)
         hand_over(folder, self.launcher.image.uid)
-        slot = Slot(workspace, folder, job_dir / subtask_id)
+        slot = Slot(workspace, folder, job_link)
         if self.mirror is not None and self.slots_folder is not None:
             for path in inputs:
                 inside = path.resolve()
@@ -128,8 +133,6 @@ class Executor:
                     show(self.slots_folder / inside.relative_to(slots), inside, self.launcher.image.uid)
                 else:
                     show(self.mirror / path.relative_to(self.workspace_root), inside, self.launcher.image.uid)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        slot.job_link.symlink_to(workspace, target_is_directory=True)
         return slot
 
     def close_slot(self, slot: Slot) -> None:
@@ -140,6 +143,15 @@ class Executor:
         for leftover in self.slots_folder.iterdir():  # its inputs, anything written beside its folder
             _remove(leftover)
         empty_mirror(self.mirror)
+
+
+def link_slot(workspace_root: Path, job_dir: Path, subtask_id: str) -> Path:
+    """The job's link to the folder its subtask will work in, made before an executor is chosen
+    (the job's folder names the subtask's workspace from the moment it runs); the link."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    link = job_dir / subtask_id
+    link.symlink_to(workspace_root / SLOT_DIR / uuid.uuid4().hex, target_is_directory=True)
+    return link
 
 
 def show(target: Path, source: Path, uid: int | None) -> None:
