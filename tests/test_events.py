@@ -201,6 +201,33 @@ def test_a_follower_whose_doorbells_were_trimmed_still_gets_its_events(redis_ser
     store.close()
 
 
+def test_a_follower_reads_on_after_its_jobs_list_dropped_the_oldest(redis_server: RedisServer) -> None:
+    """A job's list keeps its newest events (prelude.lua EVENTS_PER_JOB): when it drops the
+    oldest while a follower is paused, the follower's place in the list moves, and it must
+    neither skip nor repeat an event."""
+    store = JobStore.from_url(redis_server.url)
+    client = redis_server.client()
+    job_id = _create(store)
+
+    async def follow() -> list[str]:
+        reader = _reader(redis_server, block_ms=600_000)
+        states: list[str] = []
+        entries = reader.entries(job_id, "0")
+        try:
+            async for _, fields in entries:
+                states.append(fields["state"])
+                if len(states) == 2:
+                    client.ltrim(f"ef:ev:{job_id}", 2, -1)  # what the store's trim does past the cap
+                    store.cancel_job(job_id)
+        finally:
+            await entries.aclose()
+            await reader.aclose()
+        return states
+
+    assert asyncio.run(asyncio.wait_for(follow(), 90)) == ["running", "ready", "cancelled", "cancelled"]
+    store.close()
+
+
 def test_events_of_the_old_form_are_read_with_the_new_and_deleted_by_retention(redis_server: RedisServer) -> None:
     """A job that was running when the store switched forms: its first events in a stream of
     its own (as the old `event` wrote them), its later ones in the new list."""
