@@ -3,8 +3,9 @@
 Over HTTP (a router, no worker: jobs wait until cancelled): two jobs followed at once each see
 only their own events, all of them; a stream resumed with Last-Event-ID while the job runs
 gets exactly the rest. Against the store: a follower whose doorbells were trimmed from the
-shared feed still gets its job's events; events written in the old form (a stream per job)
-are read with the new ones and deleted by retention.
+shared feed, or whose job's list dropped its oldest events, still gets each event once;
+events written in the old form (a stream per job) are read with the new ones and deleted by
+retention.
 """
 
 from __future__ import annotations
