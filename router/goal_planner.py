@@ -27,8 +27,8 @@ from edgefleet.schemas import JobRequest, NodeInfo, Plan, StepSpec
 from edgefleet.templates import TemplateCatalog
 from router.plan_candidates import Retriever, Shortlist
 from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values, repair_message
-from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, decode, plan_schema
-from router.plan_trust import TrustCheck, Verdict, unsafe_reason
+from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, decode, goal_options, plan_schema
+from router.plan_trust import TrustCheck, Verdict, goal_values, unsafe_reason
 from router.planner import PlanError, Planner, Problem, pydantic_problems
 
 # The most a plan may take; less when the context leaves less (see `_budget`).
@@ -131,7 +131,8 @@ class GoalPlanner:
                 None,
                 [],
             )
-        schema = plan_schema(self.catalog, self.templates, shortlist.templates, shortlist.actions)
+        options = goal_options(goal, goal_values(goal))
+        schema = plan_schema(self.catalog, self.templates, shortlist.templates, shortlist.actions, options)
         messages, max_tokens = self._fit(goal, shortlist)
         completion = self._complete(messages, max_tokens, schema)
         answer, problems, steps = self._read(

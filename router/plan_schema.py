@@ -78,10 +78,31 @@ def anchored(pattern: str) -> str:
     return pattern
 
 
-def grammar_value(schema: Any) -> dict[str, Any]:
-    """One argument's schema reduced to what the grammar enforces."""
+def _from_goal(schema: dict[str, Any], options: list[str]) -> list[str]:
+    """The goal's strings a free-text string argument may take (those its pattern accepts)."""
+    pattern = schema.get("pattern")
+    if not isinstance(pattern, str):
+        return options
+    try:
+        compiled = re.compile(pattern)
+    except re.error:
+        return []
+    return [o for o in options if compiled.search(o)]
+
+
+def grammar_value(schema: Any, options: list[str] | None = None) -> dict[str, Any]:
+    """One argument's schema reduced to what the grammar enforces.
+
+    With `options` (strings taken from the goal), a plain string argument may only be one of them:
+    a small model then cannot invent a path or loop inside an open string until its tokens run out.
+    An argument none of the options fits keeps its own schema (and the trust check looks at it).
+    """
     if not isinstance(schema, dict):
         return {}
+    if options and schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
+        fitting = _from_goal(schema, options)
+        if fitting:
+            return {"enum": fitting}
     out: dict[str, Any] = {k: schema[k] for k in _KEPT if k in schema}
     for key, bound in _MAX_GRAMMAR_BOUND.items():
         if isinstance(out.get(key), int) and out[key] > bound:
@@ -91,10 +112,10 @@ def grammar_value(schema: Any) -> dict[str, Any]:
     if "pattern" in out:
         out["pattern"] = anchored(str(out["pattern"]))
     if isinstance(schema.get("items"), dict):
-        out["items"] = grammar_value(schema["items"])
+        out["items"] = grammar_value(schema["items"], options)
     props = schema.get("properties")
     if isinstance(props, dict) and props:
-        out["properties"] = {k: grammar_value(v) for k, v in props.items()}
+        out["properties"] = {k: grammar_value(v, options) for k, v in props.items()}
         if isinstance(schema.get("required"), list):
             out["required"] = list(schema["required"])
     if out.get("type") == "object" and "properties" not in out:
@@ -122,7 +143,9 @@ def _groups(schema: dict[str, Any]) -> list[list[str]]:
     return groups if len(groups) == len(choices) else []
 
 
-def args_alternatives(input_schema: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]]:
+def args_alternatives(
+    input_schema: dict[str, Any], ref: dict[str, Any], options: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The args object, one alternative per argument group; every argument may be a step reference."""
     props: dict[str, Any] = dict(input_schema.get("properties") or {})
     required = [r for r in input_schema.get("required") or [] if r in props]
@@ -134,7 +157,7 @@ def args_alternatives(input_schema: dict[str, Any], ref: dict[str, Any]) -> list
         out.append(
             {
                 "type": "object",
-                "properties": {n: {"anyOf": [grammar_value(props[n]), ref]} for n in names},
+                "properties": {n: {"anyOf": [grammar_value(props[n], options), ref]} for n in names},
                 "required": list(dict.fromkeys([*required, *group])),
                 "additionalProperties": False,
             }
@@ -157,11 +180,13 @@ def template_inputs(templates: TemplateCatalog, plugins: PluginCatalog, name: st
     return template.input_schema(arg_schema)
 
 
-def template_schema(templates: TemplateCatalog, plugins: PluginCatalog, name: str) -> dict[str, Any] | None:
+def template_schema(
+    templates: TemplateCatalog, plugins: PluginCatalog, name: str, options: list[str] | None = None
+) -> dict[str, Any] | None:
     inputs = template_inputs(templates, plugins, name)
     if inputs is None:
         return None
-    inputs["properties"] = {k: grammar_value(v) for k, v in inputs["properties"].items()}
+    inputs["properties"] = {k: grammar_value(v, options) for k, v in inputs["properties"].items()}
     return {
         "type": "object",
         "properties": {"template": {"const": name}, "inputs": inputs},
@@ -182,12 +207,19 @@ def output_keys(plugins: PluginCatalog, actions: list[tuple[str, str]]) -> list[
 
 
 def plan_schema(
-    plugins: PluginCatalog, templates: TemplateCatalog, template_names: list[str], actions: list[tuple[str, str]]
+    plugins: PluginCatalog,
+    templates: TemplateCatalog,
+    template_names: list[str],
+    actions: list[tuple[str, str]],
+    options: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The answer's schema for these candidates: a template, steps over these actions, or a refusal."""
+    """The answer's schema for these candidates: a template, steps over these actions, or a refusal.
+
+    `options`: the strings a plain string argument may take (see `goal_options`); None leaves them free.
+    """
     alternatives: list[dict[str, Any]] = []
     for name in template_names:
-        schema = template_schema(templates, plugins, name)
+        schema = template_schema(templates, plugins, name, options)
         if schema is not None:
             alternatives.append(schema)
     ref = ref_schema(output_keys(plugins, actions))
@@ -197,7 +229,7 @@ def plan_schema(
         action = plugin.manifest.actions.get(action_name) if plugin else None
         if action is None:
             continue
-        for args in args_alternatives(action.input_schema, ref):
+        for args in args_alternatives(action.input_schema, ref, options):
             step_alternatives.append(
                 {
                     "type": "object",
@@ -236,6 +268,19 @@ def plan_schema(
         }
     )
     return {"anyOf": alternatives}
+
+
+_WORDS = re.compile(r"[A-Za-z][A-Za-z0-9_-]{2,}")
+
+
+def goal_options(goal: str, values: list[str]) -> list[str]:
+    """What a plain string argument may be: the goal's own values (URLs, paths, quoted text), the
+    goal itself (a prompt or question), and its words (a label, a branch), longest first."""
+    words = [w for w in _WORDS.findall(goal) if w not in values]
+    options = [*values, " ".join(goal.split()), *words]
+    # The converter spells a quote or backslash inside a constant so that the grammar breaks:
+    # such a value stays out (its argument keeps a free string, checked afterwards).
+    return [o for o in dict.fromkeys(options) if o and len(o) <= 2000 and '"' not in o and "\\" not in o]
 
 
 # --- the answer, decoded ----------------------------------------------------------------------

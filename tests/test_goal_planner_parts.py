@@ -23,7 +23,7 @@ from edgefleet.templates import TemplateCatalog
 from router.goal_planner import GoalPlanner, GoalRefused, PlanTooLong
 from router.plan_candidates import Retriever
 from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values
-from router.plan_schema import anchored, decode, plan_schema
+from router.plan_schema import anchored, decode, goal_options, plan_schema
 from router.plan_trust import TrustCheck, goal_values, unsafe_reason
 from router.planner import Planner
 from tests.model_fixtures import tiny_gguf
@@ -105,6 +105,11 @@ def test_every_plan_schema_compiles_to_a_llama_cpp_grammar(
     schemas = [plan_schema(plugins, templates, templates.names(), actions)]
     schemas += [plan_schema(plugins, templates, [t], []) for t in templates.names()]
     schemas += [plan_schema(plugins, templates, [], [a]) for a in actions]
+    # String arguments limited to the goal's own strings, quotes and backslashes included.
+    goal = 'fetch https://x.example/a?b=1 to /srv/k\\b and count \'say "hi"\' please'
+    options = goal_options(goal, goal_values(goal))
+    assert "https://x.example/a?b=1" in options and 'say "hi"' not in options
+    schemas.append(plan_schema(plugins, templates, templates.names(), actions, options))
     for schema in schemas:
         assert _sampler_accepts(vocab, schema), json.dumps(schema)[:300]
 
