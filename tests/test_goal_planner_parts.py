@@ -106,7 +106,7 @@ def test_every_plan_schema_compiles_to_a_llama_cpp_grammar(
     schemas += [plan_schema(plugins, templates, [t], []) for t in templates.names()]
     schemas += [plan_schema(plugins, templates, [], [a]) for a in actions]
     # String arguments limited to the goal's own strings, quotes and backslashes included.
-    goal = 'fetch https://x.example/a?b=1 to /srv/k\\b and count \'say "hi"\' please'
+    goal = "fetch https://x.example/a?b=1 to /srv/k\\b and count 'say \"hi\"' please"
     options = goal_options(goal, goal_values(goal))
     assert "https://x.example/a?b=1" in options and 'say "hi"' not in options
     schemas.append(plan_schema(plugins, templates, templates.names(), actions, options))
