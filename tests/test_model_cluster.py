@@ -68,6 +68,10 @@ def test_goal_is_planned_validated_and_run(cluster_factory: Callable[..., Cluste
         assert preview.json()["model"] == "smollm2" and preview.json()["steps"]
         assert not cluster.redis.client().keys("ef:job:*")  # a dry run stores nothing
         created = http.post("/v1/jobs", json={"goal": goal}, timeout=120)
+        if preview.json()["requires_confirmation"]:
+            # The dry run said the plan needs a person: it is held, then runs once confirmed.
+            assert created.status_code == 202, created.text
+            created = http.post(created.json()["confirm_url"])
     assert created.status_code == 201, created.text
     done = cluster.wait_job(created.json()["id"], timeout=120)
     assert done["state"] == "succeeded", done
