@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import shutil
 import signal
 import statistics
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,8 @@ class Profiler:
     def start(self, name: str, pid: int, subprocesses: bool = False) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         target = self.out / f"{name}.txt"
-        cmd = [spy, "record", "--format", "raw", "--rate", "200", "--pid", str(pid), "--output", str(target)]
+        # --gil: only threads holding the GIL, i.e. running Python, not waiting on a lock or a socket.
+        cmd = [spy, "record", "--format", "raw", "--gil", "--rate", "100", "--pid", str(pid), "--output", str(target)]
         if subprocesses:
             cmd.append("--subprocesses")
         log = open(self.out / f"{name}.py-spy.log", "wb")  # noqa: SIM115 - py-spy holds it while it runs
@@ -156,6 +159,51 @@ def top_frames(path: Path, limit: int = 15) -> str:
     return f"{total} samples\n" + "\n".join(rows)
 
 
+class CpuMeter:
+    """CPU seconds of the stack's processes, by part: a process tree's own time plus that of the
+    children it reaped (so sandboxes that exited count), and this script's own (the raw Celery
+    producer). On a shared box the wall-clock rates move with the neighbours' load; CPU per job
+    is what a job costs, whoever else runs."""
+
+    def __init__(self, trees: dict[str, int]) -> None:
+        self.trees = trees
+        # CPU seconds per second each part spends with no work at all (heartbeats, polling loops):
+        # subtracted over a run's length, so that a slower run is not charged more per job for it.
+        self.idle: dict[str, float] = {}
+
+    def read(self) -> dict[str, float]:
+        out = {name: self._tree(pid) for name, pid in self.trees.items()}
+        out["bench"] = time.process_time()
+        out["t"] = time.perf_counter()
+        return out
+
+    def measure_idle(self, seconds: float) -> dict[str, float]:
+        before = self.read()
+        time.sleep(seconds)
+        after = self.read()
+        self.idle = {p: (after[p] - before[p]) / (after["t"] - before["t"]) for p in self.trees}
+        return self.idle
+
+    @staticmethod
+    def _tree(pid: int) -> float:
+        total = 0.0
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def spent(self, before: dict[str, float], after: dict[str, float], n: int, parts: list[str]) -> float:
+        """Milliseconds of CPU per job in `parts`, beyond what they spend idle."""
+        seconds = after["t"] - before["t"]
+        return sum(after[p] - before[p] - self.idle.get(p, 0.0) * seconds for p in parts) * 1000 / n
+
+
 def start_router(stack: BenchStack, workers: int) -> int:
     """The router (with `--workers N` when N > 1); its pid."""
     cmd = [sys.executable, "-m", "edgefleet", "router"] + (["--workers", str(workers)] if workers > 1 else [])
@@ -193,22 +241,40 @@ def main() -> None:
         batch_rate = None
         if args.batch:
             bench_router_batch(stack.url, store, 50, args.batch_size)
+        meter = CpuMeter({"router": router_pid, "node": stack.procs[-1].pid, "redis": stack.server.pid or 0})
+        cpu: dict[str, float] = {}
+        idle = meter.measure_idle(10.0)
+        t0 = meter.read()
         raw_rate = bench_raw_celery(settings, client, args.jobs)
+        t1 = meter.read()
+        cpu["raw"] = meter.spent(t0, t1, args.jobs, ["bench", "node", "redis"])
         profiler = None
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
             profiler = Profiler(args.profile)
             profiler.start("router", router_pid, subprocesses=args.router_workers > 1)
             profiler.start("node", stack.procs[-1].pid, subprocesses=True)
+        t0 = meter.read()
         router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
+        t1 = meter.read()
+        cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
+        cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
+        cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
         if args.batch:
             batch_rate = bench_router_batch(stack.url, store, args.jobs, args.batch_size)
+            t2 = meter.read()
+            cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
+            cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
+            cpu["batch node"] = meter.spent(t1, t2, args.jobs, ["node"])
         if profiler is not None:
             profiler.stop()
+        t0 = meter.read()
         raw_rate_again = bench_raw_celery(settings, client, args.jobs)
+        cpu["raw again"] = meter.spent(t0, meter.read(), args.jobs, ["bench", "node", "redis"])
     finally:
         stack.stop()
     baseline = (raw_rate + raw_rate_again) / 2
+    raw_cpu = (cpu["raw"] + cpu["raw again"]) / 2
     print(f"jobs per run            {args.jobs}  (router workers: {args.router_workers})")
     print(f"raw celery send->done   {raw_rate:8.1f} /s  (before) {raw_rate_again:8.1f} /s (after)")
     print(f"router HTTP submit->done{router_rate:8.1f} /s")
@@ -216,6 +282,20 @@ def main() -> None:
     if batch_rate is not None:
         print(f"router batch submit->done{batch_rate:7.1f} /s  ({args.batch_size} jobs per request)")
         print(f"ratio batch/raw         {batch_rate / baseline:8.2f}")
+    print(
+        f"CPU per job (ms, net)   raw {cpu['raw']:.1f} / {cpu['raw again']:.1f} (producer+node+redis); "
+        f"single {cpu['single']:.1f} (router {cpu['single router']:.1f}, node {cpu['single node']:.1f})"
+        + (
+            f"; batch {cpu['batch']:.1f} (router {cpu['batch router']:.1f}, node {cpu['batch node']:.1f})"
+            if args.batch
+            else ""
+        )
+    )
+    print("idle CPU (ms/s)         " + ", ".join(f"{part} {rate * 1000:.0f}" for part, rate in idle.items()))
+    print(
+        f"CPU ratio raw/router    single {raw_cpu / cpu['single']:.2f}"
+        + (f"  batch {raw_cpu / cpu['batch']:.2f}" if args.batch else "")
+    )
     print(
         f"submit latency          p50 {statistics.median(latencies) * 1000:.1f} ms  "
         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms  ({args.client_threads} client threads)"

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,7 +56,11 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[float],
         async def one(due: float) -> None:
             nonlocal errors
             lags.append(time.perf_counter() - due)
-            response = await http.post("/v1/jobs", json=SLEEP_JOB)
+            try:
+                response = await http.post("/v1/jobs", json=SLEEP_JOB)
+            except httpx.HTTPError:  # a connection the router dropped or never answered: counted, not fatal
+                errors += 1
+                return
             if response.status_code == 201:
                 latencies.append(time.perf_counter() - due)
             else:
@@ -70,6 +78,16 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[float],
     return latencies, lags, errors
 
 
+def _tree_cpu(root: psutil.Process) -> float:
+    """CPU seconds of a process and its children (the workers of `router --workers N`)."""
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=100.0, help="jobs per second")
@@ -77,6 +95,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the same rate before measuring")
     parser.add_argument("--router-workers", type=int, default=1, help="edgefleet router --workers N")
     parser.add_argument("--with-node", action="store_true", help="run one worker node (cpu) that runs the jobs")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy profile (raw) of the router into FILE")
     args = parser.parse_args()
 
     stack = BenchStack(Path(tempfile.mkdtemp(prefix="edgefleet-bench-")))
@@ -92,7 +111,18 @@ def main() -> None:
             stack.start_node("bench")
             wait_nodes(store, "bench")
         asyncio.run(open_loop(stack.url, args.rate, args.warmup))
+        router = psutil.Process(stack.procs[0].pid)
+        spy = None
+        if args.profile is not None:
+            py_spy = str(Path(sys.executable).with_name("py-spy"))
+            cmd = [py_spy, "record", "--format", "raw", "--gil", "--subprocesses", "--pid", str(router.pid)]
+            spy = subprocess.Popen([*cmd, "--output", str(args.profile)], stdout=subprocess.DEVNULL)
+        cpu_before = _tree_cpu(router)
         latencies, lags, errors = asyncio.run(open_loop(stack.url, args.rate, args.seconds))
+        router_cpu = _tree_cpu(router) - cpu_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            spy.wait(60)
     finally:
         stack.stop()
     answered = len(latencies)
@@ -106,6 +136,7 @@ def main() -> None:
         f"submit latency      p50 {statistics.median(ms):.1f} ms  p90 {percentile(ms, 0.9):.1f} ms  "
         f"p99 {percentile(ms, 0.99):.1f} ms  max {max(ms):.1f} ms  (from each request's due time)"
     )
+    print(f"router CPU per job  {router_cpu * 1000 / max(1, answered):.2f} ms  (its background loops included)")
     lag_ms = [x * 1000 for x in lags]
     print(f"client send lag     p50 {statistics.median(lag_ms):.1f} ms  p99 {percentile(lag_ms, 0.99):.1f} ms")
 

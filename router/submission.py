@@ -307,7 +307,8 @@ class Submitter:
             problem := await callback_url_problem(self.guard, str(request.callback_url))
         ):
             raise InvalidSubmission([("callback_url", problem)])
-        digest = request_hash(request)
+        # Only a keyed job keeps its request's hash (to compare a resubmission with): none to make otherwise.
+        digest = request_hash(request) if idempotency_key else ""
         # Answered before planning: a goal is not planned (by a model) twice.
         if idempotency_key and (existing := self.existing(tenant, idempotency_key, digest)) is not None:
             return existing
@@ -441,7 +442,7 @@ class Submitter:
                     problem := await callback_url_problem(self.guard, str(request.callback_url))
                 ):
                     raise InvalidSubmission([("callback_url", problem)])
-                digest = request_hash(request)
+                digest = request_hash(request) if job.idempotency_key else ""
                 if job.idempotency_key and (seen := known.get(job.idempotency_key)) is not None:
                     if seen.request_hash != digest:
                         raise IdempotencyConflict()
