@@ -232,20 +232,26 @@ class Client:
         bodies: Sequence[dict[str, Any]],
         chunk_size: int = BATCH_MAX_JOBS,
         on_progress: Callable[[int, int], None] | None = None,
+        on_items: Callable[[builtins.list[BatchItem]], None] | None = None,
     ) -> builtins.list[BatchItem]:
         """POST /v1/jobs:batch, `chunk_size` jobs per request: one BatchItem per body, in order.
 
         A body may carry its own `idempotency_key` (a resubmitted chunk then makes no second
         job). A refused job refuses only itself: its item has `error`, the others their `id`.
         `chunk_size` must not exceed the router's EDGEFLEET_BATCH_MAX_JOBS (default 500).
-        `on_progress(done, total)` after each chunk."""
+        After each chunk: `on_items(its items)`, then `on_progress(done, total)`. A chunk refused
+        as a whole (or an unreachable router) raises ApiError (RouterUnreachable) then; the chunks
+        before it were submitted, and `on_items` has seen them."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         items: list[BatchItem] = []
         for offset in range(0, len(bodies), chunk_size):
             chunk = list(bodies[offset : offset + chunk_size])
             answer = self._request("POST", "/v1/jobs:batch", json={"jobs": chunk}).json()
-            items += _batch_items(answer, offset)
+            chunk_items = _batch_items(answer, offset)
+            items += chunk_items
+            if on_items is not None:
+                on_items(chunk_items)
             if on_progress is not None:
                 on_progress(len(items), len(bodies))
         return items

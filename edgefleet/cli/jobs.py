@@ -18,7 +18,7 @@ from edgefleet.cli.job_input import parse_inputs, read_batch, read_body
 from edgefleet.schemas import JobState, NodeInfo, PriorityClass
 
 if TYPE_CHECKING:
-    from edgefleet.client import Client
+    from edgefleet.client import BatchItem, Client
     from edgefleet.schemas import JobStatus
 
 DEMO_TEXT = "the quick brown fox jumps over the lazy dog and the dog sleeps"
@@ -189,9 +189,23 @@ def _submit_batch(file: str, priority: PriorityClass | None, url: str | None, to
             body.setdefault("priority", priority.value)
     chunk = load_settings().batch_max_jobs
     console = err_console()
+    refused = 0
+
+    def report(items: list[BatchItem]) -> None:
+        # As each chunk is answered: a chunk refused later, or Ctrl-C, loses no id already made.
+        nonlocal refused
+        for item in items:
+            if item.error is None:
+                print(item.id, flush=True)
+            else:
+                refused += 1
+                console.print(
+                    f"{file}:{lines[item.index][0]}: {item.error}", markup=False, highlight=False, soft_wrap=True
+                )
+
     with api_errors(), make_client(url, token) as client:
         if len(bodies) <= chunk:
-            items = client.submit_many(bodies, chunk_size=chunk)
+            client.submit_many(bodies, chunk_size=chunk, on_items=report)
         else:
             with Progress(
                 TextColumn("submitting"),
@@ -202,19 +216,14 @@ def _submit_batch(file: str, priority: PriorityClass | None, url: str | None, to
                 transient=console.is_terminal,
             ) as progress:
                 task = progress.add_task("jobs", total=len(bodies))
-                items = client.submit_many(
-                    bodies, chunk_size=chunk, on_progress=lambda done, _: progress.update(task, completed=done)
+                client.submit_many(
+                    bodies,
+                    chunk_size=chunk,
+                    on_items=report,
+                    on_progress=lambda done, _: progress.update(task, completed=done),
                 )
-    refused = 0
-    for item in items:
-        if item.error is None:
-            print(item.id)
-        else:
-            refused += 1
-            sys.stderr.write(f"{file}:{lines[item.index][0]}: {item.error}\n")
-    sys.stdout.flush()
     if refused:
-        sys.stderr.write(f"{refused} of {len(items)} jobs refused; the other {len(items) - refused} were submitted\n")
+        sys.stderr.write(f"{refused} of {len(bodies)} jobs refused; the other {len(bodies) - refused} were submitted\n")
         raise typer.Exit(2)
 
 
