@@ -4,11 +4,13 @@ One redis-server (the one `edgefleet up` embeds, or --redis-server; no AOF or RD
 neither disk nor a rewrite fork is measured) and the job store, no router or worker: the
 backlog is filled with one-step `text.count` jobs through `JobStore.create_job`, as the
 router's submit path stores them (a planned step, the request as the router serialises it,
-a sha256 request hash). At 1,000 and then at --jobs queued: Redis `used_memory` per job
-since the empty store, and the cost of creating --batch jobs and of releasing as many (the
-RELEASE script, 100 a call, target depth out of the way), each --rounds times, both as the
-caller sees it (round trips included) and as Redis spends it (INFO commandstats, per call of
-the script). Prints the figures at both sizes and their ratios.
+a sha256 request hash). Two backlogs in the same server: --jobs queued under the default
+key prefix and 1,000 under a prefix of their own. Redis `used_memory` per job, from the
+growth while each was filled; then --rounds rounds, alternating which size goes first, each
+creating --batch jobs and releasing as many (the RELEASE script, 100 a call, target depth
+out of the way) on both sizes, so that the shared machine's changing load falls on both
+alike. Medians per job, as the caller sees it (round trips included) and as Redis spends it
+(INFO commandstats, per call of the script). Prints both sizes and their ratios.
 
     python loadtests/bench_scale.py --jobs 100000
 """
@@ -123,22 +125,20 @@ class Backlog:
         script = stats.get("cmdstat_evalsha") or stats.get("cmdstat_eval") or {"usec_per_call": 0.0}
         return elapsed / n, float(script["usec_per_call"])
 
-    def costs(self, batch: int, rounds: int) -> Costs:
-        """Create `batch` then release `batch`, `rounds` times: the backlog ends where it began."""
-        creates, creates_us, releases, releases_us = [], [], [], []
-        for _ in range(rounds):
-            seconds, us = self.timed(self.create, batch)
-            creates.append(seconds)
-            creates_us.append(us)
-            seconds, us = self.timed(self.release, batch)
-            releases.append(seconds)
-            releases_us.append(us / RELEASE_CHUNK)  # per job: each call releases RELEASE_CHUNK
-        return Costs(
-            statistics.median(creates),
-            statistics.median(creates_us),
-            statistics.median(releases),
-            statistics.median(releases_us),
-        )
+    def round(self, batch: int) -> Costs:
+        """Create `batch`, then release `batch`: the backlog ends where it began."""
+        create_s, create_us = self.timed(self.create, batch)
+        release_s, release_us = self.timed(self.release, batch)
+        return Costs(create_s, create_us, release_s, release_us / RELEASE_CHUNK)  # each call releases a chunk
+
+
+def median_costs(rounds: list[Costs]) -> Costs:
+    return Costs(
+        statistics.median(c.create_s for c in rounds),
+        statistics.median(c.create_redis_us for c in rounds),
+        statistics.median(c.release_s for c in rounds),
+        statistics.median(c.release_redis_us for c in rounds),
+    )
 
 
 def start_redis(executable: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100_000, help="queued jobs at the large size")
     parser.add_argument("--batch", type=int, default=500, help="jobs created (and released) per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--redis-server", default=None, help="redis-server binary (default: the embedded one)")
     args = parser.parse_args()
     if args.jobs <= SMALL:
@@ -164,42 +164,49 @@ def main() -> None:
     proc, port = start_redis(executable, work)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, decode_responses=True)
-    store = JobStore.from_url(url)
+    # The large backlog under the default prefix, the small one beside it under its own, in the
+    # same server: their timed rounds alternate, so that a change in the shared machine's load
+    # falls on both sizes alike.
+    stores = {args.jobs: JobStore.from_url(url), SMALL: JobStore.from_url(url, prefix="small")}
     try:
         wait_for(lambda: _pings(client), 20, "redis-server")
-        backlog = Backlog(store, client)
-        # One job through both scripts first: the baseline has them loaded, and the store's own keys.
-        backlog.create(1)
-        backlog.release(1)
-        backlog.created = 0
-        empty = backlog.used_memory()
-        print(
-            f"redis-server {' '.join(v for v in version if v.startswith(('v=', 'malloc=')))}; empty store {empty:,} B"
-        )
+        backlogs = {size: Backlog(store, client) for size, store in stores.items()}
+        for backlog in backlogs.values():
+            # One job through both scripts first: the baseline has them loaded, and the store's own keys.
+            backlog.create(1)
+            backlog.release(1)
+            backlog.created = 0
+        tag = " ".join(v for v in version if v.startswith(("v=", "malloc=")))
+        print(f"redis-server {tag}; empty store {backlogs[SMALL].used_memory():,} B")
 
-        rows: dict[int, tuple[float, Costs]] = {}
-        for size in (SMALL, args.jobs):
-            started = time.monotonic()
-            backlog.create(size - backlog.queued())
-            per_job = (backlog.used_memory() - empty) / backlog.created
+        per_job: dict[int, float] = {}
+        for size, backlog in backlogs.items():
+            before, started = backlog.used_memory(), time.monotonic()
+            backlog.create(size)
+            per_job[size] = (backlog.used_memory() - before) / size
             print(
-                f"filled to {backlog.queued():,} queued ({backlog.created:,} jobs stored) "
-                f"in {time.monotonic() - started:.0f} s: {per_job:,.0f} B of Redis per job"
+                f"filled to {backlog.queued():,} queued in {time.monotonic() - started:.0f} s: "
+                f"{per_job[size]:,.0f} B of Redis per job"
             )
-            rows[size] = (per_job, backlog.costs(args.batch, args.rounds))
+
+        samples: dict[int, list[Costs]] = {size: [] for size in backlogs}
+        for r in range(args.rounds):
+            for size in (SMALL, args.jobs) if r % 2 == 0 else (args.jobs, SMALL):
+                samples[size].append(backlogs[size].round(args.batch))
+        rows = {size: median_costs(samples[size]) for size in (SMALL, args.jobs)}
 
         print(f"\n{'queued':>9} {'B/job':>7} {'create ms':>10} {'create us in Redis':>19} "
               f"{'release ms':>11} {'release us in Redis':>20}")  # fmt: skip
-        for size, (per_job, c) in rows.items():
+        for size, c in rows.items():
             print(
-                f"{size:>9,} {per_job:>7,.0f} {c.create_s * 1000:>10.3f} {c.create_redis_us:>19.1f} "
+                f"{size:>9,} {per_job[size]:>7,.0f} {c.create_s * 1000:>10.3f} {c.create_redis_us:>19.1f} "
                 f"{c.release_s * 1000:>11.3f} {c.release_redis_us:>20.1f}"
             )
-        small, large = rows[SMALL][1], rows[args.jobs][1]
+        small, large = rows[SMALL], rows[args.jobs]
         print(
             json.dumps(
                 {
-                    "bytes_per_job": round(rows[args.jobs][0]),
+                    "bytes_per_job": round(per_job[args.jobs]),
                     "create_ratio": round(large.create_s / small.create_s, 2),
                     "create_redis_ratio": round(large.create_redis_us / small.create_redis_us, 2),
                     "release_ratio": round(large.release_s / small.release_s, 2),
@@ -208,7 +215,8 @@ def main() -> None:
             )
         )
     finally:
-        store.close()
+        for store in stores.values():
+            store.close()
         client.close()
         proc.terminate()
         proc.wait(30)
