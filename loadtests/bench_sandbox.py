@@ -9,8 +9,10 @@ every attempt starts its launcher). Jobs pinned to the nodes in turn and run one
 time, so that no node competes with another for the CPU:
 
 - one-step `sleep` jobs (the plugin sleeps `--seconds`): claim -> result from the job store's
-  `started_at` / `finished_at`, and the CPU seconds the node's whole process tree (worker,
-  Celery children, sandboxes) used per job;
+  `started_at` / `finished_at`, and the CPU the node used per job: everything it started
+  (worker, Celery children, sandboxes) runs in a cpuacct cgroup of its own where the box
+  allows one (root, cgroup v1 or v2); else the sum over its living process tree, which misses
+  a launcher that bwrap leaves to another reaper;
 - two-step `text` jobs (transform, saving a file; then count that file): the second step has
   an input file, which an executor shows through its mirror (hard links) and the other
   nodes bind in a launcher started for that step.
@@ -25,6 +27,7 @@ could change is copied instead: then the cost grows with its size).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.store import JobStore
-from loadtests.harness import TOKEN, BenchStack, wait_for, wait_nodes
+from loadtests.harness import TOKEN, BenchStack, start, wait_for, wait_nodes
 from workers.sandbox_executors import empty_mirror, show
 
 NODES = {
@@ -98,6 +101,47 @@ def input_job(http: httpx.Client, node: str) -> float:
     return float(count["finished_at"] - count["started_at"])
 
 
+class NodeCpu:
+    """CPU seconds a worker node has used: its cgroup's account, or its living process tree's."""
+
+    ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup"))
+
+    def __init__(self, name: str) -> None:
+        self.folder: Path | None = None
+        self.pid = 0
+        for root in self.ROOTS:
+            folder = root / f"edgefleet-bench-{name}-{os.getpid()}"
+            try:
+                folder.mkdir()
+            except OSError:
+                continue
+            if (folder / "cpuacct.usage").exists() or (folder / "cpu.stat").exists():
+                self.folder = folder
+                break
+            folder.rmdir()
+
+    def command(self, cmd: list[str]) -> list[str]:
+        """`cmd`, started inside the cgroup (before it forks anything)."""
+        if self.folder is None:
+            return cmd
+        return ["sh", "-c", f'echo $$ > {self.folder}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+    def seconds(self) -> float:
+        if self.folder is None:
+            return tree_cpu(self.pid)
+        if (self.folder / "cpuacct.usage").exists():
+            return int((self.folder / "cpuacct.usage").read_text()) / 1e9
+        stat = dict(line.split() for line in (self.folder / "cpu.stat").read_text().splitlines())
+        return int(stat["usage_usec"]) / 1e6
+
+    def close(self) -> None:
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and everything below it, living or reaped."""
     total = 0.0
@@ -143,13 +187,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in NODES}
     inputs: dict[str, list[float]] = {name: [] for name in NODES}
     cpu: dict[str, float] = dict.fromkeys(NODES, 0.0)
+    meters = {name: NodeCpu(name) for name in NODES}
     try:
         store = JobStore.from_url(stack.start_redis())
         stack.start_router()
-        pids = {}
         for name, overrides in NODES.items():
-            stack.start_node(name, **overrides)
-            pids[name] = stack.procs[-1].pid
+            cmd = [sys.executable, "-m", "edgefleet", "worker", "--node-name", name, "--classes", "cpu"]
+            node = start(meters[name].command(cmd), {**stack.env, **overrides}, stack.workdir / f"node-{name}.log")
+            stack.procs.append(node)
+            meters[name].pid = node.pid
         wait_nodes(store, *NODES)
         with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
             for name in NODES:  # the first runs import and start everything once
@@ -158,17 +204,20 @@ def main() -> None:
                     input_job(http, name)
             for _ in range(args.jobs):
                 for name in NODES:
-                    before = tree_cpu(pids[name])
+                    before = meters[name].seconds()
                     times[name].append(sleep_job(http, name, args.seconds))
-                    cpu[name] += tree_cpu(pids[name]) - before
+                    cpu[name] += meters[name].seconds() - before
             for _ in range(args.jobs):
                 for name in NODES:
                     inputs[name].append(input_job(http, name))
     finally:
         stack.stop()
+        for meter in meters.values():
+            meter.close()
+    accounted = "cgroup" if all(m.folder for m in meters.values()) else "living process tree"
     p50 = {name: statistics.median(times[name]) for name in NODES}
     p50_inputs = {name: statistics.median(inputs[name]) for name in NODES}
-    print(f"jobs per node and kind        {args.jobs} (sleep {args.seconds:g} s, one at a time)")
+    print(f"jobs per node and kind        {args.jobs} (sleep {args.seconds:g} s, one at a time; CPU: {accounted})")
     for name in NODES:
         print(
             f"claim -> result p50, {name:<6}   {p50[name] * 1000:7.1f} ms  "

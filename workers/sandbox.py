@@ -526,6 +526,23 @@ def share_read_only(folder: Path) -> None:
             continue
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and everything below it, read from /proc/<pid>/task/*/children: psutil's
+    children(recursive=True) reads every process on the box, milliseconds on a busy one."""
+    found: list[psutil.Process] = []
+    waiting = [pid]
+    while waiting:
+        current = waiting.pop()
+        try:
+            found.append(psutil.Process(current))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    waiting += [int(child) for child in f.read().split()]
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def folder_size(folder: Path) -> int:
     """Bytes of the regular files below `folder` (links not followed)."""
     total = 0
@@ -658,10 +675,7 @@ class LauncherProcess:
         tree: list[psutil.Process] = []
         if self.proc.poll() is None:
             if self.serves_many:
-                try:
-                    tree = psutil.Process(self.proc.pid).children(recursive=True)
-                except psutil.Error:
-                    tree = []
+                tree = process_tree(self.proc.pid)[1:]
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -716,7 +730,6 @@ class SandboxedRun:
         self._stop_requested: str | None = None
         self._violation = ""  # a bound it broke (message size, workspace quota): the subtask's error
         self._run_ended: protocol.Ended | None = None  # an executor's report that this run's process ended
-        self._cpu_before = 0.0  # an executor's CPU seconds before this run (earlier runs, its start)
 
     def start(self) -> None:
         folder = self.spec.host_folder.resolve()
@@ -725,7 +738,6 @@ class SandboxedRun:
         if self._launcher.serves_many:
             self._launcher._stderr.clear()
             self._stderr = self._launcher._stderr  # its one reader's lines, from this run on
-            self._cpu_before = self._tree_usage()[0]
         self._write(self.spec.run_message())
         self._reader = threading.Thread(target=self._read_protocol, daemon=True)
         self._reader.start()
@@ -797,24 +809,21 @@ class SandboxedRun:
     def _tree_usage(self) -> tuple[float, int]:
         """CPU seconds and resident bytes of the launcher's whole process tree."""
         cpu = rss = 0.0
-        try:
-            root = psutil.Process(self._proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    with proc.oneshot():
-                        times = proc.cpu_times()
-                        cpu += times.user + times.system + times.children_user + times.children_system
-                        rss += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-        except psutil.Error:
-            pass
+        for proc in process_tree(self._proc.pid):
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    cpu += times.user + times.system + times.children_user + times.children_system
+                    rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
         return cpu, int(rss)
 
     def sample(self) -> None:
         """CPU seconds and peak RSS of the whole process tree, for the subtask's record."""
         cpu, rss = self._tree_usage()
-        self._cpu = max(self._cpu, cpu - self._cpu_before)
+        if not self._launcher.serves_many:  # an executor's tree holds earlier runs: its `ended` says
+            self._cpu = max(self._cpu, cpu)
         self._rss = max(self._rss, rss)
         quota = self.spec.image.limits.workspace_mb * 2**20
         used = folder_size(self.spec.host_folder)
@@ -859,6 +868,7 @@ class SandboxedRun:
             self._launcher.release()  # it has exited (an executor that lives on keeps its network)
         else:
             self._cpu = max(self._cpu, float(self._run_ended.get("cpu") or 0.0))
+            self._rss = max(self._rss, int(self._run_ended.get("max_rss_kb") or 0) * 1024)
         share_read_only(self.spec.host_folder)
         if self._violation:
             return self._ended("failed", error=f"sandboxed plugin {self._violation}", retryable=False)

@@ -52,7 +52,7 @@ import psutil
 
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
-from workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over
+from workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, process_tree
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,13 @@ class Executor:
         return self.launcher.alive()
 
     def rss_bytes(self) -> int:
-        try:
-            root = psutil.Process(self.launcher.proc.pid)
-            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-        except psutil.Error:
-            return 0
+        total = 0
+        for process in process_tree(self.launcher.proc.pid):
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
 
     @property
     def exhausted(self) -> bool:
