@@ -149,8 +149,6 @@ class _HashingWriter:
 class RouterBackend:
     """Artifacts kept by the router: nodes upload and fetch over its API with a node credential."""
 
-    names_while_sending = True  # upload_named: the router hashes what it receives and answers the id
-
     def __init__(self, settings: Settings, store: JobStore) -> None:
         url = router_url_for(settings, store)
         self._store = store
@@ -244,11 +242,6 @@ class RouterBackend:
 
 class S3Backend:
     """Artifacts in an S3-compatible bucket, which nodes reach themselves."""
-
-    names_while_sending = False  # objects are put under their id: a file is hashed before it is sent
-
-    def upload_named(self, path: Path, tick: _Ticker) -> tuple[str, int]:
-        raise NotImplementedError("the s3 backend needs the id before the upload")
 
     def __init__(self, settings: Settings) -> None:
         from edgefleet.artifact_s3 import S3Blobs
@@ -423,12 +416,13 @@ class NodeArtifacts:
 
     def _store_blob(self, out: _Output, tick: _Ticker) -> tuple[str, int]:
         """Put one output in the backend; its (id, size)."""
-        if out.id is None and self.backend.names_while_sending:
-            return self.backend.upload_named(out.blob, tick)
+        backend = self.backend
+        if out.id is None and isinstance(backend, RouterBackend):  # it names what it receives
+            return backend.upload_named(out.blob, tick)
         artifact_id, size = (out.id, out.size) if out.id is not None else sha256_file(out.blob)
         tick()
-        if not self.backend.has(artifact_id):  # else the same bytes are stored already
-            self.backend.upload(artifact_id, out.blob, tick)
+        if not backend.has(artifact_id):  # else the same bytes are stored already (S3 names objects by id)
+            backend.upload(artifact_id, out.blob, tick)
         return artifact_id, size
 
     def _check_file_limit(self, path: Path, size: int) -> None:
