@@ -204,6 +204,33 @@ class CpuMeter:
         return sum(after[p] - before[p] - self.idle.get(p, 0.0) * seconds for p in parts) * 1000 / n
 
 
+class BusySlots:
+    """The mean number of subtasks holding a lease (running), sampled every 50 ms while in use:
+    below the node's slots while work waits, the node loses time between subtasks."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self.store.attempts.running_count())
+
+    def __enter__(self) -> BusySlots:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+
 def start_router(stack: BenchStack, workers: int) -> int:
     """The router (with `--workers N` when N > 1); its pid."""
     cmd = [sys.executable, "-m", "edgefleet", "router"] + (["--workers", str(workers)] if workers > 1 else [])
@@ -255,13 +282,15 @@ def main() -> None:
             profiler.start("router", router_pid, subprocesses=args.router_workers > 1)
             profiler.start("node", stack.procs[-1].pid, subprocesses=True)
         t0 = meter.read()
-        router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
+        with BusySlots(store) as busy_single:
+            router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
         t1 = meter.read()
         cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
         cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
         if args.batch:
-            batch_rate = bench_router_batch(stack.url, store, args.jobs, args.batch_size)
+            with BusySlots(store) as busy_batch:
+                batch_rate = bench_router_batch(stack.url, store, args.jobs, args.batch_size)
             t2 = meter.read()
             cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
             cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
@@ -290,6 +319,11 @@ def main() -> None:
             if args.batch
             else ""
         )
+    )
+    print(
+        f"busy slots (mean)       single {busy_single.mean:.2f}"
+        + (f"  batch {busy_batch.mean:.2f}" if args.batch else "")
+        + f"  (of {args.cpu_concurrency})"
     )
     print("idle CPU (ms/s)         " + ", ".join(f"{part} {rate * 1000:.0f}" for part, rate in idle.items()))
     print(
