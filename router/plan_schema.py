@@ -25,8 +25,10 @@ from edgefleet.templates import TemplateCatalog
 
 MAX_GOAL_STEPS = 4
 REF_KEY = "ref"
-STEP_ID_PATTERN = "^[a-z][a-z0-9_]*$"  # its length is checked by the validation: a bound bloats the grammar
+STEP_ID_PATTERN = "^[a-z][a-z0-9_]{0,11}$"  # bounded: a small model may otherwise ramble inside an id
 REFUSE_MAX = 200
+# A refusal's length in the grammar: a small model that starts one must also end it.
+REFUSE_GRAMMAR_MAX = 80
 # The keywords the grammar uses; everything else is checked by the real validation afterwards.
 _KEPT = ("type", "enum", "const", "pattern", "minLength", "maxLength", "minItems", "maxItems")
 # The converter spells a bound out as nested optional rules, one per unit: a maxLength of 8192
@@ -262,7 +264,7 @@ def plan_schema(
     alternatives.append(
         {
             "type": "object",
-            "properties": {"refuse": {"type": "string", "minLength": 1}},
+            "properties": {"refuse": {"type": "string", "minLength": 1, "maxLength": REFUSE_GRAMMAR_MAX}},
             "required": ["refuse"],
             "additionalProperties": False,
         }
