@@ -1,5 +1,10 @@
 """Warm sandbox launchers: started ahead of the work, so a subtask does not wait for a process start.
 
+Most subtasks run in reusable executors instead (workers/sandbox_executors.py); these
+one-shot launchers serve plugins with `isolation: per_attempt`, nodes with
+`EDGEFLEET_SANDBOX_EXECUTOR_SUBTASKS=0`, retries that must see an earlier attempt's
+workspace, and, under Landlock, subtasks with inputs.
+
 Starting a sandboxed launcher (bwrap, a fresh Python, rlimits, seccomp, the
 plugin's import) costs ~50-200 ms of a 2-core box's time, which dominates short
 subtasks. What a launcher prepares depends only on the plugin's manifest (its
