@@ -252,7 +252,10 @@ def main() -> None:
     args = parser.parse_args()
 
     stack = BenchStack(
-        Path(tempfile.mkdtemp(prefix="edgefleet-bench-")), EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency)
+        Path(tempfile.mkdtemp(prefix="edgefleet-bench-")),
+        EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency),
+        # No start-up node benchmark: seconds of CPU that would land in the idle measurement.
+        EDGEFLEET_NODE_BENCH="false",
     )
     try:
         redis_url = stack.start_redis()
