@@ -229,6 +229,18 @@ def test_recycled_after_n_subtasks_when_idle_and_over_its_memory(mode: str, tmp_
         small.executors.close()
 
 
+def test_a_folder_left_by_a_worker_that_died_mid_subtask_reaches_the_next_attempt(box: Box) -> None:
+    executor, _ = box.executors.take(box.image("marker"), "alice")
+    root = box.settings.effective_workspace_dir
+    link = link_slot(root, root / "jobx", "step")
+    slot = executor.open_slot(link, [])
+    (slot.folder / "partial.txt").write_text("half done")
+    executor.launcher.kill()  # as if its worker process died: nothing moved the folder out
+    box.executors.recover(link)
+    assert (link / "partial.txt").read_text() == "half done"
+    assert not box.executors.serves(Isolation.executor, box.image("marker"), link, False)  # a one-shot binds it
+
+
 def test_folders_of_executors_whose_worker_died_are_removed(mode: str, tmp_path: Path) -> None:
     homes = tmp_path / "workspaces" / ".sandbox-x"
     stale, live = homes / "999999999-abc", homes / f"{os.getpid()}-abc"  # above any pid_max; ours
@@ -238,10 +250,13 @@ def test_folders_of_executors_whose_worker_died_are_removed(mode: str, tmp_path:
         folder.mkdir(parents=True)
     (used / "out.txt").write_text("a subtask's")
     (stale / "preset").write_text("a\nb")
+    (stale / "slots" / "c").mkdir(parents=True)  # a subtask it was running when its worker died
+    (stale / "slots" / "c" / "part.txt").write_text("half")
     box = Box(mode, traversable(tmp_path))
     box.executors.close()
     assert not stale.exists() and not unused.exists()
     assert live.is_dir() and (used / "out.txt").exists()
+    assert (slots / "c" / "part.txt").read_text() == "half"
 
 
 # --- through the router and a worker: the runner's choices ---

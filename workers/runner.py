@@ -225,6 +225,7 @@ class SubtaskRunner:
         has_inputs = bool(outputs) or has_copies
         use: _InExecutor | None = None
         job_dir = self._job_dir(env)
+        self.executors.recover(job_dir / env.subtask_id)
         if self.executors.serves(plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs):
             link = link_slot(self.executors.workspace_root, job_dir, env.subtask_id)
             # What a one-shot launcher would bind read-only, shown through the executor's mirror.

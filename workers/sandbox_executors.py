@@ -179,6 +179,14 @@ def empty_mirror(mirror: Path) -> None:
             _remove(entry)
 
 
+def _orphans(home: Path) -> list[Path]:
+    """Subtask folders in an executor's slots folder (the inputs it was shown are read-only copies)."""
+    try:
+        return [p for p in (home / "slots").iterdir() if p.is_dir() and os.stat(p).st_mode & 0o200]
+    except OSError:
+        return []
+
+
 def _traversable_folders(folder: Path) -> None:
     """`folder` and its missing parents, each one the sandbox uid may walk through."""
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
@@ -251,6 +259,11 @@ class Executors:
             owner = home.name.split("-", 1)[0]
             if not owner.isdigit() or psutil.pid_exists(int(owner)):
                 continue
+            for folder in _orphans(home):  # subtasks it was running: their folders to their place
+                try:
+                    folder.rename(self.workspace_root / SLOT_DIR / folder.name)
+                except OSError:
+                    pass
             try:
                 unused = (home / PRESET_LIST).read_text().split()
             except OSError:
@@ -261,6 +274,22 @@ class Executors:
                 except OSError:
                     pass
             shutil.rmtree(home, ignore_errors=True)
+
+    def recover(self, job_link: Path) -> None:
+        """An earlier attempt's folder left in an executor's slots folder (its worker process died
+        mid-subtask): moved to where the job's link points, so a new attempt finds its files."""
+        if not job_link.is_symlink() or job_link.exists():
+            return
+        target = Path(os.readlink(job_link))
+        for home in (self.workspace_root / EXECUTOR_DIR).glob("*"):
+            left = home / "slots" / target.name
+            if left.is_dir():
+                try:
+                    left.rename(target)
+                    return
+                except OSError:
+                    continue
+        target.mkdir(parents=True, exist_ok=True)  # nothing left of it: an empty workspace
 
     def serves(self, isolation: Isolation, image: PluginImage, workspace: Path, has_inputs: bool) -> bool:
         """Whether an executor may run this attempt; else a one-shot launcher does."""
