@@ -134,6 +134,11 @@ class TrustCheck:
                     literals.append((field_name, value, _schema_for(input_schema, parts)))
         named = goal_values(goal)
         paths = [_norm(v) for v in named if v.startswith("/")]
+        best = self._best_actions(shortlist)
+        planned = self._planned_actions(answer)
+        if best and not best <= planned:
+            # The retriever and the model disagree on what the goal is about: a person decides.
+            problems.append(f"the plan does not use {shortlist.candidates[0].name}, the best match for the goal")
         used = " ".join(_norm(str(v)) for _, v, _ in literals)
         for value in named:
             if _norm(value) and _norm(value) not in used:
@@ -153,10 +158,25 @@ class TrustCheck:
         return Verdict(
             True,
             [
-                "every target is a candidate for the goal",
+                "every target is a candidate for the goal, and the plan uses the best match",
                 "every value the goal names is used, and no argument is invented or copied from an example",
             ],
         )
+
+    def _template_actions(self, name: str) -> set[str]:
+        template = self.templates.get(name)
+        return {f"{s.get('plugin')}.{s.get('action')}" for s in template.steps} if template else set()
+
+    def _best_actions(self, shortlist: Shortlist) -> set[str]:
+        if not shortlist.candidates:
+            return set()
+        best = shortlist.candidates[0]
+        return self._template_actions(best.name) if best.kind == "template" else {best.name}
+
+    def _planned_actions(self, answer: Answer) -> set[str]:
+        if answer.template is not None:
+            return self._template_actions(answer.template)
+        return {f"{s.get('plugin')}.{s.get('action')}" for s in answer.steps or []}
 
     @staticmethod
     def _grounded(shown: str, value: Any, schema: dict[str, Any], norm_goal: str) -> bool:

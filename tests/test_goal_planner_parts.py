@@ -162,7 +162,21 @@ def test_the_trust_check_holds_invented_copied_and_missing_values(
     trusted, why = verdict({"path": "the quick brown fox"})
     assert not trusted and "is not a path the goal names" in why
     trusted, why = verdict({"text": "the quick brown fox", "op": "upper"}, action="transform")
-    assert trusted  # an enum value is a choice, not an invented value
+    assert not trusted and why == "the plan does not use text.count, the best match for the goal"
+    reverse = "put the words of 'one two three' in reverse order"
+    answer = decode(
+        {
+            "steps": [
+                {
+                    "id": "r",
+                    "plugin": "text",
+                    "action": "transform",
+                    "args": {"text": "one two three", "op": "reverse_words"},
+                }
+            ]
+        }
+    )
+    assert trust.check(reverse, retriever.shortlist(reverse), answer).trusted  # an enum value is a choice
     trusted, why = verdict({"text": "the quick brown fox"}, action="generate")
     assert not trusted and "not among the candidates" in why
 
