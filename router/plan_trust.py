@@ -151,6 +151,18 @@ class TrustCheck:
                 problems.append(f"{field_name} = {str(value)[:60]!r} is copied from an example")
             elif schema.get("x-path") and not any(shown == p or shown.startswith(p.rstrip("/") + "/") for p in paths):
                 problems.append(f"{field_name} = {str(value)[:60]!r} is not a path the goal names")
+            elif (
+                field_name.count(".") == (1 if field_name.startswith("inputs.") else 3)
+                and isinstance(value, str)
+                and " " not in shown
+                and "enum" not in schema
+                and "pattern" not in schema
+                and shown not in {_norm(v) for v in named}
+                and shown != norm_goal
+            ):
+                # A lone word of the goal as a whole text argument ("text": "label"): the grammar
+                # offers the goal's words for labels and names, not as the text to work on.
+                problems.append(f"{field_name} = {str(value)[:60]!r} is one word of the goal, not a value it names")
             elif not self._grounded(shown, value, schema, norm_goal):
                 problems.append(f"{field_name} = {str(value)[:60]!r} is not something the goal says")
         if problems:

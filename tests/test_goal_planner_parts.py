@@ -159,6 +159,8 @@ def test_the_trust_check_holds_invented_copied_and_missing_values(
         "the plan leaves out 'the quick brown fox', which the goal names "
         "steps.0.args.text = 'lorem ipsum dolor' is copied from an example",
     )
+    assert verdict({"text": "words"})[1].startswith("the plan leaves out")
+    assert "steps.0.args.text = 'words' is one word of the goal" in verdict({"text": "words"})[1]
     trusted, why = verdict({"path": "the quick brown fox"})
     assert not trusted and "is not a path the goal names" in why
     trusted, why = verdict({"text": "the quick brown fox", "op": "upper"}, action="transform")
