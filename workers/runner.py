@@ -308,6 +308,14 @@ class SubtaskRunner:
                 self.artifacts.collect(env, pid, workspace, result.output, self._keep_alive(env, pid, attempt))
             except ArtifactFailure as exc:
                 return self._finish(env, pid, "failed", error=str(exc), retryable=exc.retryable, usage=usage)
+            except TRANSIENT:
+                raise  # the store is away: handled like every other store call of this attempt
+            except Exception as exc:
+                # A fault of ours, not the plugin's: the attempt fails once with the reason instead
+                # of taking the worker process down, which would lose it to lease expiry again and again.
+                log.exception("storing the outputs of %s/%s failed", env.job_id, env.subtask_id)
+                error = f"storing the step's output files failed: {type(exc).__name__}: {exc}"
+                return self._finish(env, pid, "failed", error=error, retryable=False, usage=usage)
             return self._finish(env, pid, "succeeded", output=result.output, usage=usage)
         if result.outcome == "cancelled":
             return self._finish(env, pid, "cancelled", error=result.error, usage=usage)
