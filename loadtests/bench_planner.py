@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,10 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "would_run_unchecked": len(trusted),
         "unchecked_wrong": sum(not o.right for o in trusted),
         "errors_5xx": sum(o.status >= 500 for o in outcomes),
+        # Why possible goals got no right plan: plan_too_long, plan_rejected, goal_not_plannable, held-wrong.
+        "possible_misses": dict(
+            Counter(o.error or ("wrong_plan" if o.status == 200 else str(o.status)) for o in possible if not o.right)
+        ),
         "median_latency_s": statistics.median(o.seconds for o in outcomes) if outcomes else 0.0,
         "median_model_latency_s": statistics.median(o.seconds for o in outcomes if o.model)
         if any(o.model for o in outcomes)

@@ -3,8 +3,9 @@
 1. A goal that asks to destroy, exfiltrate or spend is refused outright (`plan_trust.unsafe_reason`).
 2. The catalogue is narrowed to the few templates and actions the goal is about (`plan_candidates`);
    when nothing matches, the goal is refused without calling a model.
-3. The model answers under a grammar (`plan_schema`) that allows only those candidates, step
-   references and a refusal, with a prompt (`plan_prompt`) whose answer budget fits the context.
+3. The model answers under a grammar (`plan_schema`) that allows only the candidates scoring close
+   to the best one (`Shortlist.confident`), arguments the goal can fill, references to earlier steps
+   and a refusal, with a prompt (`plan_prompt`) whose answer budget fits the context.
 4. The plan is validated exactly like an explicit one; one compact repair round sends the errors back.
 5. A valid plan is then checked against the goal (`plan_trust`): the verdict decides whether it may
    run unconfirmed. Deciding that is the submitter's business; here it is only reported.
@@ -27,7 +28,7 @@ from edgefleet.schemas import JobRequest, NodeInfo, Plan, StepSpec
 from edgefleet.templates import TemplateCatalog
 from router.plan_candidates import Retriever, Shortlist
 from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values, repair_message
-from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, decode, goal_options, plan_schema
+from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, GoalFacts, decode, plan_schema
 from router.plan_trust import TrustCheck, Verdict, goal_values, unsafe_reason
 from router.planner import PlanError, Planner, Problem, pydantic_problems
 
@@ -131,9 +132,10 @@ class GoalPlanner:
                 None,
                 [],
             )
-        options = goal_options(goal, goal_values(goal))
-        schema = plan_schema(self.catalog, self.templates, shortlist.templates, shortlist.actions, options)
-        messages, max_tokens = self._fit(goal, shortlist)
+        offered = shortlist.confident()
+        facts = GoalFacts(goal, goal_values(goal))
+        schema = plan_schema(self.catalog, self.templates, offered.templates, offered.actions, facts=facts)
+        messages, max_tokens = self._fit(goal, offered, facts)
         completion = self._complete(messages, max_tokens, schema)
         answer, problems, steps = self._read(
             completion.text, completion.finish_reason, max_tokens, nodes, completion.model
@@ -164,14 +166,16 @@ class GoalPlanner:
 
     # --- the prompt and its budget -------------------------------------------------------------
 
-    def _fit(self, goal: str, shortlist: Shortlist) -> tuple[list[dict[str, str]], int]:
+    def _fit(self, goal: str, shortlist: Shortlist, facts: GoalFacts | None = None) -> tuple[list[dict[str, str]], int]:
         """The messages and the answer's token budget; fewer examples, then fewer candidates, until it fits."""
         context = self.context_size()
         candidates = list(shortlist.candidates)
         while candidates:
             short = Shortlist(shortlist.goal, candidates, shortlist.closest)
             for n_examples in range(len(EXAMPLES), -1, -1):
-                messages = build_messages(goal, short, self.catalog, self.templates, examples=EXAMPLES[:n_examples])
+                messages = build_messages(
+                    goal, short, self.catalog, self.templates, examples=EXAMPLES[:n_examples], facts=facts
+                )
                 room = context - estimate_tokens(messages)
                 if room >= MIN_ANSWER_TOKENS:
                     return messages, min(MAX_PLAN_TOKENS, room)

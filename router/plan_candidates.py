@@ -27,6 +27,9 @@ _B = 0.75
 MIN_SCORE = 1.5
 # Candidates scoring under this fraction of the best one are left out of the shortlist.
 RELATIVE_CUTOFF = 0.35
+# The model is offered only the candidates this close to the best: SmolLM2-135M picked the wrong one
+# of four far more often than the retriever (bench_planner), and a close second stays a choice.
+OFFERED_CUTOFF = 0.9
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP_WORDS = """a an the and or of to in on at for from by with without into onto is are be been being it its this that
@@ -56,6 +59,8 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
     "sharp": ("sharpness", "best"),
     "blurry": ("sharpness", "best"),
     "favourite": ("best",),
+    "nicest": ("best",),
+    "pixel": ("max", "edge", "resize"),
     "favorite": ("best",),
     "top": ("best",),
     "shrink": ("resize",),
@@ -279,6 +284,13 @@ class Shortlist:
 
     def keys(self) -> set[str]:
         return {c.key for c in self.candidates}
+
+    def confident(self, cutoff: float = OFFERED_CUTOFF) -> Shortlist:
+        """The candidates scoring within `cutoff` of the best: what the model is offered to choose from."""
+        if not self.candidates:
+            return self
+        best = self.candidates[0].score
+        return Shortlist(self.goal, [c for c in self.candidates if c.score >= best * cutoff], self.closest)
 
 
 def _documents(plugins: PluginCatalog, templates: TemplateCatalog, allowed: Iterable[str]) -> dict[Candidate, str]:

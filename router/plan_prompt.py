@@ -16,13 +16,14 @@ from typing import Any
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.templates import TemplateCatalog
 from router.plan_candidates import Shortlist
+from router.plan_schema import GoalFacts, fillable, template_inputs
 
 # The fixed part (instructions and examples) comes first and the candidates last, so that an
 # in-process model reuses its evaluated prefix from one goal to the next.
 SYSTEM = """You turn a goal into a JSON plan for edgefleet, a task cluster. Answer with one JSON object only:
 - a template: {"template": "<name>", "inputs": {...}}
-- or steps: {"steps": [{"id": "<word>", "plugin": "<plugin>", "action": "<action>", "args": {...}}]}
-  a step uses an earlier step's output as an argument: {"ref": "steps.<id>.output.<key>"}
+- or steps: {"steps": [{"id": "s1", "plugin": "<plugin>", "action": "<action>", "args": {...}}]}
+  step ids are s1, s2, ...; a step uses an earlier step's output as an argument: {"ref": "steps.s1.output.<key>"}
 - or, when nothing listed does what the goal asks: {"refuse": "<why>"}
 Pick from what the user lists, best match first. Use only values the goal gives."""
 
@@ -56,16 +57,16 @@ EXAMPLES: tuple[Example, ...] = (
         {
             "steps": [
                 {
-                    "id": "get",
+                    "id": "s1",
                     "plugin": "http_fetch",
                     "action": "get",
                     "args": {"url": "https://example.invalid/notes.txt"},
                 },
                 {
-                    "id": "count",
+                    "id": "s2",
                     "plugin": "text",
                     "action": "count",
-                    "args": {"path": {"ref": "steps.get.output.path"}},
+                    "args": {"path": {"ref": "steps.s1.output.path"}},
                 },
             ]
         },
@@ -105,7 +106,8 @@ def _first_sentence(text: str, limit: int = 140) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _arg_list(schema: dict[str, Any]) -> str:
+def _arg_list(schema: dict[str, Any], facts: GoalFacts | None = None) -> str:
+    """The arguments as the grammar offers them: with `facts`, optional ones only when the goal fills them."""
     props = schema.get("properties") or {}
     required = set(schema.get("required") or [])
     groups = schema.get("oneOf") or schema.get("anyOf") or []
@@ -115,7 +117,7 @@ def _arg_list(schema: dict[str, Any]) -> str:
     if alternatives:
         parts.append(" | ".join("+".join(g) for g in alternatives if g))
     for name, spec in props.items():
-        if name in grouped:
+        if name in grouped or (facts is not None and name not in required and not fillable(name, spec, facts)):
             continue
         kind = spec.get("type", "") if isinstance(spec, dict) else ""
         enum = spec.get("enum") if isinstance(spec, dict) else None
@@ -124,16 +126,22 @@ def _arg_list(schema: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def describe_candidates(shortlist: Shortlist, plugins: PluginCatalog, templates: TemplateCatalog) -> str:
+def describe_candidates(
+    shortlist: Shortlist, plugins: PluginCatalog, templates: TemplateCatalog, facts: GoalFacts | None = None
+) -> str:
     lines = []
     for candidate in shortlist.candidates:
         if candidate.kind == "template":
             template = templates.get(candidate.name)
             if template is None:
                 continue
+            needed = {n for n, spec in template.inputs.items() if spec.required and spec.default is None}
+            found = template_inputs(templates, plugins, candidate.name)
+            constrained = found["properties"] if found else {}
             inputs = ", ".join(
-                f"{n}{'' if spec.required and spec.default is None else '?'}: {spec.type}"
+                f"{n}{'' if n in needed else '?'}: {spec.type}"
                 for n, spec in template.inputs.items()
+                if facts is None or n in needed or fillable(n, constrained.get(n) or {"type": spec.type}, facts)
             )
             lines.append(f'- template "{candidate.name}" (inputs {inputs}): {_first_sentence(template.description)}')
             continue
@@ -143,7 +151,7 @@ def describe_candidates(shortlist: Shortlist, plugins: PluginCatalog, templates:
         if action is None:
             continue
         outputs = ", ".join(list((action.output_schema or {}).get("properties") or {})[:6])
-        line = f"- step plugin {plugin_name}, action {action_name} (args {_arg_list(action.input_schema)})"
+        line = f"- step plugin {plugin_name}, action {action_name} (args {_arg_list(action.input_schema, facts)})"
         if outputs:
             line += f" -> output {outputs}"
         lines.append(f"{line}: {_first_sentence(action.description)}")
@@ -157,12 +165,13 @@ def build_messages(
     templates: TemplateCatalog,
     *,
     examples: Sequence[Example] = EXAMPLES,
+    facts: GoalFacts | None = None,
 ) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": SYSTEM}]
     for example in examples:
         messages.append({"role": "user", "content": _user(example.goal, example.listed)})
         messages.append({"role": "assistant", "content": json.dumps(example.answer)})
-    messages.append({"role": "user", "content": _user(goal, describe_candidates(shortlist, plugins, templates))})
+    messages.append({"role": "user", "content": _user(goal, describe_candidates(shortlist, plugins, templates, facts))})
     return messages
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.templates import TemplateCatalog
-from router.plan_candidates import Shortlist
-from router.plan_schema import Answer, template_inputs
+from router.plan_candidates import Shortlist, stem, terms
+from router.plan_schema import Answer, goal_parts, names_choice, template_inputs
 
 _URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
 _PATH = re.compile(r"(?<![\w:/.])/(?:[\w.@~+-]+/?)+")
@@ -122,7 +122,16 @@ class TrustCheck:
                 )
         else:
             allowed = set(shortlist.actions)
+            if len(answer.steps or []) > goal_parts(goal):
+                problems.append(
+                    f"the plan has {len(answer.steps or [])} steps, the goal asks for {goal_parts(goal)} thing(s)"
+                )
+            seen: dict[str, int] = {}
             for i, step in enumerate(answer.steps or []):
+                same = repr((step.get("plugin"), step.get("action"), step.get("args")))
+                if same in seen:
+                    problems.append(f"step {i} repeats step {seen[same]}")
+                seen.setdefault(same, i)
                 key = (str(step.get("plugin")), str(step.get("action")))
                 if key not in allowed:
                     problems.append(f"step {i} uses {key[0]}.{key[1]}, not among the candidates for this goal")
@@ -140,6 +149,11 @@ class TrustCheck:
             # The retriever and the model disagree on what the goal is about: a person decides.
             problems.append(f"the plan does not use {shortlist.candidates[0].name}, the best match for the goal")
         used = " ".join(_norm(str(v)) for _, v, _ in literals)
+        # A value given as a whole argument and again as a list item (the text to classify as one of
+        # its labels) was copied across.
+        whole_values = {_norm(str(v)) for f, v, _ in literals if not re.search(r"\.\d+$", f)}
+        own_words = self._own_words(answer)
+        seen_lists: dict[str, set[str]] = {}
         for value in named:
             if _norm(value) and _norm(value) not in used:
                 problems.append(f"the plan leaves out {value!r}, which the goal names")
@@ -147,7 +161,18 @@ class TrustCheck:
             shown = _norm(str(value))
             if not shown:
                 continue
-            if shown in self.example_values and shown not in norm_goal:
+            in_list = re.search(r"\.\d+$", field_name) is not None and "enum" not in schema
+            parent = field_name.rsplit(".", 1)[0]
+            repeated = in_list and parent in seen_lists.get(shown, set())
+            if in_list:
+                seen_lists.setdefault(shown, set()).add(parent)
+            if in_list and (shown == norm_goal or not named or shown in whole_values):
+                # A list (images, urls, labels) made of the goal's own sentence, or of its words when it
+                # names no value at all ("turn off the lights" as a slideshow's images): a person decides.
+                problems.append(f"{field_name} = {str(value)[:60]!r} is a list item the goal does not name")
+            elif repeated:
+                problems.append(f"{field_name} = {str(value)[:60]!r} repeats an item of its list")
+            elif shown in self.example_values and shown not in norm_goal:
                 problems.append(f"{field_name} = {str(value)[:60]!r} is copied from an example")
             elif schema.get("x-path") and not any(shown == p or shown.startswith(p.rstrip("/") + "/") for p in paths):
                 problems.append(f"{field_name} = {str(value)[:60]!r} is not a path the goal names")
@@ -163,6 +188,10 @@ class TrustCheck:
                 # A lone word of the goal as a whole text argument ("text": "label"): the grammar
                 # offers the goal's words for labels and names, not as the text to work on.
                 problems.append(f"{field_name} = {str(value)[:60]!r} is one word of the goal, not a value it names")
+            elif isinstance(value, str) and " " not in shown and "enum" not in schema and stem(shown) in own_words:
+                # A word of the target's own description ("label" as a label of llm.classify) names
+                # what to do, not a value to do it with.
+                problems.append(f"{field_name} = {str(value)[:60]!r} is a word of the action, not of the goal's values")
             elif not self._grounded(shown, value, schema, norm_goal):
                 problems.append(f"{field_name} = {str(value)[:60]!r} is not something the goal says")
         if problems:
@@ -174,6 +203,18 @@ class TrustCheck:
                 "every value the goal names is used, and no argument is invented or copied from an example",
             ],
         )
+
+    def _own_words(self, answer: Answer) -> set[str]:
+        """The words of the planned targets' names and descriptions."""
+        texts: list[str] = []
+        if answer.template is not None:
+            template = self.templates.get(answer.template)
+            texts += [answer.template, template.description if template else ""]
+        for step in answer.steps or []:
+            plugin = self.plugins.get(str(step.get("plugin")))
+            action = plugin.manifest.actions.get(str(step.get("action"))) if plugin else None
+            texts += [str(step.get("plugin")), str(step.get("action")), action.description if action else ""]
+        return set(terms(" ".join(texts)))
 
     def _template_actions(self, name: str) -> set[str]:
         template = self.templates.get(name)
@@ -196,7 +237,8 @@ class TrustCheck:
             return True
         enum = schema.get("enum")
         if isinstance(enum, list) and value in enum:
-            return True  # a choice among fixed options, e.g. op: upper
+            # A choice among fixed options the goal asks for ("all caps": op upper), not any of them.
+            return isinstance(value, str) and names_choice(norm_goal, value)
         if "default" in schema and schema["default"] == value:
             return True
         if isinstance(value, str) and len(shown) > 12:

@@ -23,7 +23,7 @@ from edgefleet.templates import TemplateCatalog
 from router.goal_planner import GoalPlanner, GoalRefused, PlanTooLong
 from router.plan_candidates import Retriever
 from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values
-from router.plan_schema import anchored, decode, goal_options, plan_schema
+from router.plan_schema import GoalFacts, anchored, decode, goal_options, plan_schema
 from router.plan_trust import TrustCheck, goal_values, unsafe_reason
 from router.planner import Planner
 from tests.model_fixtures import tiny_gguf
@@ -110,8 +110,85 @@ def test_every_plan_schema_compiles_to_a_llama_cpp_grammar(
     options = goal_options(goal, goal_values(goal))
     assert "https://x.example/a?b=1" in options and 'say "hi"' not in options
     schemas.append(plan_schema(plugins, templates, templates.names(), actions, options))
+    # Arguments limited to what the goal can fill (numbers, paths, optional arguments, short lists).
+    schemas.append(
+        plan_schema(plugins, templates, templates.names(), actions, facts=GoalFacts(goal, goal_values(goal)))
+    )
+    photos = "find the 5 sharpest shots in /home/ana/photos and make a video of them"
+    schemas.append(
+        plan_schema(plugins, templates, templates.names(), actions, facts=GoalFacts(photos, goal_values(photos)))
+    )
     for schema in schemas:
         assert _sampler_accepts(vocab, schema), json.dumps(schema)[:300]
+
+
+def _steps_of(schema: dict[str, Any]) -> list[list[list[dict[str, Any]]]]:
+    """Per step count, per position: the step alternatives the grammar offers."""
+    plans = next(a for a in schema["anyOf"] if "steps" in a["properties"])["properties"]["steps"]["anyOf"]
+    return [[position["anyOf"] for position in plan["prefixItems"]] for plan in plans]
+
+
+def test_steps_have_fixed_ids_and_refer_only_to_earlier_steps(
+    catalogue: tuple[PluginCatalog, TemplateCatalog],
+) -> None:
+    plugins, templates = catalogue
+    goal = "pull down https://example.org/page.html and count its words"
+    schema = plan_schema(
+        plugins, templates, [], [("http_fetch", "get"), ("text", "count")], facts=GoalFacts(goal, goal_values(goal))
+    )
+    plans = _steps_of(schema)
+    assert [len(p) for p in plans] == [1, 2]  # as many steps as actions offered, each position spelt out
+    for plan in plans:
+        for index, position in enumerate(plan):
+            assert {alt["properties"]["id"]["const"] for alt in position} == {f"s{index + 1}"}
+            text = json.dumps(position)
+            if index == 0:
+                assert '"ref"' not in text  # SmolLM2 wrote first steps that refer to themselves
+            else:
+                earlier = "|".join(f"s{i + 1}" for i in range(index))
+                assert f"steps[.]({earlier})[.]output" in text and f"s{index + 1})" not in text
+    # A path the goal does not name is not offered on a first step (text.count takes the text then);
+    # later it can only come from an earlier step.
+    first = [alt["properties"]["args"]["properties"] for alt in plans[0][0]]
+    assert {"url": {"enum": ["https://example.org/page.html"]}} in first
+    assert [a for a in first if "path" in a] == [] and any("text" in a for a in first)
+    second = [alt["properties"]["args"]["properties"] for alt in plans[1][1]]
+    assert any(a.get("path", {}).get("required") == ["ref"] for a in second)
+
+
+def test_optional_arguments_only_when_the_goal_names_a_value_for_them(
+    catalogue: tuple[PluginCatalog, TemplateCatalog],
+) -> None:
+    plugins, templates = catalogue
+
+    def first_args(goal: str, action: tuple[str, str]) -> list[dict[str, Any]]:
+        schema = plan_schema(plugins, templates, [], [action], facts=GoalFacts(goal, goal_values(goal)))
+        return [alt["properties"]["args"]["properties"] for alt in _steps_of(schema)[0][0]]
+
+    # "5" fills `best` (the goal says "sharpest": best), not checkpoint_every, which also accepts 5.
+    args = first_args("find the 5 sharpest shots in /home/ana/photos", ("photo_rank", "best_shots"))
+    assert args[0] == {"manifest": {"enum": ["/home/ana/photos"]}, "best": {"enum": [5]}}
+    assert args[1]["images"]["maxItems"] <= 4  # an unbounded list is where a small model loops
+    # Without a number, a camera word or a flag in the goal, only the required source is offered.
+    assert first_args("read the exif of every photo under /home/ana/dcim", ("photo", "classify")) == [
+        {"source": {"enum": ["/home/ana/dcim"]}}
+    ]
+    assert first_args("sort the pictures in /home/ana/photos by camera", ("photo", "classify"))[0]["group_by"] == {
+        "enum": ["camera"]  # the choice the goal asks for
+    }
+    # A commit sha fits `since`; the branch pattern fits every word, so `branch` is left out.
+    args = first_args("are there new commits in /srv/git/app since abc1234?", ("repo_watch", "detect"))
+    assert args == [{"repo": {"enum": ["/srv/git/app"]}, "since": {"enum": ["abc1234"]}}]
+    # Without facts (a client's own schema request) every argument stays.
+    schema = plan_schema(plugins, templates, [], [("photo", "classify")])
+    assert "checkpoint_every" in _steps_of(schema)[0][0][0]["properties"]["args"]["properties"]
+
+
+def test_the_model_is_offered_only_the_candidates_close_to_the_best(retriever: Retriever) -> None:
+    sure = retriever.shortlist("how many words are in 'the quick brown fox jumps over the lazy dog'?")
+    assert [c.name for c in sure.confident().candidates] == ["text.count"] and len(sure.candidates) > 1
+    close = retriever.shortlist("download https://example.com/readme.txt for me")
+    assert [c.name for c in close.confident().candidates][:2] == ["fetch-and-count", "http_fetch.get"]
 
 
 def test_answers_decode_references_and_the_three_shapes() -> None:
@@ -164,7 +241,8 @@ def test_the_trust_check_holds_invented_copied_and_missing_values(
     trusted, why = verdict({"path": "the quick brown fox"})
     assert not trusted and "is not a path the goal names" in why
     trusted, why = verdict({"text": "the quick brown fox", "op": "upper"}, action="transform")
-    assert not trusted and why == "the plan does not use text.count, the best match for the goal"
+    assert not trusted and why.startswith("the plan does not use text.count, the best match for the goal")
+    assert "steps.0.args.op = 'upper' is not something the goal says" in why  # a choice the goal did not ask for
     reverse = "put the words of 'one two three' in reverse order"
     answer = decode(
         {
@@ -181,6 +259,25 @@ def test_the_trust_check_holds_invented_copied_and_missing_values(
     assert trust.check(reverse, retriever.shortlist(reverse), answer).trusted  # an enum value is a choice
     trusted, why = verdict({"text": "the quick brown fox"}, action="generate")
     assert not trusted and "not among the candidates" in why
+    # A list made of a goal's words when the goal names no value: "turn off the lights" is no slideshow.
+    lights = "turn off the lights in the kitchen"
+    answer = decode(
+        {"steps": [{"id": "s1", "plugin": "video", "action": "slideshow", "args": {"images": ["lights", "kitchen"]}}]}
+    )
+    held = trust.check(lights, retriever.shortlist(lights), answer)
+    twice = decode(
+        {
+            "steps": [
+                {"id": f"s{i}", "plugin": "text", "action": "count", "args": {"text": "the quick brown fox"}}
+                for i in (1, 2)
+            ]
+        }
+    )
+    assert trust.check(goal, shortlist, twice).reasons == [
+        "the plan has 2 steps, the goal asks for 1 thing(s)",  # "turn ... into all caps" + a photo resize
+        "step 1 repeats step 0",
+    ]
+    assert not held.trusted and "steps.0.args.images.0 = 'lights' is a list item the goal does not name" in held.reasons
 
 
 def _planner(context: int) -> GoalPlanner:
