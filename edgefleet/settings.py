@@ -268,6 +268,17 @@ class Settings(BaseSettings):
         description="memory one worker process may spend on warm llama_cpp models (about their GGUF "
         "file sizes); least recently used ones are unloaded to stay under it",
     )
+    # --- `edgefleet models pull` (edgefleet/models/pull.py): where GGUF files come from and go ---
+    models_dir: Path | None = Field(
+        default=None, description="folder `edgefleet models pull` saves GGUF files in; unset: <data dir>/models"
+    )
+    model_hub_url: str = Field(
+        default="https://huggingface.co",
+        description="hub an owner/repo/file.gguf name is pulled from (<hub>/<repo>/resolve/<revision>/<file>)",
+    )
+    model_hub_token: SecretStr | None = Field(
+        default=None, description="bearer token for gated hub repositories; sent only to the hub's own host"
+    )
 
     # --- retention: finished jobs do not stay in Redis (or on worker disks) forever ---
     job_retention: float = Field(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli import artifacts, jobs, plugin_commands, schedules, services, tokens
+from edgefleet.cli import artifacts, jobs, models, plugin_commands, schedules, services, tokens
 
 EPILOG = (
     "Client commands find the router at --url, EDGEFLEET_ROUTER_URL or the cluster `edgefleet up` runs, "
@@ -42,6 +42,7 @@ app.command()(jobs.workers)
 app.add_typer(plugin_commands.plugins_app, name="plugins")
 app.add_typer(tokens.tokens_app, name="token")
 app.add_typer(schedules.schedule_app, name="schedule")
+app.add_typer(models.models_app, name="models")
 
 
 def main() -> None:
