@@ -9,7 +9,6 @@ raised, so one broken plugin does not take the others down.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -228,19 +227,13 @@ class PluginCatalog:
 
 
 def builtin_plugin_dir() -> Path:
-    """The folder of the top-level `plugins` package, where the built-in plugins live.
+    """The folder of the `edgefleet.plugins` package, where the built-in plugins live.
 
-    Found without importing it: the core must not depend on the plugins (tests/test_layering.py),
-    and `find_spec` of a top-level name only locates it. That works from a checkout on sys.path,
-    an editable install and a wheel alike; the sibling folder is the fallback for a checkout
-    run from elsewhere without an install.
+    Found by path, not imported: the core must not depend on the plugins (tests/test_layering.py).
+    In a checkout `edgefleet/plugins` links to the top-level `plugins/` folder; resolved, so that
+    a sandbox binds the real folder.
     """
-    spec = importlib.util.find_spec("plugins")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).resolve().parent
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))).resolve()
-    return Path(__file__).resolve().parent.parent / "plugins"
+    return (Path(__file__).parent / "plugins").resolve()
 
 
 # --- args validation ---------------------------------------------------------------------------

@@ -143,8 +143,8 @@ def plan_goals(url: str, goals: list[tuple[str, list[str] | None]]) -> list[Outc
 def baseline(goals: list[tuple[str, list[str] | None]]) -> float:
     """Right-action rate of the retriever's first candidate alone (no model)."""
     from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+    from edgefleet.router.plan_candidates import Retriever
     from edgefleet.templates import TemplateCatalog
-    from router.plan_candidates import Retriever
 
     folders = [builtin_plugin_dir()]
     retriever = Retriever(PluginCatalog.load(folders), TemplateCatalog.load(folders))

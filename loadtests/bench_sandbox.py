@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.store import JobStore
+from edgefleet.workers.sandbox_executors import empty_mirror, show
 from loadtests.harness import TOKEN, BenchStack, start, wait_for, wait_nodes
-from workers.sandbox_executors import empty_mirror, show
 
 NODES = {
     "reuse": {},

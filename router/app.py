@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from edgefleet import __version__
+from edgefleet.router.api import artifacts, discovery, fleet, goals, jobs, join, ops, schedules, webhooks
+from edgefleet.router.errors import error_responses, install_error_handlers
+from edgefleet.router.openapi import install_openapi
+from edgefleet.router.services import RouterServices
 from edgefleet.settings import Settings
-from router.api import artifacts, discovery, fleet, goals, jobs, join, ops, schedules, webhooks
-from router.errors import error_responses, install_error_handlers
-from router.openapi import install_openapi
-from router.services import RouterServices
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

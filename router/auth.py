@@ -9,8 +9,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from edgefleet.router.services import services
 from edgefleet.settings import Scope, Settings
-from router.services import services
 
 
 @dataclass(frozen=True)

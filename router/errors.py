@@ -16,8 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgefleet.schemas import ErrorBody
-from router.submission import (
+from edgefleet.router.submission import (
     IdempotencyConflict,
     InvalidPlan,
     InvalidSubmission,
@@ -25,6 +24,7 @@ from router.submission import (
     PlanRejected,
     SubmissionError,
 )
+from edgefleet.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from typing import Any, cast
 
 import httpx
 
+from edgefleet.router.metrics import FinishWatcher, RouterMetrics, SubmitTimer
 from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from router.metrics import FinishWatcher, RouterMetrics, SubmitTimer
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from edgefleet.models.config import ModelsConfig
 from edgefleet.models.errors import REASON_CONTEXT, NoModelAvailable
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.refs import RefError, find_refs
+from edgefleet.router.plan_candidates import Retriever, Shortlist
+from edgefleet.router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values, repair_message
+from edgefleet.router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, GoalFacts, decode, plan_schema
+from edgefleet.router.plan_trust import TrustCheck, Verdict, goal_values, unsafe_reason
+from edgefleet.router.planner import PlanError, Planner, Problem, pydantic_problems
 from edgefleet.schemas import JobRequest, NodeInfo, Plan, StepSpec
 from edgefleet.templates import TemplateCatalog
-from router.plan_candidates import Retriever, Shortlist
-from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values, repair_message
-from router.plan_schema import MAX_GOAL_STEPS, Answer, AnswerError, GoalFacts, decode, plan_schema
-from router.plan_trust import TrustCheck, Verdict, goal_values, unsafe_reason
-from router.planner import PlanError, Planner, Problem, pydantic_problems
 
 # The most a plan may take; less when the context leaves less (see `_budget`).
 MAX_PLAN_TOKENS = 320

@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
+from edgefleet.router.schedule_firing import ScheduleFirer
+from edgefleet.router.webhooks import WebhookSender, build_guard
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.state import SchedulerState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from router.schedule_firing import ScheduleFirer
-from router.webhooks import WebhookSender, build_guard
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from edgefleet.models.config import ModelsConfig, load_models_config
 from edgefleet.models.factory import build_model_router
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.router.goal_planner import GoalPlanner
+from edgefleet.router.planner import Planner
 from edgefleet.settings import Settings
-from router.goal_planner import GoalPlanner
-from router.planner import Planner
 
 
 class LazyGoalPlanner:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.router.plan_candidates import Shortlist
+from edgefleet.router.plan_schema import GoalFacts, fillable, template_inputs
 from edgefleet.templates import TemplateCatalog
-from router.plan_candidates import Shortlist
-from router.plan_schema import GoalFacts, fillable, template_inputs
 
 # The fixed part (instructions and examples) comes first and the candidates last, so that an
 # in-process model reuses its evaluated prefix from one goal to the next.

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.router.plan_candidates import query_terms, stem, terms
 from edgefleet.templates import TemplateCatalog
-from router.plan_candidates import query_terms, stem, terms
 
 MAX_GOAL_STEPS = 4
 REF_KEY = "ref"

@@ -20,11 +20,11 @@ from typing import Any
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from edgefleet.router.goal_planner import GoalPlan, GoalRefused, PlanTooLong
+from edgefleet.router.plan_holds import HeldPlans, Hold
+from edgefleet.router.planner import PlanError
+from edgefleet.router.submission import Accepted, InvalidPlan, Planned, Submitter
 from edgefleet.schemas import JobRequest, PlannedSubtask, PlanPreview, StepSpec
-from router.goal_planner import GoalPlan, GoalRefused, PlanTooLong
-from router.plan_holds import HeldPlans, Hold
-from router.planner import PlanError
-from router.submission import Accepted, InvalidPlan, Planned, Submitter
 
 # Set while a batch is planned: no one is there to confirm a held plan.
 _IN_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("edgefleet_goal_in_batch", default=False)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.router.plan_candidates import Shortlist, stem, terms
+from edgefleet.router.plan_schema import Answer, goal_parts, names_choice, template_inputs
 from edgefleet.templates import TemplateCatalog
-from router.plan_candidates import Shortlist, stem, terms
-from router.plan_schema import Answer, goal_parts, names_choice, template_inputs
 
 _URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
 _PATH = re.compile(r"(?<![\w:/.])/(?:[\w.@~+-]+/?)+")

@@ -19,11 +19,11 @@ from functools import partial
 
 from redis.exceptions import RedisError
 
+from edgefleet.router.schedule_times import ScheduleClock
+from edgefleet.router.submission import Accepted, SubmissionError, Submitter
 from edgefleet.schedule_schemas import MissedPolicy, ScheduleRequest
 from edgefleet.settings import Settings
 from edgefleet.store.schedules import Claim, ScheduleStore, StoredSchedule
-from router.schedule_times import ScheduleClock
-from router.submission import Accepted, SubmissionError, Submitter
 
 log = logging.getLogger(__name__)
 

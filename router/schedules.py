@@ -11,13 +11,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from edgefleet.router.errors import ApiError
+from edgefleet.router.schedule_times import ScheduleClock, timing_problems
+from edgefleet.router.submission import InvalidPlan, InvalidSubmission, SubmissionError, Submitter, parse_submission
 from edgefleet.schedule_schemas import ScheduleRequest, ScheduleRun, ScheduleStatus
 from edgefleet.schemas import JobRequest
 from edgefleet.settings import Settings
 from edgefleet.store.schedules import ScheduleStore, StoredSchedule
-from router.errors import ApiError
-from router.schedule_times import ScheduleClock, timing_problems
-from router.submission import InvalidPlan, InvalidSubmission, SubmissionError, Submitter, parse_submission
 
 NEXT_SHOWN = 5  # next fire times in a schedule's status
 

@@ -18,6 +18,18 @@ from fastapi import Depends, FastAPI, Request
 from edgefleet.celery_app import create_celery
 from edgefleet.netguard import OutboundGuard
 from edgefleet.plugin_catalog import PluginCatalog
+from edgefleet.router.artifact_service import ArtifactService
+from edgefleet.router.feedback import FeedbackLoop, start_feedback
+from edgefleet.router.loops import RouterLoops
+from edgefleet.router.metrics import RouterMetrics
+from edgefleet.router.model_access import LazyGoalPlanner
+from edgefleet.router.plan_submit import GoalSubmitter
+from edgefleet.router.planner import Planner
+from edgefleet.router.retention import RetentionSweeper
+from edgefleet.router.schedule_firing import ScheduleFirer
+from edgefleet.router.schedules import ScheduleService
+from edgefleet.router.submission import Submitter
+from edgefleet.router.webhooks import build_guard
 from edgefleet.scheduling.affinity import build_affinity
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
@@ -27,18 +39,6 @@ from edgefleet.store import JobStore
 from edgefleet.store.events import JobEventReader
 from edgefleet.store.schedules import ScheduleStore
 from edgefleet.templates import TemplateCatalog
-from router.artifact_service import ArtifactService
-from router.feedback import FeedbackLoop, start_feedback
-from router.loops import RouterLoops
-from router.metrics import RouterMetrics
-from router.model_access import LazyGoalPlanner
-from router.plan_submit import GoalSubmitter
-from router.planner import Planner
-from router.retention import RetentionSweeper
-from router.schedule_firing import ScheduleFirer
-from router.schedules import ScheduleService
-from router.submission import Submitter
-from router.webhooks import build_guard
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,11 @@ from starlette.concurrency import run_in_threadpool
 
 from edgefleet.models.errors import NoModelAvailable
 from edgefleet.netguard import OutboundGuard
+from edgefleet.router.artifact_inputs import artifact_problems
+from edgefleet.router.goal_planner import GoalPlan, GoalPlanError
+from edgefleet.router.model_access import LazyGoalPlanner
+from edgefleet.router.planner import PlanError, Planner, Problem, pydantic_problems
+from edgefleet.router.webhooks import callback_url_problem
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.state import Released
 from edgefleet.schemas import (
@@ -36,11 +41,6 @@ from edgefleet.schemas import (
 )
 from edgefleet.store import JobStore
 from edgefleet.store.jobs import CreateResult, NewJob
-from router.artifact_inputs import artifact_problems
-from router.goal_planner import GoalPlan, GoalPlanError
-from router.model_access import LazyGoalPlanner
-from router.planner import PlanError, Planner, Problem, pydantic_problems
-from router.webhooks import callback_url_problem
 
 IDEMPOTENCY_KEY_MAX = 200
 # Seconds the live nodes read for the capability check serve later submissions (see `nodes_to_check`).

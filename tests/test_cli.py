@@ -280,7 +280,7 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
     children = up.record_children()
     names = " ".join(" ".join(p.cmdline()) for p in children)
     assert "redis-server" in names and "edgefleet router" in names and "edgefleet worker" in names
-    assert "workers.class_worker" in names
+    assert "edgefleet.workers.class_worker" in names
     groups = {os.getpgid(p.pid) for p in children} | {up.proc.pid}
     started = time.monotonic()
     assert up.interrupt(timeout=30) == 0, up.output()

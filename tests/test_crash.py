@@ -46,7 +46,7 @@ def pool_process_running(cluster: Cluster, job_id: str, subtask_id: str) -> psut
             if Path(proc.cwd()) != workspace:
                 continue
             for parent in proc.parents():
-                if "workers.class_worker" in " ".join(parent.cmdline()):
+                if "edgefleet.workers.class_worker" in " ".join(parent.cmdline()):
                     return parent
         except psutil.Error:
             continue

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgefleet.workers.landlock import abi_version
 from tests.conftest import Cluster, RedisServer, free_port
-from workers.landlock import abi_version
 
 pytestmark = pytest.mark.cluster
 

@@ -24,7 +24,7 @@ def class_worker_pids(cluster: Cluster, node: str) -> dict[str, int]:
     return {
         " ".join(p.cmdline()[3:]): p.pid
         for p in supervisor.children()
-        if "workers.class_worker" in " ".join(p.cmdline())
+        if "edgefleet.workers.class_worker" in " ".join(p.cmdline())
     }
 
 
@@ -48,7 +48,7 @@ def pool_child_running(cluster: Cluster, job_id: str, subtask_id: str) -> psutil
     for launcher in launchers_in(workspace):
         try:
             for parent in launcher.parents():
-                if "workers.class_worker" in " ".join(parent.cmdline()):
+                if "edgefleet.workers.class_worker" in " ".join(parent.cmdline()):
                     return parent
         except psutil.Error:
             continue

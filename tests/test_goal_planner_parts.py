@@ -18,14 +18,14 @@ from edgefleet.models.config import ModelsConfig
 from edgefleet.models.router import ModelRouter
 from edgefleet.models.runtime import ModelPool
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.router.goal_planner import GoalPlanner, GoalRefused, PlanTooLong
+from edgefleet.router.plan_candidates import Retriever
+from edgefleet.router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values
+from edgefleet.router.plan_schema import GoalFacts, anchored, decode, goal_options, plan_schema
+from edgefleet.router.plan_trust import TrustCheck, goal_values, unsafe_reason
+from edgefleet.router.planner import Planner
 from edgefleet.settings import Settings
 from edgefleet.templates import TemplateCatalog
-from router.goal_planner import GoalPlanner, GoalRefused, PlanTooLong
-from router.plan_candidates import Retriever
-from router.plan_prompt import EXAMPLES, build_messages, estimate_tokens, example_values
-from router.plan_schema import GoalFacts, anchored, decode, goal_options, plan_schema
-from router.plan_trust import TrustCheck, goal_values, unsafe_reason
-from router.planner import Planner
 from tests.model_fixtures import tiny_gguf
 
 FOLDERS = [builtin_plugin_dir()]
@@ -327,8 +327,8 @@ def test_the_examples_are_valid_answers(catalogue: tuple[PluginCatalog, Template
 
 
 def test_a_dry_run_of_a_goal_says_who_planned_and_why_it_is_held() -> None:
-    from router.goal_planner import GoalPlan
-    from router.plan_submit import GoalPlanned
+    from edgefleet.router.goal_planner import GoalPlan
+    from edgefleet.router.plan_submit import GoalPlanned
 
     planner = _planner(2048)
     goal = "how many words are in 'the quick brown fox'?"

@@ -2,9 +2,14 @@
 
     edgefleet/cli/, edgefleet/__main__.py   the composition root: wires router and workers together
     edgefleet/ (the rest)                   the core: imports none of router, workers, plugins, edgefleet.cli
-    router/                                 the core and itself; never workers
-    workers/                                the core and itself; never router
-    plugins/                                edgefleet's plugin API (pluginkit, plugin_context), stdlib, third-party
+    router/  (edgefleet.router)             the core and itself; never workers
+    workers/ (edgefleet.workers)            the core and itself; never router
+    plugins/ (edgefleet.plugins)            edgefleet's plugin API (pluginkit, plugin_context), stdlib, third-party
+
+The folders router/, workers/ and plugins/ sit at the top of the checkout but are installed under
+the edgefleet namespace (pyproject's package-dir; `edgefleet/router` etc. link to them in a
+checkout), so the bare names `router`, `workers`, `plugins` exist nowhere once installed: an
+import of one is a violation in every layer.
 
 Nothing imports `plugins`: plugin code is loaded from its folder, which the core finds
 without importing it (edgefleet.plugin_catalog.builtin_plugin_dir). Every import counts:
@@ -18,29 +23,39 @@ from __future__ import annotations
 
 import ast
 import itertools
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("edgefleet", "router", "workers", "plugins")
+# The folders installed under the edgefleet namespace (pyproject.toml's package-dir).
+NAMESPACED = ("router", "workers", "plugins")
 COMPOSITION_ROOT = "composition root (edgefleet/cli/)"
 
 # layer -> the module prefixes it must not import, and why (the message a violation prints).
 FORBIDDEN: dict[str, tuple[tuple[str, ...], str]] = {
     "core": (
-        ("router", "workers", "plugins", "edgefleet.cli"),
+        ("edgefleet.router", "edgefleet.workers", "edgefleet.plugins", "edgefleet.cli"),
         "the core (edgefleet/ minus edgefleet/cli/) imports none of router, workers, plugins, edgefleet.cli",
     ),
-    "router": (("workers", "plugins", "edgefleet.cli"), "router imports the core only, never workers"),
-    "workers": (("router", "plugins", "edgefleet.cli"), "workers import the core only, never router"),
+    "router": (
+        ("edgefleet.workers", "edgefleet.plugins", "edgefleet.cli"),
+        "router imports the core only, never workers",
+    ),
+    "workers": (
+        ("edgefleet.router", "edgefleet.plugins", "edgefleet.cli"),
+        "workers import the core only, never router",
+    ),
     "plugins": (
-        ("router", "workers", "plugins", "edgefleet.cli"),
+        ("edgefleet.router", "edgefleet.workers", "edgefleet.plugins", "edgefleet.cli"),
         "a plugin is loaded from its own folder and imports only edgefleet's plugin API, the stdlib and "
         "third-party packages",
     ),
-    COMPOSITION_ROOT: (("plugins",), "plugins are loaded from their folders, never imported"),
+    COMPOSITION_ROOT: (("edgefleet.plugins",), "plugins are loaded from their folders, never imported"),
 }
+BARE_NAME = "not installed under this name: the folder is the package edgefleet.{name}"
 # The part of edgefleet a plugin may import.
 PLUGIN_API = ("edgefleet.pluginkit", "edgefleet.plugin_context")
 DYNAMIC_IMPORTERS = {"import_module", "__import__", "run_module"}
@@ -67,6 +82,8 @@ def layer_of(relative: Path) -> str:
 def module_name(relative: Path) -> tuple[str, str]:
     """(the module's dotted name, the package relative imports start from)."""
     parts = list(relative.with_suffix("").parts)
+    if parts[0] in NAMESPACED:
+        parts.insert(0, "edgefleet")
     if parts[-1] == "__init__":
         parts.pop()
         return ".".join(parts), ".".join(parts)
@@ -122,16 +139,19 @@ def check_file(root: Path, path: Path) -> list[Violation]:
         return [Violation(str(relative), getattr(exc, "lineno", None) or 0, "?", f"cannot parse it: {exc}")]
     _, package = module_name(relative)
     # A plugin's own folder is its package: `from .journal import x` in plugins/photo is fine.
-    own = ".".join(relative.parts[:2]) if layer == "plugins" and len(relative.parts) > 2 else None
+    own = "edgefleet." + ".".join(relative.parts[:2]) if layer == "plugins" and len(relative.parts) > 2 else None
     found: list[Violation] = []
     for line, name in imported_names(tree, package):
         if own is not None and _under(name, (own,)):
             continue
-        if _under(name, forbidden):
+        bare = name.split(".")[0]
+        if bare in NAMESPACED:
+            found.append(Violation(str(relative), line, name, BARE_NAME.format(name=bare)))
+        elif _under(name, forbidden):
             found.append(Violation(str(relative), line, name, why))
         elif layer == "plugins" and name.startswith("edgefleet.") and not _under(name, PLUGIN_API):
             found.append(Violation(str(relative), line, name, f"of edgefleet a plugin imports only {PLUGIN_API}"))
-    # `from router.app import a, b` is one violation, not three.
+    # `from edgefleet.router.app import a, b` is one violation, not three.
     flagged = {(v.line, v.imported) for v in found}
     return [v for v in found if not any((v.line, p) in flagged for p in _parents(v.imported))]
 
@@ -157,6 +177,16 @@ def test_the_import_contract_holds() -> None:
     assert not violations, "the import contract is broken:\n" + "\n".join(map(str, violations))
 
 
+def test_the_design_folders_are_installed_under_edgefleet_only() -> None:
+    """The wheel has one top-level package; the checkout's links give the same names without an install."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["edgefleet*"]
+    assert setuptools["package-dir"] == {f"edgefleet.{name}": name for name in NAMESPACED}
+    for name in NAMESPACED:
+        link = ROOT / "edgefleet" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), f"edgefleet/{name} -> ../{name}"
+
+
 def test_the_check_catches_each_way_of_importing(tmp_path: Path) -> None:
     def write(relative: str, text: str) -> None:
         path = tmp_path / relative
@@ -170,55 +200,61 @@ def test_the_check_catches_each_way_of_importing(tmp_path: Path) -> None:
         "from __future__ import annotations\n"  # 1
         "import importlib\n"  # 2
         "from typing import TYPE_CHECKING\n"  # 3
-        "import router.app\n"  # 4
+        "import edgefleet.router.app\n"  # 4
         "if TYPE_CHECKING:\n"  # 5
-        "    from plugins import text\n"  # 6
+        "    from edgefleet.plugins import text\n"  # 6
         "def later() -> None:\n"  # 7
-        "    from workers import node\n"  # 8
-        "    importlib.import_module('workers.probe')\n"  # 9
-        "    __import__('router')\n"  # 10
+        "    from edgefleet.workers import node\n"  # 8
+        "    importlib.import_module('edgefleet.workers.probe')\n"  # 9
+        "    __import__('router')\n"  # 10: a bare name, in any layer
         "from edgefleet import cli\n"  # 11
-        "CMD = ['python', '-m', 'workers.class_worker']\n"  # 12
+        "CMD = ['python', '-m', 'edgefleet.workers.class_worker']\n"  # 12
         "from edgefleet import schemas\n",  # 13: allowed
     )
     write("edgefleet/models/__init__.py", "from .. import cli\nfrom . import registry\n")
     write("edgefleet/models/deep.py", "from ..cli.up import run_up\nfrom ..settings import Settings\n")
     write("edgefleet/broken.py", "def (:\n")
-    write("edgefleet/cli/__init__.py", "import router.app\nfrom workers.node import NodeSupervisor\n")
-    write("edgefleet/cli/plugin_commands.py", "import plugins\n")
+    write(
+        "edgefleet/cli/__init__.py", "import edgefleet.router.app\nfrom edgefleet.workers.node import NodeSupervisor\n"
+    )
+    write("edgefleet/cli/plugin_commands.py", "import edgefleet.plugins\nfrom workers.node import NodeSupervisor\n")
     write("router/__init__.py", "")
-    write("router/app.py", "import edgefleet.store\nfrom router import planner\nimport workers\n")
+    write("router/app.py", "import edgefleet.store\nfrom edgefleet.router import planner\nimport edgefleet.workers\n")
     write("workers/__init__.py", "")
-    write("workers/node.py", "from . import runner\nfrom router.app import create_app\n")
+    write("workers/node.py", "from . import runner\nfrom edgefleet.router.app import create_app\n")
     write(
         "plugins/text/main.py",
         "import json\nimport PIL\nimport journal\nfrom edgefleet.pluginkit.actions import action\n"
         "from edgefleet.plugin_context import PluginContext\nfrom edgefleet.store import JobStore\n"
-        "from plugins.photo import main\nimport router\nfrom .helpers import tidy\nfrom . import helpers\n",
+        "from edgefleet.plugins.photo import main\nimport router\nfrom .helpers import tidy\nfrom . import helpers\n",
     )
 
     found = {(v.file, v.line, v.imported) for v in check_tree(tmp_path)}
     assert found == {
-        ("edgefleet/bad.py", 4, "router.app"),
-        ("edgefleet/bad.py", 6, "plugins"),
-        ("edgefleet/bad.py", 8, "workers"),
-        ("edgefleet/bad.py", 9, "workers.probe"),
+        ("edgefleet/bad.py", 4, "edgefleet.router.app"),
+        ("edgefleet/bad.py", 6, "edgefleet.plugins"),
+        ("edgefleet/bad.py", 8, "edgefleet.workers"),
+        ("edgefleet/bad.py", 9, "edgefleet.workers.probe"),
         ("edgefleet/bad.py", 10, "router"),
         ("edgefleet/bad.py", 11, "edgefleet.cli"),
-        ("edgefleet/bad.py", 12, "workers.class_worker"),
+        ("edgefleet/bad.py", 12, "edgefleet.workers.class_worker"),
         ("edgefleet/models/__init__.py", 1, "edgefleet.cli"),
         ("edgefleet/models/deep.py", 1, "edgefleet.cli.up"),
         ("edgefleet/broken.py", 1, "?"),
-        ("edgefleet/cli/plugin_commands.py", 1, "plugins"),
-        ("router/app.py", 3, "workers"),
-        ("workers/node.py", 2, "router.app"),
+        ("edgefleet/cli/plugin_commands.py", 1, "edgefleet.plugins"),
+        ("edgefleet/cli/plugin_commands.py", 2, "workers.node"),
+        ("router/app.py", 3, "edgefleet.workers"),
+        ("workers/node.py", 2, "edgefleet.router.app"),
         ("plugins/text/main.py", 6, "edgefleet.store"),
-        ("plugins/text/main.py", 7, "plugins.photo"),
+        ("plugins/text/main.py", 7, "edgefleet.plugins.photo"),
         ("plugins/text/main.py", 8, "router"),
     }
     message = "\n".join(map(str, check_tree(tmp_path)))
-    assert "edgefleet/bad.py:4: imports router.app: the core (edgefleet/ minus edgefleet/cli/)" in message
-    assert "workers/node.py:2: imports router.app: workers import the core only, never router" in message
+    assert "edgefleet/bad.py:4: imports edgefleet.router.app: the core (edgefleet/ minus edgefleet/cli/)" in message
+    assert "workers/node.py:2: imports edgefleet.router.app: workers import the core only, never router" in message
+    assert (
+        "plugins/text/main.py:8: imports router: not installed under this name: the folder is the package " in message
+    )
 
 
 # --- the sealed store -----------------------------------------------------------------------

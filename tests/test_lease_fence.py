@@ -13,8 +13,8 @@ import time
 import pytest
 
 from edgefleet.store.attempts import LEASE_GRACE
+from edgefleet.workers.lease_fence import LeaseFence, LeaseTiming
 from tests.conftest import wait_until
-from workers.lease_fence import LeaseFence, LeaseTiming
 
 
 @pytest.mark.parametrize("ttl", [1.0, 3.0, 10.0, 30.0, 300.0])

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from edgefleet.workers.bench import BenchInput, cpu_score, measure
 from tests.conftest import ADMIN_TOKEN, ROOT, Cluster, wait_until
 from tests.model_fixtures import smollm2_path
-from workers.bench import BenchInput, cpu_score, measure
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and smollm2_path() is not None
 

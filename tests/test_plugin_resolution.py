@@ -17,9 +17,9 @@ from edgefleet import __version__
 from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_manifest import ManifestError
 from edgefleet.plugin_resolution import find_cycles, unmet_binary, unmet_python
+from edgefleet.router.planner import capability_problems
 from edgefleet.schemas import NodeInfo, Plan, PlannedSubtask, ResourceClass
 from edgefleet.settings import Settings
-from router.planner import capability_problems
 from tests.conftest import ADMIN_TOKEN, Cluster, wait_until
 
 CODE = "def run(ctx, action, args):\n    return {'echo': args.get('word', ''), 'attempt': ctx.attempt}\n"

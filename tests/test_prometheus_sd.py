@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from edgefleet.cli.side_services import SD_PATH, host_port, prometheus_config
+from edgefleet.workers.advertise import advertised_metrics_url, route_address
 from tests.conftest import Cluster, FakeInternet, free_port, stop_process, wait_until
-from workers.advertise import advertised_metrics_url, route_address
 
 ROOT = Path(__file__).resolve().parent.parent
 READER_TOKEN = "reader-token"  # tests/conftest.py TOKENS: scope `read` only

@@ -163,7 +163,7 @@ def test_gc_endpoint_works_in_batches(router_only: Cluster) -> None:
 
 def test_workspace_sweep_keeps_running_and_recent_jobs(tmp_path: Path, router_only: Cluster) -> None:
     """The node's sweep on its own: only old folders of jobs finished or unknown to the store go."""
-    from workers.workspace_gc import sweep_workspaces
+    from edgefleet.workers.workspace_gc import sweep_workspaces
 
     root = tmp_path / "workspaces"
     with router_only.client() as http:

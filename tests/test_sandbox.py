@@ -93,7 +93,7 @@ def test_socket_without_network_permission_is_refused(sandbox_cluster: Cluster, 
     if node == "boxed" and HAVE_BWRAP:
         # `network` is the internet, never the host's loopback (its metrics, Redis, the router).
         assert permitted["state"] == "failed", permitted
-        from workers.sandbox_net import network_available
+        from edgefleet.workers.sandbox_net import network_available
 
         expected = "+net=slirp" if network_available() is None else "+net=none"
         assert permitted["subtasks"][0]["isolation"].endswith(expected), permitted["subtasks"][0]

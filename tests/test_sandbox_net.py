@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # also run as a script by the non-root test
     sys.path.insert(0, str(ROOT))
 
-from workers.sandbox_net import (  # noqa: E402
+from edgefleet.workers.sandbox_net import (  # noqa: E402
     DNS,
     GATEWAY,
     RESOLV_CONF,
@@ -371,7 +371,7 @@ def _exited(pid: int) -> bool:
 _OWNER = """
 import os, subprocess, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(sys.argv[1])))
-from workers.sandbox_net import SandboxNetwork, read_child_pid
+from edgefleet.workers.sandbox_net import SandboxNetwork, read_child_pid
 r, w = os.pipe()
 subprocess.Popen(["bwrap", "--unshare-all", "--die-with-parent", "--info-fd", str(w), "--ro-bind", "/", "/",
                   "--proc", "/proc", "--dev", "/dev", "--", "sleep", "60"], pass_fds=[w], user=65534, group=65534,

@@ -10,7 +10,7 @@ from edgefleet.plugin_catalog import LoadedPlugin
 from edgefleet.plugin_manifest import PluginManifest
 from edgefleet.plugin_paths import check_path_argument, grants_for, path_arguments
 from edgefleet.settings import Settings
-from workers.sandbox import SandboxPolicy, bwrap_command
+from edgefleet.workers.sandbox import SandboxPolicy, bwrap_command
 
 ACTION = {"input_schema": {"type": "object", "properties": {"path": {"type": "string", "x-path": "read"}}}}
 

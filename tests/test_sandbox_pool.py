@@ -16,10 +16,10 @@ import pytest
 
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.plugin_manifest import Permission
+from edgefleet.workers.runner import linked_folders
+from edgefleet.workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, bwrap_path
+from edgefleet.workers.sandbox_pool import WarmLaunchers
 from tests.conftest import wait_until
-from workers.runner import linked_folders
-from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, bwrap_path
-from workers.sandbox_pool import WarmLaunchers
 
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
 MODES = ["bwrap", "process"]

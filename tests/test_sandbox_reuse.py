@@ -22,10 +22,10 @@ import pytest
 from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
+from edgefleet.workers.landlock import abi_version
+from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
+from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, wait_until
-from workers.landlock import abi_version
-from workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
-from workers.sandbox_executors import Executor, Executors, Slot, link_slot
 
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
 MODES = ["bwrap", "landlock"]

@@ -120,8 +120,8 @@ def assert_each_fire_time_once(cluster: Cluster, status: dict[str, Any], token: 
 def test_fire_times_jitter_and_time_zones() -> None:
     from datetime import UTC
 
+    from edgefleet.router.schedule_times import ScheduleClock
     from edgefleet.schedule_schemas import ScheduleRequest
-    from router.schedule_times import ScheduleClock
 
     def clock(schedule_id: str, **timing: Any) -> ScheduleClock:
         return ScheduleClock.of(schedule_id, ScheduleRequest.model_validate({"job": JOB, **timing}))
@@ -286,8 +286,8 @@ def test_a_paused_schedule_does_not_fire(router: Cluster) -> None:
 def test_a_claim_whose_router_died_gets_one_job(redis_server: RedisServer, tmp_path: Path) -> None:
     """A claimed fire time with no job (its router died between claim and job) is finished by the
     next tick under the same idempotency key; submitting it again finds that job and makes none."""
+    from edgefleet.router.services import RouterServices
     from edgefleet.schedule_schemas import ScheduleRequest
-    from router.services import RouterServices
 
     settings = Settings(
         redis_url=redis_server.url,

@@ -56,7 +56,7 @@ def test_lua_and_python_spell_every_key_alike(redis_server: RedisServer) -> None
 
 def test_scripts_are_read_when_a_store_is_built_not_on_import(redis_server: RedisServer) -> None:
     probe = (
-        "import edgefleet.store, edgefleet.scheduling.state, router.app, workers.runner\n"
+        "import edgefleet.store, edgefleet.scheduling.state, edgefleet.router.app, edgefleet.workers.runner\n"
         "from edgefleet.store.scripts import read_lua\n"
         "print(read_lua.cache_info().currsize)\n"
         f"edgefleet.store.JobStore.from_url({redis_server.url!r})\n"

@@ -200,7 +200,7 @@ def test_a_command_without_its_extra_says_which_to_install(module: str, args: li
 
 
 def test_a_missing_module_of_edgefleet_itself_is_not_blamed_on_an_extra() -> None:
-    done = _run_blocked("router.app", "router")
+    done = _run_blocked("edgefleet.router.app", "router")
     assert done.returncode != 0 and "extra" not in done.stderr
     assert "ModuleNotFoundError" in done.stderr  # a broken checkout: the real error, not a hint
 

@@ -200,7 +200,7 @@ class NodeBenchmark:
         ).model_dump_json()
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "workers.bench"],
+                [sys.executable, "-m", "edgefleet.workers.bench"],
                 input=payload.encode(),
                 capture_output=True,
                 timeout=timeout,

@@ -23,10 +23,10 @@ from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from workers.metrics import WorkerMetrics
-from workers.model_calls import ModelCallHandler
-from workers.runner import SubtaskRunner
-from workers.store_retry import worker_client
+from edgefleet.workers.metrics import WorkerMetrics
+from edgefleet.workers.model_calls import ModelCallHandler
+from edgefleet.workers.runner import SubtaskRunner
+from edgefleet.workers.store_retry import worker_client
 
 PR_SET_PDEATHSIG = 1
 # A warm model is advertised this long after its last use in some worker process.

@@ -24,14 +24,14 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.schemas import NodeInfo, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from workers import probe
-from workers.advertise import advertised_metrics_url
-from workers.bench import NodeBenchmark, local_models
-from workers.process_watch import ProcessWatch
-from workers.workspace_gc import start_workspace_gc
+from edgefleet.workers import probe
+from edgefleet.workers.advertise import advertised_metrics_url
+from edgefleet.workers.bench import NodeBenchmark, local_models
+from edgefleet.workers.process_watch import ProcessWatch
+from edgefleet.workers.workspace_gc import start_workspace_gc
 
 if TYPE_CHECKING:
-    from workers.metrics import NodeCollector
+    from edgefleet.workers.metrics import NodeCollector
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class NodeSupervisor:
         cmd = [
             sys.executable,
             "-m",
-            "workers.class_worker",
+            "edgefleet.workers.class_worker",
             f"--resource-class={worker.resource_class.value}",
             f"--pool={worker.pool}",
             f"--concurrency={worker.concurrency}",
@@ -309,7 +309,7 @@ class NodeSupervisor:
 
     def node_collector(self) -> NodeCollector:
         """The node's own gauges (CPU, memory, load, GPUs, slots, class workers up)."""
-        from workers.metrics import NodeCollector
+        from edgefleet.workers.metrics import NodeCollector
 
         node = self.settings.node_name
         return NodeCollector(

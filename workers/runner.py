@@ -32,14 +32,14 @@ from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
-from workers.artifacts import ArtifactFailure, NodeArtifacts
-from workers.lease_fence import LeaseFence, LeaseTiming
-from workers.metrics import WorkerMetrics, redelivery_reason
-from workers.model_calls import ModelCallHandler
-from workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
-from workers.sandbox_executors import Executor, Executors, Slot, link_slot
-from workers.sandbox_pool import WarmLaunchers
-from workers.store_retry import TRANSIENT, retry_transient
+from edgefleet.workers.artifacts import ArtifactFailure, NodeArtifacts
+from edgefleet.workers.lease_fence import LeaseFence, LeaseTiming
+from edgefleet.workers.metrics import WorkerMetrics, redelivery_reason
+from edgefleet.workers.model_calls import ModelCallHandler
+from edgefleet.workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
+from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot
+from edgefleet.workers.sandbox_pool import WarmLaunchers
+from edgefleet.workers.store_retry import TRANSIENT, retry_transient
 
 log = logging.getLogger(__name__)
 

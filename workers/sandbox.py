@@ -43,12 +43,11 @@ from typing import TYPE_CHECKING, Any, cast
 import psutil
 
 import edgefleet
-import workers
 from edgefleet.plugin_manifest import Limits, Permission
 from edgefleet.plugin_paths import PathGrants, grants_for
 from edgefleet.settings import Settings
-from workers import sandbox_protocol as protocol
-from workers.sandbox_net import (
+from edgefleet.workers import sandbox_protocol as protocol
+from edgefleet.workers.sandbox_net import (
     RESOLV_CONF,
     SandboxNetwork,
     SandboxNetworkError,
@@ -93,13 +92,15 @@ def bwrap_path() -> str | None:
 
 
 def _code_roots() -> list[Path]:
-    """Where the launcher's own imports live: the edgefleet and workers packages' parents."""
-    roots = {Path(edgefleet.__file__).resolve().parent.parent, Path(workers.__file__).resolve().parent.parent}
-    return sorted(roots)
+    """Where the launcher's own imports live: the folder holding the edgefleet package."""
+    return [Path(edgefleet.__file__).resolve().parent.parent]
 
 
 def _code_packages() -> list[Path]:
-    return sorted({Path(edgefleet.__file__).resolve().parent, Path(workers.__file__).resolve().parent})
+    """The folders the launcher reads code from. In a checkout `edgefleet/workers` is a link to the
+    top-level `workers/` folder (the design card's layout), so the link's target is bound too."""
+    package = Path(edgefleet.__file__).resolve().parent
+    return sorted({package, (package / "workers").resolve()})
 
 
 def _import_path() -> list[str]:
@@ -170,10 +171,10 @@ class SandboxPolicy:
                 )
         abi = 0
         if bwrap is None:
-            from workers.landlock import abi_version
+            from edgefleet.workers.landlock import abi_version
 
             abi = abi_version()
-        from workers.seccomp_filter import available
+        from edgefleet.workers.seccomp_filter import available
 
         seccomp = available()
         if not seccomp:

@@ -52,7 +52,7 @@ import psutil
 
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
-from workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, process_tree
+from edgefleet.workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, process_tree
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
-from workers import sandbox_protocol as protocol
+from edgefleet.workers import sandbox_protocol as protocol
 
 MB = 1024 * 1024
 
@@ -155,7 +155,7 @@ def _drop_capabilities() -> None:
 def _confine_files(rules: dict[str, list[str]] | None) -> None:
     if rules is None:
         return
-    from workers.landlock import restrict
+    from edgefleet.workers.landlock import restrict
 
     restrict(rules["read"], rules["write"], rules["list"])
 
@@ -184,7 +184,7 @@ def _prepare(image: dict[str, Any]) -> Callable[..., Any]:
 def _filter(image: dict[str, Any], *, allow_fork: bool) -> None:
     if not image.get("seccomp", True):
         return
-    from workers.seccomp_filter import install
+    from edgefleet.workers.seccomp_filter import install
 
     permissions = set(image["permissions"])
     networked = bool({"network", "network_lan"} & permissions)
@@ -301,7 +301,7 @@ def main() -> None:
     except BaseException as exc:
         setup_error = f"{type(exc).__name__}: {exc}"
     if image.get("serve") == "many":
-        from workers.sandbox_zygote import serve
+        from edgefleet.workers.sandbox_zygote import serve
 
         serve(stdin, channel, image, function, setup_error, _run_subtask)
         return

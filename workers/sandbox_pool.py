@@ -33,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from edgefleet.settings import Settings
-from workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over
+from edgefleet.workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over
 
 log = logging.getLogger(__name__)
 

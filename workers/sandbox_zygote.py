@@ -21,10 +21,10 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from workers import sandbox_protocol as protocol
+from edgefleet.workers import sandbox_protocol as protocol
 
 if TYPE_CHECKING:
-    from workers.sandbox_launcher import _Channel, _Lines
+    from edgefleet.workers.sandbox_launcher import _Channel, _Lines
 
 CATCHABLE = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 RunSubtask = Callable[["_Channel", dict[str, Any], Callable[..., Any], dict[str, Any], "_Lines"], None]
@@ -74,7 +74,7 @@ def _fork_one(
     spec: dict[str, Any],
     run_subtask: RunSubtask,
 ) -> tuple[int | None, Any]:
-    from workers.sandbox_launcher import _Lines
+    from edgefleet.workers.sandbox_launcher import _Lines
 
     control_read, control_write = os.pipe()
     pid = os.fork()
@@ -136,14 +136,14 @@ def _narrow(image: dict[str, Any], spec: dict[str, Any]) -> None:
     os.close(null)
     rules = image.get("landlock")
     if rules is not None:
-        from workers.landlock import restrict
+        from edgefleet.workers.landlock import restrict
 
         read = [path for path in rules["read"] if path != "/proc"] + ["/proc/self"]
         slots = set(image.get("executor_slots", []))
         write = [spec["workspace"], *(path for path in rules["write"] if path not in slots)]
         restrict(read, write, rules["list"])
     if image.get("seccomp", True):
-        from workers.seccomp_filter import install
+        from edgefleet.workers.seccomp_filter import install
 
         permissions = set(image["permissions"])
         install(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from workers.sandbox_pool import SLOT_DIR
+from edgefleet.workers.sandbox_pool import SLOT_DIR
 
 log = logging.getLogger(__name__)
 

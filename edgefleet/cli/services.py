@@ -41,7 +41,7 @@ def router(
     with require_extra("router", "edgefleet router"):
         import uvicorn
 
-        from router.app import create_app
+        from edgefleet.router.app import create_app
 
     _warn_if_password("--redis-url", redis_url)
     settings = settings_with(router_host=host, router_port=port, redis_url=redis_url)
@@ -85,7 +85,7 @@ def _run_router_workers(settings: Settings, workers: int) -> None:
 
 def router_worker_app() -> Any:
     """One worker process of `router --workers N` (uvicorn imports it by name)."""
-    from router.app import create_app
+    from edgefleet.router.app import create_app
 
     settings = load_settings()
     setup_logging("router", settings.log_level, settings.log_json)
@@ -130,8 +130,8 @@ def worker(
         edgefleet worker --broker redis://:password@nas.lan:6379/0 --classes cpu,io
     """
     with require_extra("worker", "edgefleet worker"):
-        from workers.node import NodeSupervisor
-        from workers.probe import detect_classes
+        from edgefleet.workers.node import NodeSupervisor
+        from edgefleet.workers.probe import detect_classes
 
     if join is not None and broker is not None:
         fail("--broker", "give --broker or --join, not both")
@@ -172,7 +172,7 @@ def _warn_if_password(option: str, url: str | None) -> None:
 def _join(router_url: str, token_file: Path | None, node_name: str | None) -> dict[str, str]:
     """`worker --join`: this box's credentials from the router, checked; one `error:` line and exit 1
     if any part fails, before anything starts."""
-    from workers.join import JoinError, join_cluster, read_token_file
+    from edgefleet.workers.join import JoinError, join_cluster, read_token_file
 
     # Read once, then out of the environment: no class worker or plugin inherits the join token.
     from_env = os.environ.pop("EDGEFLEET_JOIN_TOKEN", None)
@@ -202,7 +202,7 @@ def _join(router_url: str, token_file: Path | None, node_name: str | None) -> di
 
 def _earlier_join() -> dict[str, str]:
     """The credentials an earlier `worker --join` kept on this box, if any."""
-    from workers.join import NODE_ENV_FILE, read_env_file
+    from edgefleet.workers.join import NODE_ENV_FILE, read_env_file
 
     path = load_settings().data_dir / NODE_ENV_FILE
     try:
@@ -272,7 +272,7 @@ def up(
 
     # `up` runs a router: without its extra, say so here rather than in the router's log.
     with require_extra("router", "edgefleet up"):
-        importlib.import_module("router.app")
+        importlib.import_module("edgefleet.router.app")
     chosen = _parse_classes(classes) if classes else None
     settings = load_settings(router_port=port, data_dir=data_dir)
     options = UpOptions(

@@ -20,13 +20,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgefleet.artifact_files import CHUNK, NODE_CREDENTIAL_PREFIX
+from edgefleet.router.artifact_service import ArtifactService, Received, UploadTooLarge
+from edgefleet.router.auth import Principal, ReadPrincipal, SubmitPrincipal, authenticate
+from edgefleet.router.errors import ApiError, error_responses
+from edgefleet.router.services import Services, services
 from edgefleet.schemas import ARTIFACT_ID_PATTERN, ArtifactInfo
 from edgefleet.settings import Scope
 from edgefleet.store.artifacts import ArtifactStore
-from router.artifact_service import ArtifactService, Received, UploadTooLarge
-from router.auth import Principal, ReadPrincipal, SubmitPrincipal, authenticate
-from router.errors import ApiError, error_responses
-from router.services import Services, services
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from edgefleet.router.auth import ReadPrincipal
+from edgefleet.router.services import Services
 from edgefleet.schemas import NodeInfo
-from router.auth import ReadPrincipal
-from router.services import Services
 
 router = APIRouter(tags=["fleet"])
 

@@ -7,12 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from edgefleet.router.auth import AdminPrincipal, ReadPrincipal
+from edgefleet.router.errors import ApiError, error_responses
+from edgefleet.router.request_body import JsonBody
+from edgefleet.router.services import Services
 from edgefleet.scheduling.priority import validate_weights
 from edgefleet.schemas import NodeInfo, ResourceClass, SchedulerWeightsChange
-from router.auth import AdminPrincipal, ReadPrincipal
-from router.errors import ApiError, error_responses
-from router.request_body import JsonBody
-from router.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from edgefleet.router.auth import SubmitPrincipal
+from edgefleet.router.errors import error_body, error_responses
+from edgefleet.router.goal_planner import GoalRefused, PlanTooLong
+from edgefleet.router.plan_submit import GoalHeld, GoalSubmitter, held_body
+from edgefleet.router.services import Services
 from edgefleet.schemas import ErrorBody, JobStatus
-from router.auth import SubmitPrincipal
-from router.errors import error_body, error_responses
-from router.goal_planner import GoalRefused, PlanTooLong
-from router.plan_submit import GoalHeld, GoalSubmitter, held_body
-from router.services import Services
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -9,14 +9,19 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from edgefleet.schemas import ErrorBody, ErrorItem, JobPage, JobRequest, JobState, JobStatus, PlanPreview
-from router.auth import Principal, ReadPrincipal, SubmitPrincipal
-from router.errors import SUBMISSION_ERRORS, ApiError, error_responses
-from router.events import job_event_stream
-from router.openapi import REF_TEMPLATE
-from router.request_body import MAX_JSON_DEPTH, JsonTooDeep, content_type_problem, parse_json, read_limited_body
-from router.services import RouterServices, Services
-from router.submission import (
+from edgefleet.router.auth import Principal, ReadPrincipal, SubmitPrincipal
+from edgefleet.router.errors import SUBMISSION_ERRORS, ApiError, error_responses
+from edgefleet.router.events import job_event_stream
+from edgefleet.router.openapi import REF_TEMPLATE
+from edgefleet.router.request_body import (
+    MAX_JSON_DEPTH,
+    JsonTooDeep,
+    content_type_problem,
+    parse_json,
+    read_limited_body,
+)
+from edgefleet.router.services import RouterServices, Services
+from edgefleet.router.submission import (
     IDEMPOTENCY_KEY_MAX,
     BatchOutcome,
     DryRun,
@@ -24,6 +29,7 @@ from router.submission import (
     parse_batch,
     parse_submission,
 )
+from edgefleet.schemas import ErrorBody, ErrorItem, JobPage, JobRequest, JobState, JobStatus, PlanPreview
 
 CURSOR = r"^\d{1,12}(\.\d{1,9})?_[0-9a-f]{32}$"  # `next_cursor` of a page: <created_at>_<job id>
 STREAM_ID = re.compile(r"\d{1,19}(-\d{1,19})?")  # a Redis stream id, as SSE sends it back

@@ -36,12 +36,12 @@ from edgefleet.node_join import (
     JoinTokenList,
     NodeAccessInfo,
 )
+from edgefleet.router.auth import AdminPrincipal
+from edgefleet.router.errors import ApiError, error_responses
+from edgefleet.router.request_body import JsonBody
+from edgefleet.router.services import RouterServices, Services, services
 from edgefleet.settings import Settings
 from edgefleet.store.acl import JoinRefused, JoinToken, NodeAccessStore
-from router.auth import AdminPrincipal
-from router.errors import ApiError, error_responses
-from router.request_body import JsonBody
-from router.services import RouterServices, Services, services
 
 log = logging.getLogger(__name__)
 

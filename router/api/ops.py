@@ -7,12 +7,12 @@ import logging
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from edgefleet.router.auth import AdminPrincipal, require
+from edgefleet.router.errors import error_responses
+from edgefleet.router.request_body import JsonBody
+from edgefleet.router.services import Services
 from edgefleet.schemas import GcRequest, GcResult
 from edgefleet.settings import Scope
-from router.auth import AdminPrincipal, require
-from router.errors import error_responses
-from router.request_body import JsonBody
-from router.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import ValidationError
 
+from edgefleet.router.api.jobs import _read_json
+from edgefleet.router.auth import ReadPrincipal, SubmitPrincipal
+from edgefleet.router.errors import error_responses
+from edgefleet.router.openapi import REF_TEMPLATE
+from edgefleet.router.planner import pydantic_problems
+from edgefleet.router.services import Services
+from edgefleet.router.submission import InvalidSubmission
 from edgefleet.schedule_schemas import SchedulePage, ScheduleRequest, ScheduleStatus
-from router.api.jobs import _read_json
-from router.auth import ReadPrincipal, SubmitPrincipal
-from router.errors import error_responses
-from router.openapi import REF_TEMPLATE
-from router.planner import pydantic_problems
-from router.services import Services
-from router.submission import InvalidSubmission
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

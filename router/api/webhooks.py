@@ -8,10 +8,10 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from edgefleet.router.auth import Principal, SubmitPrincipal
+from edgefleet.router.services import RouterServices, Services
 from edgefleet.schemas import ErrorBody
 from edgefleet.store.webhooks import WebhookStore
-from router.auth import Principal, SubmitPrincipal
-from router.services import RouterServices, Services
 
 TenantParam = Annotated[
     str | None, Query(min_length=1, max_length=200, description="another tenant's secret (admin only)")
