@@ -6,6 +6,8 @@ its header makes ctransformers crash (SIGSEGV, at times SIGABRT) while loading, 
 current GGUF) is a file it cannot load. Each of those fails its one call; the route's llama_cpp
 model answers. (A file cut inside its weights crashes too, but at a random point: in a call or
 only at exit. A crash in the middle of a call is made exact with a real SIGSEGV instead.)
+A GGML-era GPT-2 file (the unversioned `ggml` format, written here) is what ctransformers is
+for: today's llama.cpp refuses it, ctransformers serves it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,50 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Cut in the key-value header: ggml gives up reading it and then crashes while loading.
     (folder / "cut-header.gguf").write_bytes(data[:4000])
     return {"tiny": tiny, "cut_header": folder / "cut-header.gguf"}
+
+
+def ggml_gpt2(path: Path, *, n_ctx: int = 128, n_embd: int = 32, n_head: int = 4, n_layer: int = 2) -> Path:
+    """A tiny random-weight GPT-2 in the 2023 GGML format of ggml's gpt-2 example (f32, no version).
+
+    Layout: magic "ggml", hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, ftype), the vocabulary
+    (length-prefixed strings), then each tensor: n_dims, name length, type, ne[...], name, data.
+    """
+    import numpy as np
+
+    vocab = list(dict.fromkeys([chr(c) for c in range(32, 127)] + ["hello", " hello", " world", "\n", "User", ":"]))
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<I", 0x67676D6C))
+        out.write(struct.pack("<6i", len(vocab), n_ctx, n_embd, n_head, n_layer, 0))
+        out.write(struct.pack("<i", len(vocab)))
+        for piece in vocab:
+            out.write(struct.pack("<I", len(piece.encode())) + piece.encode())
+
+        def tensor(name: str, *ne: int, fill: float | None = None) -> None:
+            shape = tuple(reversed(ne))  # ggml's ne[0] is the fastest-moving dimension
+            data = np.full(shape, fill, np.float32) if fill is not None else rng.standard_normal(shape) * 0.05
+            out.write(struct.pack(f"<3i{len(ne)}i", len(ne), len(name), 0, *ne) + name.encode())
+            out.write(data.astype(np.float32).tobytes())
+
+        tensor("model/ln_f/g", n_embd, fill=1.0)
+        tensor("model/ln_f/b", n_embd, fill=0.0)
+        tensor("model/wte", n_embd, len(vocab))
+        tensor("model/wpe", n_embd, n_ctx)
+        tensor("model/lm_head", n_embd, len(vocab))
+        for i in range(n_layer):
+            block = f"model/h{i}/"
+            for norm in ("ln_1", "ln_2"):
+                tensor(f"{block}{norm}/g", n_embd, fill=1.0)
+                tensor(f"{block}{norm}/b", n_embd, fill=0.0)
+            for layer, n_in, n_out in (
+                ("attn/c_attn", n_embd, 3 * n_embd),
+                ("attn/c_proj", n_embd, n_embd),
+                ("mlp/c_fc", n_embd, 4 * n_embd),
+                ("mlp/c_proj", 4 * n_embd, n_embd),
+            ):
+                tensor(f"{block}{layer}/w", n_in, n_out)
+                tensor(f"{block}{layer}/b", n_out, fill=0.0)
+    return path
 
 
 def _config(files: dict[str, Path], **routes: Any) -> ModelsConfig:
@@ -236,5 +282,30 @@ def test_a_schema_call_skips_ctransformers_without_opening_its_circuit(files: di
             assert [(a.model, a.reason) for a in answer.fallbacks] == [("ct", "config")]
             assert "JSON schema" in answer.fallbacks[0].detail
         assert router.circuit_state("ct") == "closed"
+    finally:
+        router.pool.close()
+
+
+@needs_ctransformers
+@needs_llama
+@pytest.mark.model
+def test_a_ggml_era_gpt2_file_that_llama_cpp_refuses_is_served_by_ctransformers(tmp_path: Path) -> None:
+    old = ggml_gpt2(tmp_path / "gpt2-ggml.bin")
+    config = ModelsConfig.parse(
+        {
+            "models": {
+                "today": {"backend": "llama_cpp", "path": str(old)},
+                "old": {"backend": "ctransformers", "path": str(old), "model_type": "gpt2", "threads": 1},
+            },
+            "routes": {"generate": {"primary": "today", "fallback": "old"}},
+        }
+    )
+    router = ModelRouter(config, ModelPool(config))
+    try:
+        answer = router.complete("generate", HELLO, max_tokens=5)
+        assert answer.model == "old" and answer.backend == "ctransformers"
+        assert [(a.model, a.reason) for a in answer.fallbacks] == [("today", "error")]
+        assert "could not load" in answer.fallbacks[0].detail
+        assert answer.tokens_in > 0 and 1 <= answer.tokens_out <= 5 and answer.first_token_seconds is not None
     finally:
         router.pool.close()
