@@ -19,6 +19,7 @@ import signal
 import struct
 import termios
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pytest
 from edgefleet.models import ModelError, ModelPool, ModelRouter, ModelsConfig, ModelsConfigError, ModelTimeout
 from edgefleet.models.backends import Completion, make_backend
 from edgefleet.models.ctransformers_backend import CTransformersBackend, describe_exit, render_prompt
-from tests.conftest import wait_until
+from tests.conftest import Cluster, wait_until
 from tests.model_fixtures import smollm2_path, tiny_gguf
 
 HAVE_CTRANSFORMERS = importlib.util.find_spec("ctransformers") is not None
@@ -309,3 +310,37 @@ def test_a_ggml_era_gpt2_file_that_llama_cpp_refuses_is_served_by_ctransformers(
         assert answer.tokens_in > 0 and 1 <= answer.tokens_out <= 5 and answer.first_token_seconds is not None
     finally:
         router.pool.close()
+
+
+@needs_ctransformers
+@needs_llama
+@pytest.mark.model
+@pytest.mark.cluster
+def test_on_a_real_worker_a_crashing_model_fails_over_and_the_worker_lives_on(
+    files: dict[str, Path], cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        f"  crashy: {{backend: ctransformers, path: {files['cut_header']}, model_type: llama, threads: 1}}\n"
+        f"  local: {{backend: llama_cpp, path: {files['tiny']}, threads: 1}}\n"
+        "routes:\n"
+        "  summarize: {primary: crashy, fallback: local}\n"
+    )
+    cluster = cluster_factory(EDGEFLEET_MODELS_FILE=str(models), EDGEFLEET_CPU_CONCURRENCY="1")
+    cluster.start_router()
+    node = cluster.start_node("n1", classes="cpu")
+    cluster.wait_nodes_ready("n1")
+    step = {"id": "sum", "plugin": "llm", "action": "summarize", "args": {"text": "hello world", "max_tokens": 16}}
+    outputs = []
+    for _ in range(2):
+        done = cluster.wait_job(cluster.submit({"steps": [step]})["id"], timeout=120)
+        assert done["state"] == "succeeded", done
+        assert done["subtasks"][0]["attempt"] == 1  # the subtask never lost its worker
+        outputs.append(done["subtasks"][0]["output"])
+    for out in outputs:
+        # Each call crashed a ctransformers child (a new one each time) and fell back.
+        assert out["model"] == "local" and out["fell_back_from"] == [["crashy", "error"]]
+    # One worker process (concurrency 1) served both: its llama_cpp model was still warm.
+    assert outputs[0]["load_seconds"] > 0 and outputs[1]["load_seconds"] == 0
+    assert node.poll() is None

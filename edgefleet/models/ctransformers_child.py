@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import re
+import resource
 import sys
 import time
 from typing import IO, Any
@@ -115,6 +116,8 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # A crash is expected and reported by the parent: no core file (a model's size) left behind.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     llm: Any = None
     for line in sys.stdin:
         if len(line) > MAX_REQUEST_BYTES:
