@@ -56,6 +56,12 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             with hub.lock:
                 hub.requests.append((self.path, self.headers.get("Range")))
+            if self.path == "/elsewhere/x.gguf":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path.startswith("/acme/tiny/resolve/main/"):
                 self.send_response(302)
                 self.send_header("Location", f"/cdn/{self.path.rsplit('/', 1)[-1]}")
@@ -279,3 +285,18 @@ def test_add_refuses_a_taken_name_and_a_layout_it_cannot_edit_safely(tmp_path: P
     fresh = tmp_path / "new.yaml"
     add_to_models_file(fresh, "b", tmp_path / "b b.gguf")
     assert load_models_file(fresh).models["b"].path == str(tmp_path / "b b.gguf")
+
+
+def test_an_http_error_leaves_nothing_behind(hub: Hub, tmp_path: Path) -> None:
+    with pytest.raises(PullError) as failed:
+        pull(f"{hub.base}/missing/{FILE}", tmp_path, retries=0)
+    assert failed.value.field == "url" and "HTTP 404" in failed.value.reason and not failed.value.bad_input
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_redirect_to_another_scheme_is_refused(hub: Hub, tmp_path: Path) -> None:
+    with pytest.raises(PullError) as refused:
+        pull(f"{hub.base}/elsewhere/x.gguf", tmp_path, retries=3, retry_wait=0.0)
+    assert refused.value.field == "url" and "not http(s)" in refused.value.reason
+    assert [p for p, _ in hub.requests] == ["/elsewhere/x.gguf"]  # refused at once, not retried
+    assert list(tmp_path.iterdir()) == []

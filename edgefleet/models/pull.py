@@ -266,18 +266,21 @@ def pull(
         failures = 0
         while True:
             try:
-                done, hub_hashes_now, total_now = _fetch(client, url, part, meta, headers or {}, on_progress)
+                hub_hashes_now, total_now = _fetch(client, url, part, meta, headers or {}, on_progress)
             except _Retry as exc:
                 failures += 1
                 if failures > retries:
                     kept = f"; {part.size} bytes kept in {part_path}: run again to resume" if part.size else ""
+                    _discard_if_empty(part, meta_path)
                     raise PullError("download", f"{exc}{kept}") from None
                 time.sleep(retry_wait * failures)
                 continue
+            except PullError:
+                _discard_if_empty(part, meta_path)
+                raise
             hub_hashes.update(hub_hashes_now)
             total = total_now if total_now is not None else total
-            if done:
-                break
+            break
 
         part.handle.flush()
         os.fsync(part.handle.fileno())
@@ -303,6 +306,12 @@ def pull(
     return PullResult(dest, part.size, digest, url, resumed_from, list(checks))
 
 
+def _discard_if_empty(part: _Part, meta_path: Path) -> None:
+    """A failure before any byte arrived leaves nothing behind (a partial with bytes is kept to resume)."""
+    if part.size == 0:
+        _discard(part.path, meta_path)
+
+
 class _Retry(Exception):
     """This attempt failed in a way another attempt (resuming) may fix."""
 
@@ -314,8 +323,8 @@ def _fetch(
     meta: dict[str, Any],
     extra_headers: dict[str, str],
     on_progress: ProgressCallback | None,
-) -> tuple[bool, dict[str, str], int | None]:
-    """One GET. Returns (finished, hub hashes, total size); raises `_Retry` or `PullError`."""
+) -> tuple[dict[str, str], int | None]:
+    """One GET to the end of the file. Returns (hub hashes, total size); raises `_Retry` or `PullError`."""
     offset = part.size
     headers = {**extra_headers, "Accept-Encoding": "identity"}
     if offset:
@@ -326,15 +335,15 @@ def _fetch(
     try:
         with client.stream("GET", url, headers=headers) as response:
             final_url = str(response.url)
-            if urlsplit(final_url).scheme not in ("http", "https"):
-                raise PullError("url", "redirected to a non-http(s) URL")
+            if urlsplit(url).scheme == "https" and response.url.scheme != "https":
+                raise PullError("url", "redirected from https to plain http: refused")
             status = response.status_code
             hashes = _hub_hashes(response)
             total = _hub_size(response)
             if status == 416 and offset:
                 match = UNSATISFIED_RANGE_RE.match(response.headers.get("content-range", ""))
                 if match and int(match.group(1)) == offset:
-                    return True, hashes, offset  # the partial was already whole
+                    return hashes, offset  # the partial was already whole
                 part.restart()
                 raise _Retry("the server refused to resume the partial download; starting over")
             if status in RETRY_STATUSES:
@@ -372,7 +381,9 @@ def _fetch(
                         )
                 if on_progress is not None:
                     on_progress(part.size, total)
-            return True, hashes, total
+            return hashes, total
+    except httpx.UnsupportedProtocol:
+        raise PullError("url", "redirected to a URL that is not http(s): refused") from None
     except httpx.TransportError as exc:
         raise _Retry(f"connection to {urlsplit(url).hostname} failed: {type(exc).__name__}: {exc}") from None
 
