@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +326,30 @@ def _describe_error(error: ValidationError) -> list[tuple[str, str]]:
     return [(where, _short_message(error))]
 
 
+# Validators of manifest schemas by schema object (kept beside its validator, so that an id is never
+# reused while cached): building one costs as much as the check itself, and a worker checks each
+# subtask's arguments against the same few schemas.
+_VALIDATOR_CACHE_SIZE = 256
+_validators: OrderedDict[int, tuple[dict[str, Any], Draft202012Validator]] = OrderedDict()
+_validators_lock = threading.Lock()
+
+
+def _new_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _validator_for(schema: dict[str, Any]) -> Draft202012Validator:
+    with _validators_lock:
+        cached = _validators.get(id(schema))
+        if cached is not None and cached[0] is schema:
+            return cached[1]
+        validator = _new_validator(schema)
+        _validators[id(schema)] = (schema, validator)
+        while len(_validators) > _VALIDATOR_CACHE_SIZE:
+            _validators.popitem(last=False)
+        return validator
+
+
 def validate_action_args(
     schema: dict[str, Any],
     args: dict[str, Any],
@@ -345,7 +370,7 @@ def validate_action_args(
         schema = copy.deepcopy(schema)
         _accept_unresolved(schema, names)
     try:
-        validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+        validator = _validator_for(schema) if not names else _new_validator(schema)
         errors = list(validator.iter_errors(args))
     except SchemaError as exc:
         return [("args", f"the action's input schema is invalid: {exc.message}")]

@@ -109,15 +109,16 @@ def bench_router_batch(url: str, store: JobStore, n: int, batch_size: int) -> fl
 class Profiler:
     """py-spy `record` on a process (and its children), raw collapsed stacks into `out`."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, rate: int = 100) -> None:
         self.out = out
+        self.rate = rate
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(self, name: str, pid: int, subprocesses: bool = False) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         target = self.out / f"{name}.txt"
         # --gil: only threads holding the GIL, i.e. running Python, not waiting on a lock or a socket.
-        cmd = [spy, "record", "--format", "raw", "--gil", "--rate", "100", "--pid", str(pid), "--output", str(target)]
+        cmd = [spy, "record", "--format", "raw", "--gil", "--rate", str(self.rate), "--pid", str(pid), "--output", str(target)]
         if subprocesses:
             cmd.append("--subprocesses")
         log = open(self.out / f"{name}.py-spy.log", "wb")  # noqa: SIM115 - py-spy holds it while it runs
@@ -249,6 +250,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500, help="jobs per batch request")
     parser.add_argument("--router-workers", type=int, default=1, help="edgefleet router --workers N")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles of router and node into DIR")
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args()
 
     stack = BenchStack(
@@ -281,7 +283,7 @@ def main() -> None:
         profiler = None
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
-            profiler = Profiler(args.profile)
+            profiler = Profiler(args.profile, args.profile_rate)
             profiler.start("router", router_pid, subprocesses=args.router_workers > 1)
             profiler.start("node", stack.procs[-1].pid, subprocesses=True)
         t0 = meter.read()

@@ -123,7 +123,9 @@ class SubtaskRunner:
         self.max_lost = settings.max_lost_attempts
         self.patience = settings.store_outage_patience
         self.launchers = WarmLaunchers.for_settings(settings)
-        self.executors = Executors(settings, self.launchers.policy, settings.effective_workspace_dir)
+        # Computed once: a settings property builds a new Path on every read, several times per subtask.
+        self.workspace_root = settings.effective_workspace_dir
+        self.executors = Executors(settings, self.launchers.policy, self.workspace_root)
         self.artifacts = NodeArtifacts(settings, store)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
@@ -160,7 +162,7 @@ class SubtaskRunner:
         if claim.verdict != "run":
             return self._dropped(env, claim.reason)
         started = time.monotonic()
-        self.metrics.started(env, *self._queued_and_started(env))
+        self.metrics.started(env, claim.queued_at, claim.started_at)
         try:
             outcome = self._execute(
                 env, pid, attempt, claim.args or {}, claim.needs_outputs or {}, claim.checkpoint, claim.tenant
@@ -169,13 +171,6 @@ class SubtaskRunner:
             self.metrics.ended(env)
         self.metrics.observe(env, outcome, time.monotonic() - started)
         return outcome
-
-    def _queued_and_started(self, env: SubtaskEnvelope) -> tuple[float | None, float | None]:
-        """The store's queued_at and started_at of this attempt, for the queue-wait metric."""
-        try:
-            return self.store.attempts.queued_and_started(env)
-        except Exception:
-            return None, None
 
     def _dropped(self, env: SubtaskEnvelope, reason: str) -> str:
         log.info(
@@ -337,7 +332,7 @@ class SubtaskRunner:
         return renew
 
     def _job_dir(self, env: SubtaskEnvelope) -> Path:
-        return self.settings.effective_workspace_dir / env.job_id
+        return self.workspace_root / env.job_id
 
     def _launcher_for(
         self, env: SubtaskEnvelope, image: PluginImage, *, has_inputs: bool

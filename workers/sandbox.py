@@ -148,6 +148,9 @@ class SandboxPolicy:
     landlock_abi: int
     why_same_uid: str = ""
     seccomp: bool = True  # libseccomp present: without it, process creation and sockets stay allowed
+    # image_of's answers by manifest object (kept alive beside its image, so an id is never reused):
+    # working out the grants walks the settings' paths, and a worker asks once per subtask.
+    _images: dict[int, tuple[object, PluginImage]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SandboxPolicy:
@@ -194,6 +197,14 @@ class SandboxPolicy:
         return self.settings.sandbox_max_output_kb * 1024
 
     def image_of(self, plugin: LoadedPlugin) -> PluginImage:
+        cached = self._images.get(id(plugin.manifest))
+        if cached is not None and cached[0] is plugin.manifest and cached[1].folder == plugin.folder:
+            return cached[1]
+        image = self._image_of(plugin)
+        self._images[id(plugin.manifest)] = (plugin.manifest, image)
+        return image
+
+    def _image_of(self, plugin: LoadedPlugin) -> PluginImage:
         manifest = plugin.manifest
         permissions = tuple(manifest.permissions)
         return PluginImage(
@@ -527,21 +538,48 @@ def share_read_only(folder: Path) -> None:
             continue
 
 
-def process_tree(pid: int) -> list[psutil.Process]:
+def process_tree_pids(pid: int) -> list[int]:
     """`pid` and everything below it, read from /proc/<pid>/task/*/children: psutil's
     children(recursive=True) reads every process on the box, milliseconds on a busy one."""
-    found: list[psutil.Process] = []
+    found: list[int] = []
     waiting = [pid]
     while waiting:
         current = waiting.pop()
         try:
-            found.append(psutil.Process(current))
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as f:
                     waiting += [int(child) for child in f.read().split()]
-        except (OSError, psutil.Error):
+        except OSError:
+            continue
+        found.append(current)
+    return found
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """As `process_tree_pids`, as psutil processes (those still there)."""
+    found: list[psutil.Process] = []
+    for current in process_tree_pids(pid):
+        try:
+            found.append(psutil.Process(current))
+        except psutil.Error:
             continue
     return found
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants, from /proc/<pid>/statm (no psutil objects:
+    a worker reads it after every subtask of a reusable executor)."""
+    total = 0
+    for current in process_tree_pids(pid):
+        try:
+            with open(f"/proc/{current}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def folder_size(folder: Path) -> int:

@@ -52,7 +52,7 @@ import psutil
 
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
-from edgefleet.workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, process_tree
+from edgefleet.workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, tree_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,7 @@ class Executor:
         return self.launcher.alive()
 
     def rss_bytes(self) -> int:
-        total = 0
-        for process in process_tree(self.launcher.proc.pid):
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
+        return tree_rss_bytes(self.launcher.proc.pid)
 
     @property
     def exhausted(self) -> bool:

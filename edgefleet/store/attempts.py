@@ -33,6 +33,8 @@ class Claim:
     owner_pid: int | None = None
     checkpoint: Any = None
     tenant: str = ""  # the job's tenant: sandbox executors are never shared across tenants
+    queued_at: float | None = None  # when the attempt was released (the queue-wait metric)
+    started_at: float | None = None  # when it was claimed
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,16 @@ class AttemptStore:
             outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
             checkpoint = json.loads(result[3]) if result[3] else None
             tenant = result[4] if len(result) > 4 else ""
-            return Claim("run", args=json.loads(result[1]), needs_outputs=outputs, checkpoint=checkpoint, tenant=tenant)
+            queued_at, started_at = (result[5], result[6]) if len(result) > 6 else ("", "")
+            return Claim(
+                "run",
+                args=json.loads(result[1]),
+                needs_outputs=outputs,
+                checkpoint=checkpoint,
+                tenant=tenant,
+                queued_at=float(queued_at) if queued_at else None,
+                started_at=float(started_at) if started_at else None,
+            )
         if verdict == "owned":
             return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
         return Claim("drop", reason=result[1])
@@ -177,13 +188,6 @@ class AttemptStore:
     def promote_delayed(self, max_count: int = 500) -> int:
         """Retries whose backoff is over become ready again."""
         return int(self._conn.run("promote_delayed", max_count))
-
-    def queued_and_started(self, env: SubtaskEnvelope) -> tuple[float | None, float | None]:
-        """When the attempt was released and when it was claimed, for the queue-wait metric."""
-        queued, started = self._conn.client.hmget(
-            self._conn.keys.subtask(env.job_id, env.subtask_id), ["queued_at", "started_at"]
-        )
-        return (float(queued) if queued else None, float(started) if started else None)
 
     def running_count(self) -> int:
         """Subtasks holding a lease."""

@@ -62,4 +62,6 @@ if checkpoint ~= '' and not retried then
   event(jid, 'subtask', sid, 'resumed', {attempt = tonumber(attempt),
     checkpoint_at = tonumber(redis.call('HGET', sk, 'checkpoint_at'))})
 end
-return {'run', f[6], cjson.encode(outputs), checkpoint, tenant or ''}
+-- When the attempt was released and claimed go back too (the worker's queue-wait metric): no second call.
+local queued_at, started_at = unpack(redis.call('HMGET', sk, 'queued_at', 'started_at'))
+return {'run', f[6], cjson.encode(outputs), checkpoint, tenant or '', queued_at or '', started_at or ''}
