@@ -104,9 +104,12 @@ def pull(
     err = err_console()
     resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
     checked = f"; checked against {', '.join(result.checked_against)}" if result.checked_against else ""
-    err.print(f"{result.size} bytes, sha256 {result.sha256}{resumed}{checked}")
+    # soft_wrap: a hash or path is never broken across lines (piped stderr is 80 columns to rich).
+    err.print(f"{result.size} bytes, sha256 {result.sha256}{resumed}{checked}", soft_wrap=True)
     if add is not None:
-        err.print(f"added model {add!r} to {settings.models_file}; route a task type to it under routes:")
+        err.print(
+            f"added model {add!r} to {settings.models_file}; route a task type to it under routes:", soft_wrap=True
+        )
 
 
 def _download(
