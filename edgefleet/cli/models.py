@@ -108,7 +108,7 @@ def pull(
     err.print(f"{result.size} bytes, sha256 {result.sha256}{resumed}{checked}", soft_wrap=True)
     if add is not None:
         err.print(
-            f"added model {add!r} to {settings.models_file}; route a task type to it under routes:", soft_wrap=True
+            f"added model {add!r} to {settings.models_file}; name it in a route (routes:) to use it", soft_wrap=True
         )
 
 
