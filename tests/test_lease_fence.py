@@ -64,3 +64,28 @@ def test_a_closed_fence_never_fires() -> None:
     fence.close()
     time.sleep(0.4)
     assert not fired.is_set() and not fence.fired
+
+
+def test_an_armed_fence_counts_its_deadline_from_the_claim_not_from_arming() -> None:
+    fired = threading.Event()
+    leased_at = time.monotonic()
+    timing = LeaseTiming(ttl=0.6, renew_interval=0.1, give_up_after=0.2)
+    fence = LeaseFence(timing, leased_at, fired.set, armed=False)
+    try:
+        time.sleep(0.4)  # past the deadline, but not watching yet: a subtask that ended in time
+        assert not fired.is_set() and not fence.fired
+        fence.arm()
+        wait_until(fired.is_set, 30, what="the armed fence to fire")
+        assert fence.fired_at is not None and fence.fired_at >= leased_at + timing.give_up_after
+        fence.arm()  # once only
+    finally:
+        fence.close()
+
+
+def test_an_unarmed_fence_closes_without_a_thread() -> None:
+    fence = LeaseFence(
+        LeaseTiming(ttl=0.6, renew_interval=0.1, give_up_after=0.2), time.monotonic(), lambda: None, armed=False
+    )
+    fence.close()
+    fence.arm()  # closed: stays unarmed
+    assert not fence.fired

@@ -45,17 +45,30 @@ class LeaseTiming:
 
 
 class LeaseFence:
-    """Calls `kill` once `give_up_after` has passed since the last renewal Redis acknowledged."""
+    """Calls `kill` once `give_up_after` has passed since the last renewal Redis acknowledged.
 
-    def __init__(self, timing: LeaseTiming, leased_at: float, kill: Callable[[], None]) -> None:
+    `armed=False` defers the watching thread to `arm()`: most subtasks end within the first renew
+    interval, and a thread per subtask is a measurable share of a short one's cost. The caller
+    must arm it after at most one bounded wait of at most R (the renew interval), before anything
+    that can block (a renewal); it then still fires at s + TTL - 2R >= s + 4R, its deadline
+    counted from the claim, never from when it was armed."""
+
+    def __init__(self, timing: LeaseTiming, leased_at: float, kill: Callable[[], None], *, armed: bool = True) -> None:
         self.timing = timing
         self._deadline = leased_at + timing.give_up_after
         self._kill = kill
         self._wake = threading.Event()
         self._closed = False
         self.fired_at: float | None = None
-        self._thread = threading.Thread(target=self._watch, name="lease-fence", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if armed:
+            self.arm()
+
+    def arm(self) -> None:
+        """Start watching (once)."""
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._watch, name="lease-fence", daemon=True)
+            self._thread.start()
 
     @property
     def fired(self) -> bool:
@@ -68,7 +81,8 @@ class LeaseFence:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def _watch(self) -> None:
         while not self._closed:

@@ -380,7 +380,7 @@ class SubtaskRunner:
         round, until the lease fence (its own thread) kills the plugin at the give-up time,
         strictly before the store may give the subtask to another box; the attempt then ends
         as lost, recording nothing (the reaper requeues it)."""
-        fence = LeaseFence(self.lease_timing, attempt.leased_at, run.kill)
+        fence = LeaseFence(self.lease_timing, attempt.leased_at, run.kill, armed=False)
         try:
             return self._renew_while_running(env, pid, run, attempt, deadline, fence)
         finally:
@@ -405,6 +405,7 @@ class SubtaskRunner:
                 return "lost"
             if run.wait(min(interval, max(0.0, deadline - time.monotonic()))) and not fence.fired:
                 return "done"
+            fence.arm()  # after one wait of at most R, before a renewal can block (see LeaseFence)
             run.sample()
             if time.monotonic() >= deadline:
                 run.stop("timeout")
