@@ -241,3 +241,30 @@ def test_steps_in_warm_launchers_pass_files_to_later_steps(sandbox_cluster: Clus
         workspaces = sandbox_cluster.workdir / "data" / "workspaces"
         links = [p for p in workspaces.glob("*/write") if p.is_symlink()]
         assert links and all(p.resolve().parent == workspaces / ".sandbox" for p in links)
+
+
+def test_a_killed_process_counts_as_ended_before_anyone_reaps_it() -> None:
+    """A sandbox's killed processes are not the worker's children: the kill path must not wait for
+    whoever inherits them to reap them (a recycled executor held its subtask's result for seconds)."""
+    import signal
+    import subprocess
+    import sys
+
+    from edgefleet.workers.sandbox import wait_ended
+
+    # The parent starts a child and never waits for it: once killed, the child stays a zombie.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+         "print(p.pid, flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        child.send_signal(signal.SIGKILL)
+        # Longer than the test's own timeout: waiting for a reaping that never comes fails the test.
+        wait_ended([child], timeout=3600)
+        assert child.status() == psutil.STATUS_ZOMBIE  # ended, and nobody has reaped it
+    finally:
+        parent.kill()
+        parent.wait()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import stat
@@ -566,6 +567,40 @@ def process_tree(pid: int) -> list[psutil.Process]:
     return found
 
 
+def wait_ended(processes: list[psutil.Process], timeout: float) -> None:
+    """Wait until each process has ended (exited: a zombie counts), at most `timeout` in all.
+
+    Killed processes of a sandbox are not this process's children (bwrap's pid 1 is reparented
+    when bwrap dies), so they stay zombies until whoever inherits them reaps them; psutil's
+    wait_procs waits for the reaping, seconds under an init that reaps slowly, and a recycled
+    executor held its last subtask's result that long. A pidfd becomes readable at the exit."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            if not process.is_running():  # gone, or the pid now names another process
+                continue
+            fd = os.pidfd_open(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+        except (OSError, AttributeError):  # no pidfd (Linux < 5.3): poll the status instead
+            _poll_ended(process, deadline)
+            continue
+        try:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+
+
+def _poll_ended(process: psutil.Process, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.Error:
+            return
+        time.sleep(0.005)
+
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -725,7 +760,7 @@ class LauncherProcess:
                 except psutil.Error:
                     pass
         self.proc.wait()
-        psutil.wait_procs(tree, timeout=10)
+        wait_ended(tree, timeout=10)
         self.release()
 
     def discard(self) -> None:
