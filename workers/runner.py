@@ -29,13 +29,14 @@ import psutil
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, resolve_refs
 from edgefleet.scheduling.dispatch import Dispatcher
-from edgefleet.schemas import SubtaskEnvelope
+from edgefleet.schemas import ResourceClass, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
 from edgefleet.workers.artifacts import ArtifactFailure, NodeArtifacts
 from edgefleet.workers.lease_fence import LeaseFence, LeaseTiming
 from edgefleet.workers.metrics import WorkerMetrics, redelivery_reason
 from edgefleet.workers.model_calls import ModelCallHandler
+from edgefleet.workers.refill import Refiller
 from edgefleet.workers.sandbox import LauncherProcess, LaunchSpec, PluginImage, SandboxedRun
 from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot
 from edgefleet.workers.sandbox_pool import WarmLaunchers
@@ -127,6 +128,7 @@ class SubtaskRunner:
         self.workspace_root = settings.effective_workspace_dir
         self.executors = Executors(settings, self.launchers.policy, self.workspace_root)
         self.artifacts = NodeArtifacts(settings, store)
+        self.refill = Refiller(dispatcher, self.node)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         env = SubtaskEnvelope.model_validate(raw_envelope)
@@ -499,13 +501,10 @@ class SubtaskRunner:
         self._release(completion.ready_classes)
         return outcome
 
-    def _release(self, ready_classes: list[Any]) -> None:
-        """Release what became ready now instead of waiting for the router's loop."""
-        for resource_class in ready_classes:
-            try:
-                self.dispatcher.release(resource_class, freed_on=self.node)
-            except Exception:
-                log.exception("fast-path release failed")
+    def _release(self, ready_classes: list[ResourceClass]) -> None:
+        """Release what became ready now instead of waiting for the router's loop (on the
+        refill thread: the slot's next claim does not wait for it)."""
+        self.refill.request(ready_classes)
 
     def _lost(self, env: SubtaskEnvelope, pid: int, why: str) -> str:
         """A lost attempt: a new one resumes from the checkpoint, whatever `retries` says,
