@@ -43,6 +43,7 @@ def serve(
     # and as a pid namespace's init (bwrap) it takes neither from inside.
     for signum in CATCHABLE:
         signal.signal(signum, signal.SIG_IGN)
+    image = {**image, "seccomp_program": _subtask_filter(image)}
     while line := stdin.next():
         message = json.loads(line)
         if message.get("type") != "run":
@@ -143,13 +144,32 @@ def _narrow(image: dict[str, Any], spec: dict[str, Any]) -> None:
         write = [spec["workspace"], *(path for path in rules["write"] if path not in slots)]
         restrict(read, write, rules["list"])
     if image.get("seccomp", True):
-        from edgefleet.workers.seccomp_filter import install
+        from edgefleet.workers.seccomp_filter import install, load_program
 
-        permissions = set(image["permissions"])
-        install(
-            allow_subprocess="subprocess" in permissions,
-            allow_network=bool({"network", "network_lan"} & permissions),
-        )
+        if image.get("seccomp_program"):
+            load_program(image["seccomp_program"])
+        else:  # compiling it ahead failed: build it here (and fail this subtask if that fails too)
+            install(**_filter_permissions(image))
+
+
+def _filter_permissions(image: dict[str, Any]) -> dict[str, bool]:
+    permissions = set(image["permissions"])
+    return {
+        "allow_subprocess": "subprocess" in permissions,
+        "allow_network": bool({"network", "network_lan"} & permissions),
+    }
+
+
+def _subtask_filter(image: dict[str, Any]) -> bytes | None:
+    """The subtasks' full seccomp filter, compiled once by the executor (see `compile_program`)."""
+    if not image.get("seccomp", True):
+        return None
+    try:
+        from edgefleet.workers.seccomp_filter import compile_program
+
+        return compile_program(**_filter_permissions(image))
+    except Exception:
+        return None
 
 
 def _children() -> list[int]:
