@@ -4,7 +4,9 @@ Both run in one script on the same redis-server and the same worker node, so the
 ratio is meaningful on a noisy machine. Raw Celery sends `edgefleet.probe`
 tasks (one Redis INCR each) to the same `cpu` queue; the router path submits
 over HTTP, plans, stores, releases, claims, runs the sleep plugin and records
-the result. Prints both rates, their ratio and the submit latency percentiles.
+the result. Prints both rates, their ratio, the CPU each path spends per job, how long each
+subtask held its worker slot (claim -> finish, from the job API) and the submit latency
+percentiles.
 
 `--batch` adds a row: the same jobs sent with `POST /v1/jobs:batch` (chunks of
 `--batch-size`) by one client thread. `--router-workers N` runs `router --workers N`.
@@ -64,7 +66,18 @@ def bench_raw_celery(settings: Settings, client: redis.Redis, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def bench_router(url: str, store: JobStore, n: int, threads: int) -> tuple[float, list[float]]:
+def in_slot_ms(url: str, job_ids: list[str]) -> list[float]:
+    """Claim -> finish of each job's subtask, from the API: how long it held its worker slot."""
+    spans: list[float] = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        for job_id in job_ids:
+            for subtask in http.get(f"/v1/jobs/{job_id}").json()["subtasks"]:
+                if subtask.get("started_at") and subtask.get("finished_at"):
+                    spans.append((subtask["finished_at"] - subtask["started_at"]) * 1000)
+    return spans
+
+
+def bench_router(url: str, store: JobStore, n: int, threads: int, job_ids: list[str]) -> tuple[float, list[float]]:
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -83,6 +96,7 @@ def bench_router(url: str, store: JobStore, n: int, threads: int) -> tuple[float
         response.raise_for_status()
         with lock:
             latencies.append(elapsed)
+            job_ids.append(response.json()["id"])
 
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -118,7 +132,19 @@ class Profiler:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         target = self.out / f"{name}.txt"
         # --gil: only threads holding the GIL, i.e. running Python, not waiting on a lock or a socket.
-        cmd = [spy, "record", "--format", "raw", "--gil", "--rate", str(self.rate), "--pid", str(pid), "--output", str(target)]
+        cmd = [
+            spy,
+            "record",
+            "--format",
+            "raw",
+            "--gil",
+            "--rate",
+            str(self.rate),
+            "--pid",
+            str(pid),
+            "--output",
+            str(target),
+        ]
         if subprocesses:
             cmd.append("--subprocesses")
         log = open(self.out / f"{name}.py-spy.log", "wb")  # noqa: SIM115 - py-spy holds it while it runs
@@ -269,12 +295,13 @@ def main() -> None:
         settings = Settings(redis_url=redis_url)
         # Warm both paths (imports, pools, plugin loading) before measuring.
         bench_raw_celery(settings, client, 50)
-        bench_router(stack.url, store, 50, args.client_threads)
+        bench_router(stack.url, store, 50, args.client_threads, [])
         batch_rate = None
         if args.batch:
             bench_router_batch(stack.url, store, 50, args.batch_size)
         meter = CpuMeter({"router": router_pid, "node": stack.procs[-1].pid, "redis": stack.server.pid or 0})
         cpu: dict[str, float] = {}
+        job_ids: list[str] = []
         idle = meter.measure_idle(10.0)
         t0 = meter.read()
         raw_rate = bench_raw_celery(settings, client, args.jobs)
@@ -288,7 +315,7 @@ def main() -> None:
             profiler.start("node", stack.procs[-1].pid, subprocesses=True)
         t0 = meter.read()
         with BusySlots(store) as busy_single:
-            router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads)
+            router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads, job_ids)
         t1 = meter.read()
         cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
@@ -305,6 +332,7 @@ def main() -> None:
         t0 = meter.read()
         raw_rate_again = bench_raw_celery(settings, client, args.jobs)
         cpu["raw again"] = meter.spent(t0, meter.read(), args.jobs, ["bench", "node", "redis"])
+        in_slot = in_slot_ms(stack.url, job_ids)
     finally:
         stack.stop()
     baseline = (raw_rate + raw_rate_again) / 2
@@ -329,6 +357,10 @@ def main() -> None:
         f"busy slots (mean)       single {busy_single.mean:.2f}"
         + (f"  batch {busy_batch.mean:.2f}" if args.batch else "")
         + f"  (of {args.cpu_concurrency})"
+    )
+    print(
+        f"in slot, claim->finish  p50 {statistics.median(in_slot):.1f}  p90 {percentile(in_slot, 0.9):.1f}  "
+        f"max {max(in_slot):.0f} ms; over 100 ms: {sum(1 for v in in_slot if v > 100)} of {len(in_slot)} (single)"
     )
     print("idle CPU (ms/s)         " + ", ".join(f"{part} {rate * 1000:.0f}" for part, rate in idle.items()))
     print(
