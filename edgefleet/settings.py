@@ -376,6 +376,11 @@ class Settings(BaseSettings):
         return self.workspace_dir or (self.data_dir / "workspaces")
 
     @property
+    def effective_models_dir(self) -> Path:
+        """Where `edgefleet models pull` saves GGUF files, and where the default planning route looks."""
+        return self.models_dir or self.data_dir / "models"
+
+    @property
     def plugin_folders(self) -> list[Path]:
         """Every plugin folder in load order: the built-in one, then `plugin_dirs` (first wins a name)."""
         # Imported here so that loading settings does not pull in the catalogue (jsonschema, packaging).

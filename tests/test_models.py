@@ -31,7 +31,7 @@ from edgefleet.models import (
     OpenAIBackend,
     load_models_config,
 )
-from edgefleet.models.config import DEFAULT_TASK_TYPES, resolve_model_path
+from edgefleet.models.config import DEFAULT_TASK_TYPES, default_models_config, resolve_model_path
 from edgefleet.models.metrics import MODEL_CALLS, MODEL_FALLBACKS, MODEL_LOAD_SECONDS, MODEL_TOKENS_OUT
 from edgefleet.settings import Settings
 from tests.model_fixtures import LlamaServer, llama_server_importable, smollm2_path, tiny_gguf
@@ -251,6 +251,40 @@ def test_models_file_from_settings_and_builtin_default(tmp_path: Path, monkeypat
         assert sorted(default.routes) == sorted(DEFAULT_TASK_TYPES)
         assert all(r.chain() == ["smollm2"] for r in default.routes.values())
     assert resolve_model_path("package:no_such_package_edgefleet/x.gguf") is None
+
+
+def test_without_a_models_file_the_largest_pulled_model_plans(tmp_path: Path) -> None:
+    """The planning route defaults to the best local model: the largest GGUF `models pull` saved,
+    with SmolLM2 behind it; the other task types keep SmolLM2."""
+    smollm2 = smollm2_path()
+    smollm2_size = smollm2.stat().st_size if smollm2 is not None else 0
+
+    def gguf(name: str, size: int, magic: bytes = b"GGUF") -> Path:
+        path = tmp_path / name
+        with path.open("wb") as f:
+            f.write(magic)
+            f.truncate(size)  # sparse: only the size and the magic matter to the choice
+        return path
+
+    assert default_models_config(tmp_path / "absent").routes.get("planning") == default_models_config(None).routes.get(
+        "planning"
+    )
+    gguf("small.gguf", smollm2_size // 2 + 8)
+    if smollm2 is not None:  # smaller than SmolLM2: not better than the model that always works
+        assert default_models_config(tmp_path).routes["planning"].chain() == ["smollm2"]
+    big = gguf("qwen2.5-1.5b-instruct-q4_k_m.gguf", smollm2_size + 10_000_000)
+    gguf("bigger-but-not-gguf.gguf", smollm2_size + 20_000_000, magic=b"<htm")
+    gguf("bigger-unfinished.gguf.part", smollm2_size + 30_000_000)
+    config = default_models_config(tmp_path)
+    assert config.models["planner"].resolved_path() == big
+    # What a router or worker reads: the models folder of its settings (where `models pull` saves).
+    assert load_models_config(Settings(models_dir=tmp_path, models_file=None)).models["planner"].resolved_path() == big
+    assert config.models["planner"].context_size == 4096
+    if smollm2 is not None:
+        assert config.routes["planning"].chain() == ["planner", "smollm2"]
+        assert all(config.routes[t].chain() == ["smollm2"] for t in DEFAULT_TASK_TYPES if t != "planning")
+    else:
+        assert all(config.routes[t].chain() == ["planner"] for t in DEFAULT_TASK_TYPES)
 
 
 # -- local models ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def pull(
     settings = load_settings()
     if add is not None and settings.models_file is None:
         fail("--add", "set EDGEFLEET_MODELS_FILE to the models file to register the model in")
-    folder = models_dir or settings.models_dir or settings.data_dir / "models"
+    folder = models_dir or settings.effective_models_dir
     try:
         target, headers = _source(name, url, revision, settings)
         file_name = file_name_for(target, output)

