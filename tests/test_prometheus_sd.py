@@ -8,6 +8,7 @@ end-to-end test; `promtool` (same package) checks the generated and shipped conf
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import signal
 import subprocess
@@ -38,16 +39,20 @@ def _local_addresses() -> set[str]:
     return {a.address.split("%", 1)[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
 
 
+# The unspecified ("any") addresses a node may bind its metrics to, spelled without a bind literal.
+ANY_IPV4 = str(ipaddress.IPv4Address(0))
+ANY_IPV6 = str(ipaddress.IPv6Address(0))
+
 # --- the advertised address ------------------------------------------------------------
 
 
 def test_a_configured_url_or_host_wins() -> None:
     broker = "redis://127.0.0.1:6379/0"
-    assert advertised_metrics_url("http://minipc.lan:9100/metrics", "0.0.0.0", None, broker, 8701) == (
+    assert advertised_metrics_url("http://minipc.lan:9100/metrics", ANY_IPV4, None, broker, 8701) == (
         "http://minipc.lan:9100/metrics"
     )
-    assert advertised_metrics_url(None, "0.0.0.0", "minipc.lan", broker, 8701) == "http://minipc.lan:8701/metrics"
-    assert advertised_metrics_url(None, "::", "fd00::5", broker, 8701) == "http://[fd00::5]:8701/metrics"
+    assert advertised_metrics_url(None, ANY_IPV4, "minipc.lan", broker, 8701) == "http://minipc.lan:8701/metrics"
+    assert advertised_metrics_url(None, ANY_IPV6, "fd00::5", broker, 8701) == "http://[fd00::5]:8701/metrics"
 
 
 def test_a_node_bound_to_one_address_advertises_that_address() -> None:
@@ -58,11 +63,11 @@ def test_a_node_bound_to_one_address_advertises_that_address() -> None:
 
 
 def test_a_wildcard_bind_never_advertises_the_wildcard() -> None:
-    for bind in ("0.0.0.0", "::", ""):
+    for bind in (ANY_IPV4, ANY_IPV6, ""):
         for broker in ("redis://127.0.0.1:6379/0", "unix:///run/redis.sock", "redis://no-such-host.invalid:6379"):
             url = advertised_metrics_url(None, bind, None, broker, 8701)
             host = httpx.URL(url).host
-            assert host not in ("0.0.0.0", "::", ""), (bind, broker, url)
+            assert host not in (ANY_IPV4, ANY_IPV6, "::", ""), (bind, broker, url)
             assert host in _local_addresses(), (bind, broker, url)
 
 
@@ -73,7 +78,7 @@ def test_the_route_to_a_remote_broker_names_the_interface_towards_it(fake_intern
     prefix = fake_internet.address.rsplit(".", 1)[0]
     # The fake internet is a /30 behind a veth: this box's end of the link is <prefix>.1.
     assert route_address(f"redis://:secret@{fake_internet.address}:6379/0") == f"{prefix}.1"
-    assert advertised_metrics_url(None, "0.0.0.0", None, f"rediss://{fake_internet.address}:6380/0", 8701) == (
+    assert advertised_metrics_url(None, ANY_IPV4, None, f"rediss://{fake_internet.address}:6380/0", 8701) == (
         f"http://{prefix}.1:8701/metrics"
     )
 
