@@ -201,6 +201,12 @@ def test_a_crashing_or_unreadable_file_fails_its_call_and_the_route_falls_back(f
         router.pool.close()
 
 
+def _state(pid: int) -> str:
+    """The process state letter of /proc/<pid>/stat (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def _unread_request_bytes(pid: int) -> int:
     """Bytes waiting in the child's stdin pipe (its read end, opened through /proc)."""
     fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
@@ -222,7 +228,10 @@ def test_a_crash_in_the_middle_of_a_call_fails_that_call_and_the_next_one_gets_a
         pid = backend.pid
         assert pid is not None
         # Stopped, the child cannot answer: the call is surely in flight when the segfault lands.
+        # Only once it has really stopped: on a loaded box a child still waking from its read could
+        # take the request in before it stops, and the pipe would never show it.
         os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: _state(pid) == "T", 30, what="the child to stop")
         outcome: list[BaseException | Completion] = []
 
         def call() -> None:
