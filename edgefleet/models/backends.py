@@ -142,7 +142,33 @@ class _Deadline:
             raise ModelTimeout(self.model, f"no complete answer within {self.timeout:g}s ({what})")
 
 
-class LlamaCppBackend:
+class LocalFileBackend:
+    """What the backends that run a model file on this box share: where the file is, whether it is
+    there, and what it costs in memory once loaded."""
+
+    spec: ModelSpec
+    _path: Path | None
+
+    def available(self) -> bool:
+        return self._path is not None and self._path.is_file()
+
+    def memory_bytes(self) -> int:
+        """About what the model costs in memory once loaded: its file size (0 if the file is missing)."""
+        try:
+            return self._path.stat().st_size if self._path is not None else 0
+        except OSError:
+            return 0
+
+    def _model_file(self) -> Path:
+        """The file to load, or `ModelMissing` saying why there is none."""
+        if self._path is None:
+            raise ModelMissing(self.spec.name, f"{self.spec.path}: the package that should hold it is not installed")
+        if not self._path.is_file():
+            raise ModelMissing(self.spec.name, f"model file {self._path} does not exist")
+        return self._path
+
+
+class LlamaCppBackend(LocalFileBackend):
     """A GGUF model run in this process by llama-cpp-python. Not thread-safe: `ModelPool` serialises calls."""
 
     backend = "llama_cpp"
@@ -166,25 +192,12 @@ class LlamaCppBackend:
     def path(self) -> Path | None:
         return self._path
 
-    def available(self) -> bool:
-        return self._path is not None and self._path.is_file()
-
-    def memory_bytes(self) -> int:
-        """About what the model costs in memory once loaded: its file size (0 if the file is missing)."""
-        try:
-            return self._path.stat().st_size if self._path is not None else 0
-        except OSError:
-            return 0
-
     def load(self) -> float:
         """Load the GGUF if not loaded yet; returns the seconds it took (0.0 when already loaded)."""
         if self._llm is not None:
             return 0.0
         name = self.spec.name
-        if self._path is None:
-            raise ModelMissing(name, f"{self.spec.path}: the package that should hold it is not installed")
-        if not self._path.is_file():
-            raise ModelMissing(name, f"model file {self._path} does not exist")
+        path = self._model_file()
         try:
             import llama_cpp
         except ImportError as exc:
@@ -193,7 +206,7 @@ class LlamaCppBackend:
             ) from None
         started = time.perf_counter()
         kwargs: dict[str, Any] = {
-            "model_path": str(self._path),
+            "model_path": str(path),
             "n_ctx": self.spec.context_size,
             "n_gpu_layers": self.spec.gpu_layers,
             "verbose": False,
@@ -205,7 +218,7 @@ class LlamaCppBackend:
         try:
             self._llm = llama_cpp.Llama(**kwargs)
         except Exception as exc:  # llama_cpp raises ValueError/RuntimeError on a bad file
-            raise ModelCallError(name, f"could not load {self._path}: {exc}") from exc
+            raise ModelCallError(name, f"could not load {path}: {exc}") from exc
         seconds = time.perf_counter() - started
         log.info("model loaded", extra={"model": name, "seconds": round(seconds, 3)})
         return seconds

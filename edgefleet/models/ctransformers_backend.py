@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from edgefleet.models.backends import Completion, Message, validate_messages
+from edgefleet.models.backends import Completion, LocalFileBackend, Message, validate_messages
 from edgefleet.models.config import ModelSpec
 from edgefleet.models.errors import (
     ModelCallError,
@@ -186,7 +186,7 @@ class _Child:
                 stream.close()
 
 
-class CTransformersBackend:
+class CTransformersBackend(LocalFileBackend):
     """A model file run by ctransformers in a child process. Not thread-safe: `ModelPool` serialises calls."""
 
     backend = "ctransformers"
@@ -211,25 +211,13 @@ class CTransformersBackend:
         """The child's process id while one runs (None otherwise)."""
         return self._child.proc.pid if self.loaded and self._child is not None else None
 
-    def available(self) -> bool:
-        return self._path is not None and self._path.is_file()
-
-    def memory_bytes(self) -> int:
-        try:
-            return self._path.stat().st_size if self._path is not None else 0
-        except OSError:
-            return 0
-
     def load(self) -> float:
         """Start the child and load the file in it; seconds it took (0.0 when it runs already)."""
         if self.loaded:
             return 0.0
         self._drop_child()
         name = self.spec.name
-        if self._path is None:
-            raise ModelMissing(name, f"{self.spec.path}: the package that should hold it is not installed")
-        if not self._path.is_file():
-            raise ModelMissing(name, f"model file {self._path} does not exist")
+        path = self._model_file()
         if importlib.util.find_spec("ctransformers") is None:
             raise ModelMissing(name, "ctransformers is not installed: pip install 'edgefleet[ctransformers]'")
         started = time.perf_counter()
@@ -244,7 +232,7 @@ class CTransformersBackend:
         child = _Child(proc)
         request = {
             "op": "load",
-            "path": str(self._path),
+            "path": str(path),
             "model_type": self.spec.model_type,
             "context_length": self.spec.context_size,
             "threads": self.spec.threads,
@@ -257,12 +245,12 @@ class CTransformersBackend:
             ended = child.exit_text()
             child.close()
             raise ModelCallError(
-                name, f"could not load {self._path}: the ctransformers child process died ({ended})"
+                name, f"could not load {path}: the ctransformers child process died ({ended})"
             ) from None
         except _Expired:
             child.kill()
             child.close()
-            raise ModelTimeout(name, f"ctransformers did not load {self._path} within {LOAD_TIMEOUT_S:g}s") from None
+            raise ModelTimeout(name, f"ctransformers did not load {path} within {LOAD_TIMEOUT_S:g}s") from None
         if answer.get("event") != "loaded":
             child.close()
             message = str(answer.get("message") or answer)
@@ -272,7 +260,7 @@ class CTransformersBackend:
                 raise ModelMissing(name, message)
             raise ModelCallError(
                 name,
-                f"ctransformers could not load {self._path} as {self.spec.model_type!r}: {message} "
+                f"ctransformers could not load {path} as {self.spec.model_type!r}: {message} "
                 "(its 2023 llama.cpp reads GGML and early GGUF files, not current ones)",
             )
         self._child = child
