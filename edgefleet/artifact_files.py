@@ -25,12 +25,19 @@ NODE_CREDENTIAL_PREFIX = "efnode."
 def sha256_file(path: Path) -> tuple[str, int]:
     """(sha256 hex, size) of a file, read in chunks."""
     digest = hashlib.sha256()
+    size = hash_into(digest, path)
+    return digest.hexdigest(), size
+
+
+def hash_into(digest: hashlib._Hash, path: Path) -> int:
+    """Feed a file to `digest` in chunks (a download resumed from its partial file goes on hashing);
+    returns the bytes read."""
     size = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return digest.hexdigest(), size
+    return size
 
 
 def file_chunks(path: Path, start: int = 0, length: int | None = None) -> Iterator[bytes]:

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import yaml
 
+from edgefleet.artifact_files import hash_into
 from edgefleet.models.config import GGUF_MAGIC
 
 CHUNK_BYTES = 1 << 20
@@ -188,11 +189,7 @@ def _open_part(path: Path) -> Iterator[_Part]:
         except BlockingIOError:
             raise PullError("destination", f"another download is writing {path}") from None
         hasher = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as existing:
-            while chunk := existing.read(CHUNK_BYTES):
-                hasher.update(chunk)
-                size += len(chunk)
+        size = hash_into(hasher, path)
         yield _Part(path, handle, hasher, size)
     finally:
         handle.close()
