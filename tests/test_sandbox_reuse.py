@@ -23,8 +23,18 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
 from edgefleet.workers.landlock import abi_version
-from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxOutcome, SandboxPolicy, bwrap_path
+from edgefleet.workers.sandbox import (
+    LaunchSpec,
+    PluginImage,
+    SandboxedRun,
+    SandboxOutcome,
+    SandboxPolicy,
+    bwrap_path,
+    process_tree_pids,
+    tree_rss_bytes,
+)
 from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot
+from edgefleet.workers.sandbox_zygote import SPARE_NAME
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, wait_until
 
 PLUGINS = Path(__file__).parent / "sandbox_plugins"
@@ -152,6 +162,35 @@ def test_nothing_of_one_subtask_reaches_the_next(box: Box) -> None:
     assert seen["previous"] is False  # the first workspace, by its path: not visible
     assert seen["workspace"] == [".tmp"]
     assert len(seen["beside"]) <= 1  # under bwrap it may list its own folder in the executor root, no other
+
+
+def spares(executor: Executor) -> list[int]:
+    """The processes below an executor that wait, forked, for its next subtask."""
+    found = []
+    for pid in process_tree_pids(executor.launcher.proc.pid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == SPARE_NAME:
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_the_next_subtasks_process_is_forked_ahead_and_counted_once(box: Box) -> None:
+    """Between subtasks an executor holds one spare, forked after the sweep; its pages are the
+    executor's own, so the memory check does not count them twice; it ends with the executor."""
+    first, executor, _ = box.run("marker", "mark", {"text": "one"})
+    wait_until(lambda: len(spares(executor)) == 1, 30, what="a spare forked after the subtask")
+    spare = spares(executor)[0]
+    whole = tree_rss_bytes(executor.launcher.proc.pid)
+    assert 0 < executor.rss_bytes() < whole
+    second, again, _ = box.run("marker", "mark", {"text": "two"})
+    assert again is executor and succeeded(second)["imported"] == succeeded(first)["imported"]
+    assert not psutil.pid_exists(spare) or spare not in spares(executor)  # it became the second subtask
+    wait_until(lambda: len(spares(executor)) == 1, 30, what="the next spare")
+    spare = spares(executor)[0]
+    box.executors.close()
+    wait_until(lambda: not psutil.pid_exists(spare), 30, what="the spare gone with its executor")
 
 
 def test_inputs_appear_read_only_at_their_paths(box: Box) -> None:

@@ -604,12 +604,17 @@ def _poll_ended(process: psutil.Process, deadline: float) -> None:
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def tree_rss_bytes(pid: int) -> int:
+def tree_rss_bytes(pid: int, *, skip_name: str | None = None) -> int:
     """Resident memory of `pid` and its descendants, from /proc/<pid>/statm (no psutil objects:
-    a worker reads it after every subtask of a reusable executor)."""
+    a worker reads it after every subtask of a reusable executor); without the processes named
+    `skip_name` (an executor's spare, whose pages are the executor's own, shared)."""
     total = 0
     for current in process_tree_pids(pid):
         try:
+            if skip_name is not None:
+                with open(f"/proc/{current}/comm") as f:
+                    if f.read().strip() == skip_name:
+                        continue
             with open(f"/proc/{current}/statm") as f:
                 total += int(f.read().split()[1]) * PAGE_SIZE
         except (OSError, IndexError, ValueError):

@@ -53,6 +53,7 @@ import psutil
 from edgefleet.plugin_manifest import Isolation
 from edgefleet.settings import Settings
 from edgefleet.workers.sandbox import LauncherProcess, PluginImage, SandboxPolicy, hand_over, tree_rss_bytes
+from edgefleet.workers.sandbox_zygote import SPARE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Executor:
         return self.launcher.alive()
 
     def rss_bytes(self) -> int:
-        return tree_rss_bytes(self.launcher.proc.pid)
+        return tree_rss_bytes(self.launcher.proc.pid, skip_name=SPARE_NAME)
 
     @property
     def exhausted(self) -> bool:

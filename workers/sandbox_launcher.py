@@ -232,24 +232,43 @@ class _Lines:
         return b"\n" in self._buffer
 
 
+class SubtaskControl:
+    """The worker's messages to a running subtask (cancel, model replies), read on a thread of
+    their own; started before the subtask's `run` message where that can wait for it (an
+    executor's spare), so that the thread's start is not part of the subtask's time."""
+
+    def __init__(self, channel: _Channel, control: _Lines) -> None:
+        self.cancelled = threading.Event()
+        self.models = _ModelCalls(channel, self.cancelled)
+        self._control = control
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while line := self._control.next():
+            message = json.loads(line)
+            if message.get("type") == "cancel":
+                self.cancelled.set()
+            elif message.get("type") == "model_reply":
+                self.models.answer(message)
+        self.cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
+        self.models.abandon()
+
+
 def _run_subtask(
     channel: _Channel, image: dict[str, Any], function: Callable[..., Any], spec: dict[str, Any], control: _Lines
 ) -> None:
     """Run one subtask's action and send its result or error; `control` brings cancel and model replies."""
-    cancelled = threading.Event()
-    models = _ModelCalls(channel, cancelled)
+    run_with_control(channel, function, spec, SubtaskControl(channel, control), image)
 
-    def read_control() -> None:
-        while line := control.next():
-            message = json.loads(line)
-            if message.get("type") == "cancel":
-                cancelled.set()
-            elif message.get("type") == "model_reply":
-                models.answer(message)
-        cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
-        models.abandon()
 
-    threading.Thread(target=read_control, daemon=True).start()
+def run_with_control(
+    channel: _Channel,
+    function: Callable[..., Any],
+    spec: dict[str, Any],
+    control: SubtaskControl,
+    image: dict[str, Any],
+) -> None:
+    cancelled, models = control.cancelled, control.models
     from edgefleet.plugin_context import PluginContext
 
     workspace = Path(spec["workspace"])
@@ -303,7 +322,7 @@ def main() -> None:
     if image.get("serve") == "many":
         from edgefleet.workers.sandbox_zygote import serve
 
-        serve(stdin, channel, image, function, setup_error, _run_subtask)
+        serve(stdin, channel, image, function, setup_error)
         return
     line = stdin.next()
     if not line:

@@ -9,16 +9,29 @@ import, never as an earlier subtask left it. When the child has ended this loop
 kills whatever it left running (the executor is its subreaper, so a daemonised
 grandchild cannot slip away), empties the private `/tmp` (under bwrap), and
 reports `ended` with the child's exit status and resource use.
+
+The fork itself (about a millisecond of page tables here, more for a larger plugin) is
+paid between subtasks, not in one: after reporting `ended`, the loop forks the next
+subtask's process ahead, a spare that waits on a pipe of its own for its `run` message.
+What does not depend on the subtask it does while it waits (the full filter, the thread
+that reads cancels and model replies); its Landlock layer, which names the subtask's
+workspace, only once it has the message. It is forked from the same post-import state a
+fork on demand would be (the executor never runs plugin code), after the sweep and the
+emptying of `/tmp`, so it holds nothing of the subtask before it. While it waits it is
+named `SPARE_NAME`, so that the worker's memory check of the executor does not count the
+pages it shares with it twice.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.workers import sandbox_protocol as protocol
@@ -26,8 +39,11 @@ from edgefleet.workers import sandbox_protocol as protocol
 if TYPE_CHECKING:
     from edgefleet.workers.sandbox_launcher import _Channel, _Lines
 
+# prctl(2) options: the process's name (at most 15 bytes) and its parent-death signal.
+PR_SET_NAME = 15
+PR_SET_PDEATHSIG = 1
+SPARE_NAME = "edgefleet-spare"
 CATCHABLE = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-RunSubtask = Callable[["_Channel", dict[str, Any], Callable[..., Any], dict[str, Any], "_Lines"], None]
 
 
 def serve(
@@ -36,7 +52,6 @@ def serve(
     image: dict[str, Any],
     function: Callable[..., Any],
     setup_error: str,
-    run_subtask: RunSubtask,
 ) -> None:
     """Serve `run` messages one at a time until the worker closes the pipe."""
     # A subtask may signal its executor (same uid): only SIGKILL and SIGSTOP could stop it then,
@@ -44,50 +59,93 @@ def serve(
     for signum in CATCHABLE:
         signal.signal(signum, signal.SIG_IGN)
     image = {**image, "seccomp_program": _subtask_filter(image)}
-    while line := stdin.next():
-        message = json.loads(line)
-        if message.get("type") != "run":
-            continue  # a cancel or model reply that arrived after its subtask ended
-        if setup_error:
-            channel.send(protocol.error("setup", setup_error))
-            channel.send(protocol.ended(None, None, 0.0, 0))
-            return
-        status, usage = _fork_one(stdin, channel, image, function, message, run_subtask)
-        _sweep()
-        if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
-            _empty("/tmp")
-        code = os.waitstatus_to_exitcode(status) if status is not None else None
-        channel.send(
-            protocol.ended(
-                code if code is not None and code >= 0 else None,
-                -code if code is not None and code < 0 else None,
-                usage.ru_utime + usage.ru_stime if usage else 0.0,
-                usage.ru_maxrss if usage else 0,
-            )
+    if sys.platform.startswith("linux"):
+        _libc()
+    # The first subtask's process too is forked ahead, while the executor waits for work.
+    spare = None if setup_error else _fork_spare(channel, image, function)
+    try:
+        while line := stdin.next():
+            message = json.loads(line)
+            if message.get("type") != "run":
+                continue  # a cancel or model reply that arrived after its subtask ended
+            if setup_error:
+                channel.send(protocol.error("setup", setup_error))
+                channel.send(protocol.ended(None, None, 0.0, 0))
+                return
+            if spare is None:
+                spare = _fork_spare(channel, image, function)
+            status, usage = _run_in(spare, stdin, line)
+            spare = None
+            _end_subtask(channel, status, usage)
+            spare = _fork_spare(channel, image, function)
+    finally:
+        if spare is not None:
+            spare.discard()
+
+
+def _end_subtask(channel: _Channel, status: int | None, usage: Any) -> None:
+    """After the subtask's process ended: nothing of it left running or in /tmp, then `ended`."""
+    _sweep()
+    if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
+        _empty("/tmp")
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    channel.send(
+        protocol.ended(
+            code if code is not None and code >= 0 else None,
+            -code if code is not None and code < 0 else None,
+            usage.ru_utime + usage.ru_stime if usage else 0.0,
+            usage.ru_maxrss if usage else 0,
         )
+    )
 
 
-def _fork_one(
-    stdin: _Lines,
-    channel: _Channel,
-    image: dict[str, Any],
-    function: Callable[..., Any],
-    spec: dict[str, Any],
-    run_subtask: RunSubtask,
-) -> tuple[int | None, Any]:
-    from edgefleet.workers.sandbox_launcher import _Lines
+@dataclass
+class _Spare:
+    """A forked process waiting for its subtask's `run` message on its own pipe."""
 
+    pid: int
+    spec: int  # the write end of the pipe its `run` message comes through
+    control: int  # the write end of its control pipe (cancel, model replies)
+
+    def discard(self) -> None:
+        """Not needed any more: the end of its spec pipe makes it exit; reaped here."""
+        os.close(self.spec)
+        os.close(self.control)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _fork_spare(channel: _Channel, image: dict[str, Any], function: Callable[..., Any]) -> _Spare:
+    from edgefleet.workers.sandbox_launcher import SubtaskControl, _Lines, run_with_control
+
+    spec_read, spec_write = os.pipe()
     control_read, control_write = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
-    if pid == 0:  # the subtask's process
+    if pid == 0:  # the next subtask's process
         code = 0
         try:
             for signum in CATCHABLE:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.close(spec_write)
             os.close(control_write)
-            _narrow(image, spec)
-            run_subtask(channel, image, function, spec, _Lines(control_read))
+            _die_with(parent)
+            name = _rename(SPARE_NAME)
+            # What does not depend on the subtask is done before it is known: the full filter,
+            # and the thread that reads the worker's cancel and model replies.
+            _narrow(image)
+            control = SubtaskControl(channel, _Lines(control_read))
+            line = _Lines(spec_read).next()
+            os.close(spec_read)
+            if not line:
+                os._exit(0)  # discarded: the executor is ending
+            _rename(name)
+            spec = json.loads(line)
+            _confine(image, spec)
+            run_with_control(channel, function, spec, control, image)
         except BaseException as exc:  # a setup step of this child failed: the subtask's error
             channel.send(protocol.error("exception", f"{type(exc).__name__}: {exc}"))
             code = 1
@@ -98,14 +156,25 @@ def _fork_one(
                 except (OSError, ValueError):
                     pass
             os._exit(code)
+    os.close(spec_read)
     os.close(control_read)
-    child = os.pidfd_open(pid)
+    return _Spare(pid, spec_write, control_write)
+
+
+def _run_in(spare: _Spare, stdin: _Lines, line: str) -> tuple[int | None, Any]:
+    """Hand the `run` message to the spare and relay to it until it ends."""
+    child = os.pidfd_open(spare.pid)
     try:
-        _relay(stdin, child, control_write, pid)
+        try:
+            os.write(spare.spec, line.encode())
+        except OSError:
+            pass  # it died waiting (killed from outside): its exit status says so
+        os.close(spare.spec)
+        _relay(stdin, child, spare.control, spare.pid)
     finally:
-        os.close(control_write)
+        os.close(spare.control)
         os.close(child)
-    _, status, usage = os.wait4(pid, 0)
+    _, status, usage = os.wait4(spare.pid, 0)
     return status, usage
 
 
@@ -125,16 +194,53 @@ def _relay(stdin: _Lines, child: int, control: int, pid: int) -> None:
             pass  # the child closed its end while ending
 
 
-def _narrow(image: dict[str, Any], spec: dict[str, Any]) -> None:
-    """In the child, before the subtask's code: die with the executor, no stdin, the full filter,
-    and under Landlock a layer of its own (its workspace, its own /proc entry)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+@functools.cache
+def _libc() -> Any:
+    """Loaded once, by the executor: its forks inherit it instead of each loading it again."""
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    if sys.platform.startswith("linux"):
+        _libc().prctl(option, value)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the executor ends (and now, if it ended before this could be asked)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _rename(name: str) -> str:
+    """Set this process's name (/proc/<pid>/comm); the one it had."""
+    try:
+        with open("/proc/self/comm") as f:
+            before = f.read().strip()
+    except OSError:
+        return name
+    _prctl(PR_SET_NAME, name.encode()[:15])
+    return before
+
+
+def _narrow(image: dict[str, Any]) -> None:
+    """In the child, before its subtask is known: no stdin, the full filter."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    if image.get("seccomp", True):
+        from edgefleet.workers.seccomp_filter import install, load_program
+
+        if image.get("seccomp_program"):
+            load_program(image["seccomp_program"])
+        else:  # compiling it ahead failed: build it here (and fail this subtask if that fails too)
+            install(**_filter_permissions(image))
+
+
+def _confine(image: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Under Landlock, a layer of the child's own: its workspace, its own /proc entry."""
     rules = image.get("landlock")
     if rules is not None:
         from edgefleet.workers.landlock import restrict
@@ -143,13 +249,6 @@ def _narrow(image: dict[str, Any], spec: dict[str, Any]) -> None:
         slots = set(image.get("executor_slots", []))
         write = [spec["workspace"], *(path for path in rules["write"] if path not in slots)]
         restrict(read, write, rules["list"])
-    if image.get("seccomp", True):
-        from edgefleet.workers.seccomp_filter import install, load_program
-
-        if image.get("seccomp_program"):
-            load_program(image["seccomp_program"])
-        else:  # compiling it ahead failed: build it here (and fail this subtask if that fails too)
-            install(**_filter_permissions(image))
 
 
 def _filter_permissions(image: dict[str, Any]) -> dict[str, bool]:
