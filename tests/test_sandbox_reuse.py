@@ -224,9 +224,46 @@ def test_what_a_subtask_started_does_not_outlive_it(box: Box) -> None:
     alive, again, _ = box.run("spawner", "alive", {"pid": pid})
     assert again is executor
     assert succeeded(alive) == {"alive": False}
+    # The next subtask's process, forked ahead, waits there, and nothing else: Landlock: the
+    # executor alone; bwrap: the executor, its pid namespace's init, below bwrap.
+    wait_until(lambda: len(spares(executor)) == 1, 30, what="the next subtask's process forked")
     below = [p for p in psutil.Process(executor.pid).children(recursive=True) if p.status() != "zombie"]
-    # Landlock: the executor alone; bwrap: the executor, its pid namespace's init, below bwrap.
-    assert len(below) == (1 if box.policy.bwrap else 0), below
+    assert len([p for p in below if p.pid not in spares(executor)]) == (1 if box.policy.bwrap else 0), below
+
+
+def test_a_cancel_reaches_the_plugin_and_the_executor_lives_on(box: Box) -> None:
+    """The subtask's process reads the worker's cancel when the plugin asks (ctx.sleep does):
+    it stops by itself, well inside the kill grace, so its executor is not killed."""
+    sleep = PluginCatalog.load(box.settings.plugin_folders).get("sleep")
+    assert sleep is not None
+    executor, _ = box.executors.take(box.policy.image_of(sleep), "alice")
+    job_dir = box.settings.effective_workspace_dir / "napping"
+    slot = executor.open_slot(link_slot(box.settings.effective_workspace_dir, job_dir, "step"), [])
+    run = SandboxedRun(
+        LaunchSpec(
+            image=executor.launcher.image,
+            action="sleep",
+            args={"seconds": 600},
+            job_id=job_dir.name,
+            subtask_id="step",
+            attempt=1,
+            workspace=slot.workspace,
+            job_dir=job_dir,
+            timeout=900,
+            folder=slot.folder,
+        ),
+        executor.launcher,
+        on_progress=lambda *_: None,
+        on_checkpoint=lambda _: None,
+        kill_grace=120,  # longer than the test's timeout: only the plugin's own stop passes
+    )
+    run.start()
+    assert not run.wait(0.5)
+    run.stop("cancelled")
+    assert run.outcome().outcome == "cancelled"
+    assert executor.alive(), "the plugin did not stop by itself: its executor was killed"
+    executor.close_slot(slot)
+    box.executors.give_back(executor, reusable=True)
 
 
 def test_a_failure_recycles_the_executor(box: Box) -> None:

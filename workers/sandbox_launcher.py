@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import sys
 import threading
 import time
@@ -64,9 +65,9 @@ def _set_limits(limits: dict[str, Any], allow_subprocess: bool, extra_processes:
 class _ModelCalls:
     """ctx.model(...) calls: the worker process holds the warm models and makes the call."""
 
-    def __init__(self, channel: _Channel, cancelled: threading.Event) -> None:
+    def __init__(self, channel: _Channel, control: SubtaskControl) -> None:
         self._channel = channel
-        self._cancelled = cancelled
+        self._control = control
         self._lock = threading.Lock()
         self._next = 0
         self._waiting: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
@@ -78,8 +79,9 @@ class _ModelCalls:
             done, box = threading.Event(), cast(list[dict[str, Any]], [])
             self._waiting[call_id] = (done, box)
         self._channel.send(cast(protocol.ModelCall, {"type": "model_call", "id": call_id, **request}))
-        while not done.wait(0.2):
-            if self._cancelled.is_set():
+        while not done.is_set():
+            self._control.poll(0.2)
+            if self._control.cancelled.is_set() and not done.is_set():
                 return {"ok": False, "error": "subtask cancelled while waiting for the model"}
         return box[0]
 
@@ -233,25 +235,44 @@ class _Lines:
 
 
 class SubtaskControl:
-    """The worker's messages to a running subtask (cancel, model replies), read on a thread of
-    their own; started before the subtask's `run` message where that can wait for it (an
-    executor's spare), so that the thread's start is not part of the subtask's time."""
+    """The worker's messages to a running subtask (cancel, model replies), read when the plugin
+    asks (is it cancelled? a model call waiting for its reply), not by a thread: a thread's start
+    in a freshly forked process costs more CPU than a short subtask's whole run."""
 
     def __init__(self, channel: _Channel, control: _Lines) -> None:
         self.cancelled = threading.Event()
-        self.models = _ModelCalls(channel, self.cancelled)
+        self.models = _ModelCalls(channel, self)
         self._control = control
-        threading.Thread(target=self._read, daemon=True).start()
+        self._lock = threading.Lock()
+        self._closed = False
 
-    def _read(self) -> None:
-        while line := self._control.next():
-            message = json.loads(line)
-            if message.get("type") == "cancel":
-                self.cancelled.set()
-            elif message.get("type") == "model_reply":
-                self.models.answer(message)
-        self.cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
-        self.models.abandon()
+    def is_cancelled(self) -> bool:
+        self.poll(0.0)
+        return self.cancelled.is_set()
+
+    def poll(self, timeout: float) -> None:
+        """Handle the messages that have arrived, waiting up to `timeout` seconds for the first."""
+        with self._lock:
+            if self._closed:
+                return
+            if not self._control.pending() and not select.select([self._control.fd], [], [], timeout)[0]:
+                return
+            while True:
+                line = self._control.next()
+                if not line:
+                    self._closed = True
+                    self.cancelled.set()  # the parent closed the pipe: it is gone or wants us gone
+                    self.models.abandon()
+                    return
+                self._handle(json.loads(line))
+                if not self._control.pending() and not select.select([self._control.fd], [], [], 0)[0]:
+                    return
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "cancel":
+            self.cancelled.set()
+        elif message.get("type") == "model_reply":
+            self.models.answer(message)
 
 
 def _run_subtask(
@@ -268,7 +289,6 @@ def run_with_control(
     control: SubtaskControl,
     image: dict[str, Any],
 ) -> None:
-    cancelled, models = control.cancelled, control.models
     from edgefleet.plugin_context import PluginContext
 
     workspace = Path(spec["workspace"])
@@ -279,11 +299,11 @@ def run_with_control(
         attempt=spec["attempt"],
         workspace=workspace,
         deadline=time.monotonic() + float(spec["timeout"]),
-        is_cancelled=cancelled.is_set,
+        is_cancelled=control.is_cancelled,
         report_progress=lambda f, m: channel.send(protocol.progress(f, m)),
         save_checkpoint=lambda state: channel.send(protocol.checkpoint(state)),
         checkpoint=spec.get("checkpoint"),
-        model_call=models.call,
+        model_call=control.models.call,
     )
     try:
         output = function(ctx, spec["action"], spec["args"])
