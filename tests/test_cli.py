@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,9 +284,7 @@ def test_up_submit_status_and_clean_shutdown(up_factory: callable, tmp_path: Pat
     assert "redis-server" in names and "edgefleet router" in names and "edgefleet worker" in names
     assert "edgefleet.workers.class_worker" in names
     groups = {os.getpgid(p.pid) for p in children} | {up.proc.pid}
-    started = time.monotonic()
     assert up.interrupt(timeout=30) == 0, up.output()
-    assert time.monotonic() - started < 30
     wait_until(lambda: not any(_alive(p) for p in children), 5, what="children to be gone")
     assert _processes_in_groups(groups) == []
     assert "stopped" in up.output()

@@ -257,7 +257,6 @@ def test_ci_pipeline_end_to_end(cluster_factory: Callable[..., Cluster], git_rep
     assert "25.0%" in body["text"]
 
     # The next run passes the head it saw as `since`: nothing new, nothing run, no alert.
-    started = time.monotonic()
     again = cluster.wait_job(
         cluster.submit({"template": "ci-pipeline", "inputs": {**inputs, "since": detect["head"]}})["id"], timeout=60
     )
@@ -270,7 +269,6 @@ def test_ci_pipeline_end_to_end(cluster_factory: Callable[..., Cluster], git_rep
     assert "No new commits" in Path(out2["report"]["path"]).read_text()
     assert out2["alert"] == {"alerted": False, "reason": "no new commits", "status": None, "url": webhook.url}
     assert len(webhook.received) == 1
-    assert time.monotonic() - started < 30
 
 
 # --- manifests and template ------------------------------------------------------------------
@@ -395,14 +393,13 @@ def test_pytest_step_stops_a_hanging_suite_at_its_timeout(catalog: PluginCatalog
         tmp_path / "src.tar",
         {
             "tests/test_fast.py": "def test_ok():\n    assert True\n",
-            "tests/test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(120)\n",
+            "tests/test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(600)\n",
         },
     )
-    started = time.monotonic()
     # 10 s: time for the inner pytest to start and pass test_fast even on a loaded box (3 s was not,
-    # with the suite on 3 processes); the bound rules out waiting for the 120 s hang.
+    # with the suite on 3 processes). The hang outlasts the test timeout (180 s): returning at all
+    # rules out waiting for it.
     out = plugin(catalog, "ci_tests")(make_ctx(tmp_path / "tests"), "pytest", {"archive": str(archive), "timeout": 10})
-    assert time.monotonic() - started < 60
     assert out["timed_out"] is True and out["completed"] is False and out["ok"] is False
     assert "timed out after 10 s" in out["message"]
     # Interrupted, pytest still wrote what it had: the test that ran before the hang passed.
@@ -412,14 +409,13 @@ def test_pytest_step_stops_a_hanging_suite_at_its_timeout(catalog: PluginCatalog
 
 def test_pytest_step_is_cancellable(catalog: PluginCatalog, tmp_path: Path) -> None:
     archive = make_tar(
-        tmp_path / "src.tar", {"test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(120)\n"}
+        tmp_path / "src.tar", {"test_slow.py": "import time\n\n\ndef test_hangs():\n    time.sleep(600)\n"}
     )
     cancel = threading.Event()
     threading.Timer(1.5, cancel.set).start()
-    started = time.monotonic()
+    # The hang outlasts the test timeout (180 s): returning at all means the cancel stopped it.
     with pytest.raises(SubtaskCancelled):
         plugin(catalog, "ci_tests")(make_ctx(tmp_path / "tests", cancel=cancel), "pytest", {"archive": str(archive)})
-    assert time.monotonic() - started < 10
     assert processes_in(tmp_path / "tests") == []
 
 
