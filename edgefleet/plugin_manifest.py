@@ -133,6 +133,12 @@ class Isolation(str, Enum):
     # state that must not outlive one subtask (a model loaded for one tenant's settings, a
     # cache filled at import time from the first caller's data).
     per_attempt = "per_attempt"
+    # Like `executor`, but the subtasks run in the executor's own process, one after another, so
+    # module globals persist between them: for plugins that keep none that matter (a pure
+    # function of its arguments and files), where the fork is most of a short subtask's cost.
+    # Workspace, /tmp, processes and threads of one subtask still never reach the next; only
+    # under bubblewrap (elsewhere it runs as `executor`). See workers/sandbox_shared.py.
+    shared = "shared"
 
 
 ANY_VERSION = ("", "*")  # "*" is accepted as "any version", as in other package managers
@@ -210,7 +216,9 @@ class PluginManifest(BaseModel):
     permissions: list[Permission] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
     isolation: Isolation = Field(
-        default=Isolation.executor, description="executor: reused for later subtasks; per_attempt: never"
+        default=Isolation.executor,
+        description="executor: reused for later subtasks, a process forked per subtask; "
+        "shared: reused, subtasks in its own process (module globals persist); per_attempt: never",
     )
 
     def allows(self, permission: Permission) -> bool:

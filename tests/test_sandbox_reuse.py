@@ -266,6 +266,55 @@ def test_a_cancel_reaches_the_plugin_and_the_executor_lives_on(box: Box) -> None
     box.executors.give_back(executor, reusable=True)
 
 
+def test_a_shared_plugin_runs_its_subtasks_in_the_executors_own_process(box: Box) -> None:
+    """`isolation: shared`: module globals persist (the plugin's choice); workspace and /tmp do not."""
+    first, executor, _ = box.run("sharer", "mark", {"text": "s1"})
+    mark = succeeded(first)
+    looked, again, _ = box.run("sharer", "look", {"text": "s1", "previous": mark["workspace"]})
+    assert again is executor
+    seen = succeeded(looked)
+    assert seen["tmp"] == [] and seen["tmpdir"] == [] and seen["previous"] is False
+    assert seen["workspace"] == [".tmp"]
+    if box.policy.bwrap:
+        assert seen["pid"] == mark["pid"] and seen["marks"] == ["s1"]
+        assert looked.isolation.endswith("+shared-process")
+    else:  # Landlock cannot narrow a running process to each workspace: forked as for `executor`
+        assert seen["pid"] != mark["pid"] and seen["marks"] == []
+        assert "shared-process" not in looked.isolation
+
+
+def test_a_thread_left_behind_ends_a_shared_executor(box: Box) -> None:
+    """A plugin's background thread could write into the next subtask's workspace: its executor
+    reports the subtask and exits, and the next subtask gets a new one."""
+    if not box.policy.bwrap:
+        pytest.skip("a shared executor needs bwrap; under Landlock the thread dies with its forked process")
+    done, executor, _ = box.run("sharer", "thread")
+    succeeded(done)
+    wait_until(lambda: not executor.alive(), 30, what="the executor with a stray thread gone")
+    after, other, _ = box.run("sharer", "mark", {"text": "x"})
+    assert other is not executor and succeeded(after)["marks"] == ["x"]
+
+
+def test_a_shared_executor_stops_once_it_used_its_cpu_headroom(box: Box) -> None:
+    """Its subtasks share one process's CPU rlimit: after 2 s in all it makes way for a new one,
+    so the next subtask still gets its whole `cpu_seconds`."""
+    if not box.policy.bwrap:
+        pytest.skip("a shared executor needs bwrap")
+    burnt, executor, _ = box.run("sharer", "burn", {"seconds": 2.2})
+    succeeded(burnt)
+    wait_until(lambda: not executor.alive(), 30, what="the executor past its CPU headroom gone")
+    after, other, _ = box.run("sharer", "mark", {"text": "y"})
+    assert other is not executor and succeeded(after)["marks"] == ["y"]
+
+
+def test_a_shared_subtask_that_exits_fails_alone(box: Box) -> None:
+    exited, executor, _ = box.run("sharer", "exit")
+    assert exited.outcome == "failed", exited
+    assert not executor.alive()
+    after, other, _ = box.run("sharer", "mark", {"text": "z"})
+    assert other is not executor and succeeded(after)["marks"] == ["z"]
+
+
 def test_a_failure_recycles_the_executor(box: Box) -> None:
     _, first, _ = box.run("marker", "mark", {"text": "a"})
     failed, same, _ = box.run("marker", "fail")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import psutil
 
 import edgefleet
-from edgefleet.plugin_manifest import Limits, Permission
+from edgefleet.plugin_manifest import Isolation, Limits, Permission
 from edgefleet.plugin_paths import PathGrants, grants_for
 from edgefleet.settings import Settings
 from edgefleet.workers import sandbox_protocol as protocol
@@ -220,6 +220,7 @@ class SandboxPolicy:
             landlock=self.bwrap is None and self.landlock_abi > 0,
             lan=Permission.network_lan in permissions and manifest.name in self.settings.sandbox_lan_plugins,
             seccomp=self.seccomp,
+            shared=manifest.isolation is Isolation.shared,
         )
 
     def isolation(self, image: PluginImage) -> str:
@@ -248,6 +249,8 @@ class PluginImage:
     landlock: bool = False
     lan: bool = False  # `network_lan`, allowed by the operator: private addresses stay reachable
     seccomp: bool = True
+    # `isolation: shared`: an executor runs its subtasks in its own process (under bwrap only).
+    shared: bool = False
 
     def prepare_message(self) -> protocol.Prepare:
         return {
@@ -259,6 +262,7 @@ class PluginImage:
             "limits": self.limits.model_dump(),
             "max_output_bytes": self.max_output_bytes,
             "seccomp": self.seccomp,
+            "shared": self.shared,
         }
 
     @classmethod
@@ -271,6 +275,7 @@ class PluginImage:
             entry_point=manifest.entry_point,
             permissions=tuple(manifest.permissions),
             limits=manifest.limits,
+            shared=manifest.isolation is Isolation.shared,
         )
 
     @cached_property

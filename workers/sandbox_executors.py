@@ -294,6 +294,13 @@ class Executors:
             return False  # an earlier attempt's files: only a launcher started for it binds them
         return not (has_inputs and image.landlock and self.bwrap is None)
 
+    def _isolation(self, image: PluginImage) -> str | None:
+        """What confines its subtasks, for their records (see workers/sandbox_shared.py)."""
+        if self.policy is None:
+            return None
+        shared = image.shared and self.policy.bwrap is not None
+        return self.policy.isolation(image) + ("+shared-process" if shared else "")
+
     def take(self, image: PluginImage, tenant: str) -> tuple[Executor, bool]:
         """An idle executor of this image and tenant (True), or a new one (False)."""
         key = (image.key, tenant)
@@ -385,7 +392,7 @@ class Executors:
             image,
             bwrap=self.bwrap,
             home=slots if self.bwrap else home,
-            isolation=self.policy.isolation(image) if self.policy else None,
+            isolation=self._isolation(image),
             etc_root=self.workspace_root / ETC_DIR,
             executor=True,
             mirror=(mirror, self.workspace_root) if mirror is not None else None,

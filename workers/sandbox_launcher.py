@@ -246,6 +246,12 @@ class SubtaskControl:
         self._lock = threading.Lock()
         self._closed = False
 
+    def close(self) -> None:
+        """The subtask has ended: its messages are no longer read here (an executor that runs
+        subtasks in its own process reads its next `run` from the same stream)."""
+        with self._lock:
+            self._closed = True
+
     def is_cancelled(self) -> bool:
         self.poll(0.0)
         return self.cancelled.is_set()

@@ -31,6 +31,7 @@ class Prepare(TypedDict):
     limits: dict[str, Any]
     max_output_bytes: int
     seccomp: bool  # false where the box has no libseccomp: the launcher runs without the filter
+    shared: bool  # `isolation: shared`: an executor under bwrap runs its subtasks in its own process
     landlock: NotRequired[LandlockRules]
     # "many": an executor (workers/sandbox_zygote.py) that serves `run`s one after another;
     # under Landlock, the workspaces its subtasks will have: each one's layer keeps only its own.

@@ -61,6 +61,12 @@ def serve(
         _libc()
     import edgefleet.plugin_context  # noqa: F401 - imported once here, not in every subtask's process
 
+    if image.get("shared") and os.environ.get("EDGEFLEET_SANDBOX") == "bwrap" and not setup_error:
+        from edgefleet.workers import sandbox_shared
+
+        sandbox_shared.serve(stdin, channel, image, function)
+        return
+
     # The first subtask's process too is forked ahead, while the executor waits for work.
     spare = None if setup_error else _fork_spare(channel, image, function)
     try:
@@ -76,14 +82,14 @@ def serve(
                 spare = _fork_spare(channel, image, function)
             status, usage = _run_in(spare, stdin, line)
             spare = None
-            _end_subtask(channel, status, usage)
+            end_subtask(channel, status, usage)
             spare = _fork_spare(channel, image, function)
     finally:
         if spare is not None:
             spare.discard()
 
 
-def _end_subtask(channel: _Channel, status: int | None, usage: Any) -> None:
+def end_subtask(channel: _Channel, status: int | None, usage: Any) -> None:
     """After the subtask's process ended: nothing of it left running or in /tmp, then `ended`."""
     _sweep()
     if os.environ.get("EDGEFLEET_SANDBOX") == "bwrap":
@@ -230,6 +236,11 @@ def _narrow(image: dict[str, Any]) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    load_filter(image)
+
+
+def load_filter(image: dict[str, Any]) -> None:
+    """The plugin's full seccomp filter, on this process (and what it starts) from now on."""
     if image.get("seccomp", True):
         from edgefleet.workers.seccomp_filter import install, load_program
 

@@ -1,0 +1,160 @@
+"""One sandbox executor serving `sleep 0` subtasks: a process forked per subtask vs `isolation: shared`.
+
+The built-in `sleep` plugin twice, in one script: as shipped (`isolation: shared`, the
+subtasks run in the executor's own process) and a copy whose manifest says `executor` (a
+process forked per subtask). Each runs `--subtasks` subtasks one at a time through one
+executor of a worker's `Executors` (bwrap when installed, else Landlock, where `shared` runs
+as `executor`), as the runner does: open a slot, run, close the slot, give it back. Prints per
+mode the wall time from `run` to outcome (p50), and the CPU per subtask of this process and of
+the executor's process tree (its own time and that of the subtask processes it reaped), then
+the ratios shared / executor.
+
+    python loadtests/bench_executor.py --subtasks 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.settings import Settings
+from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxPolicy
+from edgefleet.workers.sandbox_executors import Executor, Executors, link_slot
+
+
+def forked_copy(into: Path) -> Path:
+    """The `sleep` plugin with `isolation: executor`, in a folder of its own."""
+    folder = into / "sleep"
+    shutil.copytree(builtin_plugin_dir() / "sleep", folder)
+    manifest = folder / "plugin.yaml"
+    text = manifest.read_text()
+    assert "isolation: shared" in text, "the built-in sleep plugin no longer says isolation: shared"
+    manifest.write_text(text.replace("isolation: shared", "isolation: executor"))
+    for path in [into, folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return into
+
+
+def tree_cpu(executor: Executor) -> float:
+    """CPU seconds of the executor's process tree, with the subtask processes it reaped."""
+    total = 0.0
+    root = psutil.Process(executor.launcher.proc.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_one(settings: Settings, executors: Executors, image: PluginImage, n: int) -> tuple[float, Executor]:
+    executor, _ = executors.take(image, "bench")
+    job_dir = settings.effective_workspace_dir / f"job{n}"
+    slot = executor.open_slot(link_slot(settings.effective_workspace_dir, job_dir, "s"), [])
+    run = SandboxedRun(
+        LaunchSpec(
+            image=executor.launcher.image,
+            action="sleep",
+            args={"seconds": 0},
+            job_id=job_dir.name,
+            subtask_id="s",
+            attempt=1,
+            workspace=slot.workspace,
+            job_dir=job_dir,
+            timeout=30,
+            folder=slot.folder,
+        ),
+        executor.launcher,
+        on_progress=lambda *_: None,
+        on_checkpoint=lambda _: None,
+        kill_grace=1,
+    )
+    started = time.perf_counter()
+    run.start()
+    if not run.wait(30):
+        raise SystemExit("a subtask did not end")
+    outcome = run.outcome()
+    elapsed = time.perf_counter() - started
+    if outcome.outcome != "succeeded":
+        raise SystemExit(f"a subtask failed: {outcome}")
+    executor.close_slot(slot)
+    executors.give_back(executor, reusable=True)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    shutil.rmtree(slot.workspace, ignore_errors=True)
+    return elapsed, executor
+
+
+def bench(root: Path, plugin_dir: Path | None, subtasks: int) -> dict[str, float | str]:
+    settings = Settings(
+        workspace_dir=root / "workspaces",
+        plugin_dirs=[plugin_dir] if plugin_dir else [],
+        # One executor for the whole run: its CPU stays countable (a recycled one's is lost).
+        sandbox_executor_subtasks=subtasks + 100,
+    )
+    policy = SandboxPolicy.from_settings(settings)
+    executors = Executors(settings, policy, settings.effective_workspace_dir)
+    catalog = PluginCatalog.load(settings.plugin_folders[::-1] if plugin_dir else settings.plugin_folders)
+    plugin = catalog.get("sleep")
+    assert plugin is not None
+    image = policy.image_of(plugin)
+    try:
+        for n in range(20):  # warm: the executor started, the plugin imported
+            run_one(settings, executors, image, n)
+        _, executor = run_one(settings, executors, image, 20)
+        before_tree, before_self = tree_cpu(executor), time.process_time()
+        times = []
+        for n in range(subtasks):
+            elapsed, used = run_one(settings, executors, image, 100 + n)
+            if used is not executor:
+                raise SystemExit("the executor was replaced during the run")
+            times.append(elapsed)
+        tree = (tree_cpu(executor) - before_tree) / subtasks * 1000
+        own = (time.process_time() - before_self) / subtasks * 1000
+        return {
+            "p50": statistics.median(times) * 1000,
+            "tree": tree,
+            "own": own,
+            "isolation": executor.launcher.isolation,
+        }
+    finally:
+        executors.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subtasks", type=int, default=300)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-executor-"))
+    root.chmod(0o755)  # the sandbox uid walks to its workspace
+    try:
+        forked = bench(root / "forked", forked_copy(root / "plugins"), args.subtasks)
+        shared = bench(root / "shared", None, args.subtasks)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"subtasks per mode        {args.subtasks} (sleep 0, one executor, one at a time; pid {os.getpid()})")
+    for name, row in (("executor (fork)", forked), ("shared", shared)):
+        print(
+            f"{name:<24} run->outcome p50 {row['p50']:.2f} ms; CPU per subtask: executor tree "
+            f"{row['tree']:.2f} ms, worker {row['own']:.2f} ms  [{row['isolation']}]"
+        )
+    print(
+        f"ratio shared/executor    run->outcome {float(shared['p50']) / float(forked['p50']):.2f}; "
+        f"CPU (tree + worker) {(float(shared['tree']) + float(shared['own'])) / (float(forked['tree']) + float(forked['own'])):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
