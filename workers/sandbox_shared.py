@@ -8,9 +8,9 @@ to share with the next subtasks of its own version and tenant:
   subtask's folder at a time (so only under bwrap; under Landlock, whose layer covers all of
   an executor's slots and cannot be narrowed again, `serve` in sandbox_zygote forks instead);
 - an empty `/tmp`, and no process of an earlier subtask (swept, as after a forked one);
-- no thread of an earlier subtask: an executor that has one after a subtask (a plugin's
-  background thread could write into the next workspace) reports `ended` and exits, so the
-  worker starts a new one;
+- no thread of an earlier subtask: an executor that has more threads after a subtask than
+  after the plugin's import (a subtask's background thread could write into the next
+  workspace) reports `ended` and exits, so the worker starts a new one;
 - the plugin's own seccomp filter on the whole executor, loaded before the first subtask;
 - its CPU limit per subtask: the soft RLIMIT_CPU moves to "used so far + the manifest's
   `cpu_seconds`" before each one. The hard limit (`cpu_seconds` + 2, set by the launcher)
@@ -43,6 +43,7 @@ def serve(stdin: _Lines, channel: _Channel, image: dict[str, Any], function: Cal
 
     load_filter(image)
     budget = float(image["limits"]["cpu_seconds"])
+    threads = _threads()  # the import's own (a library's pool) are module state, shared by choice
     while line := stdin.next():
         message = json.loads(line)
         if message.get("type") != "run":
@@ -52,7 +53,7 @@ def serve(stdin: _Lines, channel: _Channel, image: dict[str, Any], function: Cal
         soft = int(used + budget) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         usage = _run_here(stdin, channel, image, function, message)
-        clean = _threads() == 1
+        clean = 0 < _threads() <= threads
         end_subtask(channel, 0, usage)
         if not clean or _cpu_used() >= CPU_HEADROOM_S:
             return  # the worker finds this executor gone and starts a new one for the next subtask

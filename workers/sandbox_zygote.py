@@ -13,12 +13,15 @@ reports `ended` with the child's exit status and resource use.
 The fork itself (about a millisecond of page tables here, more for a larger plugin) is
 paid between subtasks, not in one: after reporting `ended`, the loop forks the next
 subtask's process ahead, a spare that waits on a pipe of its own for its `run` message.
-What does not depend on the subtask it does while it waits (the full filter); its Landlock layer, which names the subtask's
-workspace, only once it has the message. It is forked from the same post-import state a
-fork on demand would be (the executor never runs plugin code), after the sweep and the
-emptying of `/tmp`, so it holds nothing of the subtask before it. While it waits it is
-named `SPARE_NAME`, so that the worker's memory check of the executor does not count the
-pages it shares with it twice.
+What does not depend on the subtask (the full filter) it does while it waits; its Landlock
+layer, which names the subtask's workspace, once it has the message. It is forked from the
+same post-import state a fork on demand would be (the executor never runs plugin code),
+after the sweep and the emptying of `/tmp`, so it holds nothing of the subtask before it.
+While it waits it is named `SPARE_NAME`, so that the worker's memory check of the executor
+does not count the pages it shares with it twice.
+
+A plugin whose manifest says `isolation: shared` is served without forking, under bwrap
+(workers/sandbox_shared.py).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ import time
 from typing import Any
 
 MARKS: list[str] = []  # kept between the subtasks of one shared executor
+# A thread started at import (as a library's pool would be) is the plugin's module state: it does
+# not end a shared executor, a thread started by a subtask does.
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
 
 
 def _listdir(folder: str) -> list[str]:
