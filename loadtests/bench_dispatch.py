@@ -8,7 +8,8 @@ the result. Prints both rates, their ratio, the CPU each path spends per job, ho
 subtask held its worker slot (claim -> finish, from the job API) and the submit latency
 percentiles.
 
-`--batch` adds a row: the same jobs sent with `POST /v1/jobs:batch` (chunks of
+`--isolation executor` runs a copy of `sleep` whose executors fork a process per subtask (the
+built-in `sleep` says `isolation: shared`). `--batch` adds a row: the same jobs sent with `POST /v1/jobs:batch` (chunks of
 `--batch-size`) by one client thread. `--router-workers N` runs `router --workers N`.
 `--profile DIR` records py-spy profiles (raw collapsed stacks) of the router and of the
 worker node (with its children) during the router runs, and prints their top frames.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import shutil
 import signal
 import statistics
@@ -44,9 +46,11 @@ from edgefleet.celery_app import PROBE, create_celery
 from edgefleet.schemas import JobState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from loadtests.harness import TOKEN, BenchStack, healthy, start, wait_for, wait_nodes
+from loadtests.harness import TOKEN, BenchStack, healthy, sleep_plugin_copy, start, wait_for, wait_nodes
 
 SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
+# `--isolation executor`: a copy of `sleep` whose executors fork a process per subtask.
+FORKED_SLEEP = "sleep_forked"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -277,10 +281,24 @@ def main() -> None:
     parser.add_argument("--router-workers", type=int, default=1, help="edgefleet router --workers N")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles of router and node into DIR")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument(
+        "--isolation",
+        choices=["shared", "executor"],
+        default="shared",
+        help="shared: the built-in sleep plugin as shipped; executor: a copy that forks a process per subtask",
+    )
     args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
+    plugin_env = {}
+    if args.isolation == "executor":
+        workdir.chmod(0o755)  # the sandbox's uid reads the copy
+        plugins = sleep_plugin_copy(workdir / "plugins", name=FORKED_SLEEP, isolation="executor")
+        plugin_env["EDGEFLEET_PLUGIN_DIRS"] = json.dumps([str(plugins)])
+        SLEEP_JOB["steps"][0]["plugin"] = FORKED_SLEEP
 
     stack = BenchStack(
-        Path(tempfile.mkdtemp(prefix="edgefleet-bench-")),
+        workdir,
+        **plugin_env,
         EDGEFLEET_CPU_CONCURRENCY=str(args.cpu_concurrency),
         # No start-up node benchmark: seconds of CPU that would land in the idle measurement.
         EDGEFLEET_NODE_BENCH="false",
@@ -337,7 +355,10 @@ def main() -> None:
         stack.stop()
     baseline = (raw_rate + raw_rate_again) / 2
     raw_cpu = (cpu["raw"] + cpu["raw again"]) / 2
-    print(f"jobs per run            {args.jobs}  (router workers: {args.router_workers})")
+    print(
+        f"jobs per run            {args.jobs}  (router workers: {args.router_workers}; "
+        f"plugin {SLEEP_JOB['steps'][0]['plugin']}, isolation {args.isolation})"
+    )
     print(f"raw celery send->done   {raw_rate:8.1f} /s  (before) {raw_rate_again:8.1f} /s (after)")
     print(f"router HTTP submit->done{router_rate:8.1f} /s")
     print(f"ratio router/raw        {router_rate / baseline:8.2f}")

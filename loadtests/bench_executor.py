@@ -1,8 +1,8 @@
 """One sandbox executor serving `sleep 0` subtasks: a process forked per subtask vs `isolation: shared`.
 
 The built-in `sleep` plugin twice, in one script: as shipped (`isolation: shared`, the
-subtasks run in the executor's own process) and a copy whose manifest says `executor` (a
-process forked per subtask). Each runs `--subtasks` subtasks one at a time through one
+subtasks run in the executor's own process) and a copy, `sleep_forked`, whose manifest says
+`executor` (a process forked per subtask). Each runs `--subtasks` subtasks one at a time through one
 executor of a worker's `Executors` (bwrap when installed, else Landlock, where `shared` runs
 as `executor`), as the runner does: open a slot, run, close the slot, give it back. Prints per
 mode the wall time from `run` to outcome (p50), and the CPU per subtask of this process and of
@@ -28,23 +28,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
+from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.settings import Settings
 from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxPolicy
 from edgefleet.workers.sandbox_executors import Executor, Executors, link_slot
-
-
-def forked_copy(into: Path) -> Path:
-    """The `sleep` plugin with `isolation: executor`, in a folder of its own."""
-    folder = into / "sleep"
-    shutil.copytree(builtin_plugin_dir() / "sleep", folder)
-    manifest = folder / "plugin.yaml"
-    text = manifest.read_text()
-    assert "isolation: shared" in text, "the built-in sleep plugin no longer says isolation: shared"
-    manifest.write_text(text.replace("isolation: shared", "isolation: executor"))
-    for path in [into, folder, *folder.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return into
+from loadtests.harness import sleep_plugin_copy
 
 
 def tree_cpu(executor: Executor) -> float:
@@ -97,7 +85,7 @@ def run_one(settings: Settings, executors: Executors, image: PluginImage, n: int
     return elapsed, executor
 
 
-def bench(root: Path, plugin_dir: Path | None, subtasks: int) -> dict[str, float | str]:
+def bench(root: Path, plugin_dir: Path | None, plugin_name: str, subtasks: int) -> dict[str, float | str]:
     settings = Settings(
         workspace_dir=root / "workspaces",
         plugin_dirs=[plugin_dir] if plugin_dir else [],
@@ -106,8 +94,7 @@ def bench(root: Path, plugin_dir: Path | None, subtasks: int) -> dict[str, float
     )
     policy = SandboxPolicy.from_settings(settings)
     executors = Executors(settings, policy, settings.effective_workspace_dir)
-    catalog = PluginCatalog.load(settings.plugin_folders[::-1] if plugin_dir else settings.plugin_folders)
-    plugin = catalog.get("sleep")
+    plugin = PluginCatalog.load(settings.plugin_folders).get(plugin_name)
     assert plugin is not None
     image = policy.image_of(plugin)
     try:
@@ -140,8 +127,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-executor-"))
     root.chmod(0o755)  # the sandbox uid walks to its workspace
     try:
-        forked = bench(root / "forked", forked_copy(root / "plugins"), args.subtasks)
-        shared = bench(root / "shared", None, args.subtasks)
+        plugins = sleep_plugin_copy(root / "plugins", name="sleep_forked", isolation="executor")
+        forked = bench(root / "forked", plugins, "sleep_forked", args.subtasks)
+        shared = bench(root / "shared", None, "sleep", args.subtasks)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"subtasks per mode        {args.subtasks} (sleep 0, one executor, one at a time; pid {os.getpid()})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,25 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def sleep_plugin_copy(into: Path, *, name: str, isolation: str) -> Path:
+    """A copy of the built-in `sleep` plugin named `name`, with `isolation: <isolation>` in its
+    manifest, in the plugin folder `into` (returned; readable by a sandbox's uid)."""
+    from edgefleet.plugin_catalog import builtin_plugin_dir
+
+    folder = into / name
+    shutil.copytree(builtin_plugin_dir() / "sleep", folder)
+    manifest = folder / "plugin.yaml"
+    text = manifest.read_text()
+    if "name: sleep\n" not in text or "isolation: shared\n" not in text:
+        raise SystemExit("the built-in sleep manifest changed: update loadtests/harness.sleep_plugin_copy")
+    manifest.write_text(
+        text.replace("name: sleep\n", f"name: {name}\n").replace("isolation: shared\n", f"isolation: {isolation}\n")
+    )
+    for path in [into, folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return into
 
 
 class BenchStack:
