@@ -127,6 +127,16 @@ def box(mode: str, tmp_path: Path) -> Iterator[Box]:
     made.executors.close()
 
 
+@pytest.fixture()
+def bwrap_box(tmp_path: Path) -> Iterator[Box]:
+    """Shared executors run in their own process only under bwrap."""
+    if bwrap_path() is None:
+        pytest.skip("bubblewrap is not installed")
+    made = Box("bwrap", traversable(tmp_path))
+    yield made
+    made.executors.close()
+
+
 def succeeded(outcome: SandboxOutcome) -> Any:
     assert outcome.outcome == "succeeded", outcome
     return outcome.output
@@ -283,27 +293,23 @@ def test_a_shared_plugin_runs_its_subtasks_in_the_executors_own_process(box: Box
         assert "shared-process" not in looked.isolation
 
 
-def test_a_thread_left_behind_ends_a_shared_executor(box: Box) -> None:
+def test_a_thread_left_behind_ends_a_shared_executor(bwrap_box: Box) -> None:
     """A plugin's background thread could write into the next subtask's workspace: its executor
     reports the subtask and exits, and the next subtask gets a new one."""
-    if not box.policy.bwrap:
-        pytest.skip("a shared executor needs bwrap; under Landlock the thread dies with its forked process")
-    done, executor, _ = box.run("sharer", "thread")
+    done, executor, _ = bwrap_box.run("sharer", "thread")
     succeeded(done)
     wait_until(lambda: not executor.alive(), 30, what="the executor with a stray thread gone")
-    after, other, _ = box.run("sharer", "mark", {"text": "x"})
+    after, other, _ = bwrap_box.run("sharer", "mark", {"text": "x"})
     assert other is not executor and succeeded(after)["marks"] == ["x"]
 
 
-def test_a_shared_executor_stops_once_it_used_its_cpu_headroom(box: Box) -> None:
+def test_a_shared_executor_stops_once_it_used_its_cpu_headroom(bwrap_box: Box) -> None:
     """Its subtasks share one process's CPU rlimit: after 2 s in all it makes way for a new one,
     so the next subtask still gets its whole `cpu_seconds`."""
-    if not box.policy.bwrap:
-        pytest.skip("a shared executor needs bwrap")
-    burnt, executor, _ = box.run("sharer", "burn", {"seconds": 2.2})
+    burnt, executor, _ = bwrap_box.run("sharer", "burn", {"seconds": 2.2})
     succeeded(burnt)
     wait_until(lambda: not executor.alive(), 30, what="the executor past its CPU headroom gone")
-    after, other, _ = box.run("sharer", "mark", {"text": "y"})
+    after, other, _ = bwrap_box.run("sharer", "mark", {"text": "y"})
     assert other is not executor and succeeded(after)["marks"] == ["y"]
 
 
