@@ -80,7 +80,7 @@ class _ModelCalls:
             self._waiting[call_id] = (done, box)
         self._channel.send(cast(protocol.ModelCall, {"type": "model_call", "id": call_id, **request}))
         while not done.is_set():
-            self._control.poll(0.2)
+            self._control.poll(0.2, done)
             if self._control.cancelled.is_set() and not done.is_set():
                 return {"ok": False, "error": "subtask cancelled while waiting for the model"}
         return box[0]
@@ -256,10 +256,15 @@ class SubtaskControl:
         self.poll(0.0)
         return self.cancelled.is_set()
 
-    def poll(self, timeout: float) -> None:
-        """Handle the messages that have arrived, waiting up to `timeout` seconds for the first."""
-        with self._lock:
-            if self._closed:
+    def poll(self, timeout: float, done: threading.Event | None = None) -> None:
+        """Handle the messages that have arrived, waiting up to `timeout` seconds for the first
+        (or until `done`). While one thread of the plugin reads, another does not wait for it
+        longer than its own `timeout`: what arrives is handled by the reader either way."""
+        got = self._lock.acquire(timeout=timeout) if timeout > 0 else self._lock.acquire(blocking=False)
+        if not got:
+            return
+        try:
+            if self._closed or (done is not None and done.is_set()):
                 return
             if not self._control.pending() and not select.select([self._control.fd], [], [], timeout)[0]:
                 return
@@ -273,6 +278,8 @@ class SubtaskControl:
                 self._handle(json.loads(line))
                 if not self._control.pending() and not select.select([self._control.fd], [], [], 0)[0]:
                     return
+        finally:
+            self._lock.release()
 
     def _handle(self, message: dict[str, Any]) -> None:
         if message.get("type") == "cancel":
