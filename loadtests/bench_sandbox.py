@@ -27,7 +27,6 @@ could change is copied instead: then the cost grows with its size).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -36,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet.store import JobStore
 from edgefleet.workers.sandbox_executors import empty_mirror, show
-from loadtests.harness import TOKEN, BenchStack, start, wait_for, wait_nodes
+from loadtests.harness import TOKEN, BenchStack, NodeCpu, start, wait_for, wait_nodes
 
 NODES = {
     "reuse": {},
@@ -99,60 +97,6 @@ def input_job(http: httpx.Client, node: str) -> float:
     }
     count = next(st for st in run_job(http, body)["subtasks"] if st["id"] == "c")
     return float(count["finished_at"] - count["started_at"])
-
-
-class NodeCpu:
-    """CPU seconds a worker node has used: its cgroup's account, or its living process tree's."""
-
-    ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup"))
-
-    def __init__(self, name: str) -> None:
-        self.folder: Path | None = None
-        self.pid = 0
-        for root in self.ROOTS:
-            folder = root / f"edgefleet-bench-{name}-{os.getpid()}"
-            try:
-                folder.mkdir()
-            except OSError:
-                continue
-            if (folder / "cpuacct.usage").exists() or (folder / "cpu.stat").exists():
-                self.folder = folder
-                break
-            folder.rmdir()
-
-    def command(self, cmd: list[str]) -> list[str]:
-        """`cmd`, started inside the cgroup (before it forks anything)."""
-        if self.folder is None:
-            return cmd
-        return ["sh", "-c", f'echo $$ > {self.folder}/cgroup.procs && exec "$@"', "sh", *cmd]
-
-    def seconds(self) -> float:
-        if self.folder is None:
-            return tree_cpu(self.pid)
-        if (self.folder / "cpuacct.usage").exists():
-            return int((self.folder / "cpuacct.usage").read_text()) / 1e9
-        stat = dict(line.split() for line in (self.folder / "cpu.stat").read_text().splitlines())
-        return int(stat["usage_usec"]) / 1e6
-
-    def close(self) -> None:
-        if self.folder is not None:
-            try:
-                self.folder.rmdir()
-            except OSError:
-                pass
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and everything below it, living or reaped."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        except psutil.Error:
-            continue
-    return total
 
 
 def mirror_cost(files: int, rounds: int = 50) -> float:

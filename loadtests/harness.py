@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 
 from edgefleet.cli.embedded_redis import EmbeddedRedis, free_port
 from edgefleet.store import JobStore
@@ -72,6 +73,60 @@ def sleep_plugin_copy(into: Path, *, name: str, isolation: str) -> Path:
     for path in [into, folder, *folder.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return into
+
+
+class NodeCpu:
+    """CPU seconds a worker node has used: its cgroup's account, or its living process tree's."""
+
+    ROOTS = (Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup"))
+
+    def __init__(self, name: str) -> None:
+        self.folder: Path | None = None
+        self.pid = 0
+        for root in self.ROOTS:
+            folder = root / f"edgefleet-bench-{name}-{os.getpid()}"
+            try:
+                folder.mkdir()
+            except OSError:
+                continue
+            if (folder / "cpuacct.usage").exists() or (folder / "cpu.stat").exists():
+                self.folder = folder
+                break
+            folder.rmdir()
+
+    def command(self, cmd: list[str]) -> list[str]:
+        """`cmd`, started inside the cgroup (before it forks anything)."""
+        if self.folder is None:
+            return cmd
+        return ["sh", "-c", f'echo $$ > {self.folder}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+    def seconds(self) -> float:
+        if self.folder is None:
+            return tree_cpu(self.pid)
+        if (self.folder / "cpuacct.usage").exists():
+            return int((self.folder / "cpuacct.usage").read_text()) / 1e9
+        stat = dict(line.split() for line in (self.folder / "cpu.stat").read_text().splitlines())
+        return int(stat["usage_usec"]) / 1e6
+
+    def close(self) -> None:
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and everything below it, living or reaped."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:
+            continue
+    return total
 
 
 class BenchStack:
