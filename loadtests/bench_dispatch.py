@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import shutil
 import signal
@@ -35,9 +34,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
-import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +46,24 @@ from edgefleet.celery_app import PROBE, create_celery
 from edgefleet.schemas import JobState
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from loadtests.harness import TOKEN, BenchStack, NodeCpu, healthy, sleep_plugin_copy, start, wait_for, wait_nodes
+from loadtests.harness import (
+    TOKEN,
+    BenchStack,
+    NodeCpu,
+    healthy,
+    sleep_plugin_copy,
+    start,
+    tree_cpu,
+    wait_for,
+    wait_nodes,
+)
 
-SLEEP_JOB = {"steps": [{"id": "s", "plugin": "sleep", "action": "sleep", "args": {"seconds": 0}}]}
+
+def sleep_job(plugin: str) -> dict[str, Any]:
+    """A one-step `sleep 0` job of `plugin` (the built-in `sleep`, or its forking copy)."""
+    return {"steps": [{"id": "s", "plugin": plugin, "action": "sleep", "args": {"seconds": 0}}]}
+
+
 # `--isolation executor`: a copy of `sleep` whose executors fork a process per subtask.
 FORKED_SLEEP = "sleep_forked"
 
@@ -82,7 +96,9 @@ def in_slot_ms(url: str, job_ids: list[str]) -> list[float]:
     return spans
 
 
-def bench_router(url: str, store: JobStore, n: int, threads: int, job_ids: list[str]) -> tuple[float, list[float]]:
+def bench_router(
+    url: str, store: JobStore, job: dict[str, Any], n: int, threads: int, job_ids: list[str]
+) -> tuple[float, list[float]]:
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -96,7 +112,7 @@ def bench_router(url: str, store: JobStore, n: int, threads: int, job_ids: list[
         if not hasattr(local, "http"):
             local.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"})
         t0 = time.perf_counter()
-        response = local.http.post("/v1/jobs", json=SLEEP_JOB)
+        response = local.http.post("/v1/jobs", json=job)
         elapsed = time.perf_counter() - t0
         response.raise_for_status()
         with lock:
@@ -110,14 +126,14 @@ def bench_router(url: str, store: JobStore, n: int, threads: int, job_ids: list[
     return n / (time.perf_counter() - started), latencies
 
 
-def bench_router_batch(url: str, store: JobStore, n: int, batch_size: int) -> float:
+def bench_router_batch(url: str, store: JobStore, job: dict[str, Any], n: int, batch_size: int) -> float:
     """n jobs through POST /v1/jobs:batch, `batch_size` per request, one client: submit -> all done."""
     base = store.job_counts()[JobState.succeeded]
     started = time.perf_counter()
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as http:
         for offset in range(0, n, batch_size):
             size = min(batch_size, n - offset)
-            response = http.post("/v1/jobs:batch", json={"jobs": [SLEEP_JOB] * size})
+            response = http.post("/v1/jobs:batch", json={"jobs": [job] * size})
             response.raise_for_status()
             if response.json()["created"] != size:
                 raise SystemExit(f"batch refused jobs: {response.text[:500]}")
@@ -207,7 +223,7 @@ class CpuMeter:
         self.idle: dict[str, float] = {}
 
     def read(self) -> dict[str, float]:
-        out = {name: self._tree(pid) for name, pid in self.trees.items()}
+        out = {name: tree_cpu(pid) for name, pid in self.trees.items()}
         if self.node is not None:
             out["node"] = self.node.seconds()
         out["bench"] = time.process_time()
@@ -220,20 +236,6 @@ class CpuMeter:
         after = self.read()
         self.idle = {p: (after[p] - before[p]) / (after["t"] - before["t"]) for p in self.trees}
         return self.idle
-
-    @staticmethod
-    def _tree(pid: int) -> float:
-        total = 0.0
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-                t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
 
     def spent(self, before: dict[str, float], after: dict[str, float], n: int, parts: list[str]) -> float:
         """Milliseconds of CPU per job in `parts`, beyond what they spend idle."""
@@ -296,11 +298,12 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     plugin_env = {}
+    plugin = FORKED_SLEEP if args.isolation == "executor" else "sleep"
+    job = sleep_job(plugin)
     if args.isolation == "executor":
         workdir.chmod(0o755)  # the sandbox's uid reads the copy
         plugins = sleep_plugin_copy(workdir / "plugins", name=FORKED_SLEEP, isolation="executor")
         plugin_env["EDGEFLEET_PLUGIN_DIRS"] = json.dumps([str(plugins)])
-        SLEEP_JOB["steps"][0]["plugin"] = FORKED_SLEEP
 
     stack = BenchStack(
         workdir,
@@ -324,10 +327,10 @@ def main() -> None:
         settings = Settings(redis_url=redis_url)
         # Warm both paths (imports, pools, plugin loading) before measuring.
         bench_raw_celery(settings, client, 50)
-        bench_router(stack.url, store, 50, args.client_threads, [])
+        bench_router(stack.url, store, job, 50, args.client_threads, [])
         batch_rate = None
         if args.batch:
-            bench_router_batch(stack.url, store, 50, args.batch_size)
+            bench_router_batch(stack.url, store, job, 50, args.batch_size)
         meter = CpuMeter({"router": router_pid, "node": node_cpu.pid, "redis": stack.server.pid or 0}, node_cpu)
         cpu: dict[str, float] = {}
         job_ids: list[str] = []
@@ -344,14 +347,14 @@ def main() -> None:
             profiler.start("node", node_cpu.pid, subprocesses=True)
         t0 = meter.read()
         with BusySlots(store) as busy_single:
-            router_rate, latencies = bench_router(stack.url, store, args.jobs, args.client_threads, job_ids)
+            router_rate, latencies = bench_router(stack.url, store, job, args.jobs, args.client_threads, job_ids)
         t1 = meter.read()
         cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
         cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
         if args.batch:
             with BusySlots(store) as busy_batch:
-                batch_rate = bench_router_batch(stack.url, store, args.jobs, args.batch_size)
+                batch_rate = bench_router_batch(stack.url, store, job, args.jobs, args.batch_size)
             t2 = meter.read()
             cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
             cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
@@ -370,7 +373,7 @@ def main() -> None:
     raw_cpu = (cpu["raw"] + cpu["raw again"]) / 2
     print(
         f"jobs per run            {args.jobs}  (router workers: {args.router_workers}; "
-        f"plugin {SLEEP_JOB['steps'][0]['plugin']}, isolation {args.isolation})"
+        f"plugin {plugin}, isolation {args.isolation})"
     )
     print(f"raw celery send->done   {raw_rate:8.1f} /s  (before) {raw_rate_again:8.1f} /s (after)")
     print(f"router HTTP submit->done{router_rate:8.1f} /s")

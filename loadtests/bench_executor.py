@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -32,20 +30,7 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.settings import Settings
 from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxPolicy
 from edgefleet.workers.sandbox_executors import Executor, Executors, link_slot
-from loadtests.harness import sleep_plugin_copy
-
-
-def tree_cpu(executor: Executor) -> float:
-    """CPU seconds of the executor's process tree, with the subtask processes it reaped."""
-    total = 0.0
-    root = psutil.Process(executor.launcher.proc.pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            continue
-    return total
+from loadtests.harness import sleep_plugin_copy, tree_cpu
 
 
 def run_one(settings: Settings, executors: Executors, image: PluginImage, n: int) -> tuple[float, Executor]:
@@ -101,14 +86,14 @@ def bench(root: Path, plugin_dir: Path | None, plugin_name: str, subtasks: int) 
         for n in range(20):  # warm: the executor started, the plugin imported
             run_one(settings, executors, image, n)
         _, executor = run_one(settings, executors, image, 20)
-        before_tree, before_self = tree_cpu(executor), time.process_time()
+        before_tree, before_self = tree_cpu(executor.launcher.proc.pid), time.process_time()
         times = []
         for n in range(subtasks):
             elapsed, used = run_one(settings, executors, image, 100 + n)
             if used is not executor:
                 raise SystemExit("the executor was replaced during the run")
             times.append(elapsed)
-        tree = (tree_cpu(executor) - before_tree) / subtasks * 1000
+        tree = (tree_cpu(executor.launcher.proc.pid) - before_tree) / subtasks * 1000
         own = (time.process_time() - before_self) / subtasks * 1000
         return {
             "p50": statistics.median(times) * 1000,

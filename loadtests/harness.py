@@ -117,10 +117,14 @@ class NodeCpu:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and everything below it, living or reaped."""
+    """CPU seconds of a process and everything below it, living or reaped (0 once it is gone)."""
     total = 0.0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for proc in procs:
         try:
             times = proc.cpu_times()
             total += times.user + times.system + times.children_user + times.children_system

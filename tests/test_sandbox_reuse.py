@@ -61,7 +61,7 @@ class Box:
         )
         self.policy = SandboxPolicy.from_settings(self.settings)
         self.executors = Executors(self.settings, self.policy, self.settings.effective_workspace_dir)
-        self.catalog = PluginCatalog.load([PLUGINS])
+        self.catalog = PluginCatalog.load(self.settings.plugin_folders)  # the test plugins and the built-ins
         self.jobs = 0
 
     def image(self, name: str) -> PluginImage:
@@ -69,7 +69,7 @@ class Box:
         assert plugin is not None, name
         return self.policy.image_of(plugin)
 
-    def run(
+    def start(
         self,
         plugin: str,
         action: str,
@@ -77,8 +77,10 @@ class Box:
         *,
         tenant: str = "alice",
         inputs: list[Path] = (),  # type: ignore[assignment]
-    ) -> tuple[SandboxOutcome, Executor, Slot]:
-        """One subtask as the runner runs it in an executor; the executor is given back as it would be."""
+        timeout: float = 30,
+        kill_grace: float = 1,
+    ) -> tuple[SandboxedRun, Executor, Slot]:
+        """One subtask started as the runner starts it in an executor."""
         executor, _ = self.executors.take(self.image(plugin), tenant)
         self.jobs += 1
         job_dir = self.settings.effective_workspace_dir / f"job{self.jobs}"
@@ -93,15 +95,28 @@ class Box:
                 attempt=1,
                 workspace=slot.workspace,
                 job_dir=job_dir,
-                timeout=30,
+                timeout=timeout,
                 folder=slot.folder,
             ),
             executor.launcher,
             on_progress=lambda *_: None,
             on_checkpoint=lambda _: None,
-            kill_grace=1,
+            kill_grace=kill_grace,
         )
         run.start()
+        return run, executor, slot
+
+    def run(
+        self,
+        plugin: str,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        tenant: str = "alice",
+        inputs: list[Path] = (),  # type: ignore[assignment]
+    ) -> tuple[SandboxOutcome, Executor, Slot]:
+        """One subtask as the runner runs it in an executor; the executor is given back as it would be."""
+        run, executor, slot = self.start(plugin, action, args, tenant=tenant, inputs=inputs)
         assert run.wait(30), "the subtask did not end"
         outcome = run.outcome()
         if outcome.outcome != "succeeded":
@@ -244,30 +259,8 @@ def test_what_a_subtask_started_does_not_outlive_it(box: Box) -> None:
 def test_a_cancel_reaches_the_plugin_and_the_executor_lives_on(box: Box) -> None:
     """The subtask's process reads the worker's cancel when the plugin asks (ctx.sleep does):
     it stops by itself, well inside the kill grace, so its executor is not killed."""
-    sleep = PluginCatalog.load(box.settings.plugin_folders).get("sleep")
-    assert sleep is not None
-    executor, _ = box.executors.take(box.policy.image_of(sleep), "alice")
-    job_dir = box.settings.effective_workspace_dir / "napping"
-    slot = executor.open_slot(link_slot(box.settings.effective_workspace_dir, job_dir, "step"), [])
-    run = SandboxedRun(
-        LaunchSpec(
-            image=executor.launcher.image,
-            action="sleep",
-            args={"seconds": 600},
-            job_id=job_dir.name,
-            subtask_id="step",
-            attempt=1,
-            workspace=slot.workspace,
-            job_dir=job_dir,
-            timeout=900,
-            folder=slot.folder,
-        ),
-        executor.launcher,
-        on_progress=lambda *_: None,
-        on_checkpoint=lambda _: None,
-        kill_grace=120,  # longer than the test's timeout: only the plugin's own stop passes
-    )
-    run.start()
+    # kill_grace: longer than the test's timeout, so only the plugin's own stop passes.
+    run, executor, slot = box.start("sleep", "sleep", {"seconds": 600}, timeout=900, kill_grace=120)
     assert not run.wait(0.5)
     run.stop("cancelled")
     assert run.outcome().outcome == "cancelled"

@@ -292,16 +292,18 @@ def _run_subtask(
     channel: _Channel, image: dict[str, Any], function: Callable[..., Any], spec: dict[str, Any], control: _Lines
 ) -> None:
     """Run one subtask's action and send its result or error; `control` brings cancel and model replies."""
-    run_with_control(channel, function, spec, SubtaskControl(channel, control), image)
+    run_with_control(channel, image, function, spec, SubtaskControl(channel, control))
 
 
 def run_with_control(
     channel: _Channel,
+    image: dict[str, Any],
     function: Callable[..., Any],
     spec: dict[str, Any],
     control: SubtaskControl,
-    image: dict[str, Any],
 ) -> None:
+    """`_run_subtask` with its control stream already set up (an executor's spare, or a shared
+    executor, which reads the same stream between subtasks)."""
     from edgefleet.plugin_context import PluginContext
 
     workspace = Path(spec["workspace"])

@@ -55,7 +55,7 @@ def serve(stdin: _Lines, channel: _Channel, image: dict[str, Any], function: Cal
         usage = _run_here(stdin, channel, image, function, message)
         clean = 0 < _threads() <= threads
         end_subtask(channel, 0, usage)
-        if not clean or _cpu_used() >= CPU_HEADROOM_S:
+        if not clean or used + usage.ru_utime + usage.ru_stime >= CPU_HEADROOM_S:
             return  # the worker finds this executor gone and starts a new one for the next subtask
 
 
@@ -68,7 +68,7 @@ def _run_here(
     # The worker's stdin is read here while the subtask runs, and by `serve` between subtasks.
     control = SubtaskControl(channel, stdin)
     try:
-        run_with_control(channel, function, spec, control, image)
+        run_with_control(channel, image, function, spec, control)
     except BaseException as exc:  # a setup step failed (its workspace): the subtask's error
         channel.send(protocol.error("exception", f"{type(exc).__name__}: {exc}"))
     finally:

@@ -132,7 +132,7 @@ def _fork_spare(channel: _Channel, image: dict[str, Any], function: Callable[...
 
     spec_read, spec_write = os.pipe()
     control_read, control_write = os.pipe()
-    parent = os.getpid()
+    parent, name = os.getpid(), _executor_name()
     pid = os.fork()
     if pid == 0:  # the next subtask's process
         code = 0
@@ -143,7 +143,7 @@ def _fork_spare(channel: _Channel, image: dict[str, Any], function: Callable[...
             os.close(spec_write)
             os.close(control_write)
             _die_with(parent)
-            name = _rename(SPARE_NAME)
+            _rename(SPARE_NAME)
             # What does not depend on the subtask is done before it is known: the full filter.
             _narrow(image)
             control = SubtaskControl(channel, _Lines(control_read))
@@ -154,7 +154,7 @@ def _fork_spare(channel: _Channel, image: dict[str, Any], function: Callable[...
             _rename(name)
             spec = json.loads(line)
             _confine(image, spec)
-            run_with_control(channel, function, spec, control, image)
+            run_with_control(channel, image, function, spec, control)
         except BaseException as exc:  # a setup step of this child failed: the subtask's error
             channel.send(protocol.error("exception", f"{type(exc).__name__}: {exc}"))
             code = 1
@@ -223,15 +223,20 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _rename(name: str) -> str:
-    """Set this process's name (/proc/<pid>/comm); the one it had."""
+@functools.cache
+def _executor_name() -> str:
+    """The executor's process name (/proc/<pid>/comm), read once: its forks start with it."""
     try:
         with open("/proc/self/comm") as f:
-            before = f.read().strip()
+            return f.read().strip()
     except OSError:
-        return name
-    _prctl(PR_SET_NAME, name.encode()[:15])
-    return before
+        return ""
+
+
+def _rename(name: str) -> None:
+    """Set this process's name (/proc/<pid>/comm)."""
+    if name:
+        _prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def _narrow(image: dict[str, Any]) -> None:
