@@ -42,6 +42,7 @@ IN_FLIGHT = "edgefleet_worker_subtasks_in_flight"  # {resource_class}
 RETRIES = "edgefleet_worker_retries_total"  # {plugin, resource_class}: attempts after the first
 REDELIVERIES = "edgefleet_worker_redeliveries_total"  # {reason}: deliveries not run
 SANDBOX_STARTS = "edgefleet_worker_sandbox_starts_total"  # {plugin, start}: warm (pre-started) or cold
+SUBTASKS_CHAINED = "edgefleet_worker_subtasks_chained_total"  # {resource_class}: taken by a slot, not delivered
 NODE_SLOTS = "edgefleet_node_slots"  # {node, resource_class}
 NODE_CPU = "edgefleet_node_cpu_usage_ratio"  # {node}
 NODE_CORES = "edgefleet_node_cpu_cores"  # {node}

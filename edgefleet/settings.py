@@ -104,6 +104,20 @@ class Settings(BaseSettings):
         default=30.0,
         description="a released subtask unclaimed this long while its queue is empty is sent again",
     )
+    # Slot chaining (workers/chaining.py): a slot whose subtask just ended takes the next ready one
+    # from the backlog itself, skipping the broker's hand-off; bounded so that the messages
+    # already in its Celery queue, and a warm shutdown, do not wait long.
+    chain_max: int = Field(
+        default=32,
+        ge=0,
+        description="subtasks a worker slot takes from the backlog itself after a delivered one, "
+        "before it goes back to its Celery queue; 0 turns chaining off",
+    )
+    chain_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        description="a slot takes no further subtask itself once its chain has run this long (seconds)",
+    )
 
     target_depth: dict[ResourceClass, int] = Field(
         default_factory=lambda: {ResourceClass.cpu: 16, ResourceClass.gpu: 4, ResourceClass.io: 32}

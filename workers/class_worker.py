@@ -23,6 +23,7 @@ from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.workers.chaining import SlotChain
 from edgefleet.workers.metrics import WorkerMetrics
 from edgefleet.workers.model_calls import ModelCallHandler
 from edgefleet.workers.runner import SubtaskRunner
@@ -65,15 +66,20 @@ class RuntimePerProcess:
             return self._runner
 
 
-def build_app(settings: Settings, resource_class: ResourceClass) -> Celery:
+def build_app(settings: Settings, resource_class: ResourceClass, *, express: bool = False) -> Celery:
+    """`express`: the app of a node's express slots, which do not chain (see `workers.chaining`)."""
     app = create_celery(settings, main=f"edgefleet-{resource_class.value}")
     # Tasks an operator or a benchmark adds (loadtests/bench_tasks.py), imported at worker start.
     app.conf.imports = tuple(settings.worker_task_modules)
     runtime = RuntimePerProcess(settings, app)
+    chain_max = 0 if express else settings.chain_max
 
     @app.task(name=RUN_SUBTASK)
     def run_subtask(envelope: dict[str, Any]) -> str:
-        return runtime.get().run(envelope)
+        runner = runtime.get()
+        if chain_max == 0:
+            return runner.run(envelope)
+        return SlotChain(runner, max_subtasks=chain_max, seconds=settings.chain_seconds).run(envelope)
 
     @app.task(name=PROBE)
     def probe(counter_key: str) -> None:
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     setup_logging(f"worker-{args.resource_class}", settings.log_level, settings.log_json)
     resource_class = ResourceClass(args.resource_class)
-    app = build_app(settings, resource_class)
+    app = build_app(settings, resource_class, express=args.express)
     node = settings.node_name
     rc = resource_class.value
     express = [f"{rc}{EXPRESS_SUFFIX}", f"node.{node}.{rc}{EXPRESS_SUFFIX}"]

@@ -96,6 +96,12 @@ class WorkerMetrics:
             ["plugin", "start"],
             **kwargs,
         )
+        self.chained = Counter(
+            metric_names.SUBTASKS_CHAINED,
+            "subtasks a slot took from the backlog itself after its last one ended (no broker message)",
+            ["resource_class"],
+            **kwargs,
+        )
         self.dropped = Counter(
             "edgefleet_worker_deliveries_dropped_total",
             "deliveries not run: duplicate, stale or cancelled",

@@ -131,7 +131,10 @@ class SubtaskRunner:
         self.refill = Refiller(dispatcher, self.node)
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
-        env = SubtaskEnvelope.model_validate(raw_envelope)
+        """A delivered subtask (the Celery message's envelope)."""
+        return self.run_envelope(SubtaskEnvelope.model_validate(raw_envelope))
+
+    def run_envelope(self, env: SubtaskEnvelope) -> str:
         self.metrics.received(env)
         pid = os.getpid()
         # One token per delivery: a claim retried after a lost reply is known as the same claim.

@@ -6,7 +6,7 @@ import logging
 
 from celery import Celery
 
-from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, RUN_SUBTASK
+from edgefleet.celery_app import EXPRESS_SUFFIX, MESSAGE_PRIORITY, RUN_SUBTASK, node_queue
 from edgefleet.scheduling.affinity import ModelAffinity
 from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
@@ -19,7 +19,7 @@ class Dispatcher:
     """Release is two steps (pop in Lua, then send): a crash in between leaves the
     subtask in the store's `dispatching` set, which the reaper puts back.
 
-    Three callers release: the leader router's release loop (the only one that
+    Three callers release (and a worker slot that just ended may `take` its own next subtask): the leader router's release loop (the only one that
     drains retries and whatever waited for room), the submit handler (its new
     job's first subtasks) and a worker that just finished a subtask (refilling the
     slot it freed). All three pop the lowest scores with the same atomic `RELEASE`
@@ -56,6 +56,30 @@ class Dispatcher:
         self._send(released)
         self.scheduler.mark_dispatched(released)
         return released
+
+    def take(self, resource_class: ResourceClass, node: str) -> Released | None:
+        """The class's next ready subtask for a slot of `node` that is free now, popped in the
+        release order (priority, fairness, the batch share) but not sent: the caller claims it
+        at once. It stays in the `dispatching` set until claimed, so a crash before the claim
+        leaves it to the reaper. The queue's target depth does not bound it: it never waits
+        in a queue. One that belongs elsewhere (pinned to another box, or placed with a box
+        that holds its model or inputs) is sent there instead, and None returned."""
+        target = self.settings.target_depth.get(resource_class, 16)
+        released = self.scheduler.release(resource_class, 1, target, direct=True)
+        if not released:
+            return None
+        item = released[0]
+        if self.affinity is not None:
+            (held,) = self.affinity.inputs_held([item.envelope])
+            item = self._with_affinity(item, held, freed_on=node)
+        if item.queue.removesuffix(EXPRESS_SUFFIX) in (
+            resource_class.value,
+            node_queue(node) + f".{resource_class.value}",
+        ):
+            return item
+        self._send([item])
+        self.scheduler.mark_dispatched([item])
+        return None
 
     def release_all(self, max_count: int = 256) -> int:
         return sum(self.release(rc, max_count) for rc in ResourceClass)

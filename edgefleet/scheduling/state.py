@@ -44,10 +44,12 @@ class SchedulerState:
 
     # --- release to the broker ----------------------------------------------------------
 
-    def release(self, resource_class: ResourceClass, max_count: int, target_depth: int) -> list[Released]:
+    def release(
+        self, resource_class: ResourceClass, max_count: int, target_depth: int, *, direct: bool = False
+    ) -> list[Released]:
         """Pop up to `max_count` of the class's lowest scores while its queue is under the
         target depth (Redis' value wins over `target_depth`), marked as being dispatched."""
-        raw = self._conn.run("release", resource_class.value, max_count, target_depth)
+        raw = self._conn.run("release", resource_class.value, max_count, target_depth, "1" if direct else "0")
         items = json.loads(raw) if raw and raw != "{}" else []
         return [
             Released(

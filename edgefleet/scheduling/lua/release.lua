@@ -68,7 +68,11 @@ local function release_member(m, prio)
     priority = prio, queue = queue})
 end
 
+-- ARGV[5] '1': a slot that just ended takes the next subtask itself (not through the queue),
+-- so the queue's target depth does not bound it and the express lane does not apply.
+local direct = ARGV[5] == '1'
 local n = math.min(limit, target - redis.call('ZCARD', queued_key))
+if direct then n = limit end
 for _ = 1, n do
   local m, prio = next_member()
   if not m then break end
@@ -77,7 +81,7 @@ end
 
 -- The express lane: interactive work may exceed the target depth by the live nodes' express
 -- slots for this class, so that it does not wait for a batch subtask to end to be released.
-if #out < limit and redis.call('HGET', K.backlog_count(cls), 'interactive') then
+if not direct and #out < limit and redis.call('HGET', K.backlog_count(cls), 'interactive') then
   local express = 0
   local names = redis.call('SMEMBERS', K.nodes())
   for _, name in ipairs(names) do

@@ -1,0 +1,155 @@
+"""Slot chaining (workers/chaining.py): a slot that just ended takes its next subtask itself.
+
+`Dispatcher.take` is tested against a real Redis and kombu publishing to it; the chain itself
+in a real cluster (router, node, Celery prefork workers), where what is asserted is which
+subtasks ran, in what order and how often, never how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgefleet import metric_names
+from edgefleet.celery_app import create_celery
+from edgefleet.keys import Keys
+from edgefleet.scheduling.dispatch import Dispatcher
+from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
+from edgefleet.scheduling.state import SchedulerState
+from edgefleet.schemas import ResourceClass
+from edgefleet.settings import Settings
+from edgefleet.store import JobStore
+from tests.conftest import Cluster, RedisServer, new_marker, wait_until
+from tests.test_backlog_metric import create, step
+from tests.test_crash import assert_succeeded_exactly_once, marker_lines, pool_process_running, subtask_events
+from tests.test_scheduler import ONE_SLOT, cancel, one_slot_cluster, sleep_body, start_blocker, wait_queued_full
+
+CPU = ResourceClass.cpu
+
+
+def dispatcher_on(redis_server: RedisServer) -> tuple[JobStore, Dispatcher]:
+    store = JobStore.from_url(redis_server.url)
+    scheduler = SchedulerState.of(store)
+    scheduler.seed_weights(dict(DEFAULT_WEIGHTS))
+    settings = Settings(redis_url=redis_server.url)
+    return store, Dispatcher(scheduler, create_celery(settings), settings)
+
+
+def test_take_pops_in_release_order_past_the_target_depth(redis_server: RedisServer) -> None:
+    store, dispatcher = dispatcher_on(redis_server)
+    scheduler = dispatcher.scheduler
+    scheduler.set_target_depth(CPU, 0, reason="test: the queue takes nothing")
+    batch = create(store, "batch", step("s"))
+    normal = create(store, "normal", step("s"))
+    interactive = create(store, "interactive", step("s"))
+    assert dispatcher.release(CPU) == 0
+
+    client = redis_server.client()
+    dispatching = Keys(store.connection.keys.prefix).key("dispatching")
+    taken = []
+    while (item := dispatcher.take(CPU, "here")) is not None:
+        # Popped, not sent: until its claim it is in the set the reaper puts back after a crash.
+        assert client.zcard(dispatching) == 1
+        claim = store.attempts.claim(item.envelope, node="here", pid=os.getpid(), lease_ttl=30, max_lost=3, token="t")
+        assert claim.verdict == "run"
+        assert client.zcard(dispatching) == 0
+        taken.append(item.envelope.job_id)
+    assert taken == [interactive, normal, batch]
+    assert scheduler.backlog_size(CPU) == 0 and scheduler.queued_size(CPU) == 0
+    assert not [key for key in client.keys("*") if key.startswith(("cpu", "node."))]  # no broker message
+
+
+def test_take_sends_a_subtask_pinned_to_another_box_there(redis_server: RedisServer) -> None:
+    store, dispatcher = dispatcher_on(redis_server)
+    pinned_step = step("s").model_copy(update={"node": "elsewhere"})
+    pinned = create(store, "normal", pinned_step)
+    mine = create(store, "batch", step("s"))
+
+    assert dispatcher.take(CPU, "here") is None  # the pinned one scores lowest: sent to its box
+    client = redis_server.client()
+    messages = [json.loads(raw) for key in client.keys("node.elsewhere.cpu*") for raw in client.lrange(key, 0, -1)]
+    assert len(messages) == 1
+    status = store.get_job(pinned)
+    assert status is not None and status.subtasks[0].state == "queued"
+    assert dispatcher.scheduler.queued_size(CPU) == 1
+    item = dispatcher.take(CPU, "here")
+    assert item is not None and item.envelope.job_id == mine
+
+
+def chained_total(cluster: Cluster, node: str) -> float:
+    """The node's `edgefleet_worker_subtasks_chained_total`, from its /metrics."""
+    with cluster.client() as http:
+        (url,) = [n["metrics_url"] for n in http.get("/v1/workers").json() if n["name"] == node]
+    text = httpx.get(url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric_names.SUBTASKS_CHAINED
+    )
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("chain_max", [32, 0])
+def test_a_freed_slot_runs_the_backlog_in_priority_order(
+    cluster_factory: Callable[..., Cluster], chain_max: int
+) -> None:
+    """One slot, a target depth of 1: while a blocker holds the slot, one job waits in the
+    Celery queue and the rest in the backlog. Once the blocker ends, the slot takes the backlog
+    itself in the release order (normal before batch), unless chaining is off.
+
+    What a release put in the queue meanwhile waits for the chain to end: at most the target
+    depth of normal jobs may start after a batch one, and none without chaining."""
+    cluster = one_slot_cluster(cluster_factory, EDGEFLEET_CHAIN_MAX=str(chain_max), EDGEFLEET_CHAIN_SECONDS="60")
+    blocker = start_blocker(cluster)
+    first = cluster.submit(sleep_body(0, "batch"))["id"]
+    wait_queued_full(cluster)
+    batch = [cluster.submit(sleep_body(0, "batch"))["id"] for _ in range(4)]
+    normal = [cluster.submit(sleep_body(0, "normal"))["id"] for _ in range(4)]
+    cancel(cluster, blocker)
+
+    started: dict[str, float] = {}
+    for job_id in [first, *batch, *normal]:
+        done = cluster.wait_job(job_id, timeout=120)
+        assert done["state"] == "succeeded", done
+        assert done["subtasks"][0]["attempt"] == 1
+        started[job_id] = done["subtasks"][0]["started_at"]
+    order = sorted(started, key=lambda j: started[j])
+    first_batch = min(order.index(j) for j in batch)
+    late_normal = [j for j in normal if order.index(j) > first_batch]
+    chained = chained_total(cluster, "n1")
+    if chain_max:
+        assert chained >= 1
+        assert len(late_normal) <= int(json.loads(ONE_SLOT["EDGEFLEET_TARGET_DEPTH"])["cpu"]), order
+    else:
+        assert chained == 0
+        assert order[0] == first and not late_normal, order  # first was in the queue before the others
+
+
+@pytest.mark.cluster
+def test_a_pool_process_killed_in_a_chained_subtask_loses_nothing(cluster_factory: Callable[..., Cluster]) -> None:
+    """A subtask taken by a chain has no Celery message of its own: it comes back through the
+    node's watch of its pool processes, as a delivered one does, and runs once to the end."""
+    cluster = one_slot_cluster(cluster_factory, EDGEFLEET_CHAIN_SECONDS="60")
+    blocker = start_blocker(cluster)
+    queued = cluster.submit(sleep_body(0, "batch"))["id"]  # fills the target depth of 1
+    wait_queued_full(cluster)
+    marker = new_marker("chained.txt")
+    chained = cluster.submit(sleep_body(5, "normal", step={"args": {"seconds": 5, "marker": str(marker)}}))["id"]
+    cancel(cluster, blocker)  # its slot ends, and takes the backlog's head itself
+    wait_until(lambda: marker_lines(marker), 60, what="the chained subtask running")
+    assert cluster.job(queued)["subtasks"][0]["state"] == "queued"  # passed over: it has a message
+    pool_process_running(cluster, chained, "s").kill()
+
+    done = assert_succeeded_exactly_once(cluster, chained)
+    assert len(marker_lines(marker)) == 2
+    assert done["subtasks"][0]["attempt"] == 2
+    requeued = subtask_events(cluster, chained, "s", "requeued")
+    assert len(requeued) == 1 and "died" in requeued[0]["error"], requeued
+    assert cluster.wait_job(queued)["state"] == "succeeded"
+    assert chained_total(cluster, "n1") >= 1
