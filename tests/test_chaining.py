@@ -20,7 +20,7 @@ from edgefleet.celery_app import create_celery
 from edgefleet.keys import Keys
 from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.scheduling.priority import DEFAULT_WEIGHTS
-from edgefleet.scheduling.state import SchedulerState
+from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -153,3 +153,56 @@ def test_a_pool_process_killed_in_a_chained_subtask_loses_nothing(cluster_factor
     assert len(requeued) == 1 and "died" in requeued[0]["error"], requeued
     assert cluster.wait_job(queued)["state"] == "succeeded"
     assert chained_total(cluster, "n1") >= 1
+
+
+def test_a_completion_asks_for_a_refill_only_when_the_queue_has_room(redis_server: RedisServer) -> None:
+    """The worker's refill after each subtask is a release; with the queue at its target depth
+    (as it stays while slots chain) that release would find nothing, so it is not asked for."""
+    store, dispatcher = dispatcher_on(redis_server)
+    dispatcher.scheduler.set_target_depth(CPU, 1, reason="test")
+    for _ in range(4):
+        create(store, "batch", step("s"))
+    (in_queue,) = dispatcher.release_items(CPU)
+
+    def claim(item: Released) -> None:
+        token = item.dispatch_member
+        assert (
+            store.attempts.claim(item.envelope, node="here", pid=1, lease_ttl=30, max_lost=3, token=token).verdict
+            == "run"
+        )
+
+    def run_one() -> list[ResourceClass]:
+        item = dispatcher.take(CPU, "here")
+        assert item is not None
+        claim(item)
+        done = store.attempts.complete(item.envelope, node="here", pid=1, outcome="succeeded", output=None)
+        assert done.accepted
+        return done.ready_classes
+
+    assert run_one() == []  # backlog left, but the queue is full
+    for _ in range(2):
+        create(store, "interactive", step("s"))
+    # Interactive work waits: the express lane may release it past the target depth.
+    assert run_one() == [CPU]
+    assert run_one() == []  # the last interactive one ran: the queue is full again
+    claim(in_queue)  # its delivery arrived: room in the queue
+    assert run_one() == [CPU]
+
+
+def test_a_release_says_which_subtasks_read_artifacts(redis_server: RedisServer) -> None:
+    """Locality asks where a subtask's inputs are only for those that have any: a `$artifact`
+    in its args, or steps it needs (their files)."""
+    store, dispatcher = dispatcher_on(redis_server)
+    plain = create(store, "batch", step("s"))
+    with_ref = create(store, "batch", step("s").model_copy(update={"args": {"photo": {"$artifact": "a" * 32}}}))
+    first_of_two = create(store, "batch", step("a", dependents=("b",)), step("b", needs=("a",)))
+    released = {item.envelope.job_id: item for item in dispatcher.scheduler.release(CPU, 10, 10)}
+    assert released[plain].has_inputs is False
+    assert released[with_ref].has_inputs is True
+    assert released[first_of_two].has_inputs is False  # `a` needs nothing
+    item = released[first_of_two]
+    claim = store.attempts.claim(item.envelope, node="here", pid=1, lease_ttl=30, max_lost=3, token="t")
+    assert claim.verdict == "run"
+    store.attempts.complete(item.envelope, node="here", pid=1, outcome="succeeded", output=None)
+    (second,) = dispatcher.scheduler.release(CPU, 10, 10)
+    assert second.envelope.subtask_id == "b" and second.has_inputs is True

@@ -80,11 +80,17 @@ class ModelAffinity:
         placement = self.place(env)
         return placement.queue if placement else None
 
-    def inputs_held(self, envs: list[SubtaskEnvelope]) -> list[dict[str, int]]:
-        """For each subtask, bytes of its input artifacts per node (one store call for the batch)."""
-        if self.artifacts is None:
-            return [{} for _ in envs]
-        return self.artifacts.input_bytes_by_node([(env.job_id, env.subtask_id) for env in envs])
+    def inputs_held(self, envs: list[SubtaskEnvelope], has_inputs: list[bool] | None = None) -> list[dict[str, int]]:
+        """For each subtask, bytes of its input artifacts per node (one store call for the batch;
+        none for the subtasks `has_inputs` says read no artifacts)."""
+        wanted = [i for i in range(len(envs)) if has_inputs is None or has_inputs[i]]
+        held: list[dict[str, int]] = [{} for _ in envs]
+        if self.artifacts is None or not wanted:
+            return held
+        found = self.artifacts.input_bytes_by_node([(envs[i].job_id, envs[i].subtask_id) for i in wanted])
+        for i, bytes_by_node in zip(wanted, found, strict=True):
+            held[i] = bytes_by_node
+        return held
 
     def place(
         self, env: SubtaskEnvelope, held: dict[str, int] | None = None, freed_on: str | None = None

@@ -49,7 +49,9 @@ class Dispatcher:
         if not released:
             return []
         if self.affinity is not None:
-            held = self.affinity.inputs_held([item.envelope for item in released])
+            held = self.affinity.inputs_held(
+                [item.envelope for item in released], [item.has_inputs for item in released]
+            )
             released = [
                 self._with_affinity(item, inputs, freed_on) for item, inputs in zip(released, held, strict=True)
             ]
@@ -70,7 +72,7 @@ class Dispatcher:
             return None
         item = released[0]
         if self.affinity is not None:
-            (held,) = self.affinity.inputs_held([item.envelope])
+            (held,) = self.affinity.inputs_held([item.envelope], [item.has_inputs])
             item = self._with_affinity(item, held, freed_on=node)
         if item.queue.removesuffix(EXPRESS_SUFFIX) in (
             resource_class.value,
@@ -97,7 +99,7 @@ class Dispatcher:
             return item
         queue = placement.queue + (EXPRESS_SUFFIX if express else "")
         self.scheduler.set_queue(item.envelope, queue, placement=placement.reason)
-        return Released(envelope=item.envelope, queue=queue)
+        return Released(envelope=item.envelope, queue=queue, has_inputs=item.has_inputs)
 
     def _send(self, released: list[Released]) -> None:
         # kombu's publish batch: the messages of one release go out in one pipeline (one round

@@ -24,6 +24,8 @@ from edgefleet.store.connection import StoreConnection
 class Released:
     envelope: SubtaskEnvelope
     queue: str
+    # Whether the subtask reads input artifacts (locality looks up where they are only then).
+    has_inputs: bool = True
 
     @property
     def dispatch_member(self) -> str:
@@ -64,6 +66,7 @@ class SchedulerState:
                     priority=PriorityClass(item["priority"]),
                 ),
                 queue=item["queue"],
+                has_inputs=bool(item.get("inputs", True)),
             )
             for item in items
         ]

@@ -53,7 +53,7 @@ end
 local function release_member(m, prio)
   local jid, sid = split(m)
   local sk = K.subtask(jid, sid)
-  local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node')
+  local f = redis.call('HMGET', sk, 'state', 'attempt', 'plugin', 'action', 'timeout', 'node', 'needs', 'args')
   if f[1] ~= 'ready' then return end
   local queue = cls
   if f[6] and f[6] ~= '' then queue = 'node.' .. f[6] .. '.' .. cls end
@@ -65,7 +65,10 @@ local function release_member(m, prio)
   if shares[prio] then shares[prio] = shares[prio] + 1 end
   table.insert(out, {job_id = jid, subtask_id = sid, attempt = tonumber(f[2]),
     plugin = f[3], action = f[4], resource_class = cls, timeout = tonumber(f[5]),
-    priority = prio, queue = queue})
+    priority = prio, queue = queue,
+    -- Whether it has input artifacts (earlier steps' files, `$artifact` args) for locality to place.
+    -- (`needs` is Python's json.dumps of a list: '[]' when empty; an absent field reads as false)
+    inputs = (f[7] and f[7] ~= '[]') or (f[8] and string.find(f[8], '$artifact', 1, true) ~= nil) or false})
 end
 
 -- ARGV[5] '1': a slot that just ended takes the next subtask itself (not through the queue),

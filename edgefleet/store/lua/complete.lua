@@ -28,9 +28,17 @@ if outcome == 'succeeded' then
       classes[redis.call('HGET', dk, 'resource_class')] = true
     end
   end
-  -- This attempt's slot frees room under its class's target depth: let the worker refill it.
+  -- This attempt's slot frees room under its class's target depth: let the worker refill it,
+  -- unless the queue is at the target depth with no interactive work waiting (which the express
+  -- lane may release past it): that release would find nothing to do.
   local own = redis.call('HGET', sk, 'resource_class')
-  if redis.call('ZCARD', K.backlog(own)) > 0 then classes[own] = true end
+  if redis.call('ZCARD', K.backlog(own)) > 0 then
+    local target = tonumber(redis.call('HGET', K.target_depth(), own) or '')
+    if not target or redis.call('ZCARD', K.queued(own)) < target
+        or redis.call('HGET', K.backlog_count(own), 'interactive') then
+      classes[own] = true
+    end
+  end
   local new_state = job_state
   if redis.call('HINCRBY', jk, 'remaining', -1) == 0 then
     new_state = finish_job(jid, 'succeeded', nil, nil)
