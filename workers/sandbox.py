@@ -48,6 +48,7 @@ from edgefleet.plugin_manifest import Isolation, Limits, Permission
 from edgefleet.plugin_paths import PathGrants, grants_for
 from edgefleet.settings import Settings
 from edgefleet.workers import sandbox_protocol as protocol
+from edgefleet.workers.pipe_lines import EOF, PipeLines
 from edgefleet.workers.sandbox_net import (
     RESOLV_CONF,
     SandboxNetwork,
@@ -711,6 +712,9 @@ class LauncherProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(prepare) + "\n")
         self.proc.stdin.flush()
+        assert self.proc.stdout is not None
+        # The protocol stream, read by whoever waits for a run (workers/pipe_lines.py).
+        self.lines = PipeLines(self.proc.stdout.fileno(), image.max_output_bytes + PIPE_OVERHEAD)
         if self.serves_many:
             threading.Thread(target=self._read_stderr, daemon=True).start()
 
@@ -785,7 +789,9 @@ class LauncherProcess:
 
 
 class SandboxedRun:
-    """One attempt in a launcher process. Callbacks run on a reader thread."""
+    """One attempt in a launcher process. Its messages are read, and the progress and checkpoint
+    callbacks run, on the thread that waits for it (`wait`, `stop`, `outcome`); model calls are
+    answered on a thread each."""
 
     def __init__(
         self,
@@ -810,7 +816,7 @@ class SandboxedRun:
         self._proc: subprocess.Popen[str] = launcher.proc
         self._cpu = 0.0
         self._rss = 0
-        self._reader: threading.Thread | None = None
+        self._reading = False  # between `start` and the end of this run's messages
         self._stop_requested: str | None = None
         self._violation = ""  # a bound it broke (message size, workspace quota): the subtask's error
         self._run_ended: protocol.Ended | None = None  # an executor's report that this run's process ended
@@ -823,41 +829,49 @@ class SandboxedRun:
             self._launcher._stderr.clear()
             self._stderr = self._launcher._stderr  # its one reader's lines, from this run on
         self._write(self.spec.run_message())
-        self._reader = threading.Thread(target=self._read_protocol, daemon=True)
-        self._reader.start()
+        self._reading = True
         if not self._launcher.serves_many:
             threading.Thread(target=self._read_stderr, daemon=True).start()
 
-    def _read_protocol(self) -> None:
-        assert self._proc.stdout
-        limit = self.spec.image.max_output_bytes + PIPE_OVERHEAD
-        while True:
+    def _pump(self, timeout: float) -> bool:
+        """Handle the run's messages as they come, for up to `timeout` seconds; True once there
+        are no more (its executor said `ended`, the launcher closed its end, or broke a bound)."""
+        deadline = time.monotonic() + timeout
+        while self._reading:
             # Bounded: a plugin cannot make its worker buffer an endless line.
-            line = self._proc.stdout.readline(limit + 1)
-            if not line:
-                return
-            if len(line) > limit and not line.endswith("\n"):
+            line = self._launcher.lines.next(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return False
+            if isinstance(line, str):
+                self._handle(line)
+            elif line is EOF:
+                self._reading = False
+            else:  # OVERSIZED
+                limit = self._launcher.lines.limit
                 self._violation = (
                     f"sent a message over {limit // 1024} KiB; return large results as files in the workspace"
                 )
+                self._reading = False
                 self._launcher.kill()
-                return
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            kind = message.get("type")
-            if kind == "progress":
-                self.on_progress(float(message["fraction"]), str(message.get("message", "")))
-            elif kind == "checkpoint":
-                self.on_checkpoint(message.get("state"))
-            elif kind == "model_call":
-                threading.Thread(target=self._answer_model_call, args=(message,), daemon=True).start()
-            elif kind in ("result", "error"):
-                self._final = cast(protocol.Final, message)
-            elif kind == "ended":
-                self._run_ended = cast(protocol.Ended, message)
-                return  # the executor's next lines belong to its next run
+        return True
+
+    def _handle(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        kind = message.get("type")
+        if kind == "progress":
+            self.on_progress(float(message["fraction"]), str(message.get("message", "")))
+        elif kind == "checkpoint":
+            self.on_checkpoint(message.get("state"))
+        elif kind == "model_call":
+            threading.Thread(target=self._answer_model_call, args=(message,), daemon=True).start()
+        elif kind in ("result", "error"):
+            self._final = cast(protocol.Final, message)
+        elif kind == "ended":
+            self._run_ended = cast(protocol.Ended, message)
+            self._reading = False  # the executor's next lines belong to its next run
 
     def _answer_model_call(self, message: dict[str, Any]) -> None:
         call_id = message.pop("id")
@@ -887,7 +901,7 @@ class SandboxedRun:
 
     def running(self) -> bool:
         if self._launcher.serves_many:
-            return self._reader is not None and self._reader.is_alive() and self._proc.poll() is None
+            return self._reading and self._proc.poll() is None
         return self._proc.poll() is None
 
     def _tree_usage(self) -> tuple[float, int]:
@@ -920,12 +934,10 @@ class SandboxedRun:
         Waits on the protocol stream's end first: Popen.wait(timeout) polls with a back-off of
         up to 50 ms, a third of a short subtask."""
         deadline = time.monotonic() + timeout
-        if self._reader is not None:
-            self._reader.join(timeout)
-            if self._reader.is_alive():
-                return False
-            if self._run_ended is not None:
-                return True
+        if not self._pump(timeout):
+            return False
+        if self._run_ended is not None:
+            return True
         try:
             self._proc.wait(max(0.0, deadline - time.monotonic()))
             return True
@@ -945,8 +957,7 @@ class SandboxedRun:
         self._launcher.kill()
 
     def outcome(self) -> SandboxOutcome:
-        if self._reader:
-            self._reader.join(5)
+        self._pump(5)
         final = self._final
         if self._run_ended is None:
             self._launcher.release()  # it has exited (an executor that lives on keeps its network)
