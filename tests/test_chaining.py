@@ -24,6 +24,7 @@ from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
+from edgefleet.store.attempts import Claimant
 from tests.conftest import Cluster, RedisServer, new_marker, wait_until
 from tests.test_backlog_metric import create, step
 from tests.test_crash import assert_succeeded_exactly_once, marker_lines, pool_process_running, subtask_events
@@ -40,7 +41,11 @@ def dispatcher_on(redis_server: RedisServer) -> tuple[JobStore, Dispatcher]:
     return store, Dispatcher(scheduler, create_celery(settings), settings)
 
 
-def test_take_pops_in_release_order_past_the_target_depth(redis_server: RedisServer) -> None:
+def claimant(token: str = "t") -> Claimant:
+    return Claimant(node="here", pid=os.getpid(), lease_ttl=30, max_lost=3, token=token)
+
+
+def test_take_pops_in_release_order_past_the_target_depth_and_claims(redis_server: RedisServer) -> None:
     store, dispatcher = dispatcher_on(redis_server)
     scheduler = dispatcher.scheduler
     scheduler.set_target_depth(CPU, 0, reason="test: the queue takes nothing")
@@ -52,16 +57,37 @@ def test_take_pops_in_release_order_past_the_target_depth(redis_server: RedisSer
     client = redis_server.client()
     dispatching = Keys(store.connection.keys.prefix).key("dispatching")
     taken = []
-    while (item := dispatcher.take(CPU, "here")) is not None:
-        # Popped, not sent: until its claim it is in the set the reaper puts back after a crash.
-        assert client.zcard(dispatching) == 1
-        claim = store.attempts.claim(item.envelope, node="here", pid=os.getpid(), lease_ttl=30, max_lost=3, token="t")
-        assert claim.verdict == "run"
+    while (got := dispatcher.take(CPU, claimant())) is not None:
+        assert got.claim is not None and got.claim.verdict == "run" and got.claim.args == {"seconds": 0}
+        status = store.get_job(got.item.envelope.job_id)
+        assert status is not None and status.subtasks[0].state == "running"
         assert client.zcard(dispatching) == 0
-        taken.append(item.envelope.job_id)
+        taken.append(got.item.envelope.job_id)
     assert taken == [interactive, normal, batch]
     assert scheduler.backlog_size(CPU) == 0 and scheduler.queued_size(CPU) == 0
+    assert store.attempts.running_count() == 3
     assert not [key for key in client.keys("*") if key.startswith(("cpu", "node."))]  # no broker message
+
+
+def test_take_leaves_what_locality_places_unclaimed(redis_server: RedisServer) -> None:
+    """A subtask that reads artifacts, or whose plugin wants a model, is for locality to place:
+    popped unclaimed (in the set the reaper puts back after a crash) until the slot claims it."""
+    store, dispatcher = dispatcher_on(redis_server)
+    client = redis_server.client()
+    dispatching = Keys(store.connection.keys.prefix).key("dispatching")
+    with_ref = create(store, "normal", step("s").model_copy(update={"args": {"photo": {"$artifact": "a" * 32}}}))
+    plain = create(store, "batch", step("s"))
+
+    got = dispatcher.take(CPU, claimant())
+    assert got is not None and got.claim is None and got.item.envelope.job_id == with_ref
+    assert client.zcard(dispatching) == 1
+    claim = store.attempts.claim(got.item.envelope, node="here", pid=os.getpid(), lease_ttl=30, token="t")
+    assert claim.verdict == "run" and client.zcard(dispatching) == 0
+
+    taken = dispatcher.scheduler.take(CPU, claimant(), placed_plugins=["sleep"])
+    assert taken is not None
+    item, unclaimed = taken
+    assert item.envelope.job_id == plain and unclaimed is None
 
 
 def test_take_sends_a_subtask_pinned_to_another_box_there(redis_server: RedisServer) -> None:
@@ -70,15 +96,15 @@ def test_take_sends_a_subtask_pinned_to_another_box_there(redis_server: RedisSer
     pinned = create(store, "normal", pinned_step)
     mine = create(store, "batch", step("s"))
 
-    assert dispatcher.take(CPU, "here") is None  # the pinned one scores lowest: sent to its box
+    assert dispatcher.take(CPU, claimant()) is None  # the pinned one scores lowest: sent to its box
     client = redis_server.client()
     messages = [json.loads(raw) for key in client.keys("node.elsewhere.cpu*") for raw in client.lrange(key, 0, -1)]
     assert len(messages) == 1
     status = store.get_job(pinned)
     assert status is not None and status.subtasks[0].state == "queued"
     assert dispatcher.scheduler.queued_size(CPU) == 1
-    item = dispatcher.take(CPU, "here")
-    assert item is not None and item.envelope.job_id == mine
+    got = dispatcher.take(CPU, claimant())
+    assert got is not None and got.item.envelope.job_id == mine and got.claim is not None
 
 
 def chained_total(cluster: Cluster, node: str) -> float:
@@ -172,10 +198,9 @@ def test_a_completion_asks_for_a_refill_only_when_the_queue_has_room(redis_serve
         )
 
     def run_one() -> list[ResourceClass]:
-        item = dispatcher.take(CPU, "here")
-        assert item is not None
-        claim(item)
-        done = store.attempts.complete(item.envelope, node="here", pid=1, outcome="succeeded", output=None)
+        got = dispatcher.take(CPU, Claimant(node="here", pid=1, lease_ttl=30, max_lost=3, token="t"))
+        assert got is not None and got.claim is not None and got.claim.verdict == "run"
+        done = store.attempts.complete(got.item.envelope, node="here", pid=1, outcome="succeeded", output=None)
         assert done.accepted
         return done.ready_classes
 

@@ -12,12 +12,14 @@ import pytest
 
 from edgefleet.keys import KEY_TEMPLATES, Keys
 from edgefleet.store import JobStore
-from edgefleet.store.scripts import SCHEDULING, SCRIPTS, STORE, compose, source
+from edgefleet.store.scripts import PARTS, SCHEDULING, SCRIPTS, STORE, compose, source
 from tests.conftest import ROOT, RedisServer
 
 pytestmark = pytest.mark.cluster  # each test starts a redis-server
 
 SHARED = {(STORE, "prelude"), (SCHEDULING, "score")}  # parts of every script, not scripts of their own
+# Functions some scripts share (`PARTS`), not scripts of their own either.
+PARTS_FILES = {part for parts in PARTS.values() for part in parts}
 
 
 def test_every_lua_file_is_a_script_and_every_script_a_file() -> None:
@@ -28,7 +30,7 @@ def test_every_lua_file_is_a_script_and_every_script_a_file() -> None:
         if entry.name.endswith(".lua")
     }
     listed = {(package, name) for name, (package, _) in SCRIPTS.items()}
-    assert files == listed | SHARED
+    assert files == listed | SHARED | PARTS_FILES
 
 
 def test_every_script_compiles_in_redis(redis_server: RedisServer) -> None:
@@ -64,5 +66,5 @@ def test_scripts_are_read_when_a_store_is_built_not_on_import(redis_server: Redi
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     before, after = out.stdout.split()
-    assert int(before) == 0 and int(after) == len(SCRIPTS) + len(SHARED)
+    assert int(before) == 0 and int(after) == len(SCRIPTS) + len(SHARED) + len(PARTS_FILES)
     assert JobStore.from_url(redis_server.url).ping()

@@ -4,8 +4,9 @@ Through Celery, each subtask costs its slot a hand-off: the pool process reports
 the parent acks the message, fetches the next one and passes it down, with Redis round trips
 and process wake-ups in series. For a short subtask that is as long as the subtask itself. A
 slot that is free anyway can instead pop the class's next ready subtask in the release order
-(`Dispatcher.take`: the same script, priorities, fairness and batch share as every release)
-and claim it at once, inside the same Celery task.
+(`Dispatcher.take`: the same release code, priorities, fairness and batch share as every
+release) and claim it in the same store call, inside the same Celery task. (One whose box
+locality decides, by its input artifacts or its model, is placed first, and claimed after.)
 
 Bounds, so that the messages already waiting in the slot's Celery queue (released earlier)
 and a warm shutdown wait at most about `chain_seconds`: a chain stops after `chain_max`
@@ -13,8 +14,9 @@ subtasks, or once it has run `chain_seconds`, checked before each take (a long s
 its chain). Express slots do not chain: they stay free for interactive work.
 
 Crashes: a chained subtask is claimed like a delivered one (a lease, renewed while it runs), so
-a pool process killed under it loses it to the lease's expiry and the reaper requeues it; one
-popped but not yet claimed stays in the store's `dispatching` set, which the reaper puts back.
+a pool process killed under it is seen by the node's supervisor, which gives it a new attempt
+(or, without one, its lease expires and the reaper does); one popped but not yet claimed stays
+in the store's `dispatching` set, which the reaper puts back.
 """
 
 from __future__ import annotations
@@ -45,15 +47,22 @@ class SlotChain:
         resource_class = ResourceClass(envelope["resource_class"])
         taken = 0
         while taken < self.max_subtasks and time.monotonic() - started < self.seconds:
+            sent = time.monotonic()
             try:
-                item = self.runner.dispatcher.take(resource_class, self.runner.node)
+                got = self.runner.dispatcher.take(resource_class, self.runner.claimant())
             except TRANSIENT as exc:
+                # Not retried: a take whose reply was lost may have claimed a subtask, which then
+                # waits for its lease to expire (the reaper requeues it as a lost attempt).
                 log.warning("could not take the next subtask", extra={"error": type(exc).__name__})
                 break
-            if item is None:
+            if got is None:
                 break
             taken += 1
-            self.runner.metrics.chained.labels(resource_class.value).inc()
-            if self.runner.run_envelope(item.envelope) == "abandoned":
+            self.runner.metrics.chained(resource_class.value)
+            if got.claim is not None:
+                ended = self.runner.run_claimed(got.item.envelope, got.claim, sent)
+            else:
+                ended = self.runner.run_envelope(got.item.envelope)
+            if ended == "abandoned":
                 break
         return outcome

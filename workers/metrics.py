@@ -51,6 +51,7 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.node = os.environ.get("EDGEFLEET_NODE_NAME", "")
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.subtasks = Counter(
             metric_names.SUBTASKS_RUN,
             "subtask attempts run on this node",
@@ -96,7 +97,7 @@ class WorkerMetrics:
             ["plugin", "start"],
             **kwargs,
         )
-        self.chained = Counter(
+        self.subtasks_chained = Counter(
             metric_names.SUBTASKS_CHAINED,
             "subtasks a slot took from the backlog itself after its last one ended (no broker message)",
             ["resource_class"],
@@ -125,41 +126,55 @@ class WorkerMetrics:
     def hostname(self, env: SubtaskEnvelope) -> str:
         return f"{env.resource_class.value}@{self.node}"
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: a subtask touches about ten of these, and prometheus_client
+        checks and locks on every `labels` call. (The label values are bounded sets: plugins,
+        classes, outcomes, reasons.)"""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def received(self, env: SubtaskEnvelope) -> None:
-        self.celery_received.labels(task_name(env), self.hostname(env)).inc()
+        self._child(self.celery_received, task_name(env), self.hostname(env)).inc()
+
+    def chained(self, resource_class: str) -> None:
+        self._child(self.subtasks_chained, resource_class).inc()
 
     def started(self, env: SubtaskEnvelope, queued_at: float | None, started_at: float | None) -> None:
         rc = env.resource_class.value
-        self.celery_started.labels(task_name(env), self.hostname(env)).inc()
-        self.in_flight.labels(rc).inc()
+        self._child(self.celery_started, task_name(env), self.hostname(env)).inc()
+        self._child(self.in_flight, rc).inc()
         if env.attempt > 1:
-            self.retries.labels(env.plugin, rc).inc()
+            self._child(self.retries, env.plugin, rc).inc()
         if queued_at is not None and started_at is not None:
-            self.queue_wait.labels(env.plugin, rc).observe(max(0.0, started_at - queued_at))
+            self._child(self.queue_wait, env.plugin, rc).observe(max(0.0, started_at - queued_at))
 
     def ended(self, env: SubtaskEnvelope) -> None:
-        self.in_flight.labels(env.resource_class.value).dec()
+        self._child(self.in_flight, env.resource_class.value).dec()
 
     def sandbox_started(self, env: SubtaskEnvelope, *, warm: bool) -> None:
-        self.sandbox_starts.labels(env.plugin, "warm" if warm else "cold").inc()
+        self._child(self.sandbox_starts, env.plugin, "warm" if warm else "cold").inc()
 
     def redelivered(self, reason: str) -> None:
         self.dropped.inc()
-        self.redeliveries.labels(reason).inc()
+        self._child(self.redeliveries, reason).inc()
 
     def finished(self, env: SubtaskEnvelope, outcome: str, error: str = "") -> None:
         """An attempt's recorded end (succeeded, failed, cancelled)."""
         if outcome == "succeeded":
-            self.celery_succeeded.labels(task_name(env), self.hostname(env)).inc()
+            self._child(self.celery_succeeded, task_name(env), self.hostname(env)).inc()
         elif outcome == "failed":
             reason = failure_reason(error)
-            self.failures.labels(env.plugin, env.resource_class.value, reason).inc()
-            self.celery_failed.labels(task_name(env), self.hostname(env), reason).inc()
+            self._child(self.failures, env.plugin, env.resource_class.value, reason).inc()
+            self._child(self.celery_failed, task_name(env), self.hostname(env), reason).inc()
 
     def observe(self, env: SubtaskEnvelope, outcome: str, seconds: float) -> None:
-        self.subtasks.labels(env.plugin, env.resource_class.value, outcome).inc()
-        self.seconds.labels(env.plugin, env.resource_class.value).observe(seconds)
-        self.celery_runtime.labels(task_name(env), self.hostname(env)).observe(seconds)
+        rc = env.resource_class.value
+        self._child(self.subtasks, env.plugin, rc, outcome).inc()
+        self._child(self.seconds, env.plugin, rc).observe(seconds)
+        self._child(self.celery_runtime, task_name(env), self.hostname(env)).observe(seconds)
 
 
 def redelivery_reason(text: str) -> str:

@@ -32,6 +32,7 @@ from edgefleet.scheduling.dispatch import Dispatcher
 from edgefleet.schemas import ResourceClass, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
+from edgefleet.store.attempts import Claim, Claimant
 from edgefleet.workers.artifacts import ArtifactFailure, NodeArtifacts
 from edgefleet.workers.lease_fence import LeaseFence, LeaseTiming
 from edgefleet.workers.metrics import WorkerMetrics, redelivery_reason
@@ -166,6 +167,21 @@ class SubtaskRunner:
                 return self._dropped(env, f"already running in pid {claim.owner_pid}")
         if claim.verdict != "run":
             return self._dropped(env, claim.reason)
+        return self._run_claimed(env, pid, attempt, claim)
+
+    def run_claimed(self, env: SubtaskEnvelope, claim: Claim, claimed_at: float) -> str:
+        """A subtask this process took and claimed itself (`Dispatcher.take`), the claim sent at
+        `claimed_at` (monotonic): from then on its lease runs, as for a delivery's claim."""
+        self.metrics.received(env)
+        if claim.verdict != "run":
+            return self._dropped(env, claim.reason)
+        return self._run_claimed(env, os.getpid(), _Attempt(leased_at=claimed_at), claim)
+
+    def claimant(self) -> Claimant:
+        """This process as the store knows a claimant; a new claim token each time."""
+        return Claimant(self.node, os.getpid(), self.lease_ttl, self.max_lost, uuid.uuid4().hex)
+
+    def _run_claimed(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, claim: Claim) -> str:
         started = time.monotonic()
         self.metrics.started(env, claim.queued_at, claim.started_at)
         try:

@@ -54,10 +54,23 @@ class ModelAffinity:
         self.catalog = catalog
         self.config = config
         self._lock = threading.Lock()
+        self._placed: list[str] | None = None
         self._nodes: list[NodeInfo] = []
         self._fetched = 0.0
         self._turn = 0
         self._sent: dict[str, int] = {}  # node -> subtasks sent to it since the nodes were read
+
+    def placed_plugins(self) -> list[str]:
+        """Plugins with an action that wants a model: where their subtasks run is chosen here
+        (`place`), so a slot that takes its own next subtask must not claim one of them blindly."""
+        if self._placed is None:
+            self._placed = [
+                name
+                for name in self.catalog.names()
+                if (plugin := self.catalog.get(name)) is not None
+                and any(action.model_task for action in plugin.manifest.actions.values())
+            ]
+        return self._placed
 
     def wanted_model(self, env: SubtaskEnvelope) -> str | None:
         plugin = self.catalog.get(env.plugin)

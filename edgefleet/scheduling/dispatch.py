@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from celery import Celery
 
@@ -11,8 +12,17 @@ from edgefleet.scheduling.affinity import ModelAffinity
 from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
+from edgefleet.store.attempts import Claim, Claimant
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What a free slot took: claimed already (`claim`), or left for it to claim."""
+
+    item: Released
+    claim: Claim | None
 
 
 class Dispatcher:
@@ -59,26 +69,29 @@ class Dispatcher:
         self.scheduler.mark_dispatched(released)
         return released
 
-    def take(self, resource_class: ResourceClass, node: str) -> Released | None:
-        """The class's next ready subtask for a slot of `node` that is free now, popped in the
-        release order (priority, fairness, the batch share) but not sent: the caller claims it
-        at once. It stays in the `dispatching` set until claimed, so a crash before the claim
-        leaves it to the reaper. The queue's target depth does not bound it: it never waits
-        in a queue. One that belongs elsewhere (pinned to another box, or placed with a box
-        that holds its model or inputs) is sent there instead, and None returned."""
-        target = self.settings.target_depth.get(resource_class, 16)
-        released = self.scheduler.release(resource_class, 1, target, direct=True)
-        if not released:
+    def take(self, resource_class: ResourceClass, claimant: Claimant) -> Taken | None:
+        """The class's next ready subtask for a slot of `claimant.node` that is free now, popped
+        in the release order (priority, fairness, the batch share) but past the target depth
+        (it never waits in a queue), and claimed in the same store call, unless where it runs
+        is for locality to decide (it reads input artifacts, or wants a model): then it is
+        placed here, and returned unclaimed if it stays on this box (the caller claims it as
+        it would a delivery; until then it is in the `dispatching` set the reaper watches), or
+        sent to its box and None returned, as for one pinned to another box."""
+        placed = self.affinity.placed_plugins() if self.affinity is not None else []
+        taken = self.scheduler.take(resource_class, claimant, placed)
+        if taken is None:
             return None
-        item = released[0]
+        item, claim = taken
+        if claim is not None:
+            return Taken(item, claim)
         if self.affinity is not None:
             (held,) = self.affinity.inputs_held([item.envelope], [item.has_inputs])
-            item = self._with_affinity(item, held, freed_on=node)
+            item = self._with_affinity(item, held, freed_on=claimant.node)
         if item.queue.removesuffix(EXPRESS_SUFFIX) in (
             resource_class.value,
-            node_queue(node) + f".{resource_class.value}",
+            f"{node_queue(claimant.node)}.{resource_class.value}",
         ):
-            return item
+            return Taken(item, None)
         self._send([item])
         self.scheduler.mark_dispatched([item])
         return None

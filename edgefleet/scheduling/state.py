@@ -10,13 +10,14 @@ target_depth, changes (newest first, 20 kept), leader, loop_released, feedback, 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.scheduling import priority
 from edgefleet.schemas import PriorityClass, ResourceClass, SubtaskEnvelope
 from edgefleet.store import JobStore
+from edgefleet.store.attempts import LEASE_GRACE, Claim, Claimant, parse_claim
 from edgefleet.store.connection import StoreConnection
 
 
@@ -33,6 +34,24 @@ class Released:
         return f"{env.job_id}|{env.subtask_id}|{env.attempt}"
 
 
+def _released(item: dict[str, Any]) -> Released:
+    """A released subtask as the release scripts describe it."""
+    return Released(
+        envelope=SubtaskEnvelope(
+            job_id=item["job_id"],
+            subtask_id=item["subtask_id"],
+            attempt=item["attempt"],
+            plugin=item["plugin"],
+            action=item["action"],
+            resource_class=ResourceClass(item["resource_class"]),
+            timeout=item["timeout"],
+            priority=PriorityClass(item["priority"]),
+        ),
+        queue=item["queue"],
+        has_inputs=bool(item.get("inputs", True)),
+    )
+
+
 class SchedulerState:
     def __init__(self, connection: StoreConnection) -> None:
         self._conn = connection
@@ -46,30 +65,37 @@ class SchedulerState:
 
     # --- release to the broker ----------------------------------------------------------
 
-    def release(
-        self, resource_class: ResourceClass, max_count: int, target_depth: int, *, direct: bool = False
-    ) -> list[Released]:
+    def release(self, resource_class: ResourceClass, max_count: int, target_depth: int) -> list[Released]:
         """Pop up to `max_count` of the class's lowest scores while its queue is under the
         target depth (Redis' value wins over `target_depth`), marked as being dispatched."""
-        raw = self._conn.run("release", resource_class.value, max_count, target_depth, "1" if direct else "0")
+        raw = self._conn.run("release", resource_class.value, max_count, target_depth)
         items = json.loads(raw) if raw and raw != "{}" else []
-        return [
-            Released(
-                envelope=SubtaskEnvelope(
-                    job_id=item["job_id"],
-                    subtask_id=item["subtask_id"],
-                    attempt=item["attempt"],
-                    plugin=item["plugin"],
-                    action=item["action"],
-                    resource_class=ResourceClass(item["resource_class"]),
-                    timeout=item["timeout"],
-                    priority=PriorityClass(item["priority"]),
-                ),
-                queue=item["queue"],
-                has_inputs=bool(item.get("inputs", True)),
-            )
-            for item in items
-        ]
+        return [_released(item) for item in items]
+
+    def take(
+        self, resource_class: ResourceClass, claimant: Claimant, placed_plugins: Sequence[str] = ()
+    ) -> tuple[Released, Claim | None] | None:
+        """The class's next ready subtask for a slot that is free now, in the release order but
+        past the target depth (it never waits in a queue), claimed for `claimant` in the same
+        call unless it reads input artifacts, is pinned to another node or its plugin is in
+        `placed_plugins` (then the caller places it, and claims it if it stays). None when
+        nothing is ready."""
+        raw = self._conn.run(
+            "take",
+            resource_class.value,
+            claimant.node,
+            claimant.pid,
+            claimant.lease_ttl,
+            claimant.max_lost,
+            claimant.token,
+            LEASE_GRACE,
+            json.dumps(sorted(placed_plugins)),
+        )
+        if not raw:
+            return None
+        answer = json.loads(raw)
+        claim = answer.get("claim")
+        return _released(answer["item"]), (parse_claim(claim) if claim else None)
 
     def set_queue(self, env: SubtaskEnvelope, queue: str, placement: str | None = None) -> None:
         """The queue a released subtask was actually sent to (the reaper looks there), and why."""

@@ -7,6 +7,7 @@ its ownership (reaped, taken over) is refused, never half-applied.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,39 @@ class Claim:
     tenant: str = ""  # the job's tenant: sandbox executors are never shared across tenants
     queued_at: float | None = None  # when the attempt was released (the queue-wait metric)
     started_at: float | None = None  # when it was claimed
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims: a worker process of a node, with its lease and claim token (one per delivery)."""
+
+    node: str
+    pid: int
+    lease_ttl: float
+    max_lost: int
+    token: str
+
+
+def parse_claim(result: Sequence[Any]) -> Claim:
+    """A claim's answer (claim_core.lua's `claim_attempt`), from CLAIM or TAKE."""
+    verdict = result[0]
+    if verdict == "run":
+        outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
+        checkpoint = json.loads(result[3]) if result[3] else None
+        tenant = result[4] if len(result) > 4 else ""
+        queued_at, started_at = (result[5], result[6]) if len(result) > 6 else ("", "")
+        return Claim(
+            "run",
+            args=json.loads(result[1]),
+            needs_outputs=outputs,
+            checkpoint=checkpoint,
+            tenant=tenant,
+            queued_at=float(queued_at) if queued_at else None,
+            started_at=float(started_at) if started_at else None,
+        )
+    if verdict == "owned":
+        return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
+    return Claim("drop", reason=result[1])
 
 
 @dataclass(frozen=True)
@@ -97,24 +131,7 @@ class AttemptStore:
             token,
             LEASE_GRACE,
         )
-        verdict = result[0]
-        if verdict == "run":
-            outputs = {k: json.loads(v) for k, v in json.loads(result[2]).items()} if result[2] != "{}" else {}
-            checkpoint = json.loads(result[3]) if result[3] else None
-            tenant = result[4] if len(result) > 4 else ""
-            queued_at, started_at = (result[5], result[6]) if len(result) > 6 else ("", "")
-            return Claim(
-                "run",
-                args=json.loads(result[1]),
-                needs_outputs=outputs,
-                checkpoint=checkpoint,
-                tenant=tenant,
-                queued_at=float(queued_at) if queued_at else None,
-                started_at=float(started_at) if started_at else None,
-            )
-        if verdict == "owned":
-            return Claim("owned", owner_pid=int(result[1]) if result[1] else None)
-        return Claim("drop", reason=result[1])
+        return parse_claim(result)
 
     def renew(
         self,

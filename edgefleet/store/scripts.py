@@ -1,6 +1,6 @@
 """The job store's Lua scripts: `.lua` files shipped with the package, read when a store is built.
 
-Every script runs as `header + [score.lua + prelude.lua] + <name>.lua` and gets the key
+Every script runs as `header + [score.lua + prelude.lua] + [its PARTS] + <name>.lua` and gets the key
 prefix as ARGV[1]. The header is generated here: `P` (the prefix), the key functions `K`
 from `edgefleet.keys.KEY_TEMPLATES`, and the score constants from
 `edgefleet.scheduling.priority`, so key names, the epoch and the weight defaults are each
@@ -39,6 +39,7 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
     "promote_delayed": (STORE, True),
     # the release scheduler
     "release": (SCHEDULING, True),
+    "take": (SCHEDULING, True),
     "dispatched": (SCHEDULING, True),
     "backlog_counts": (SCHEDULING, True),
     "set_weights": (SCHEDULING, True),
@@ -61,6 +62,14 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
     "schedule_record": (STORE, True),
     "schedule_state": (STORE, True),
     "schedule_delete": (STORE, True),
+}
+
+
+# Functions some scripts share, put before their body (after the prelude): each defined once.
+PARTS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "claim": ((STORE, "claim_core"),),
+    "release": ((SCHEDULING, "release_core"),),
+    "take": ((STORE, "claim_core"), (SCHEDULING, "release_core")),
 }
 
 
@@ -88,7 +97,8 @@ def compose(body: str, prelude: bool = True) -> str:
 
 def source(name: str) -> str:
     package, prelude = SCRIPTS[name]
-    return compose(read_lua(package, name), prelude)
+    parts = "".join(read_lua(part_package, part) for part_package, part in PARTS.get(name, ()))
+    return compose(parts + read_lua(package, name), prelude)
 
 
 class LuaScripts:
