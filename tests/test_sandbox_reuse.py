@@ -33,7 +33,7 @@ from edgefleet.workers.sandbox import (
     process_tree_pids,
     tree_rss_bytes,
 )
-from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot
+from edgefleet.workers.sandbox_executors import Executor, Executors, Slot, link_slot, rss_reading_due
 from edgefleet.workers.sandbox_zygote import SPARE_NAME
 from tests.conftest import ADMIN_TOKEN, Cluster, RedisServer, free_port, wait_until
 
@@ -478,3 +478,11 @@ def test_a_step_reads_the_file_an_earlier_step_of_its_executor_wrote(cluster: Cl
     assert link.is_symlink() and link.resolve().parent == workspaces / ".sandbox"
     assert shutil.which("true")  # (the job folder layout is the warm launchers': workspace_gc removes both)
     assert os.path.isdir(link.resolve())
+
+
+def test_an_executors_memory_is_read_after_its_first_subtask_every_fourth_and_near_the_limit() -> None:
+    limit = 100 * 2**20
+    small, near = 10 * 2**20, 60 * 2**20
+    assert rss_reading_due(1, 0, limit)
+    assert [n for n in range(2, 13) if rss_reading_due(n, small, limit)] == [4, 8, 12]
+    assert all(rss_reading_due(n, near, limit) for n in range(2, 13))

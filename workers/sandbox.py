@@ -822,9 +822,10 @@ class SandboxedRun:
         self._run_ended: protocol.Ended | None = None  # an executor's report that this run's process ended
 
     def start(self) -> None:
-        folder = self.spec.host_folder.resolve()
-        (folder / ".tmp").mkdir(parents=True, exist_ok=True)
-        hand_over(folder, self.spec.image.uid)
+        if self.spec.folder is None:  # an executor's slot was made ready by `Executor.open_slot`
+            folder = self.spec.host_folder.resolve()
+            (folder / ".tmp").mkdir(parents=True, exist_ok=True)
+            hand_over(folder, self.spec.image.uid)
         if self._launcher.serves_many:
             self._launcher._stderr.clear()
             self._stderr = self._launcher._stderr  # its one reader's lines, from this run on
