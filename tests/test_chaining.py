@@ -24,7 +24,7 @@ from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
-from edgefleet.store.attempts import Claimant
+from edgefleet.store.attempts import Claimant, completion_argv
 from tests.conftest import Cluster, RedisServer, new_marker, wait_until
 from tests.test_backlog_metric import create, step
 from tests.test_crash import assert_succeeded_exactly_once, marker_lines, pool_process_running, subtask_events
@@ -231,3 +231,35 @@ def test_a_release_says_which_subtasks_read_artifacts(redis_server: RedisServer)
     store.attempts.complete(item.envelope, node="here", pid=1, outcome="succeeded", output=None)
     (second,) = dispatcher.scheduler.release(CPU, 10, 10)
     assert second.envelope.subtask_id == "b" and second.has_inputs is True
+
+
+def test_a_completion_takes_the_slots_next_subtask_in_the_same_call(redis_server: RedisServer) -> None:
+    store, dispatcher = dispatcher_on(redis_server)
+    first, second = create(store, "normal", step("s")), create(store, "batch", step("s"))
+    got = dispatcher.take(CPU, claimant())
+    assert got is not None and got.claim is not None and got.item.envelope.job_id == first
+    ended = completion_argv(got.item.envelope, node="here", pid=os.getpid(), outcome="succeeded", output={"n": 1})
+
+    done, following = dispatcher.complete_and_take(ended, CPU, claimant())
+    assert done.accepted and done.job_state == "succeeded"
+    assert following is not None and following.claim is not None and following.claim.verdict == "run"
+    assert following.item.envelope.job_id == second
+    status = store.get_job(second)
+    assert status is not None and status.subtasks[0].state == "running"
+
+    # The same end again (a retry after a lost reply): refused as stale, and nothing is taken.
+    create(store, "batch", step("s"))
+    done, following = dispatcher.complete_and_take(ended, CPU, claimant())
+    assert not done.accepted and following is None
+    assert dispatcher.scheduler.backlog_size(CPU) == 1
+    # Nothing ready: the end is recorded, nothing taken.
+    later = completion_argv(
+        dispatcher.take(CPU, claimant()).item.envelope,  # type: ignore[union-attr]
+        node="here",
+        pid=os.getpid(),
+        outcome="failed",
+        error="boom",
+        retryable=False,
+    )
+    done, following = dispatcher.complete_and_take(later, CPU, claimant())
+    assert done.accepted and done.job_state == "failed" and following is None

@@ -5,7 +5,9 @@ the parent acks the message, fetches the next one and passes it down, with Redis
 and process wake-ups in series. For a short subtask that is as long as the subtask itself. A
 slot that is free anyway can instead pop the class's next ready subtask in the release order
 (`Dispatcher.take`: the same release code, priorities, fairness and batch share as every
-release) and claim it in the same store call, inside the same Celery task. (One whose box
+release) and claim it in the same store call, inside the same Celery task; the call that records
+a subtask's end does that too (`complete_take.lua`), so a chained subtask costs one store call
+besides its own renewals. (One whose box
 locality decides, by its input artifacts or its model, is placed first, and claimed after.)
 
 Bounds, so that the messages already waiting in the slot's Celery queue (released earlier)
@@ -26,7 +28,7 @@ import time
 from typing import Any
 
 from edgefleet.schemas import ResourceClass
-from edgefleet.workers.runner import SubtaskRunner
+from edgefleet.workers.runner import NextTake, SubtaskRunner
 from edgefleet.workers.store_retry import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -41,28 +43,41 @@ class SlotChain:
     def run(self, envelope: dict[str, Any]) -> str:
         """Run the delivered subtask, then what the slot takes itself; the delivered one's outcome."""
         started = time.monotonic()
-        outcome = self.runner.run(envelope)
-        if outcome == "abandoned":
-            return outcome  # the store is away: nothing to take
+        runner = self.runner
         resource_class = ResourceClass(envelope["resource_class"])
         taken = 0
-        while taken < self.max_subtasks and time.monotonic() - started < self.seconds:
-            sent = time.monotonic()
-            try:
-                got = self.runner.dispatcher.take(resource_class, self.runner.claimant())
-            except TRANSIENT as exc:
-                # Not retried: a take whose reply was lost may have claimed a subtask, which then
-                # waits for its lease to expire (the reaper requeues it as a lost attempt).
-                log.warning("could not take the next subtask", extra={"error": type(exc).__name__})
-                break
-            if got is None:
-                break
-            taken += 1
-            self.runner.metrics.chained(resource_class.value)
-            if got.claim is not None:
-                ended = self.runner.run_claimed(got.item.envelope, got.claim, sent)
-            else:
-                ended = self.runner.run_envelope(got.item.envelope)
-            if ended == "abandoned":
-                break
+
+        def room() -> bool:
+            return taken < self.max_subtasks and time.monotonic() - started < self.seconds
+
+        # Each completion takes the next subtask in the same store call while the chain has room.
+        request = NextTake(resource_class, room)
+        runner.next_take = request
+        try:
+            outcome = runner.run(envelope)
+            last = outcome
+            while last != "abandoned":  # the store is away: nothing to take
+                attempted, got, sent = request.pop()
+                if not attempted:
+                    if not room():
+                        break
+                    sent = time.monotonic()
+                    try:
+                        got = runner.dispatcher.take(resource_class, runner.claimant())
+                    except TRANSIENT as exc:
+                        # Not retried: a take whose reply was lost may have claimed a subtask, which
+                        # then waits for its lease to expire (the reaper requeues it as a lost attempt).
+                        log.warning("could not take the next subtask", extra={"error": type(exc).__name__})
+                        break
+                if got is None:
+                    break
+                # (A subtask taken is run, whatever the chain's room by now: it is claimed.)
+                taken += 1
+                runner.metrics.chained(resource_class.value)
+                if got.claim is not None:
+                    last = runner.run_claimed(got.item.envelope, got.claim, sent)
+                else:
+                    last = runner.run_envelope(got.item.envelope)
+        finally:
+            runner.next_take = None
         return outcome

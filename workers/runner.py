@@ -28,11 +28,11 @@ import psutil
 
 from edgefleet.plugin_catalog import PluginCatalog, validate_action_args
 from edgefleet.refs import RefError, resolve_refs
-from edgefleet.scheduling.dispatch import Dispatcher
+from edgefleet.scheduling.dispatch import Dispatcher, Taken
 from edgefleet.schemas import ResourceClass, SubtaskEnvelope
 from edgefleet.settings import Settings
 from edgefleet.store import Completion, JobStore, Usage
-from edgefleet.store.attempts import Claim, Claimant
+from edgefleet.store.attempts import Claim, Claimant, completion_argv
 from edgefleet.workers.artifacts import ArtifactFailure, NodeArtifacts
 from edgefleet.workers.lease_fence import LeaseFence, LeaseTiming
 from edgefleet.workers.metrics import WorkerMetrics, redelivery_reason
@@ -103,6 +103,24 @@ class _Attempt:
     leased_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class NextTake:
+    """A chain's request for its slot's next subtask, taken by the store call that records the
+    current one's end (workers/chaining.py): `wanted` says whether the chain still has room then."""
+
+    resource_class: ResourceClass
+    wanted: Callable[[], bool]
+    attempted: bool = False  # the completion took (or found nothing to take)
+    taken: Taken | None = None
+    sent_at: float = 0.0  # when that call was sent (monotonic): the taken subtask's lease runs from then
+
+    def pop(self) -> tuple[bool, Taken | None, float]:
+        """(attempted, taken, sent_at), and ready for the next completion."""
+        answer = (self.attempted, self.taken, self.sent_at)
+        self.attempted, self.taken = False, None
+        return answer
+
+
 class SubtaskRunner:
     def __init__(
         self,
@@ -130,6 +148,8 @@ class SubtaskRunner:
         self.executors = Executors(settings, self.launchers.policy, self.workspace_root)
         self.artifacts = NodeArtifacts(settings, store)
         self.refill = Refiller(dispatcher, self.node)
+        # Set by a chain around the subtasks it runs (one at a time in this process).
+        self.next_take: NextTake | None = None
 
     def run(self, raw_envelope: dict[str, Any]) -> str:
         """A delivered subtask (the Celery message's envelope)."""
@@ -482,8 +502,10 @@ class SubtaskRunner:
         retryable: bool = True,
         usage: Usage | None = None,
     ) -> str:
+        request = self.next_take
+
         def write() -> Completion:
-            return self.store.attempts.complete(
+            argv = completion_argv(
                 env,
                 node=self.node,
                 pid=pid,
@@ -493,6 +515,13 @@ class SubtaskRunner:
                 retryable=retryable,
                 usage=usage,
             )
+            if request is None or request.attempted or not request.wanted():
+                return self.store.attempts.complete_argv(argv)
+            # A retry after a lost reply takes nothing: the completion is refused as stale then.
+            request.sent_at = time.monotonic()
+            done, request.taken = self.dispatcher.complete_and_take(argv, request.resource_class, self.claimant())
+            request.attempted = True
+            return done
 
         # The result is kept while Redis is away, and written when it is back.
         try:

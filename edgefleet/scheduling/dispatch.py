@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 
@@ -12,7 +14,7 @@ from edgefleet.scheduling.affinity import ModelAffinity
 from edgefleet.scheduling.state import Released, SchedulerState
 from edgefleet.schemas import ResourceClass
 from edgefleet.settings import Settings
-from edgefleet.store.attempts import Claim, Claimant
+from edgefleet.store.attempts import Claim, Claimant, Completion
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,23 @@ class Dispatcher:
         placed here, and returned unclaimed if it stays on this box (the caller claims it as
         it would a delivery; until then it is in the `dispatching` set the reaper watches), or
         sent to its box and None returned, as for one pinned to another box."""
-        placed = self.affinity.placed_plugins() if self.affinity is not None else []
-        taken = self.scheduler.take(resource_class, claimant, placed)
+        taken = self.scheduler.take(resource_class, claimant, self._placed_plugins())
+        return self._settle(resource_class, claimant, taken)
+
+    def complete_and_take(
+        self, completion: Sequence[Any], resource_class: ResourceClass, claimant: Claimant
+    ) -> tuple[Completion, Taken | None]:
+        """An attempt's end (`completion_argv`'s list) and then `take`, in one store call."""
+        done, taken = self.scheduler.complete_and_take(completion, resource_class, claimant, self._placed_plugins())
+        return done, self._settle(resource_class, claimant, taken)
+
+    def _placed_plugins(self) -> list[str]:
+        return self.affinity.placed_plugins() if self.affinity is not None else []
+
+    def _settle(
+        self, resource_class: ResourceClass, claimant: Claimant, taken: tuple[Released, Claim | None] | None
+    ) -> Taken | None:
+        """What a take popped: claimed (done), or placed here and then left to the caller or sent."""
         if taken is None:
             return None
         item, claim = taken

@@ -17,7 +17,7 @@ from typing import Any
 from edgefleet.scheduling import priority
 from edgefleet.schemas import PriorityClass, ResourceClass, SubtaskEnvelope
 from edgefleet.store import JobStore
-from edgefleet.store.attempts import LEASE_GRACE, Claim, Claimant, parse_claim
+from edgefleet.store.attempts import LEASE_GRACE, Claim, Claimant, Completion, parse_claim, parse_completion
 from edgefleet.store.connection import StoreConnection
 
 
@@ -52,6 +52,25 @@ def _released(item: dict[str, Any]) -> Released:
     )
 
 
+def _take_argv(resource_class: ResourceClass, claimant: Claimant, placed_plugins: Sequence[str]) -> list[Any]:
+    """TAKE's arguments (take_core.lua's `take_next`), also COMPLETE_TAKE's last eight."""
+    return [
+        resource_class.value,
+        claimant.node,
+        claimant.pid,
+        claimant.lease_ttl,
+        claimant.max_lost,
+        claimant.token,
+        LEASE_GRACE,
+        json.dumps(sorted(placed_plugins)),
+    ]
+
+
+def _taken(answer: dict[str, Any]) -> tuple[Released, Claim | None]:
+    claim = answer.get("claim")
+    return _released(answer["item"]), (parse_claim(claim) if claim else None)
+
+
 class SchedulerState:
     def __init__(self, connection: StoreConnection) -> None:
         self._conn = connection
@@ -80,22 +99,24 @@ class SchedulerState:
         call unless it reads input artifacts, is pinned to another node or its plugin is in
         `placed_plugins` (then the caller places it, and claims it if it stays). None when
         nothing is ready."""
-        raw = self._conn.run(
-            "take",
-            resource_class.value,
-            claimant.node,
-            claimant.pid,
-            claimant.lease_ttl,
-            claimant.max_lost,
-            claimant.token,
-            LEASE_GRACE,
-            json.dumps(sorted(placed_plugins)),
+        raw = self._conn.run("take", *_take_argv(resource_class, claimant, placed_plugins))
+        return _taken(json.loads(raw)) if raw else None
+
+    def complete_and_take(
+        self,
+        completion: Sequence[Any],
+        resource_class: ResourceClass,
+        claimant: Claimant,
+        placed_plugins: Sequence[str] = (),
+    ) -> tuple[Completion, tuple[Released, Claim | None] | None]:
+        """An attempt's end (`completion`: `completion_argv`'s list) and, once it is recorded, what
+        `take` would answer, in one call: a slot that chains reaches its next subtask without a
+        round trip of its own. Nothing is taken for a stale attempt."""
+        answer = json.loads(
+            self._conn.run("complete_take", *completion, *_take_argv(resource_class, claimant, placed_plugins))
         )
-        if not raw:
-            return None
-        answer = json.loads(raw)
-        claim = answer.get("claim")
-        return _released(answer["item"]), (parse_claim(claim) if claim else None)
+        taken = answer.get("taken")
+        return parse_completion(answer["done"]), (_taken(taken) if taken else None)
 
     def set_queue(self, env: SubtaskEnvelope, queue: str, placement: str | None = None) -> None:
         """The queue a released subtask was actually sent to (the reaper looks there), and why."""

@@ -87,6 +87,40 @@ class Completion:
     ready_classes: list[ResourceClass]
 
 
+def completion_argv(
+    env: SubtaskEnvelope,
+    *,
+    node: str,
+    pid: int,
+    outcome: Outcome,
+    output: Any = None,
+    error: str = "",
+    retryable: bool = True,
+    usage: Usage | None = None,
+) -> list[Any]:
+    """COMPLETE's arguments (complete_core.lua's `complete_attempt`), also COMPLETE_TAKE's first ten."""
+    return [
+        env.job_id,
+        env.subtask_id,
+        env.attempt,
+        node,
+        pid,
+        outcome,
+        json.dumps(output),
+        error,
+        "1" if retryable else "0",
+        json.dumps(asdict(usage)) if usage else "",
+    ]
+
+
+def parse_completion(result: Sequence[Any]) -> Completion:
+    """`complete_attempt`'s answer, from COMPLETE or COMPLETE_TAKE."""
+    if result[0] == "stale":
+        return Completion(accepted=False, job_state=result[1], ready_classes=[])
+    ready = [ResourceClass(c) for c in result[2].split(",") if c]
+    return Completion(accepted=True, job_state=result[1], ready_classes=ready)
+
+
 @dataclass(frozen=True)
 class Lost:
     """What became of an attempt reported lost: requeued, cancelled, failed, or stale."""
@@ -165,23 +199,14 @@ class AttemptStore:
         usage: Usage | None = None,
     ) -> Completion:
         """Record an attempt's end (and what it used). A stale attempt (reaped, taken over) is not accepted."""
-        result = self._conn.run(
-            "complete",
-            env.job_id,
-            env.subtask_id,
-            env.attempt,
-            node,
-            pid,
-            outcome,
-            json.dumps(output),
-            error,
-            "1" if retryable else "0",
-            json.dumps(asdict(usage)) if usage else "",
+        argv = completion_argv(
+            env, node=node, pid=pid, outcome=outcome, output=output, error=error, retryable=retryable, usage=usage
         )
-        if result[0] == "stale":
-            return Completion(accepted=False, job_state=result[1], ready_classes=[])
-        ready = [ResourceClass(c) for c in result[2].split(",") if c]
-        return Completion(accepted=True, job_state=result[1], ready_classes=ready)
+        return self.complete_argv(argv)
+
+    def complete_argv(self, argv: Sequence[Any]) -> Completion:
+        """`complete` with its arguments made by `completion_argv`."""
+        return parse_completion(self._conn.run("complete", *argv))
 
     def lost(self, env: SubtaskEnvelope, *, node: str, pid: int, max_lost: int, why: str) -> Lost:
         """The attempt's plugin process was killed by something outside it: a new attempt

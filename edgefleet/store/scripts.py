@@ -40,6 +40,7 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
     # the release scheduler
     "release": (SCHEDULING, True),
     "take": (SCHEDULING, True),
+    "complete_take": (SCHEDULING, True),
     "dispatched": (SCHEDULING, True),
     "backlog_counts": (SCHEDULING, True),
     "set_weights": (SCHEDULING, True),
@@ -69,7 +70,14 @@ SCRIPTS: Final[dict[str, tuple[str, bool]]] = {
 PARTS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
     "claim": ((STORE, "claim_core"),),
     "release": ((SCHEDULING, "release_core"),),
-    "take": ((STORE, "claim_core"), (SCHEDULING, "release_core")),
+    "complete": ((STORE, "complete_core"),),
+    "take": ((STORE, "claim_core"), (SCHEDULING, "release_core"), (SCHEDULING, "take_core")),
+    "complete_take": (
+        (STORE, "complete_core"),
+        (STORE, "claim_core"),
+        (SCHEDULING, "release_core"),
+        (SCHEDULING, "take_core"),
+    ),
 }
 
 
