@@ -30,7 +30,7 @@ from edgefleet import metric_names
 from edgefleet.celery_app import node_queue
 from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import PriorityClass, ResourceClass
-from edgefleet.store import JobStore
+from edgefleet.store import FinishedJob, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +166,13 @@ class FinishWatcher:
         # Every router watches every finish (its feedback figures need them all), but each finish
         # is counted by one router only, so that counters summed over routers are right.
         claims = store.mark_counted([job_id for job_id, _, _ in new], self.router_id)
-        for (job_id, state, _), claimed in zip(new, claims, strict=True):
-            self._observe(job_id, state, count=bool(claimed))
+        jobs = store.finished_jobs([job_id for job_id, _, _ in new])
+        for (_, state, _), claimed, job in zip(new, claims, jobs, strict=True):
+            if job is not None:
+                self._observe(job, state, count=bool(claimed))
         return len(new)
 
-    def _observe(self, job_id: str, state: str, *, count: bool) -> None:
-        job = self.store.finished_job(job_id)
-        if job is None:
-            return
+    def _observe(self, job: FinishedJob, state: str, *, count: bool) -> None:
         priority, created, finished = job.priority, job.created_at, job.finished_at
         if count:
             self.metrics.finished.labels(priority=priority, state=state).inc()

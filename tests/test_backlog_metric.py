@@ -266,3 +266,16 @@ def test_router_exports_backlog_by_class_and_priority(cluster_factory: Callable[
     with cluster.client("reader-token") as http:
         assert http.get("/v1/scheduler").json()["backlog"]["cpu"] == 3
     assert httpx.get(f"{cluster.url}/metrics", timeout=5).status_code == 401
+
+
+def test_finished_jobs_reads_many_jobs_and_their_subtasks_at_once(redis_server: RedisServer) -> None:
+    """The router's finish watcher reads every job that finished since its last pass in one go."""
+    store = JobStore.from_url(redis_server.url)
+    one = create(store, "normal", step("s"))
+    two = create(store, "batch", step("a", dependents=("b",)), step("b", needs=("a",)))
+    jobs = store.finished_jobs([one, "0" * 32, two])
+    assert [job.priority if job else None for job in jobs] == ["normal", None, "batch"]
+    assert jobs[0] is not None and [st.state for st in jobs[0].subtasks] == ["ready"]
+    assert jobs[2] is not None and [st.state for st in jobs[2].subtasks] == ["ready", "waiting"]
+    assert store.finished_job(two) == jobs[2]
+    assert store.finished_jobs([]) == []

@@ -430,20 +430,37 @@ class JobStore:
 
     def finished_job(self, job_id: str) -> FinishedJob | None:
         """A job's priority, times and subtask times; None for a job the store does not have."""
-        priority, created, finished, order = self._redis.hmget(
-            self._keys.job(job_id), ["priority", "created_at", "finished_at", "order"]
-        )
-        if not priority:
-            return None
-        subtasks: list[SubtaskTimes] = []
-        if order:
-            pipe = self._redis.pipeline(transaction=False)
-            fields = ["resource_class", "queued_at", "started_at", "finished_at", "state"]
-            for sid in json.loads(order):
+        return self.finished_jobs([job_id])[0]
+
+    def finished_jobs(self, job_ids: Sequence[str]) -> list[FinishedJob | None]:
+        """`finished_job` of each, in two round trips whatever their number (the router's
+        finish watcher reads every job that finished since its last pass)."""
+        if not job_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self._keys.job(job_id), ["priority", "created_at", "finished_at", "order"])
+        jobs = pipe.execute()
+        fields = ["resource_class", "queued_at", "started_at", "finished_at", "state"]
+        pipe = self._redis.pipeline(transaction=False)
+        orders: list[list[str]] = []
+        for job_id, (priority, _, _, order) in zip(job_ids, jobs, strict=True):
+            sids = json.loads(order) if priority and order else []
+            orders.append(sids)
+            for sid in sids:
                 pipe.hmget(self._keys.subtask(job_id, sid), fields)
-            for rc, queued, started, done, st_state in pipe.execute():
-                subtasks.append(SubtaskTimes(rc, st_state, _opt_float(queued), _opt_float(started), _opt_float(done)))
-        return FinishedJob(priority, _opt_float(created), _opt_float(finished), subtasks)
+        rows = iter(pipe.execute() if any(orders) else [])
+        out: list[FinishedJob | None] = []
+        for (priority, created, finished, _), sids in zip(jobs, orders, strict=True):
+            if not priority:
+                out.append(None)
+                continue
+            subtasks = [
+                SubtaskTimes(rc, st_state, _opt_float(queued), _opt_float(started), _opt_float(done))
+                for rc, queued, started, done, st_state in (next(rows) for _ in sids)
+            ]
+            out.append(FinishedJob(priority, _opt_float(created), _opt_float(finished), subtasks))
+        return out
 
     def broker_queue_length(self, queue: str, suffixes: Sequence[str]) -> int:
         """Messages waiting in a Celery queue on this Redis (the broker shares it): the list
