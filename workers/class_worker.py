@@ -67,12 +67,15 @@ class RuntimePerProcess:
 
 
 def build_app(settings: Settings, resource_class: ResourceClass, *, express: bool = False) -> Celery:
-    """`express`: the app of a node's express slots, which do not chain (see `workers.chaining`)."""
+    """`express`: the app of a node's express slots, which do not chain (see `workers.chaining`);
+    nor does any slot while Celery task events are on."""
     app = create_celery(settings, main=f"edgefleet-{resource_class.value}")
     # Tasks an operator or a benchmark adds (loadtests/bench_tasks.py), imported at worker start.
     app.conf.imports = tuple(settings.worker_task_modules)
     runtime = RuntimePerProcess(settings, app)
-    chain_max = 0 if express else settings.chain_max
+    # With task events on (for Flower) every subtask stays a Celery task, so that Flower lists it:
+    # a chained one has no message and no events.
+    chain_max = 0 if express or settings.task_events else settings.chain_max
 
     @app.task(name=RUN_SUBTASK)
     def run_subtask(envelope: dict[str, Any]) -> str:
