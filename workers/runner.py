@@ -261,8 +261,13 @@ class SubtaskRunner:
         has_inputs = bool(outputs) or has_copies
         use: _InExecutor | None = None
         job_dir = self._job_dir(env)
-        self.executors.recover(job_dir / env.subtask_id)
-        if self.executors.serves(plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs):
+        # One lstat: a first attempt (the usual case) finds nothing there and needs no recovery.
+        earlier = os.path.lexists(job_dir / env.subtask_id)
+        if earlier:
+            self.executors.recover(job_dir / env.subtask_id)
+        if self.executors.serves(
+            plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs, fresh=not earlier
+        ):
             link = link_slot(self.executors.workspace_root, job_dir, env.subtask_id)
             # What a one-shot launcher would bind read-only, shown through the executor's mirror.
             inputs = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if has_inputs else []

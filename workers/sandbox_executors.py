@@ -125,8 +125,12 @@ class Executor:
             folder = workspace
         else:
             folder = (self.slots_folder or slots) / workspace.name
-            (folder / ".tmp").mkdir(parents=True)
-        hand_over(folder, self.launcher.image.uid)
+            folder.mkdir(parents=True)
+            (folder / ".tmp").mkdir()
+        uid = self.launcher.image.uid
+        if uid is not None:  # the folder holds just its .tmp: no walk (see hand_over)
+            for path in (folder, folder / ".tmp"):
+                os.chown(path, uid, uid, follow_symlinks=False)
         slot = Slot(workspace, folder, job_link)
         if self.mirror is not None and self.slots_folder is not None:
             for path in inputs:
@@ -298,11 +302,14 @@ class Executors:
                     continue
         target.mkdir(parents=True, exist_ok=True)  # nothing left of it: an empty workspace
 
-    def serves(self, isolation: Isolation, image: PluginImage, workspace: Path, has_inputs: bool) -> bool:
-        """Whether an executor may run this attempt; else a one-shot launcher does."""
+    def serves(
+        self, isolation: Isolation, image: PluginImage, workspace: Path, has_inputs: bool, *, fresh: bool | None = None
+    ) -> bool:
+        """Whether an executor may run this attempt; else a one-shot launcher does. `fresh`: the
+        caller knows nothing is at `workspace` (else it is looked at)."""
         if self.max_subtasks <= 0 or isolation is Isolation.per_attempt:
             return False
-        if workspace.exists() or workspace.is_symlink():
+        if not fresh and (workspace.exists() or workspace.is_symlink()):
             return False  # an earlier attempt's files: only a launcher started for it binds them
         return not (has_inputs and image.landlock and self.bwrap is None)
 
