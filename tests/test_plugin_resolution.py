@@ -18,6 +18,7 @@ from edgefleet.plugin_catalog import PluginCatalog, builtin_plugin_dir
 from edgefleet.plugin_manifest import ManifestError
 from edgefleet.plugin_resolution import find_cycles, unmet_binary, unmet_python
 from edgefleet.router.planner import capability_problems
+from edgefleet.router.submission import NODES_FRESH_S
 from edgefleet.schemas import NodeInfo, Plan, PlannedSubtask, ResourceClass
 from edgefleet.settings import Settings
 from tests.conftest import ADMIN_TOKEN, Cluster, wait_until
@@ -457,5 +458,8 @@ def test_resubmission_with_idempotency_key_returns_the_job_even_if_fleet_changed
     wait_until(lambda: cluster.redis.client().exists("ef:node:n1"), 30, what="n1 heartbeat")
     again = cluster.submit(fetch, **{"Idempotency-Key": "k1"})
     assert again["id"] == first["id"]
+    # The router's view of the fleet, read for the first submission, serves NODES_FRESH_S: past
+    # that, a new job is planned against a fresh one that has n1 (cpu only).
+    time.sleep(NODES_FRESH_S)
     with cluster.client() as http:
         assert http.post("/v1/jobs", json=fetch, headers={"Idempotency-Key": "k2"}).status_code == 422
