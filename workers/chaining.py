@@ -5,15 +5,17 @@ the parent acks the message, fetches the next one and passes it down, with Redis
 and process wake-ups in series. For a short subtask that is as long as the subtask itself. A
 slot that is free anyway can instead pop the class's next ready subtask in the release order
 (`Dispatcher.take`: the same release code, priorities, fairness and batch share as every
-release) and claim it in the same store call, inside the same Celery task; the call that records
-a subtask's end does that too (`complete_take.lua`), so a chained subtask costs one store call
-besides its own renewals. (One whose box
-locality decides, by its input artifacts or its model, is placed first, and claimed after.)
+release) and claim it in the same store call, inside the same Celery task. The call that
+records a subtask's end does that too (`complete_take.lua`), so a chained subtask costs one
+store call besides its lease renewals. (One whose box locality decides, by its input
+artifacts or its model, is placed first and claimed after.)
 
 Bounds, so that the messages already waiting in the slot's Celery queue (released earlier)
 and a warm shutdown wait at most about `chain_seconds`: a chain stops after `chain_max`
 subtasks, or once it has run `chain_seconds`, checked before each take (a long subtask ends
-its chain). Express slots do not chain: they stay free for interactive work.
+its chain). Express slots do not chain: they stay free for interactive work. Nor does any
+slot while Celery task events are on: a chained subtask is no Celery task, and Flower would
+not list it (`workers.class_worker`).
 
 Crashes: a chained subtask is claimed like a delivered one (a lease, renewed while it runs), so
 a pool process killed under it is seen by the node's supervisor, which gives it a new attempt
