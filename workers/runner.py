@@ -261,13 +261,12 @@ class SubtaskRunner:
         has_inputs = bool(outputs) or has_copies
         use: _InExecutor | None = None
         job_dir = self._job_dir(env)
+        job_link = job_dir / env.subtask_id
         # One lstat: a first attempt (the usual case) finds nothing there and needs no recovery.
-        earlier = os.path.lexists(job_dir / env.subtask_id)
+        earlier = os.path.lexists(job_link)
         if earlier:
-            self.executors.recover(job_dir / env.subtask_id)
-        if self.executors.serves(
-            plugin.manifest.isolation, image, job_dir / env.subtask_id, has_inputs, fresh=not earlier
-        ):
+            self.executors.recover(job_link)
+        if self.executors.serves(plugin.manifest.isolation, image, job_link, has_inputs, fresh=not earlier):
             link = link_slot(self.executors.workspace_root, job_dir, env.subtask_id)
             # What a one-shot launcher would bind read-only, shown through the executor's mirror.
             inputs = [job_dir, *linked_folders(job_dir, exclude=job_dir)] if has_inputs else []

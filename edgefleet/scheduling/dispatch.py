@@ -31,13 +31,14 @@ class Dispatcher:
     """Release is two steps (pop in Lua, then send): a crash in between leaves the
     subtask in the store's `dispatching` set, which the reaper puts back.
 
-    Three callers release (and a worker slot that just ended may `take` its own next subtask): the leader router's release loop (the only one that
+    Three callers release: the leader router's release loop (the only one that
     drains retries and whatever waited for room), the submit handler (its new
     job's first subtasks) and a worker that just finished a subtask (refilling the
     slot it freed). All three pop the lowest scores with the same atomic `RELEASE`
     script, which reads the class's target depth from Redis (the settings value is
     only the default), so the target depth and the priority order hold whoever
-    releases; the fast paths only save the loop's latency."""
+    releases; the fast paths only save the loop's latency. A worker slot that just
+    ended may also `take` its own next subtask, with the same release code."""
 
     def __init__(
         self, scheduler: SchedulerState, celery: Celery, settings: Settings, affinity: ModelAffinity | None = None
