@@ -226,6 +226,9 @@ class CpuMeter:
         out = {name: tree_cpu(pid) for name, pid in self.trees.items()}
         if self.node is not None:
             out["node"] = self.node.seconds()
+            split = self.node.user_system()
+            if split is not None:
+                out["node user"], out["node system"] = split
         out["bench"] = time.process_time()
         out["t"] = time.perf_counter()
         return out
@@ -290,6 +293,19 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles of router and node into DIR")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument(
+        "--profile-part",
+        choices=["both", "single", "batch"],
+        default="both",
+        help="which router run(s) the profiles cover",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="EDGEFLEET_NAME=VALUE",
+        help="an environment setting for the router and node (repeatable), e.g. to try another default",
+    )
+    parser.add_argument(
         "--isolation",
         choices=["shared", "executor"],
         default="shared",
@@ -297,7 +313,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
-    plugin_env = {}
+    plugin_env: dict[str, str] = {}
     plugin = FORKED_SLEEP if args.isolation == "executor" else "sleep"
     job = sleep_job(plugin)
     if args.isolation == "executor":
@@ -305,6 +321,11 @@ def main() -> None:
         plugins = sleep_plugin_copy(workdir / "plugins", name=FORKED_SLEEP, isolation="executor")
         plugin_env["EDGEFLEET_PLUGIN_DIRS"] = json.dumps([str(plugins)])
 
+    for setting in args.setting:
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("EDGEFLEET_"):
+            parser.error(f"--setting {setting!r}: expected EDGEFLEET_NAME=VALUE")
+        plugin_env[name] = value
     stack = BenchStack(
         workdir,
         **plugin_env,
@@ -340,11 +361,18 @@ def main() -> None:
         t1 = meter.read()
         cpu["raw"] = meter.spent(t0, t1, args.jobs, ["bench", "node", "redis"])
         profiler = None
-        if args.profile is not None:
+
+        def start_profiles() -> Profiler | None:
+            if args.profile is None:
+                return None
             args.profile.mkdir(parents=True, exist_ok=True)
-            profiler = Profiler(args.profile, args.profile_rate)
-            profiler.start("router", router_pid, subprocesses=args.router_workers > 1)
-            profiler.start("node", node_cpu.pid, subprocesses=True)
+            started = Profiler(args.profile, args.profile_rate)
+            started.start("router", router_pid, subprocesses=args.router_workers > 1)
+            started.start("node", node_cpu.pid, subprocesses=True)
+            return started
+
+        if args.profile_part in ("both", "single"):
+            profiler = start_profiles()
         t0 = meter.read()
         with BusySlots(store) as busy_single:
             router_rate, latencies = bench_router(stack.url, store, job, args.jobs, args.client_threads, job_ids)
@@ -352,13 +380,23 @@ def main() -> None:
         cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
         cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
+        if profiler is not None and args.profile_part == "single":
+            profiler.stop()
+            profiler = None
         if args.batch:
+            if args.profile_part == "batch":
+                profiler = start_profiles()
+                time.sleep(1.0)  # py-spy attached before the run starts
+                t1 = meter.read()  # the profilers' start-up not counted
             with BusySlots(store) as busy_batch:
                 batch_rate = bench_router_batch(stack.url, store, job, args.jobs, args.batch_size)
             t2 = meter.read()
             cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
             cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
             cpu["batch node"] = meter.spent(t1, t2, args.jobs, ["node"])
+            if "node system" in t2:
+                # (Not net of idle: the cgroup's split is counted in 10 ms ticks.)
+                cpu["batch node system"] = (t2["node system"] - t1["node system"]) * 1000 / args.jobs
         if profiler is not None:
             profiler.stop()
         t0 = meter.read()
@@ -385,7 +423,9 @@ def main() -> None:
         f"CPU per job (ms, net)   raw {cpu['raw']:.1f} / {cpu['raw again']:.1f} (producer+node+redis); "
         f"single {cpu['single']:.1f} (router {cpu['single router']:.1f}, node {cpu['single node']:.1f})"
         + (
-            f"; batch {cpu['batch']:.1f} (router {cpu['batch router']:.1f}, node {cpu['batch node']:.1f})"
+            f"; batch {cpu['batch']:.1f} (router {cpu['batch router']:.1f}, node {cpu['batch node']:.1f}"
+            + (f" of which system {cpu['batch node system']:.1f}" if "batch node system" in cpu else "")
+            + ")"
             if args.batch
             else ""
         )

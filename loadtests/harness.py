@@ -108,6 +108,17 @@ class NodeCpu:
         stat = dict(line.split() for line in (self.folder / "cpu.stat").read_text().splitlines())
         return int(stat["usage_usec"]) / 1e6
 
+    def user_system(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds from the cgroup's account; None without a cgroup."""
+        if self.folder is None:
+            return None
+        if (self.folder / "cpuacct.stat").exists():
+            ticks = dict(line.split() for line in (self.folder / "cpuacct.stat").read_text().splitlines())
+            hz = os.sysconf("SC_CLK_TCK")
+            return int(ticks["user"]) / hz, int(ticks["system"]) / hz
+        stat = dict(line.split() for line in (self.folder / "cpu.stat").read_text().splitlines())
+        return int(stat["user_usec"]) / 1e6, int(stat["system_usec"]) / 1e6
+
     def close(self) -> None:
         if self.folder is not None:
             try:
