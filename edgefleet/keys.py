@@ -36,6 +36,8 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "tenant_active": "tenant_active:{tenant}",  # string: the tenant's ready/queued/running subtasks
     # attempts
     "queued": "queued:{resource_class}",  # z: released, not yet claimed ("job|subtask" -> queued_at)
+    # z: worker slots of the class that take their next subtask themselves ("node|pid" -> until when)
+    "takers": "takers:{resource_class}",
     "dispatching": "dispatching",  # z: popped from a backlog, not yet sent ("job|subtask|attempt")
     "delayed": "delayed",  # z: retries waiting for their backoff
     "running": "running",  # z: "job|subtask" -> lease end
@@ -146,6 +148,10 @@ class Keys:
 
     def queued(self, resource_class: ResourceClass | str) -> str:
         return self.key("queued", resource_class=_value(resource_class))
+
+    def takers(self, resource_class: ResourceClass | str) -> str:
+        """Sorted set: "node|pid" of a chaining slot -> until when it takes its class's next subtask."""
+        return self.key("takers", resource_class=_value(resource_class))
 
     def jobs_index(self, tenant: str | None = None, state: str | None = None) -> str:
         if tenant is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 
 import httpx
@@ -28,7 +29,14 @@ from edgefleet.store.attempts import Claimant, completion_argv
 from tests.conftest import Cluster, RedisServer, new_marker, wait_until
 from tests.test_backlog_metric import create, step
 from tests.test_crash import assert_succeeded_exactly_once, marker_lines, pool_process_running, subtask_events
-from tests.test_scheduler import ONE_SLOT, cancel, one_slot_cluster, sleep_body, start_blocker, wait_queued_full
+from tests.test_scheduler import (
+    cancel,
+    one_slot_cluster,
+    scheduler_of,
+    sleep_body,
+    start_blocker,
+    wait_queued_full,
+)
 
 CPU = ResourceClass.cpu
 
@@ -107,6 +115,19 @@ def test_take_sends_a_subtask_pinned_to_another_box_there(redis_server: RedisSer
     assert got is not None and got.item.envelope.job_id == mine and got.claim is not None
 
 
+def wait_backlog_only(cluster: Cluster, size: int) -> None:
+    """Until `size` subtasks wait in the cpu backlog, none in its Celery queue, and it stays so
+    past the router's next release rounds (which would release into a queue with room)."""
+    scheduler = scheduler_of(cluster)
+
+    def backlog_only() -> bool:
+        return scheduler.backlog_size(CPU) == size and scheduler.queued_size(CPU) == 0
+
+    wait_until(backlog_only, 10, what=f"{size} subtask(s) in the backlog only")
+    time.sleep(3 * Settings().release_interval)
+    assert backlog_only()
+
+
 def chained_total(cluster: Cluster, node: str) -> float:
     """The node's `edgefleet_worker_subtasks_chained_total`, from its /metrics."""
     with cluster.client() as http:
@@ -125,16 +146,18 @@ def chained_total(cluster: Cluster, node: str) -> float:
 def test_a_freed_slot_runs_the_backlog_in_priority_order(
     cluster_factory: Callable[..., Cluster], chain_max: int
 ) -> None:
-    """One slot, a target depth of 1: while a blocker holds the slot, one job waits in the
-    Celery queue and the rest in the backlog. Once the blocker ends, the slot takes the backlog
-    itself in the release order (normal before batch), unless chaining is off.
-
-    What a release put in the queue meanwhile waits for the chain to end: at most the target
-    depth of normal jobs may start after a batch one, and none without chaining."""
+    """One slot, a target depth of 1, and a blocker holding the slot. Without chaining one job
+    waits in the Celery queue and the rest in the backlog; with it the slot counts as a taker
+    (it takes its next subtask itself within the chain's 60 s), so every job waits in the
+    backlog. Once the blocker ends, the slot takes the backlog itself in the release order:
+    every normal job before any batch one. Without chaining the queued one goes first."""
     cluster = one_slot_cluster(cluster_factory, EDGEFLEET_CHAIN_MAX=str(chain_max), EDGEFLEET_CHAIN_SECONDS="60")
     blocker = start_blocker(cluster)
     first = cluster.submit(sleep_body(0, "batch"))["id"]
-    wait_queued_full(cluster)
+    if chain_max:
+        wait_backlog_only(cluster, 1)
+    else:
+        wait_queued_full(cluster)
     batch = [cluster.submit(sleep_body(0, "batch"))["id"] for _ in range(4)]
     normal = [cluster.submit(sleep_body(0, "normal"))["id"] for _ in range(4)]
     cancel(cluster, blocker)
@@ -151,7 +174,7 @@ def test_a_freed_slot_runs_the_backlog_in_priority_order(
     chained = chained_total(cluster, "n1")
     if chain_max:
         assert chained >= 1
-        assert len(late_normal) <= int(json.loads(ONE_SLOT["EDGEFLEET_TARGET_DEPTH"])["cpu"]), order
+        assert not late_normal, order
     else:
         assert chained == 0
         assert order[0] == first and not late_normal, order  # first was in the queue before the others
@@ -163,13 +186,13 @@ def test_a_pool_process_killed_in_a_chained_subtask_loses_nothing(cluster_factor
     node's watch of its pool processes, as a delivered one does, and runs once to the end."""
     cluster = one_slot_cluster(cluster_factory, EDGEFLEET_CHAIN_SECONDS="60")
     blocker = start_blocker(cluster)
-    queued = cluster.submit(sleep_body(0, "batch"))["id"]  # fills the target depth of 1
-    wait_queued_full(cluster)
+    waiting = cluster.submit(sleep_body(0, "batch"))["id"]  # no message: the blocker's slot takes it
+    wait_backlog_only(cluster, 1)
     marker = new_marker("chained.txt")
     chained = cluster.submit(sleep_body(5, "normal", step={"args": {"seconds": 5, "marker": str(marker)}}))["id"]
     cancel(cluster, blocker)  # its slot ends, and takes the backlog's head itself
     wait_until(lambda: marker_lines(marker), 60, what="the chained subtask running")
-    assert cluster.job(queued)["subtasks"][0]["state"] == "queued"  # passed over: it has a message
+    assert cluster.job(waiting)["subtasks"][0]["state"] == "ready"  # passed over: it scores after
     pool_process_running(cluster, chained, "s").kill()
 
     done = assert_succeeded_exactly_once(cluster, chained)
@@ -177,7 +200,7 @@ def test_a_pool_process_killed_in_a_chained_subtask_loses_nothing(cluster_factor
     assert done["subtasks"][0]["attempt"] == 2
     requeued = subtask_events(cluster, chained, "s", "requeued")
     assert len(requeued) == 1 and "died" in requeued[0]["error"], requeued
-    assert cluster.wait_job(queued)["state"] == "succeeded"
+    assert cluster.wait_job(waiting)["state"] == "succeeded"
     assert chained_total(cluster, "n1") >= 1
 
 
@@ -212,6 +235,52 @@ def test_a_completion_asks_for_a_refill_only_when_the_queue_has_room(redis_serve
     assert run_one() == []  # the last interactive one ran: the queue is full again
     claim(in_queue)  # its delivery arrived: room in the queue
     assert run_one() == [CPU]
+
+
+def test_a_slot_that_takes_its_next_subtask_itself_needs_no_message(redis_server: RedisServer) -> None:
+    """A claim from a chaining slot (`takes_for`) counts the slot among its class's takers until
+    its subtask ends or that time is up: releases leave the queue that much emptier, since the
+    slot will take from the backlog itself."""
+    store, dispatcher = dispatcher_on(redis_server)
+    scheduler = dispatcher.scheduler
+    scheduler.set_target_depth(CPU, 3, reason="test")
+    for _ in range(6):
+        create(store, "batch", step("s"))
+    (delivered,) = dispatcher.release_items(CPU, max_count=1)
+    # A delivery claimed by a slot that chains, and a subtask another chaining slot took itself.
+    claim = store.attempts.claim(delivered.envelope, node="here", pid=1, lease_ttl=30, token="a", takes_for=30)
+    assert claim.verdict == "run"
+    taken = dispatcher.take(CPU, Claimant(node="here", pid=2, lease_ttl=30, max_lost=3, token="b", takes_for=0.5))
+    assert taken is not None and taken.claim is not None
+    assert len(dispatcher.release_items(CPU)) == 1  # a target depth of 3, less two takers
+    assert scheduler.queued_size(CPU) == 1
+
+    # The first slot's subtask ends with a plain completion (its chain takes nothing more).
+    store.attempts.complete(delivered.envelope, node="here", pid=1, outcome="succeeded", output=None)
+    assert len(dispatcher.release_items(CPU)) == 1
+    # The second slot's time is up (its subtask runs on): it counts no more.
+    wait_until(lambda: dispatcher.release_items(CPU), 10, what="the second taker's time up")
+    assert scheduler.queued_size(CPU) == 3
+
+
+def test_a_completion_keeps_its_slot_a_taker_only_while_it_takes(redis_server: RedisServer) -> None:
+    store, dispatcher = dispatcher_on(redis_server)
+    client = redis_server.client()
+    takers = Keys(store.connection.keys.prefix).takers(CPU)
+    for _ in range(2):
+        create(store, "batch", step("s"))
+
+    def me(token: str) -> Claimant:
+        return Claimant(node="here", pid=os.getpid(), lease_ttl=30, max_lost=3, token=token, takes_for=30)
+
+    got = dispatcher.take(CPU, me("1"))
+    assert got is not None and client.zcard(takers) == 1
+    ended = completion_argv(got.item.envelope, node="here", pid=os.getpid(), outcome="succeeded", output=None)
+    done, following = dispatcher.complete_and_take(ended, CPU, me("2"))
+    assert done.accepted and following is not None and client.zcard(takers) == 1
+    ended = completion_argv(following.item.envelope, node="here", pid=os.getpid(), outcome="succeeded", output=None)
+    done, following = dispatcher.complete_and_take(ended, CPU, me("3"))
+    assert done.accepted and following is None and client.zcard(takers) == 0  # nothing left: its chain ends
 
 
 def test_a_release_says_which_subtasks_read_artifacts(redis_server: RedisServer) -> None:

@@ -53,7 +53,7 @@ class SlotChain:
             return taken < self.max_subtasks and time.monotonic() - started < self.seconds
 
         # Each completion takes the next subtask in the same store call while the chain has room.
-        request = NextTake(resource_class, room)
+        request = NextTake(resource_class, room, deadline=started + self.seconds)
         runner.next_take = request
         try:
             outcome = runner.run(envelope)

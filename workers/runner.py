@@ -110,9 +110,15 @@ class NextTake:
 
     resource_class: ResourceClass
     wanted: Callable[[], bool]
+    deadline: float = 0.0  # (monotonic) the chain takes no subtask after this
     attempted: bool = False  # the completion took (or found nothing to take)
     taken: Taken | None = None
     sent_at: float = 0.0  # when that call was sent (monotonic): the taken subtask's lease runs from then
+
+    def takes_for(self) -> float:
+        """How long the slot still takes its next subtask itself: what its claims tell the store
+        (`Claimant.takes_for`), so that the release keeps no message queued for it."""
+        return max(0.0, self.deadline - time.monotonic()) if self.wanted() else 0.0
 
     def pop(self) -> tuple[bool, Taken | None, float]:
         """(attempted, taken, sent_at), and ready for the next completion."""
@@ -172,6 +178,7 @@ class SubtaskRunner:
                 dead_pid=dead_pid,
                 max_lost=self.max_lost,
                 token=token,
+                takes_for=self._takes_for(),
             )
 
         claim, _ = retry_transient(claim_once, patience=self.lease_ttl, what="claim")
@@ -199,7 +206,10 @@ class SubtaskRunner:
 
     def claimant(self) -> Claimant:
         """This process as the store knows a claimant; a new claim token each time."""
-        return Claimant(self.node, os.getpid(), self.lease_ttl, self.max_lost, uuid.uuid4().hex)
+        return Claimant(self.node, os.getpid(), self.lease_ttl, self.max_lost, uuid.uuid4().hex, self._takes_for())
+
+    def _takes_for(self) -> float:
+        return self.next_take.takes_for() if self.next_take is not None else 0.0
 
     def _run_claimed(self, env: SubtaskEnvelope, pid: int, attempt: _Attempt, claim: Claim) -> str:
         started = time.monotonic()

@@ -53,7 +53,7 @@ def _released(item: dict[str, Any]) -> Released:
 
 
 def _take_argv(resource_class: ResourceClass, claimant: Claimant, placed_plugins: Sequence[str]) -> list[Any]:
-    """TAKE's arguments (take_core.lua's `take_next`), also COMPLETE_TAKE's last eight."""
+    """TAKE's arguments (take_core.lua's `take_next`), also COMPLETE_TAKE's last nine."""
     return [
         resource_class.value,
         claimant.node,
@@ -63,6 +63,7 @@ def _take_argv(resource_class: ResourceClass, claimant: Claimant, placed_plugins
         claimant.token,
         LEASE_GRACE,
         json.dumps(sorted(placed_plugins)),
+        claimant.takes_for,
     ]
 
 

@@ -71,7 +71,7 @@ _COMMANDS = (
     "ttl", "pttl",
     "hget", "hset", "hsetnx", "hmget", "hgetall", "hdel", "hexists", "hincrby", "hlen",
     "sadd", "srem", "smembers", "sismember", "scard",
-    "zadd", "zrem", "zscore", "zcard", "zcount", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
+    "zadd", "zrem", "zremrangebyscore", "zscore", "zcard", "zcount", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
     "zpopmin", "zscan",
     "lpush", "rpush", "lpop", "rpop", "llen", "lrange", "ltrim", "brpop",
     "xadd", "xread", "xrange",

@@ -47,6 +47,8 @@ class Claimant:
     lease_ttl: float
     max_lost: int
     token: str
+    # > 0: the slot chains, and takes its next subtask itself if this one ends within so many seconds
+    takes_for: float = 0.0
 
 
 def parse_claim(result: Sequence[Any]) -> Claim:
@@ -149,9 +151,11 @@ class AttemptStore:
         dead_pid: int | None = None,
         max_lost: int = 5,
         token: str = "",
+        takes_for: float = 0.0,
     ) -> Claim:
         """Own a delivered attempt. `token` names this delivery: the same claim sent again
-        (its first reply lost to a connection error) is answered "run" again, not "owned"."""
+        (its first reply lost to a connection error) is answered "run" again, not "owned".
+        `takes_for`: as `Claimant.takes_for` (the slot counts as one of its class's takers)."""
         result = self._conn.run(
             "claim",
             env.job_id,
@@ -164,6 +168,7 @@ class AttemptStore:
             max_lost,
             token,
             LEASE_GRACE,
+            takes_for,
         )
         return parse_claim(result)
 

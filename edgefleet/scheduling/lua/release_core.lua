@@ -1,5 +1,6 @@
 -- release_ready(class, max to release, default target depth of the class, direct): pop up to the
--- max of the class's lowest scores while its queue is under the target depth (the value in the hash
+-- max of the class's lowest scores while its queue, with the slots that take their next subtask
+-- themselves (live_takers: they need no message), is under the target depth (the value in the hash
 -- K.target_depth() wins, so every releaser honours the same one), marked queued and dispatching;
 -- the list of what it popped. `direct`: for a slot that just ended and takes the next subtask
 -- itself (take.lua), not through the queue: the target depth does not bound it and the express
@@ -74,8 +75,11 @@ local function release_ready(cls, limit, target_default, direct)
       inputs = (f[7] and f[7] ~= '[]') or (f[8] and string.find(f[8], '$artifact', 1, true) ~= nil) or false})
   end
 
-  local n = math.min(limit, target - redis.call('ZCARD', queued_key))
-  if direct then n = limit end
+  local n, takers = limit, 0
+  if not direct then
+    takers = live_takers(cls)
+    n = math.min(limit, target - redis.call('ZCARD', queued_key) - takers)
+  end
   for _ = 1, n do
     local m, prio = next_member()
     if not m then break end
@@ -94,7 +98,7 @@ local function release_ready(cls, limit, target_default, direct)
         if ok and type(info.express_slots) == 'table' then express = express + (tonumber(info.express_slots[cls]) or 0) end
       end
     end
-    local room = math.min(limit - #out, target + express - redis.call('ZCARD', queued_key))
+    local room = math.min(limit - #out, target + express - redis.call('ZCARD', queued_key) - takers)
     for _ = 1, room do
       local m, prio = take_lowest_of('interactive')
       if not m then break end

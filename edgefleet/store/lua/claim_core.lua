@@ -1,13 +1,16 @@
 -- claim_attempt(jid, sid, attempt, node, pid, lease ttl, dead pid ('' unless taking over),
--- max lost attempts, claim token, lease grace seconds): the claim of one delivered attempt, shared by
--- claim.lua (a Celery delivery) and take.lua (a slot that takes its next subtask itself).
+-- max lost attempts, claim token, lease grace seconds, takes for): the claim of one delivered attempt,
+-- shared by claim.lua (a Celery delivery) and take.lua (a slot that takes its next subtask itself).
+-- `takes for` > 0: the claiming slot chains, and will take its class's next subtask itself when this
+-- one ends if that is within so many seconds: it is counted among the class's takers until then
+-- (release_core.lua leaves it out of the queue; the attempt's completion takes it out again).
 -- The claim token is one per delivery, so that a claim retried after its reply was lost in a Redis
 -- blip is recognised as the same claim.
 -- A running attempt is taken over (same attempt, counted as lost) when its owner process on
 -- this node is dead or its lease has expired; never when its job has ended or it was lost
 -- too often (then it is cancelled or failed instead).
 -- An expired lease is honoured `lease_grace` seconds more, so that its box has stopped its copy.
-local function claim_attempt(jid, sid, attempt, node, pid, ttl, dead, max_lost, token, lease_grace)
+local function claim_attempt(jid, sid, attempt, node, pid, ttl, dead, max_lost, token, lease_grace, takes_for)
   local sk = K.subtask(jid, sid)
   local f = redis.call('HMGET', sk, 'state', 'attempt', 'owner_node', 'owner_pid', 'resource_class', 'args', 'needs',
     'claim_token')
@@ -45,6 +48,9 @@ local function claim_attempt(jid, sid, attempt, node, pid, ttl, dead, max_lost, 
   redis.call('ZREM', K.queued(f[5]), m)
   redis.call('ZREM', K.dispatching(), m .. '|' .. attempt)
   redis.call('ZADD', K.running(), NOW + ttl, m)
+  if takes_for and takes_for > 0 then
+    redis.call('ZADD', K.takers(f[5]), NOW + takes_for, node .. '|' .. pid)
+  end
   if not retried then
     redis.call('HSET', sk, 'state', 'running', 'owner_node', node, 'owner_pid', pid, 'started_at', NOW,
       'progress', '', 'progress_message', '', 'claim_token', token)

@@ -32,12 +32,13 @@ local function complete_attempt(jid, sid, attempt, node, pid, outcome, output, e
       end
     end
     -- This attempt's slot frees room under its class's target depth: let the worker refill it,
-    -- unless the queue is at the target depth with no interactive work waiting (which the express
-    -- lane may release past it): that release would find nothing to do.
+    -- unless the queue and the slots that take for themselves are at the target depth with no
+    -- interactive work waiting (which the express lane may release past it): that release would
+    -- find nothing to do.
     local own = redis.call('HGET', sk, 'resource_class')
     if redis.call('ZCARD', K.backlog(own)) > 0 then
       local target = tonumber(redis.call('HGET', K.target_depth(), own) or '')
-      if not target or redis.call('ZCARD', K.queued(own)) < target
+      if not target or redis.call('ZCARD', K.queued(own)) + live_takers(own) < target
           or redis.call('HGET', K.backlog_count(own), 'interactive') then
         classes[own] = true
       end

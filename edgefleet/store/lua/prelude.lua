@@ -34,6 +34,15 @@ end
 local NOW = now()
 local function member(jid, sid) return jid .. '|' .. sid end
 
+-- Worker slots of a class that will take their next subtask themselves when the one they run ends
+-- (`K.takers(class)`, "node|pid" -> until when; put there by the claim, taken out by the
+-- completion, or by time if the process died): the class's queue need not hold a message for them.
+local function live_takers(cls)
+  local key = K.takers(cls)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', NOW)
+  return redis.call('ZCARD', key)
+end
+
 -- The backlog of a class, its count per priority class and its per-priority mirror
 -- `K.backlog_of_priority(class, priority)` (same members and scores) change together.
 local function job_priority(jid) return redis.call('HGET', K.job(jid), 'priority') or 'normal' end
