@@ -38,6 +38,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "queued": "queued:{resource_class}",  # z: released, not yet claimed ("job|subtask" -> queued_at)
     # z: worker slots of the class that take their next subtask themselves ("node|pid" -> until when)
     "takers": "takers:{resource_class}",
+    # z: the takers among them that found nothing and wait for work ("node|pid" -> until when)
+    "lingering": "lingering:{resource_class}",
+    "wake": "wake:{resource_class}",  # l: a token per subtask made ready while slots linger
     "dispatching": "dispatching",  # z: popped from a backlog, not yet sent ("job|subtask|attempt")
     "delayed": "delayed",  # z: retries waiting for their backoff
     "running": "running",  # z: "job|subtask" -> lease end
@@ -148,6 +151,10 @@ class Keys:
 
     def queued(self, resource_class: ResourceClass | str) -> str:
         return self.key("queued", resource_class=_value(resource_class))
+
+    def wake(self, resource_class: ResourceClass | str) -> str:
+        """List a lingering slot blocks on: a token each time its class's backlog gains a subtask."""
+        return self.key("wake", resource_class=_value(resource_class))
 
     def takers(self, resource_class: ResourceClass | str) -> str:
         """Sorted set: "node|pid" of a chaining slot -> until when it takes its class's next subtask."""

@@ -116,7 +116,8 @@ class Settings(BaseSettings):
     chain_seconds: float = Field(
         default=0.1,
         ge=0,
-        description="a slot takes no further subtask itself once its chain has run this long (seconds)",
+        description="a slot takes no further subtask itself once its chain has run this long (seconds); "
+        "with nothing ready it waits for work until then",
     )
 
     target_depth: dict[ResourceClass, int] = Field(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -51,10 +51,12 @@ def authenticate(settings: Settings, header: str | None) -> Principal:
     return Principal(tenant=match.tenant, scopes=frozenset(match.scopes))
 
 
-def require(scope: Scope) -> Callable[[Request], Principal]:
+def require(scope: Scope) -> Callable[[Request], Awaitable[Principal]]:
     """A FastAPI dependency: the request's principal, which must hold `scope`."""
 
-    def dependency(request: Request) -> Principal:
+    # async although it never awaits: FastAPI runs a sync dependency on its thread pool, a
+    # thread hop per request for a few dictionary lookups.
+    async def dependency(request: Request) -> Principal:
         principal = authenticate(services(request).settings, request.headers.get("authorization"))
         if not principal.allows(scope):
             raise HTTPException(

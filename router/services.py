@@ -147,4 +147,9 @@ def services(request: Request) -> RouterServices:
     return found
 
 
-Services = Annotated[RouterServices, Depends(services)]
+async def _services_dependency(request: Request) -> RouterServices:
+    # async: a sync dependency costs a thread-pool hop per request (see auth.require)
+    return services(request)
+
+
+Services = Annotated[RouterServices, Depends(_services_dependency)]

@@ -263,24 +263,51 @@ def test_a_slot_that_takes_its_next_subtask_itself_needs_no_message(redis_server
     assert scheduler.queued_size(CPU) == 3
 
 
-def test_a_completion_keeps_its_slot_a_taker_only_while_it_takes(redis_server: RedisServer) -> None:
+def test_a_slot_with_nothing_to_take_lingers_until_work_wakes_it(redis_server: RedisServer) -> None:
+    """A take (or completion) that finds nothing while the chain has time left leaves the slot
+    lingering: still a taker, so releases keep no message for it, and woken by a token when work
+    is made ready. Its last take, with no time left, ends that in the call that finds nothing."""
     store, dispatcher = dispatcher_on(redis_server)
+    scheduler = dispatcher.scheduler
+    scheduler.set_target_depth(CPU, 1, reason="test: the lingering slot is the one taker")
     client = redis_server.client()
-    takers = Keys(store.connection.keys.prefix).takers(CPU)
-    for _ in range(2):
-        create(store, "batch", step("s"))
+    keys = Keys(store.connection.keys.prefix)
+    takers, wake, lingering = keys.takers(CPU), keys.wake(CPU), keys.key("lingering", resource_class="cpu")
+    pid = os.getpid()
 
-    def me(token: str) -> Claimant:
-        return Claimant(node="here", pid=os.getpid(), lease_ttl=30, max_lost=3, token=token, takes_for=30)
+    def me(token: str, takes_for: float = 30.0) -> Claimant:
+        return Claimant(node="here", pid=pid, lease_ttl=30, max_lost=3, token=token, takes_for=takes_for)
 
+    create(store, "batch", step("s"))
     got = dispatcher.take(CPU, me("1"))
-    assert got is not None and client.zcard(takers) == 1
-    ended = completion_argv(got.item.envelope, node="here", pid=os.getpid(), outcome="succeeded", output=None)
+    assert got is not None and client.zcard(takers) == 1 and client.zcard(lingering) == 0
+    ended = completion_argv(got.item.envelope, node="here", pid=pid, outcome="succeeded", output=None)
     done, following = dispatcher.complete_and_take(ended, CPU, me("2"))
-    assert done.accepted and following is not None and client.zcard(takers) == 1
-    ended = completion_argv(following.item.envelope, node="here", pid=os.getpid(), outcome="succeeded", output=None)
-    done, following = dispatcher.complete_and_take(ended, CPU, me("3"))
-    assert done.accepted and following is None and client.zcard(takers) == 0  # nothing left: its chain ends
+    assert done.accepted and following is None
+    assert client.zcard(takers) == 1 and client.zcard(lingering) == 1
+    assert not scheduler.wait_for_work(CPU, 0.01)
+
+    first, second = create(store, "normal", step("s")), create(store, "normal", step("s"))
+    assert client.llen(wake) == 1  # one token per lingering slot, however much arrives
+    assert dispatcher.release_items(CPU) == []  # a target depth of 1, and the slot takes itself
+    assert scheduler.wait_for_work(CPU, 10)
+    got = dispatcher.take(CPU, me("3"))
+    assert got is not None and got.claim is not None and got.item.envelope.job_id == first
+    assert client.zcard(lingering) == 0 and client.zcard(takers) == 1
+    store.attempts.complete(got.item.envelope, node="here", pid=pid, outcome="succeeded", output=None)
+    assert client.zcard(takers) == 0  # a plain completion: the chain takes nothing more
+
+    # The chain's time is up: its last take finds the second job (claimed, no longer a taker),
+    # then one that finds nothing ends the registration.
+    got = dispatcher.take(CPU, me("4", takes_for=0))
+    assert got is not None and got.item.envelope.job_id == second and client.zcard(takers) == 0
+    store.attempts.complete(got.item.envelope, node="here", pid=pid, outcome="succeeded", output=None)
+    assert dispatcher.take(CPU, me("5")) is None and client.zcard(lingering) == 1
+    assert dispatcher.take(CPU, me("6", takes_for=0)) is None
+    assert client.zcard(lingering) == 0 and client.zcard(takers) == 0
+    create(store, "normal", step("s"))
+    assert client.llen(wake) == 0  # nobody lingers: no token
+    assert len(dispatcher.release_items(CPU)) == 1
 
 
 def test_a_release_says_which_subtasks_read_artifacts(redis_server: RedisServer) -> None:

@@ -10,10 +10,18 @@ records a subtask's end does that too (`complete_take.lua`), so a chained subtas
 store call besides its lease renewals. (One whose box locality decides, by its input
 artifacts or its model, is placed first and claimed after.)
 
+While it chains the slot is one of its class's *takers* (its claims say for how long): releases
+keep no Celery message queued for it, so new work waits in the backlog, where the slot takes it
+in the release order. When it finds nothing with time left it *lingers*: it blocks on the
+class's wake list, which gets a token whenever a subtask is made ready while slots linger, and
+takes again; its last take, once the time is up, ends its registration in the same store call
+that finds nothing (take_core.lua). An idle slot thus costs a broker round trip only once a
+chain's time is up, not per subtask.
+
 Bounds, so that the messages already waiting in the slot's Celery queue (released earlier)
 and a warm shutdown wait at most about `chain_seconds`: a chain stops after `chain_max`
-subtasks, or once it has run `chain_seconds`, checked before each take (a long subtask ends
-its chain). Express slots do not chain: they stay free for interactive work. Nor does any
+subtasks, or once it has run (or lingered) `chain_seconds`, checked before each take (a long
+subtask ends its chain). Express slots do not chain: they stay free for interactive work. Nor does any
 slot while Celery task events are on: a chained subtask is no Celery task, and Flower would
 not list it (`workers.class_worker`).
 
@@ -25,15 +33,20 @@ in the store's `dispatching` set, which the reaper puts back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
+from edgefleet.scheduling.dispatch import Taken
 from edgefleet.schemas import ResourceClass
 from edgefleet.workers.runner import NextTake, SubtaskRunner
 from edgefleet.workers.store_retry import TRANSIENT
 
 log = logging.getLogger(__name__)
+
+# Shortest wait for work worth a blocking call (and Redis reads a BLPOP timeout under 1 ms as 0: forever).
+MIN_WAIT = 0.002
 
 
 class SlotChain:
@@ -59,18 +72,20 @@ class SlotChain:
             outcome = runner.run(envelope)
             last = outcome
             while last != "abandoned":  # the store is away: nothing to take
-                attempted, got, sent = request.pop()
-                if not attempted:
-                    if not room():
-                        break
-                    sent = time.monotonic()
-                    try:
-                        got = runner.dispatcher.take(resource_class, runner.claimant())
-                    except TRANSIENT as exc:
-                        # Not retried: a take whose reply was lost may have claimed a subtask, which
-                        # then waits for its lease to expire (the reaper requeues it as a lost attempt).
-                        log.warning("could not take the next subtask", extra={"error": type(exc).__name__})
-                        break
+                attempted, got, sent, lingering = request.pop()
+                try:
+                    if not attempted:
+                        if not room():
+                            break
+                        got, sent, lingering = self._take(request)
+                    while got is None and lingering:
+                        got, sent, lingering = self._linger(request)
+                except TRANSIENT as exc:
+                    # Not retried: a take whose reply was lost may have claimed a subtask, which then
+                    # waits for its lease to expire (the reaper requeues it as a lost attempt). A
+                    # lingering slot's registration runs out with the chain's time.
+                    log.warning("could not take the next subtask", extra={"error": type(exc).__name__})
+                    break
                 if got is None:
                     break
                 # (A subtask taken is run, whatever the chain's room by now: it is claimed.)
@@ -83,3 +98,24 @@ class SlotChain:
         finally:
             runner.next_take = None
         return outcome
+
+    def _take(self, request: NextTake, *, last: bool = False) -> tuple[Taken | None, float, bool]:
+        """The class's next subtask, taken by this slot: (taken, when the take was sent, whether
+        the slot now lingers: it found nothing while it had time left). `last`: the chain's time
+        is (as good as) up, and the slot stops being a taker unless it finds one."""
+        sent = time.monotonic()
+        claimant = self.runner.claimant()  # its takes_for is 0 once the chain's time is up
+        if last:
+            claimant = dataclasses.replace(claimant, takes_for=0.0)
+        got = self.runner.dispatcher.take(request.resource_class, claimant)
+        return got, sent, got is None and claimant.takes_for > 0
+
+    def _linger(self, request: NextTake) -> tuple[Taken | None, float, bool]:
+        """Wait, until the chain's time is up, for a subtask to be made ready, then take again.
+        The last take, with no time left, ends the slot's registration in the same store call
+        that finds nothing, so work made ready just before gets its message from the release."""
+        left = request.deadline - time.monotonic()
+        if left < MIN_WAIT or not request.wanted():
+            return self._take(request, last=True)
+        self.runner.dispatcher.wait_for_work(request.resource_class, left)
+        return self._take(request)

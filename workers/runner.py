@@ -114,16 +114,17 @@ class NextTake:
     attempted: bool = False  # the completion took (or found nothing to take)
     taken: Taken | None = None
     sent_at: float = 0.0  # when that call was sent (monotonic): the taken subtask's lease runs from then
+    lingering: bool = False  # it found nothing, with time left: the slot now lingers (take_core.lua)
 
     def takes_for(self) -> float:
         """How long the slot still takes its next subtask itself: what its claims tell the store
         (`Claimant.takes_for`), so that the release keeps no message queued for it."""
         return max(0.0, self.deadline - time.monotonic()) if self.wanted() else 0.0
 
-    def pop(self) -> tuple[bool, Taken | None, float]:
-        """(attempted, taken, sent_at), and ready for the next completion."""
-        answer = (self.attempted, self.taken, self.sent_at)
-        self.attempted, self.taken = False, None
+    def pop(self) -> tuple[bool, Taken | None, float, bool]:
+        """(attempted, taken, sent_at, lingering), and ready for the next completion."""
+        answer = (self.attempted, self.taken, self.sent_at, self.lingering)
+        self.attempted, self.taken, self.lingering = False, None, False
         return answer
 
 
@@ -533,8 +534,10 @@ class SubtaskRunner:
                 return self.store.attempts.complete_argv(argv)
             # A retry after a lost reply takes nothing: the completion is refused as stale then.
             request.sent_at = time.monotonic()
-            done, request.taken = self.dispatcher.complete_and_take(argv, request.resource_class, self.claimant())
+            claimant = self.claimant()
+            done, request.taken = self.dispatcher.complete_and_take(argv, request.resource_class, claimant)
             request.attempted = True
+            request.lingering = done.accepted and request.taken is None and claimant.takes_for > 0
             return done
 
         # The result is kept while Redis is away, and written when it is back.

@@ -83,6 +83,10 @@ class Dispatcher:
         taken = self.scheduler.take(resource_class, claimant, self._placed_plugins())
         return self._settle(resource_class, claimant, taken)
 
+    def wait_for_work(self, resource_class: ResourceClass, timeout: float) -> bool:
+        """For a slot whose take found nothing while it had time left: see SchedulerState.wait_for_work."""
+        return self.scheduler.wait_for_work(resource_class, timeout)
+
     def complete_and_take(
         self, completion: Sequence[Any], resource_class: ResourceClass, claimant: Claimant
     ) -> tuple[Completion, Taken | None]:

@@ -119,6 +119,11 @@ class SchedulerState:
         taken = answer.get("taken")
         return parse_completion(answer["done"]), (_taken(taken) if taken else None)
 
+    def wait_for_work(self, resource_class: ResourceClass, timeout: float) -> bool:
+        """Block until a subtask of the class is made ready while this slot lingers (a take that
+        found nothing registered it, see take_core.lua), or `timeout` seconds pass; whether woken."""
+        return self._redis.blpop([self._keys.wake(resource_class)], timeout=timeout) is not None
+
     def set_queue(self, env: SubtaskEnvelope, queue: str, placement: str | None = None) -> None:
         """The queue a released subtask was actually sent to (the reaper looks there), and why."""
         fields = {"queue": queue} if placement is None else {"queue": queue, "placement": placement}

@@ -73,7 +73,7 @@ _COMMANDS = (
     "sadd", "srem", "smembers", "sismember", "scard",
     "zadd", "zrem", "zremrangebyscore", "zscore", "zcard", "zcount", "zrange", "zrevrange", "zrangebyscore", "zrevrangebyscore",
     "zpopmin", "zscan",
-    "lpush", "rpush", "lpop", "rpop", "llen", "lrange", "ltrim", "brpop",
+    "lpush", "rpush", "lpop", "rpop", "llen", "lrange", "ltrim", "brpop", "blpop",
     "xadd", "xread", "xrange",
     # the store's Lua scripts (redis-py loads one Redis does not have), transactions, the clock
     "evalsha", "eval", "script|load", "script|exists",

@@ -50,10 +50,21 @@ local function backlog_counted(cls, prio, delta)
   local ck = K.backlog_count(cls)
   if redis.call('HINCRBY', ck, prio, delta) == 0 then redis.call('HDEL', ck, prio) end
 end
+-- Slots that linger for work (take_core.lua) are woken, one token per new member, at most one
+-- token per lingering slot waiting (a woken slot takes in the release order, whatever it was woken for).
 local function backlog_add(cls, score, jid, sid)
   local m, prio = member(jid, sid), job_priority(jid)
   redis.call('ZADD', K.backlog_of_priority(cls, prio), score, m)
-  if redis.call('ZADD', K.backlog(cls), score, m) == 1 then backlog_counted(cls, prio, 1) end
+  if redis.call('ZADD', K.backlog(cls), score, m) == 1 then
+    backlog_counted(cls, prio, 1)
+    local lingering = redis.call('ZCOUNT', K.lingering(cls), NOW, '+inf')
+    if lingering > 0 then
+      local wk = K.wake(cls)
+      redis.call('LPUSH', wk, '1')
+      redis.call('LTRIM', wk, 0, lingering - 1)
+      redis.call('PEXPIRE', wk, 60000)
+    end
+  end
 end
 -- Both return the member's priority class.
 local function backlog_remove(cls, jid, sid)
