@@ -181,6 +181,19 @@ def test_a_freed_slot_runs_the_backlog_in_priority_order(
 
 
 @pytest.mark.cluster
+def test_a_job_that_arrives_while_the_slot_lingers_runs_on_its_chain(cluster_factory: Callable[..., Cluster]) -> None:
+    """One slot: the first job comes by a Celery message; once it has run, the slot lingers for
+    the chain's time, so the next job gets no message and the slot takes it itself."""
+    cluster = one_slot_cluster(cluster_factory, EDGEFLEET_CHAIN_SECONDS="30")
+    first = cluster.submit(sleep_body(0))["id"]
+    assert cluster.wait_job(first)["state"] == "succeeded"
+    assert chained_total(cluster, "n1") == 0
+    second = cluster.submit(sleep_body(0))["id"]
+    assert cluster.wait_job(second)["state"] == "succeeded"
+    assert chained_total(cluster, "n1") == 1  # taken by the chain, not delivered
+
+
+@pytest.mark.cluster
 def test_a_pool_process_killed_in_a_chained_subtask_loses_nothing(cluster_factory: Callable[..., Cluster]) -> None:
     """A subtask taken by a chain has no Celery message of its own: it comes back through the
     node's watch of its pool processes, as a delivered one does, and runs once to the end."""
