@@ -42,8 +42,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgefleet import metric_names
 from edgefleet.celery_app import PROBE, create_celery
-from edgefleet.schemas import JobState
+from edgefleet.keys import Keys
+from edgefleet.schemas import JobState, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
 from loadtests.harness import (
@@ -273,6 +277,30 @@ class BusySlots:
         return statistics.fmean(self.samples) if self.samples else 0.0
 
 
+class Chained:
+    """How many subtasks the node's slots took from the backlog themselves (slot chaining), from
+    its `edgefleet_worker_subtasks_chained_total`; the rest came by a Celery message each."""
+
+    def __init__(self, url: str) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+            (self.metrics_url,) = [n["metrics_url"] for n in http.get("/v1/workers").json() if n["name"] == "bench"]
+
+    def total(self) -> float:
+        text = httpx.get(self.metrics_url, timeout=30).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == metric_names.SUBTASKS_CHAINED
+        )
+
+
+def target_depth(client: redis.Redis, settings: Settings) -> str:
+    """The cpu class's target depth now (the feedback loop's, else the default)."""
+    stored = client.hget(Keys(settings.key_prefix).key("target_depth"), "cpu")
+    return str(stored) if stored is not None else f"{settings.target_depth[ResourceClass.cpu]} (default)"
+
+
 def start_router(stack: BenchStack, workers: int) -> int:
     """The router (with `--workers N` when N > 1); its pid."""
     cmd = [sys.executable, "-m", "edgefleet", "router"] + (["--workers", str(workers)] if workers > 1 else [])
@@ -373,6 +401,8 @@ def main() -> None:
 
         if args.profile_part in ("both", "single"):
             profiler = start_profiles()
+        chained = Chained(stack.url)
+        chained_before = chained.total()
         t0 = meter.read()
         with BusySlots(store) as busy_single:
             router_rate, latencies = bench_router(stack.url, store, job, args.jobs, args.client_threads, job_ids)
@@ -380,6 +410,8 @@ def main() -> None:
         cpu["single"] = meter.spent(t0, t1, args.jobs, ["router", "node", "redis"])
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
         cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
+        chained_single = chained.total() - chained_before
+        depth_single = target_depth(client, settings)
         if profiler is not None and args.profile_part == "single":
             profiler.stop()
             profiler = None
@@ -388,9 +420,12 @@ def main() -> None:
                 profiler = start_profiles()
                 time.sleep(1.0)  # py-spy attached before the run starts
                 t1 = meter.read()  # the profilers' start-up not counted
+            chained_before = chained.total()
             with BusySlots(store) as busy_batch:
                 batch_rate = bench_router_batch(stack.url, store, job, args.jobs, args.batch_size)
             t2 = meter.read()
+            chained_batch = chained.total() - chained_before
+            depth_batch = target_depth(client, settings)
             cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
             cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
             cpu["batch node"] = meter.spent(t1, t2, args.jobs, ["node"])
@@ -434,6 +469,12 @@ def main() -> None:
         f"busy slots (mean)       single {busy_single.mean:.2f}"
         + (f"  batch {busy_batch.mean:.2f}" if args.batch else "")
         + f"  (of {args.cpu_concurrency})"
+    )
+    print(
+        f"taken by chains         single {chained_single / args.jobs:.0%}"
+        + (f"  batch {chained_batch / args.jobs:.0%}" if args.batch else "")
+        + f"  (the rest by a Celery message each); cpu target depth after: single {depth_single}"
+        + (f", batch {depth_batch}" if args.batch else "")
     )
     print(
         f"in slot, claim->finish  p50 {statistics.median(in_slot):.1f}  p90 {percentile(in_slot, 0.9):.1f}  "

@@ -172,8 +172,10 @@ class Planner:
             return  # reported by _needs_of
         for field, reason in validate_action_args(action.input_schema, step.args, unresolved=unresolved):
             problems.append((f"steps.{i}.{field}", reason))
-        grants = grants_for(self.settings, step.plugin, frozenset(plugin.manifest.permissions))
+        grants = None  # worked out only for a step with path arguments: most have none
         for field, value, access in path_arguments(action.input_schema, step.args):
+            if grants is None:
+                grants = grants_for(self.settings, step.plugin, frozenset(plugin.manifest.permissions))
             refused = check_path_argument(step.plugin, value, access, grants)
             if refused:
                 problems.append((f"steps.{i}.{field}", refused))
