@@ -57,7 +57,7 @@ class LeaseFence:
         self.timing = timing
         self._deadline = leased_at + timing.give_up_after
         self._kill = kill
-        self._wake = threading.Event()
+        self._wake: threading.Event | None = None  # made with the thread: unarmed, neither is needed
         self._closed = False
         self.fired_at: float | None = None
         self._thread: threading.Thread | None = None
@@ -67,7 +67,8 @@ class LeaseFence:
     def arm(self) -> None:
         """Start watching (once)."""
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._watch, name="lease-fence", daemon=True)
+            self._wake = threading.Event()
+            self._thread = threading.Thread(target=self._watch, args=(self._wake,), name="lease-fence", daemon=True)
             self._thread.start()
 
     @property
@@ -80,15 +81,16 @@ class LeaseFence:
 
     def close(self) -> None:
         self._closed = True
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         if self._thread is not None:
             self._thread.join()
 
-    def _watch(self) -> None:
+    def _watch(self, wake: threading.Event) -> None:
         while not self._closed:
             left = self._deadline - time.monotonic()
             if left <= 0:
                 self.fired_at = time.monotonic()
                 self._kill()
                 return
-            self._wake.wait(left)
+            wake.wait(left)
