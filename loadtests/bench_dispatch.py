@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet import metric_names
 from edgefleet.celery_app import PROBE, create_celery
-from edgefleet.keys import Keys
+from edgefleet.scheduling.state import SchedulerState
 from edgefleet.schemas import JobState, ResourceClass
 from edgefleet.settings import Settings
 from edgefleet.store import JobStore
@@ -295,10 +295,9 @@ class Chained:
         )
 
 
-def target_depth(client: redis.Redis, settings: Settings) -> str:
+def target_depth(store: JobStore, settings: Settings) -> int:
     """The cpu class's target depth now (the feedback loop's, else the default)."""
-    stored = client.hget(Keys(settings.key_prefix).key("target_depth"), "cpu")
-    return str(stored) if stored is not None else f"{settings.target_depth[ResourceClass.cpu]} (default)"
+    return SchedulerState.of(store).target_depths(settings.target_depth)[ResourceClass.cpu]
 
 
 def start_router(stack: BenchStack, workers: int) -> int:
@@ -411,7 +410,7 @@ def main() -> None:
         cpu["single router"] = meter.spent(t0, t1, args.jobs, ["router"])
         cpu["single node"] = meter.spent(t0, t1, args.jobs, ["node"])
         chained_single = chained.total() - chained_before
-        depth_single = target_depth(client, settings)
+        depth_single = target_depth(store, settings)
         if profiler is not None and args.profile_part == "single":
             profiler.stop()
             profiler = None
@@ -425,7 +424,7 @@ def main() -> None:
                 batch_rate = bench_router_batch(stack.url, store, job, args.jobs, args.batch_size)
             t2 = meter.read()
             chained_batch = chained.total() - chained_before
-            depth_batch = target_depth(client, settings)
+            depth_batch = target_depth(store, settings)
             cpu["batch"] = meter.spent(t1, t2, args.jobs, ["router", "node", "redis"])
             cpu["batch router"] = meter.spent(t1, t2, args.jobs, ["router"])
             cpu["batch node"] = meter.spent(t1, t2, args.jobs, ["node"])

@@ -10,6 +10,13 @@ the executor's process tree (its own time and that of the subtask processes it r
 the ratios shared / executor.
 
     python loadtests/bench_executor.py --subtasks 300
+
+`--start-cost N` measures instead what starting an executor costs: N `sleep 0` subtasks with a
+fresh executor each (`EDGEFLEET_SANDBOX_EXECUTOR_SUBTASKS=1`) against 5N through one reused
+executor, the CPU of this process and everything it starts read from a cpuacct cgroup (so the
+killed executors' CPU counts too); their difference per subtask is one start.
+
+    python loadtests/bench_executor.py --start-cost 40
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from edgefleet.plugin_catalog import PluginCatalog
 from edgefleet.settings import Settings
 from edgefleet.workers.sandbox import LaunchSpec, PluginImage, SandboxedRun, SandboxPolicy
 from edgefleet.workers.sandbox_executors import Executor, Executors, link_slot
-from loadtests.harness import sleep_plugin_copy, tree_cpu
+from loadtests.harness import NodeCpu, sleep_plugin_copy, tree_cpu
 
 
 def run_one(settings: Settings, executors: Executors, image: PluginImage, n: int) -> tuple[float, Executor]:
@@ -105,10 +112,58 @@ def bench(root: Path, plugin_dir: Path | None, plugin_name: str, subtasks: int) 
         executors.close()
 
 
+def cpu_per_subtask(root: Path, subtasks: int, per_executor: int, meter: NodeCpu) -> float:
+    """Milliseconds of CPU (the cgroup's: this process and all it started) per `sleep 0` subtask
+    of the built-in plugin when each executor serves `per_executor` subtasks."""
+    settings = Settings(workspace_dir=root / "workspaces", sandbox_executor_subtasks=per_executor)
+    policy = SandboxPolicy.from_settings(settings)
+    plugin = PluginCatalog.load(settings.plugin_folders).get("sleep")
+    assert plugin is not None
+    image = policy.image_of(plugin)
+    executors = Executors(settings, policy, settings.effective_workspace_dir)
+    try:
+        for n in range(5):  # warm: imports, the first executor
+            run_one(settings, executors, image, n)
+    finally:
+        executors.close()
+    executors = Executors(settings, policy, settings.effective_workspace_dir)
+    before = meter.seconds()
+    try:
+        for n in range(subtasks):
+            run_one(settings, executors, image, 100 + n)
+    finally:
+        executors.close()  # the last executor's end counted too
+    return (meter.seconds() - before) / subtasks * 1000
+
+
+def start_cost(subtasks: int) -> None:
+    meter = NodeCpu("executor-start")
+    if meter.folder is None:
+        raise SystemExit("--start-cost needs a cpuacct cgroup (root, cgroup v1 or v2)")
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-executor-"))
+    root.chmod(0o755)
+    (meter.folder / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        fresh = cpu_per_subtask(root / "fresh", subtasks, 1, meter)
+        reused = cpu_per_subtask(root / "reused", 5 * subtasks, 100_000, meter)
+    finally:
+        (meter.folder.parent / "cgroup.procs").write_text(str(os.getpid()))
+        meter.close()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"CPU per sleep-0 subtask   fresh executor each {fresh:.2f} ms; one reused executor {reused:.2f} ms")
+    print(f"an executor's start        {fresh - reused:.1f} ms of CPU")
+    for per in (100, 1000):
+        print(f"  amortised over {per:>4} subtasks: {(fresh - reused) / per:.3f} ms per subtask")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subtasks", type=int, default=300)
+    parser.add_argument("--start-cost", type=int, default=0, metavar="N", help="measure an executor's start instead")
     args = parser.parse_args()
+    if args.start_cost:
+        start_cost(args.start_cost)
+        return
     root = Path(tempfile.mkdtemp(prefix="edgefleet-bench-executor-"))
     root.chmod(0o755)  # the sandbox uid walks to its workspace
     try:
