@@ -295,9 +295,10 @@ def test_a_slot_with_nothing_to_take_lingers_until_work_wakes_it(redis_server: R
     got = dispatcher.take(CPU, me("1"))
     assert got is not None and client.zcard(takers) == 1 and client.zcard(lingering) == 0
     ended = completion_argv(got.item.envelope, node="here", pid=pid, outcome="succeeded", output=None)
+    client.zadd(lingering, {"here|1": 1.0})  # a process that died lingering, long ago
     done, following = dispatcher.complete_and_take(ended, CPU, me("2"))
     assert done.accepted and following is None
-    assert client.zcard(takers) == 1 and client.zcard(lingering) == 1
+    assert client.zcard(takers) == 1 and client.zrange(lingering, 0, -1) == [f"here|{pid}"]  # the dead one pruned
     assert not scheduler.wait_for_work(CPU, 0.01)
 
     first, second = create(store, "normal", step("s")), create(store, "normal", step("s"))

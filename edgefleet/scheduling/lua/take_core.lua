@@ -14,6 +14,8 @@ local function take_next(cls, node, pid, ttl, max_lost, token, lease_grace, plac
   local item = release_ready(cls, 1, 0, true)[1]
   if not item then
     if takes_for and takes_for > 0 then
+      -- (pruned here, where it grows: a pool process that died lingering leaves its entry)
+      redis.call('ZREMRANGEBYSCORE', K.lingering(cls), '-inf', NOW)
       redis.call('ZADD', K.lingering(cls), NOW + takes_for, me)
       redis.call('ZADD', K.takers(cls), NOW + takes_for, me)
     else
